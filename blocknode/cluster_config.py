@@ -1,0 +1,47 @@
+"""The cluster file: which nodes exist, where, in which zone, with what capacity.
+
+One TOML file shared by every node of a cluster::
+
+    replication_factor = 3
+    # write_quorum = 2          # optional, default rf // 2 + 1
+
+    [[nodes]]
+    id = "node1"
+    addr = "127.0.0.1:3901"
+    zone = "dc1"                # optional, default "default"
+    capacity = 100              # optional, relative weight, default 1
+
+Loading and validation live in `blocknode.config` (`load_cluster_file`); this
+module only holds the parsed shape, so `layout` can depend on it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """One node of the cluster as the cluster file lists it."""
+
+    id: str
+    addr: str  # "host:port" other nodes connect to
+    zone: str = "default"
+    capacity: int = 1
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The parsed cluster file."""
+
+    nodes: tuple[ClusterNode, ...]
+    replication_factor: int = 3
+    write_quorum: int | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def node(self, node_id: str) -> ClusterNode:
+        """The node with this id; `KeyError` when the cluster has none."""
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
