@@ -1,0 +1,307 @@
+"""Node configuration: a TOML file where every field has a default, or no file at all.
+
+Field names follow Garage's where the concept is Garage's (`data_dir`,
+`metadata_dir`, `rpc_bind_addr`, `rpc_public_addr`, `rpc_secret`,
+`rpc_secret_file`, `replication_factor`, `block_size`, `data_fsync`,
+`metadata_fsync`), so an operator who knows Garage feels at home.
+
+With no file, the embedded default is a single node keeping everything under
+``./blocknode-data`` and listening on loopback. Relative paths in a config file
+are relative to the file's directory. A bad value raises `ConfigError` naming the
+file, the field and the expected form; an unknown field is refused (a typo would
+otherwise silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from blocknode.cluster_config import ClusterConfig, ClusterNode
+from blocknode.errors import ConfigError
+
+DEFAULT_ROOT = "blocknode-data"
+DEFAULT_PORT = 3901
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Every setting of one node. Durations are seconds (floats allowed)."""
+
+    node_id: str = "node1"
+    data_dir: str = f"{DEFAULT_ROOT}/data"
+    metadata_dir: str = f"{DEFAULT_ROOT}/meta"
+    rpc_bind_addr: str = f"127.0.0.1:{DEFAULT_PORT}"
+    rpc_public_addr: str | None = None
+    rpc_secret: str | None = None  # 64 hex chars; or rpc_secret_file
+    rpc_secret_file: str | None = None  # default: <root>/rpc_secret, made on first start
+    cluster_file: str | None = None  # none: a single-node cluster of this node
+    zone: str = "default"
+    replication_factor: int = 1
+    block_size: int = MiB
+    inline_threshold: int = 16 * 1024  # blocks up to this size live in LMDB
+    data_fsync: bool = True
+    metadata_fsync: bool = True
+    lmdb_map_size: int = 16 * 1024 * MiB
+    lmdb_max_readers: int = 126
+    gc_delay: float = 600.0
+    rpc_timeout: float = 30.0
+    need_block_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    hedge_delay: float = 0.05
+    block_ram_buffer_max: int = 256 * MiB
+    resync_workers: int = 1
+    resync_tranquility: float = 2.0
+    scrub_tranquility: float = 4.0
+    scrub_interval: float = 30 * 24 * 3600.0
+    anti_entropy_interval: float = 600.0
+    source: str = field(default="<embedded default>", compare=False)
+
+    @property
+    def public_addr(self) -> str:
+        """The address other nodes and clients use to reach this node."""
+        return self.rpc_public_addr or self.rpc_bind_addr
+
+    @property
+    def secret_file(self) -> str:
+        """Where the cluster secret is read from (or created, for the default)."""
+        if self.rpc_secret_file:
+            return self.rpc_secret_file
+        return str(Path(self.metadata_dir).parent / "rpc_secret")
+
+
+# field name -> (validator, expected form for the error message)
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def _is_opt_str(v: Any) -> bool:
+    return v is None or _is_str(v)
+
+
+def _is_addr(v: Any) -> bool:
+    if not isinstance(v, str) or ":" not in v:
+        return False
+    host, _, port = v.rpartition(":")
+    return bool(host) and port.isdigit() and 0 <= int(port) < 65536
+
+
+def _is_opt_addr(v: Any) -> bool:
+    return v is None or _is_addr(v)
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_nonneg_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+
+
+def _is_pos_num(v: Any) -> bool:
+    return _is_nonneg_num(v) and v > 0
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_secret(v: Any) -> bool:
+    if v is None:
+        return True
+    if not isinstance(v, str) or len(v) != 64:
+        return False
+    try:
+        bytes.fromhex(v)
+    except ValueError:
+        return False
+    return True
+
+
+_FIELDS: dict[str, tuple[Any, str]] = {
+    "node_id": (_is_str, "a non-empty string"),
+    "data_dir": (_is_str, "a directory path"),
+    "metadata_dir": (_is_str, "a directory path"),
+    "rpc_bind_addr": (_is_addr, 'an address "host:port"'),
+    "rpc_public_addr": (_is_opt_addr, 'an address "host:port"'),
+    "rpc_secret": (_is_secret, "64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`"),
+    "rpc_secret_file": (_is_opt_str, "a file path"),
+    "cluster_file": (_is_opt_str, "a file path"),
+    "zone": (_is_str, "a non-empty string"),
+    "replication_factor": (_is_pos_int, "an integer >= 1"),
+    "block_size": (_is_pos_int, "a size in bytes (integer > 0)"),
+    "inline_threshold": (lambda v: _is_pos_int(v) or v == 0, "a size in bytes (integer >= 0)"),
+    "data_fsync": (_is_bool, "true or false"),
+    "metadata_fsync": (_is_bool, "true or false"),
+    "lmdb_map_size": (_is_pos_int, "a size in bytes (integer > 0)"),
+    "lmdb_max_readers": (_is_pos_int, "an integer >= 1"),
+    "gc_delay": (_is_nonneg_num, "a number of seconds >= 0"),
+    "rpc_timeout": (_is_pos_num, "a number of seconds > 0"),
+    "need_block_timeout": (_is_pos_num, "a number of seconds > 0"),
+    "connect_timeout": (_is_pos_num, "a number of seconds > 0"),
+    "hedge_delay": (_is_nonneg_num, "a number of seconds >= 0"),
+    "block_ram_buffer_max": (_is_pos_int, "a size in bytes (integer > 0)"),
+    "resync_workers": (_is_pos_int, "an integer >= 1"),
+    "resync_tranquility": (_is_nonneg_num, "a number >= 0"),
+    "scrub_tranquility": (_is_nonneg_num, "a number >= 0"),
+    "scrub_interval": (_is_pos_num, "a number of seconds > 0"),
+    "anti_entropy_interval": (_is_pos_num, "a number of seconds > 0"),
+}
+_PATH_FIELDS = ("data_dir", "metadata_dir", "rpc_secret_file", "cluster_file")
+
+assert set(_FIELDS) == {f.name for f in fields(NodeConfig)} - {"source"}
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str, base_dir: Path | None = None) -> NodeConfig:
+    """Validate a parsed TOML table into a `NodeConfig`; `ConfigError` names the bad field."""
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{source}: unknown field {key!r} (known fields: {', '.join(sorted(_FIELDS))})")
+        check, expected = _FIELDS[key]
+        if not check(value):
+            raise ConfigError(f"{source}: field {key!r}: expected {expected}, got {value!r}")
+        if key in _PATH_FIELDS and value is not None and base_dir is not None:
+            value = str((base_dir / value).resolve()) if not os.path.isabs(value) else value
+        values[key] = value
+    cfg = replace(NodeConfig(), source=source, **values)
+    if base_dir is not None:
+        # Defaults of path fields are relative to the config file too.
+        fixes = {k: str((base_dir / getattr(cfg, k)).resolve()) for k in ("data_dir", "metadata_dir")
+                 if k not in values}
+        cfg = replace(cfg, **fixes)
+    if cfg.inline_threshold > cfg.block_size:
+        raise ConfigError(f"{source}: field 'inline_threshold': expected at most block_size "
+                          f"({cfg.block_size}), got {cfg.inline_threshold}")
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:
+    """Load a node config file, or return the embedded default when `path` is None."""
+    if path is None:
+        return NodeConfig()
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    return config_from_dict(raw, source=str(p), base_dir=p.resolve().parent)
+
+
+def resolve_config_path(cli_value: str | None) -> str | None:
+    """The config path a command uses: `--config`, else `BLOCKNODE_CONFIG`, else None."""
+    return cli_value or os.environ.get("BLOCKNODE_CONFIG") or None
+
+
+def load_cluster_file(path: str | os.PathLike[str], *, default_rf: int = 3) -> ClusterConfig:
+    """Load and validate a cluster file (see `blocknode.cluster_config`)."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"cluster file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cluster file {p} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cluster file {p} is not valid TOML: {exc}") from None
+    return cluster_from_dict(raw, source=str(p), default_rf=default_rf)
+
+
+def cluster_from_dict(raw: dict[str, Any], *, source: str, default_rf: int = 3) -> ClusterConfig:
+    """Validate a parsed cluster table; `ConfigError` names the bad field."""
+    known = {"replication_factor", "write_quorum", "nodes"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown field {key!r} (known: {', '.join(sorted(known))})")
+    rf = raw.get("replication_factor", default_rf)
+    if not _is_pos_int(rf):
+        raise ConfigError(f"{source}: field 'replication_factor': expected an integer >= 1, got {rf!r}")
+    wq = raw.get("write_quorum")
+    if wq is not None and not _is_pos_int(wq):
+        raise ConfigError(f"{source}: field 'write_quorum': expected an integer >= 1, got {wq!r}")
+    nodes_raw = raw.get("nodes")
+    if not isinstance(nodes_raw, list) or not nodes_raw:
+        raise ConfigError(f"{source}: field 'nodes': expected a non-empty array of [[nodes]] tables")
+    nodes = []
+    for i, n in enumerate(nodes_raw):
+        where = f"{source}: nodes[{i}]"
+        if not isinstance(n, dict):
+            raise ConfigError(f"{where}: expected a table with id, addr, zone, capacity")
+        for key in n:
+            if key not in ("id", "addr", "zone", "capacity"):
+                raise ConfigError(f"{where}: unknown field {key!r} (known: addr, capacity, id, zone)")
+        nid, addr = n.get("id"), n.get("addr")
+        zone, cap = n.get("zone", "default"), n.get("capacity", 1)
+        if not _is_str(nid):
+            raise ConfigError(f"{where}: field 'id': expected a non-empty string, got {nid!r}")
+        if not _is_addr(addr):
+            raise ConfigError(f"{where}: field 'addr': expected an address \"host:port\", got {addr!r}")
+        if not _is_str(zone):
+            raise ConfigError(f"{where}: field 'zone': expected a non-empty string, got {zone!r}")
+        if not _is_pos_int(cap):
+            raise ConfigError(f"{where}: field 'capacity': expected an integer > 0, got {cap!r}")
+        nodes.append(ClusterNode(id=nid, addr=addr, zone=zone, capacity=cap))
+    return ClusterConfig(nodes=tuple(nodes), replication_factor=rf, write_quorum=wq)
+
+
+def cluster_of(cfg: NodeConfig) -> ClusterConfig:
+    """The cluster this node belongs to: its cluster file, or a single node of itself."""
+    if cfg.cluster_file:
+        cluster = load_cluster_file(cfg.cluster_file, default_rf=cfg.replication_factor)
+        try:
+            cluster.node(cfg.node_id)
+        except KeyError:
+            raise ConfigError(
+                f"{cfg.source}: field 'node_id': {cfg.node_id!r} is not listed in cluster file "
+                f"{cfg.cluster_file}"
+            ) from None
+        return cluster
+    return ClusterConfig(
+        nodes=(ClusterNode(id=cfg.node_id, addr=cfg.public_addr, zone=cfg.zone),),
+        replication_factor=cfg.replication_factor,
+    )
+
+
+def load_or_create_secret(cfg: NodeConfig, *, create: bool) -> bytes:
+    """The 32-byte cluster secret: `rpc_secret`, else the secret file.
+
+    With `create` (the node itself, on first start) a missing secret file is made
+    with 32 random bytes, written atomically with mode 0600.
+    """
+    if cfg.rpc_secret:
+        return bytes.fromhex(cfg.rpc_secret)
+    path = Path(cfg.secret_file)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        if not create:
+            raise ConfigError(
+                f"no cluster secret: {path} does not exist (start the node once to create it, "
+                "or set rpc_secret / rpc_secret_file)"
+            ) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = os.urandom(32).hex()
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, (text + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return bytes.fromhex(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cluster secret file {path} cannot be read: {exc}") from None
+    if not _is_secret(text):
+        raise ConfigError(f"cluster secret file {path}: expected 64 hex characters")
+    return bytes.fromhex(text)

@@ -1,0 +1,127 @@
+"""The local block store: durable writes, verify on read, quarantine, walk, tmp sweep."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from blocknode import fastpath
+from blocknode.errors import BlockCorrupted, BlockNotFound, HashMismatch
+from blocknode.store import BlockStore
+
+
+def _block(n: int) -> tuple[bytes, bytes]:
+    data = os.urandom(n)
+    return fastpath.block_hash(data), data
+
+
+def test_write_read_round_trip(tmp_path):
+    store = BlockStore(str(tmp_path))
+    h, data = _block(5000)
+    assert store.write(h, data) is True
+    assert store.read(h) == data
+    hh = h.hex()
+    assert os.path.exists(tmp_path / hh[0:2] / hh[2:4] / hh)
+
+
+def test_write_existing_is_noop(tmp_path):
+    store = BlockStore(str(tmp_path))
+    h, data = _block(100)
+    store.write(h, data)
+    mtime = os.stat(store.path(h)).st_mtime_ns
+    assert store.write(h, data) is False
+    assert os.stat(store.path(h)).st_mtime_ns == mtime
+
+
+def test_write_rejects_mismatched_data(tmp_path):
+    store = BlockStore(str(tmp_path))
+    h, _ = _block(100)
+    with pytest.raises(HashMismatch):
+        store.write(h, b"other bytes")
+    assert not store.exists(h)
+
+
+def test_missing_block(tmp_path):
+    store = BlockStore(str(tmp_path))
+    h, _ = _block(10)
+    with pytest.raises(BlockNotFound):
+        store.read(h)
+
+
+def test_flipped_byte_is_quarantined_and_never_returned(tmp_path):
+    store = BlockStore(str(tmp_path))
+    h, data = _block(4096)
+    store.write(h, data)
+    path = store.path(h)
+    with open(path, "r+b") as f:
+        f.seek(1234)
+        b = f.read(1)
+        f.seek(1234)
+        f.write(bytes([b[0] ^ 0x01]))
+    with pytest.raises(BlockCorrupted):
+        store.read(h)
+    assert not os.path.exists(path)
+    assert os.path.exists(path + ".corrupted")
+    with pytest.raises(BlockNotFound):
+        store.read(h)
+    assert list(store.walk()) == []
+
+
+def test_crash_between_tmp_write_and_rename(tmp_path, monkeypatch):
+    store = BlockStore(str(tmp_path))
+    h, data = _block(2048)
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("simulated crash before rename")
+
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.write(h, data)
+    monkeypatch.undo()
+    assert not store.exists(h)
+    assert os.path.exists(store.path(h) + ".tmp")
+    assert list(store.walk()) == []
+    # a restart sweeps the tmp
+    store2 = BlockStore(str(tmp_path))
+    assert store2.sweep_tmp() == 1
+    assert not os.path.exists(store.path(h) + ".tmp")
+    assert store2.write(h, data) is True
+    assert store2.read(h) == data
+
+
+def test_walk_yields_only_blocks_in_order(tmp_path):
+    store = BlockStore(str(tmp_path))
+    hashes = []
+    for _ in range(20):
+        h, data = _block(64)
+        store.write(h, data)
+        hashes.append(h)
+    # junk that must be ignored
+    (tmp_path / "zz").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    some = hashes[0].hex()
+    d = tmp_path / some[0:2] / some[2:4]
+    (d / "README").write_text("x")
+    (d / ("ab" * 32)).write_text("wrong fan-out dir")
+    (d / (some[:-1] + "g")).write_text("not hex")
+    assert list(store.walk()) == sorted(hashes)
+    mid = sorted(hashes)[9]
+    assert list(store.walk(start_after=mid)) == sorted(hashes)[10:]
+
+
+def test_delete(tmp_path):
+    store = BlockStore(str(tmp_path))
+    h, data = _block(64)
+    store.write(h, data)
+    assert store.delete(h) is True
+    assert store.delete(h) is False
+    assert not store.exists(h)
+
+
+async def test_async_wrappers(tmp_path):
+    store = BlockStore(str(tmp_path))
+    h, data = _block(100_000)
+    assert await store.awrite(h, data) is True
+    assert await store.aread(h) == data
+    assert await store.adelete(h) is True
