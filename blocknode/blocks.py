@@ -1,0 +1,121 @@
+"""The blocks this node holds: small ones inline in LMDB, the rest as files.
+
+Blocks of at most `inline_threshold` bytes live in the metadata store's `blocks`
+database: they are committed in the same group commit as their reference, so a
+4 KiB put costs a share of one LMDB commit instead of a file fsync plus a
+directory fsync (see README, "Small blocks"). Larger blocks are files
+(`blocknode.store`). Every read is verified against the hash.
+
+Writes and deletes of one block are serialised by a striped lock, so a delete
+that checked "still deletable" cannot race a concurrent put + reference of the
+same block (the seed's `mutation_lock`, per stripe rather than global).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+
+import trio
+
+from blocknode import fastpath
+from blocknode.errors import BlockCorrupted, BlockNotFound, HashMismatch
+from blocknode.meta import MetaStore, RefEntry, Txn
+from blocknode.store import BlockStore
+
+_STRIPES = 256
+
+
+class LocalBlocks:
+    """Unified access to the local blocks, inline and on disk."""
+
+    def __init__(self, store: BlockStore, meta: MetaStore, inline_threshold: int) -> None:
+        self.store = store
+        self.meta = meta
+        self.inline_threshold = inline_threshold
+        self._locks = [trio.Lock() for _ in range(_STRIPES)]
+
+    def lock(self, hash: bytes) -> trio.Lock:
+        """The lock that serialises mutations of `hash`."""
+        return self._locks[hash[1] if len(hash) > 1 else 0]
+
+    def is_inline_size(self, size: int) -> bool:
+        """True when a block of `size` bytes is stored inline."""
+        return size <= self.inline_threshold
+
+    async def write(self, hash: bytes, data: bytes, *, ref: RefEntry | None = None) -> bool:
+        """Verify and store a block, and apply `ref` with it; True if newly stored.
+
+        Inline blocks and their reference commit in one transaction. For a file
+        block, the file is durable before the reference is committed: a reference
+        never points at a block this node has not got.
+        """
+        async with self.lock(hash):
+            if self.is_inline_size(len(data)):
+                if not fastpath.verify(data, hash):
+                    raise _mismatch(hash, data)
+
+                def txn_fn(txn: Txn) -> bool:
+                    stored = self.meta.tx_put_inline(txn, hash, data)
+                    if ref is not None:
+                        self.meta.tx_apply_ref(txn, ref)
+                    return stored
+
+                return await self.meta.submit(txn_fn)
+            stored = await self.store.awrite(hash, data)
+            if ref is not None:
+                await self.meta.apply_ref(ref)
+            return stored
+
+    async def read(self, hash: bytes) -> bytes:
+        """The verified bytes of a block; `BlockNotFound` or `BlockCorrupted`."""
+        data = self.meta.inline_get(hash)
+        if data is not None:
+            if fastpath.verify(data, hash):
+                return data
+            await self.meta.delete_inline(hash)
+            raise BlockCorrupted(fastpath.hash_to_hex(hash))
+        return await self.store.aread(hash)
+
+    def exists(self, hash: bytes) -> bool:
+        """True when the block is held here (content not checked)."""
+        return self.meta.inline_exists(hash) or self.store.exists(hash)
+
+    async def delete_if(self, hash: bytes, still_deletable: callable) -> bool:  # type: ignore[valid-type]
+        """Delete the block if `still_deletable()` holds under the block's lock."""
+        async with self.lock(hash):
+            if not still_deletable():
+                return False
+            removed = False
+            if self.meta.inline_exists(hash):
+                removed = await self.meta.delete_inline(hash)
+            return await self.store.adelete(hash) or removed
+
+    async def quarantine(self, hash: bytes) -> bool:
+        """Take a corrupt block out of service (file renamed `.corrupted`, inline dropped)."""
+        async with self.lock(hash):
+            if self.meta.inline_exists(hash):
+                return await self.meta.delete_inline(hash)
+            return await self.store.aquarantine(hash)
+
+    def walk(self, start_after: bytes | None = None) -> Iterator[bytes]:
+        """Every block hash held here, in hash order (blocking: run in a thread)."""
+        last = None
+        for h in heapq.merge(self.store.walk(start_after), self.meta.iter_inline(start_after)):
+            if h != last:
+                yield h
+                last = h
+
+    def count(self) -> int:
+        """How many blocks are held here (walks the disk: blocking)."""
+        return sum(1 for _ in self.walk())
+
+
+def _mismatch(hash: bytes, data: bytes) -> HashMismatch:
+    return HashMismatch(
+        f"data does not hash to {fastpath.hash_to_hex(hash)} "
+        f"(it hashes to {fastpath.hash_to_hex(fastpath.block_hash(data))})"
+    )
+
+
+__all__ = ["LocalBlocks", "BlockNotFound", "BlockCorrupted"]
