@@ -1,0 +1,1 @@
+"""blocknode RPC: sans-io framing and handshake, Trio connections, the node network."""

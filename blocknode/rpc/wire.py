@@ -1,0 +1,486 @@
+"""Sans-io framing for blocknode RPC: frames, messages, chunking and send priority.
+
+Nothing here awaits or touches a socket (the h11 style): bytes go in with
+`receive_data`, frames/messages come out of `next_frame`/`end_chunk`, or
+`NEED_DATA`. Every malformed input raises `ProtocolError` — never a raw
+`KeyError`, `TypeError`, `struct.error` or msgpack exception.
+
+Layers, outermost first:
+
+1. **Frame**: ``u32 BE length`` + ``length`` bytes. `FrameDecoder` refuses a
+   length above its cap *before* buffering any of the body.
+2. **Chunk** (the frame body after the handshake): a fixed 9-byte header
+   ``u8 flags, u32 BE stream id, u32 BE total message length`` followed by the
+   chunk body (at most `CHUNK_SIZE` plaintext bytes, AEAD-sealed with the
+   header as associated data; see `handshake.SessionCipher`). The header is in
+   clear (authenticated, not secret) so the receiver can decrypt each chunk
+   straight into the message's preallocated buffer.
+3. **Message**: ``u32 BE head length`` + msgpack ``[type, kind, fields, has_data, priority]``
+   + the raw data payload (block bytes, never msgpack-encoded, never copied
+   into the head).
+
+Many messages share a connection: a request and its response carry the same
+request id; the `FLAG_RESPONSE` bit keeps a node's own requests apart from its
+responses to the peer's requests. `SendScheduler` interleaves the chunks of
+concurrent messages by priority, so a 1 MiB background transfer never holds up
+a small control call queued behind it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+
+from blocknode.errors import ProtocolError
+
+__all__ = [
+    "CHUNK_HEADER",
+    "CHUNK_SIZE",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "FLAG_ABORT",
+    "FLAG_FIRST",
+    "FLAG_LAST",
+    "FLAG_RESPONSE",
+    "MSG_ERROR",
+    "MSG_REQUEST",
+    "MSG_RESPONSE",
+    "NEED_DATA",
+    "PRIO_BACKGROUND",
+    "PRIO_HIGH",
+    "PRIO_NORMAL",
+    "FrameDecoder",
+    "Message",
+    "MessageAssembler",
+    "OutgoingMessage",
+    "SendScheduler",
+    "decode_message",
+    "encode_head",
+    "pack_frame_prefix",
+]
+
+
+class _NeedData:
+    """Sentinel: the decoder needs more bytes before it can produce anything."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+PRIO_HIGH: Final = 0
+"""Small control and admin calls (pings, status)."""
+PRIO_NORMAL: Final = 1
+"""Client traffic."""
+PRIO_BACKGROUND: Final = 2
+"""Resync, offload and other bulk transfers."""
+_PRIORITIES = (PRIO_HIGH, PRIO_NORMAL, PRIO_BACKGROUND)
+
+CHUNK_SIZE: Final = 64 * 1024
+"""Maximum plaintext bytes of one chunk."""
+DEFAULT_MAX_MESSAGE_SIZE: Final = 1024 * 1024 + 64 * 1024
+"""Default hard cap on a whole message: a 1 MiB block plus 64 KiB of overhead."""
+
+MSG_REQUEST: Final = 0
+MSG_RESPONSE: Final = 1
+MSG_ERROR: Final = 2
+_MSG_TYPES = (MSG_REQUEST, MSG_RESPONSE, MSG_ERROR)
+
+FLAG_FIRST: Final = 0x01
+FLAG_LAST: Final = 0x02
+FLAG_RESPONSE: Final = 0x04
+FLAG_ABORT: Final = 0x08
+_KNOWN_FLAGS = FLAG_FIRST | FLAG_LAST | FLAG_RESPONSE | FLAG_ABORT
+
+_U32 = struct.Struct(">I")
+CHUNK_HEADER: Final = struct.Struct(">BII")
+"""flags, stream (request) id, total message length."""
+
+_MAX_HEAD = 64 * 1024
+"""Cap on the msgpack head of one message (kind + fields)."""
+_MAX_KIND = 128
+
+
+def pack_frame_prefix(length: int) -> bytes:
+    """The 4-byte big-endian length prefix of a frame."""
+    return _U32.pack(length)
+
+
+class FrameDecoder:
+    """Splits a byte stream into length-prefixed frames.
+
+    `max_frame_size` is checked against the prefix before any of the body is
+    buffered, so a hostile ``0xFFFFFFFF`` prefix costs nothing. It may be changed
+    between frames (the handshake uses a small cap, the session a larger one).
+    """
+
+    def __init__(self, max_frame_size: int) -> None:
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._need: int | None = None  # body length of the frame being read
+        self._eof = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buf)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes from the peer; ``b""`` means end of stream."""
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise ProtocolError("data received after end of stream")
+        self._buf += data
+
+    def next_frame(self) -> bytes | _NeedData:
+        """The next complete frame body, or `NEED_DATA`.
+
+        Raises `ProtocolError` for an oversized length prefix, or for a stream
+        that ended in the middle of a frame.
+        """
+        buf = self._buf
+        if self._need is None:
+            if len(buf) < 4:
+                return self._need_more()
+            (n,) = _U32.unpack_from(buf)
+            if n > self.max_frame_size:
+                raise ProtocolError(
+                    f"frame of {n} bytes exceeds the limit of {self.max_frame_size} bytes"
+                )
+            del buf[:4]
+            self._need = n
+        n = self._need
+        if len(buf) < n:
+            return self._need_more()
+        frame = bytes(buf[:n])
+        del buf[:n]
+        self._need = None
+        return frame
+
+    def _need_more(self) -> _NeedData:
+        if self._eof and (self._buf or self._need is not None):
+            raise ProtocolError("stream ended in the middle of a frame")
+        return NEED_DATA
+
+    @property
+    def at_eof(self) -> bool:
+        """True once the stream has ended and every complete frame was returned."""
+        return self._eof and not self._buf and self._need is None
+
+
+@dataclass(slots=True)
+class Message:
+    """A decoded RPC message: a request, a response or an error reply."""
+
+    type: int
+    kind: str
+    fields: dict[str, Any]
+    data: bytes | bytearray | memoryview | None = None
+    priority: int = PRIO_NORMAL
+
+
+def encode_head(
+    msg_type: int, kind: str, fields: dict[str, Any], has_data: bool, priority: int = PRIO_NORMAL
+) -> bytes:
+    """Encode the prefix of a message body: ``u32 head length`` + msgpack head.
+
+    Raises `ProtocolError` (a local misuse) if `fields` is not msgpack-able.
+    """
+    if msg_type not in _MSG_TYPES:
+        raise ProtocolError(f"unknown message type {msg_type!r}")
+    if not isinstance(kind, str) or not isinstance(fields, dict):
+        raise ProtocolError("message kind must be a str and fields a dict")
+    if priority not in _PRIORITIES:
+        raise ProtocolError(f"unknown priority {priority!r}")
+    try:
+        head = msgpack.packb([msg_type, kind, fields, has_data, priority], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"message fields are not msgpack-encodable: {exc}") from None
+    if len(head) > _MAX_HEAD:
+        raise ProtocolError(f"message head of {len(head)} bytes exceeds {_MAX_HEAD}")
+    return _U32.pack(len(head)) + head
+
+
+def decode_message(body: bytes | bytearray | memoryview) -> Message:
+    """Decode a reassembled message body; the data payload is a view into `body`."""
+    view = memoryview(body)
+    if len(view) < 4:
+        raise ProtocolError("message shorter than its head length")
+    (head_len,) = _U32.unpack_from(view)
+    if head_len > _MAX_HEAD or 4 + head_len > len(view):
+        raise ProtocolError(f"bad message head length {head_len}")
+    try:
+        head = msgpack.unpackb(
+            view[4 : 4 + head_len],
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=head_len,
+            max_bin_len=head_len,
+            max_array_len=head_len,
+            max_map_len=head_len,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises many types; all mean "garbage"
+        raise ProtocolError(f"undecodable message head: {type(exc).__name__}") from None
+    if not (isinstance(head, list) and len(head) == 5):
+        raise ProtocolError("message head is not a 5-element array")
+    msg_type, kind, fields, has_data, priority = head
+    if type(msg_type) is not int or msg_type not in _MSG_TYPES:
+        raise ProtocolError(f"unknown message type {msg_type!r}")
+    if not isinstance(kind, str) or len(kind) > _MAX_KIND:
+        raise ProtocolError("message kind is not a short string")
+    if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+        raise ProtocolError("message fields are not a map with string keys")
+    if not isinstance(has_data, bool):
+        raise ProtocolError("message has_data flag is not a bool")
+    if type(priority) is not int or priority not in _PRIORITIES:
+        raise ProtocolError(f"unknown priority {priority!r}")
+    rest = view[4 + head_len :]
+    if has_data:
+        data: memoryview | None = rest
+    elif len(rest):
+        raise ProtocolError("message has trailing bytes but no data flag")
+    else:
+        data = None
+    return Message(msg_type, kind, fields, data, priority)
+
+
+@dataclass(eq=False)
+class OutgoingMessage:
+    """A message queued for sending, cut into chunks on demand.
+
+    The data payload is kept as a view (never concatenated with the head).
+    `on_done(sent: bool)` is called once by the scheduler's user when the last
+    chunk was handed out (`sent=True`) or the message was dropped.
+    """
+
+    stream_id: int
+    is_response: bool
+    head: bytes
+    data: memoryview | None
+    priority: int = PRIO_NORMAL
+    offset: int = 0
+    started: bool = False
+    aborted: bool = False
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total = len(self.head) + (len(self.data) if self.data is not None else 0)
+
+    @property
+    def key(self) -> tuple[bool, int]:
+        """The stream key: (is response, id)."""
+        return (self.is_response, self.stream_id)
+
+    def next_chunk(self, chunk_size: int = CHUNK_SIZE) -> tuple[bytes, bytes | memoryview]:
+        """Cut the next chunk: (9-byte chunk header, plaintext body)."""
+        flags = FLAG_RESPONSE if self.is_response else 0
+        if self.aborted:
+            self.offset = self.total
+            return CHUNK_HEADER.pack(flags | FLAG_ABORT | FLAG_LAST, self.stream_id, self.total), b""
+        if not self.started:
+            flags |= FLAG_FIRST
+            self.started = True
+        start = self.offset
+        end = min(self.total, start + chunk_size)
+        hl = len(self.head)
+        if end <= hl:
+            body: bytes | memoryview = self.head[start:end]
+        elif start >= hl:
+            assert self.data is not None
+            body = self.data[start - hl : end - hl]
+        else:  # spans head and data: only the first chunk, at most chunk_size bytes
+            assert self.data is not None
+            body = self.head[start:] + self.data[: end - hl]
+        self.offset = end
+        if end == self.total:
+            flags |= FLAG_LAST
+        return CHUNK_HEADER.pack(flags, self.stream_id, self.total), body
+
+    @property
+    def finished(self) -> bool:
+        """True once every chunk (or the abort chunk) was cut."""
+        return self.started and self.offset >= self.total
+
+
+class SendScheduler:
+    """Chooses which message's chunk goes out next.
+
+    Strict priority between classes (`PRIO_HIGH` before `PRIO_NORMAL` before
+    `PRIO_BACKGROUND`), round robin between messages of the same class, one
+    chunk at a time — so a small high-priority message queued behind a big
+    background one goes out after at most one more chunk of the big one.
+    """
+
+    def __init__(self, chunk_size: int = CHUNK_SIZE) -> None:
+        self.chunk_size = chunk_size
+        self._queues: tuple[deque[OutgoingMessage], ...] = tuple(deque() for _ in _PRIORITIES)
+        self._by_key: dict[tuple[bool, int], OutgoingMessage] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_key)
+
+    def push(self, msg: OutgoingMessage) -> None:
+        """Queue a message; its stream key must not already be queued."""
+        if msg.priority not in _PRIORITIES:
+            raise ValueError(f"unknown priority {msg.priority!r}")
+        if msg.key in self._by_key:
+            raise ValueError(f"stream {msg.key} already queued")
+        self._by_key[msg.key] = msg
+        self._queues[msg.priority].append(msg)
+
+    def cancel(self, key: tuple[bool, int]) -> OutgoingMessage | None:
+        """Drop a queued message. Not started: removed at once (returned).
+
+        Partly sent: its remaining chunks are replaced by one abort chunk, so
+        the peer frees its partial buffer; returns None (it finishes later).
+        """
+        msg = self._by_key.get(key)
+        if msg is None:
+            return None
+        if not msg.started:
+            del self._by_key[key]
+            self._queues[msg.priority].remove(msg)
+            return msg
+        msg.aborted = True
+        return None
+
+    def pop_chunk(self) -> tuple[OutgoingMessage, bytes, bytes | memoryview] | None:
+        """The next chunk to send as (message, chunk header, body), or None if idle.
+
+        When the returned message is `finished` it has left the scheduler.
+        """
+        for q in self._queues:
+            if q:
+                msg = q.popleft()
+                header, body = msg.next_chunk(self.chunk_size)
+                if msg.offset >= msg.total:
+                    del self._by_key[msg.key]
+                else:
+                    q.append(msg)
+                return msg, header, body
+        return None
+
+    def drain(self) -> list[OutgoingMessage]:
+        """Remove and return every queued message (connection closing)."""
+        msgs = list(self._by_key.values())
+        self._by_key.clear()
+        for q in self._queues:
+            q.clear()
+        return msgs
+
+
+class MessageAssembler:
+    """Reassembles chunks into messages, each in one preallocated buffer.
+
+    Use: ``target = asm.begin_chunk(header, body_len)`` gives the writable view
+    where the chunk's plaintext belongs (the caller decrypts into it, or copies
+    into it), then ``asm.end_chunk()`` returns ``(is_response, id, body)`` when
+    the message is complete, else None.
+
+    Limits: a message's declared total above `max_message_size`, a chunk
+    overrunning its message, more than `max_partial_bytes` buffered in
+    incomplete messages, inconsistent flags — all `ProtocolError`.
+    """
+
+    def __init__(
+        self,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        *,
+        chunk_size: int = CHUNK_SIZE,
+        max_partial_bytes: int | None = None,
+    ) -> None:
+        self.max_message_size = max_message_size
+        self.chunk_size = chunk_size
+        self.max_partial_bytes = (
+            max_partial_bytes if max_partial_bytes is not None else 64 * max_message_size
+        )
+        self._partial: dict[tuple[bool, int], list[Any]] = {}  # key -> [buffer, offset]
+        self._partial_bytes = 0
+        self._pending: tuple[tuple[bool, int], int, int, bool] | None = None
+
+    def parse_header(self, frame: bytes | memoryview) -> tuple[int, int, int]:
+        """Unpack a chunk header from the start of a frame: (flags, id, total)."""
+        if len(frame) < CHUNK_HEADER.size:
+            raise ProtocolError(f"frame of {len(frame)} bytes is shorter than a chunk header")
+        flags, sid, total = CHUNK_HEADER.unpack_from(frame)
+        if flags & ~_KNOWN_FLAGS:
+            raise ProtocolError(f"unknown chunk flags {flags:#x}")
+        return flags, sid, total
+
+    def begin_chunk(self, flags: int, sid: int, total: int, body_len: int) -> memoryview:
+        """Validate a chunk header; return the view its `body_len` bytes go into."""
+        key = (bool(flags & FLAG_RESPONSE), sid)
+        last = bool(flags & FLAG_LAST)
+        if flags & FLAG_ABORT:
+            if body_len:
+                raise ProtocolError("abort chunk with a body")
+            entry = self._partial.pop(key, None)
+            if entry is not None:
+                self._partial_bytes -= len(entry[0])
+            self._pending = None
+            return memoryview(bytearray())
+        if body_len > self.chunk_size:
+            raise ProtocolError(f"chunk of {body_len} bytes exceeds {self.chunk_size}")
+        if flags & FLAG_FIRST:
+            if key in self._partial:
+                raise ProtocolError(f"stream {sid} started twice")
+            if total > self.max_message_size:
+                raise ProtocolError(
+                    f"message of {total} bytes exceeds the limit of {self.max_message_size}"
+                )
+            if self._partial_bytes + total > self.max_partial_bytes:
+                raise ProtocolError("too many bytes buffered in incomplete messages")
+            entry = [bytearray(total), 0]
+            self._partial[key] = entry
+            self._partial_bytes += total
+        else:
+            entry = self._partial.get(key)
+            if entry is None:
+                raise ProtocolError(f"continuation chunk for unknown stream {sid}")
+            if total != len(entry[0]):
+                raise ProtocolError(f"stream {sid} changed its total length")
+        buf, off = entry
+        end = off + body_len
+        if end > len(buf) or (end == len(buf)) != last or (not last and body_len == 0):
+            raise ProtocolError(f"chunk overruns or truncates stream {sid}")
+        self._pending = (key, off, end, last)
+        return memoryview(buf)[off:end]
+
+    def end_chunk(self) -> tuple[bool, int, bytearray] | None:
+        """Commit the chunk begun last; a complete message's body, else None."""
+        pending = self._pending
+        self._pending = None
+        if pending is None:  # an abort chunk
+            return None
+        key, _off, end, last = pending
+        entry = self._partial[key]
+        entry[1] = end
+        if not last:
+            return None
+        del self._partial[key]
+        self._partial_bytes -= len(entry[0])
+        return key[0], key[1], entry[0]
+
+    def feed_plain(self, frame: bytes | memoryview) -> tuple[bool, int, bytearray] | None:
+        """Unencrypted helper (tests, benchmarks): header + plaintext body in one frame."""
+        flags, sid, total = self.parse_header(frame)
+        body = memoryview(frame)[CHUNK_HEADER.size :]
+        target = self.begin_chunk(flags, sid, total, len(body))
+        target[:] = body
+        return self.end_chunk()
+
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes preallocated for incomplete messages."""
+        return self._partial_bytes

@@ -1,0 +1,213 @@
+"""Sans-io handshake and session encryption."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from blocknode.errors import AuthenticationError, ProtocolError
+from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
+from blocknode.rpc.session import Session
+from blocknode.rpc.wire import MSG_REQUEST, NEED_DATA, OutgoingMessage, encode_head
+
+SECRET = bytes(range(32))
+OTHER = bytes(range(1, 33))
+
+
+def run_handshake(client: ClientHandshake, server: ServerHandshake) -> None:
+    """Shuttle bytes until both are done; errors propagate."""
+    for _ in range(4):
+        server.receive_data(client.data_to_send())
+        server.process()
+        client.receive_data(server.data_to_send())
+        client.process()
+        if client.done and server.done:
+            return
+        if client.done:
+            server.receive_data(client.data_to_send())
+            server.process()
+            return
+
+
+def test_handshake_success_gives_matching_directional_keys() -> None:
+    c, s = ClientHandshake("client-1", SECRET), ServerHandshake("node-a", SECRET)
+    run_handshake(c, s)
+    assert c.done and s.done
+    assert c.keys.peer_id == "node-a" and s.keys.peer_id == "client-1"
+    assert c.keys.send_key == s.keys.recv_key and c.keys.recv_key == s.keys.send_key
+    assert c.keys.send_key != c.keys.recv_key
+    c2, s2 = ClientHandshake("client-1", SECRET), ServerHandshake("node-a", SECRET)
+    run_handshake(c2, s2)
+    assert c2.keys.send_key != c.keys.send_key  # fresh nonces, fresh keys
+
+
+def test_handshake_byte_by_byte() -> None:
+    c, s = ClientHandshake("a", SECRET), ServerHandshake("b", SECRET)
+    for byte in c.data_to_send():
+        s.receive_data(bytes([byte]))
+        s.process()
+    for byte in s.data_to_send():
+        c.receive_data(bytes([byte]))
+        c.process()
+    assert c.done
+    for byte in c.data_to_send():
+        s.receive_data(bytes([byte]))
+        s.process()
+    assert s.done
+
+
+def test_client_with_wrong_secret_refused_and_server_told() -> None:
+    c, s = ClientHandshake("a", OTHER), ServerHandshake("b", SECRET)
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(AuthenticationError, match="cluster secret"):
+        c.process()
+    s.receive_data(c.data_to_send())  # the client's reject
+    with pytest.raises(AuthenticationError, match="secrets differ"):
+        s.process()
+    assert not s.done
+
+
+def test_server_with_wrong_secret_refused() -> None:
+    c, s = ClientHandshake("a", SECRET), ServerHandshake("b", OTHER)
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(AuthenticationError, match="'b' could not prove"):
+        c.process()
+
+
+def test_forged_client_finish_refused() -> None:
+    c, s = ClientHandshake("a", SECRET), ServerHandshake("b", SECRET)
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    c.process()
+    finish = bytearray(c.data_to_send())
+    finish[-1] ^= 1
+    s.receive_data(bytes(finish))
+    with pytest.raises(AuthenticationError, match="failed to prove"):
+        s.process()
+
+
+def test_replayed_client_handshake_refused() -> None:
+    c, s = ClientHandshake("a", SECRET), ServerHandshake("b", SECRET)
+    hello = c.data_to_send()
+    s.receive_data(hello)
+    s.process()
+    c.receive_data(s.data_to_send())
+    c.process()
+    finish = c.data_to_send()
+    s.receive_data(finish)
+    s.process()
+    assert s.done
+    # An eavesdropper replays both client frames to a new server session.
+    s2 = ServerHandshake("b", SECRET)
+    s2.receive_data(hello)
+    s2.process()
+    s2.receive_data(finish)
+    with pytest.raises(AuthenticationError):
+        s2.process()
+
+
+def test_version_mismatch_names_both_versions_on_both_sides() -> None:
+    c, s = ClientHandshake("a", SECRET, version=2), ServerHandshake("b", SECRET, version=1)
+    s.receive_data(c.data_to_send())
+    with pytest.raises(ProtocolError, match="peer speaks version 2, we speak version 1"):
+        s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(ProtocolError, match="peer speaks version 1, we speak version 2"):
+        c.process()
+
+
+def test_expected_peer_id_mismatch() -> None:
+    c, s = ClientHandshake("a", SECRET, expected_peer_id="node-x"), ServerHandshake("b", SECRET)
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(ProtocolError, match="expected 'node-x'"):
+        c.process()
+
+
+def test_peer_closing_mid_handshake() -> None:
+    s = ServerHandshake("b", SECRET)
+    s.receive_data(b"\x00\x00")
+    s.receive_data(b"")
+    with pytest.raises(ProtocolError):
+        s.process()
+
+
+def sessions() -> tuple[Session, Session]:
+    c, s = ClientHandshake("a", SECRET), ServerHandshake("b", SECRET)
+    run_handshake(c, s)
+    return Session(c.keys), Session(s.keys, decoder=s.decoder)
+
+
+def encrypted_frames(sender: Session, n: int) -> list[bytes]:
+    out = []
+    for sid in range(1, n + 1):
+        head = encode_head(MSG_REQUEST, "k", {"i": sid}, True)
+        sender.queue(OutgoingMessage(sid, False, head, memoryview(os.urandom(100))))
+        view, _ = sender.data_to_send()
+        out.append(bytes(view))
+    return out
+
+
+def test_encrypted_round_trip() -> None:
+    a, b = sessions()
+    for f in encrypted_frames(a, 3):
+        b.receive_data(f)
+    got = []
+    while (m := b.next_message()) is not NEED_DATA:
+        got.append(m[2].fields["i"])
+    assert got == [1, 2, 3]
+
+
+@pytest.mark.parametrize("where", [0, 5, 20, -1])
+def test_tampered_frame_fails_authentication(where: int) -> None:
+    a, b = sessions()
+    (frame,) = encrypted_frames(a, 1)
+    bad = bytearray(frame)
+    bad[4 + where if where >= 0 else where] ^= 0x40
+    b.receive_data(bytes(bad))
+    with pytest.raises(AuthenticationError):
+        b.next_message()
+
+
+def test_replayed_frame_fails_authentication() -> None:
+    a, b = sessions()
+    (frame,) = encrypted_frames(a, 1)
+    b.receive_data(frame)
+    assert b.next_message() is not NEED_DATA
+    b.receive_data(frame)
+    with pytest.raises(AuthenticationError):
+        b.next_message()
+
+
+def test_reordered_frames_fail_authentication() -> None:
+    a, b = sessions()
+    f1, f2 = encrypted_frames(a, 2)
+    b.receive_data(f2 + f1)
+    with pytest.raises(AuthenticationError):
+        b.next_message()
+
+
+def test_truncated_stream_fails_authentication() -> None:
+    a, b = sessions()
+    (frame,) = encrypted_frames(a, 1)
+    b.receive_data(frame[:-3])
+    assert b.next_message() is NEED_DATA
+    b.receive_data(b"")
+    with pytest.raises(AuthenticationError):
+        b.next_message()
+
+
+def test_shortened_frame_fails_authentication() -> None:
+    a, b = sessions()
+    (frame,) = encrypted_frames(a, 1)
+    n = int.from_bytes(frame[:4], "big") - 1
+    b.receive_data(n.to_bytes(4, "big") + frame[4 : 4 + n])
+    with pytest.raises(AuthenticationError):
+        b.next_message()

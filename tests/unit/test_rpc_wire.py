@@ -1,0 +1,201 @@
+"""Sans-io framing: frames, messages, chunking, priority interleaving."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from blocknode.errors import ProtocolError
+from blocknode.rpc.session import Session
+from blocknode.rpc.wire import (
+    CHUNK_HEADER,
+    CHUNK_SIZE,
+    FLAG_FIRST,
+    FLAG_LAST,
+    MSG_REQUEST,
+    MSG_RESPONSE,
+    NEED_DATA,
+    PRIO_BACKGROUND,
+    PRIO_HIGH,
+    PRIO_NORMAL,
+    FrameDecoder,
+    MessageAssembler,
+    OutgoingMessage,
+    SendScheduler,
+    decode_message,
+    encode_head,
+    pack_frame_prefix,
+)
+
+
+def frames_of(decoder: FrameDecoder) -> list[bytes]:
+    out = []
+    while (f := decoder.next_frame()) is not NEED_DATA:
+        out.append(f)
+    return out
+
+
+def test_frame_decoder_one_chunk_bytewise_and_random_splits_agree() -> None:
+    bodies = [b"", b"a", os.urandom(1000), os.urandom(5)]
+    stream = b"".join(pack_frame_prefix(len(b)) + b for b in bodies)
+
+    whole = FrameDecoder(2000)
+    whole.receive_data(stream)
+    assert frames_of(whole) == bodies
+
+    bytewise = FrameDecoder(2000)
+    got: list[bytes] = []
+    for i in range(len(stream)):
+        bytewise.receive_data(stream[i : i + 1])
+        got += frames_of(bytewise)
+    assert got == bodies
+
+    rng = random.Random(7)
+    for _ in range(20):
+        dec = FrameDecoder(2000)
+        got = []
+        pos = 0
+        while pos < len(stream):
+            step = rng.randint(1, 300)
+            dec.receive_data(stream[pos : pos + step])
+            pos += step
+            got += frames_of(dec)
+        assert got == bodies
+
+
+def test_oversized_prefix_refused_before_body() -> None:
+    dec = FrameDecoder(1024)
+    dec.receive_data(b"\xff\xff\xff\xff")  # no body at all: refused on the prefix alone
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        dec.next_frame()
+    assert dec.buffered == 4
+
+
+def test_eof_mid_frame_is_protocol_error() -> None:
+    dec = FrameDecoder(1024)
+    dec.receive_data(pack_frame_prefix(10) + b"abc")
+    assert dec.next_frame() is NEED_DATA
+    dec.receive_data(b"")
+    with pytest.raises(ProtocolError, match="middle of a frame"):
+        dec.next_frame()
+
+
+def test_message_round_trip_with_and_without_data() -> None:
+    head = encode_head(MSG_REQUEST, "put", {"hash": b"\x01" * 32, "n": 3}, True, PRIO_HIGH)
+    msg = decode_message(head + b"payload")
+    assert (msg.type, msg.kind, msg.fields, bytes(msg.data), msg.priority) == (
+        MSG_REQUEST, "put", {"hash": b"\x01" * 32, "n": 3}, b"payload", PRIO_HIGH
+    )
+    empty = decode_message(encode_head(MSG_RESPONSE, "ok", {}, True))
+    assert empty.data is not None and bytes(empty.data) == b""
+    none = decode_message(encode_head(MSG_RESPONSE, "ok", {}, False))
+    assert none.data is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\x00\x00",
+        b"\x00\x00\x00\x05abc",
+        b"\x00\x00\x00\x01\xc1",  # reserved msgpack byte
+        b"\x00\x00\x00\x01\x90",  # empty array
+        b"\x00\x00\x00\x06\x95\x07\xa1k\x80\xc2\x01",  # unknown type 7
+        b"\x00\x00\x00\x06\x95\x00\x01\x80\xc2\x01",  # kind not a str
+        b"\x00\x00\x00\x06\x95\x00\xa1k\x90\xc2\x01",  # fields not a map
+        b"\x00\x00\x00\x07\x95\x00\xa1k\x81\x01\x01\xc2\x01",  # int map key
+        b"\x00\x00\x00\x06\x95\x00\xa1k\x80\x01\x01",  # has_data not bool
+        b"\x00\x00\x00\x06\x95\x00\xa1k\x80\xc2\x09",  # unknown priority
+        b"\x00\x00\x00\x06\x95\x00\xa1k\x80\xc2\x01trailing",  # bytes but no data flag
+    ],
+)
+def test_decode_message_garbage_is_protocol_error(body: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_message(body)
+
+
+def test_encode_head_refuses_unencodable_fields() -> None:
+    with pytest.raises(ProtocolError, match="msgpack"):
+        encode_head(MSG_REQUEST, "x", {"o": object()}, False)
+
+
+def _msg(sid: int, size: int, prio: int) -> OutgoingMessage:
+    head = encode_head(MSG_REQUEST, "k", {}, True, prio)
+    return OutgoingMessage(sid, False, head, memoryview(os.urandom(size)), prio)
+
+
+def test_small_high_priority_message_overtakes_big_background_transfer() -> None:
+    sched = SendScheduler()
+    big = _msg(1, 1024 * 1024, PRIO_BACKGROUND)
+    sched.push(big)
+    first = sched.pop_chunk()
+    assert first is not None and first[0] is big
+    small = _msg(2, 10, PRIO_HIGH)
+    sched.push(small)
+    nxt = sched.pop_chunk()
+    assert nxt is not None and nxt[0] is small and small.finished
+    order = []
+    while (item := sched.pop_chunk()) is not None:
+        order.append(item[0].stream_id)
+    assert set(order) == {1} and len(order) == 16  # the rest of the 1 MiB, 64 KiB at a time
+
+
+def test_same_priority_messages_round_robin() -> None:
+    sched = SendScheduler()
+    sched.push(_msg(1, 3 * CHUNK_SIZE, PRIO_NORMAL))
+    sched.push(_msg(2, 3 * CHUNK_SIZE, PRIO_NORMAL))
+    order = []
+    while (item := sched.pop_chunk()) is not None:
+        order.append(item[0].stream_id)
+    assert order[:4] == [1, 2, 1, 2]
+
+
+def test_interleaved_chunks_reassemble_over_plain_session() -> None:
+    a, b = Session(None), Session(None)
+    payloads = {sid: os.urandom(sid * 50_000) for sid in (1, 2, 3)}
+    for sid, prio in zip((1, 2, 3), (PRIO_BACKGROUND, PRIO_NORMAL, PRIO_HIGH), strict=True):
+        head = encode_head(MSG_REQUEST, f"k{sid}", {"sid": sid}, True, prio)
+        a.queue(OutgoingMessage(sid, False, head, memoryview(payloads[sid]), prio))
+    wire = bytearray()
+    while a.pending:
+        view, _ = a.data_to_send(limit=1)  # one frame at a time
+        wire += view
+    got = {}
+    for i in range(0, len(wire), 7777):
+        b.receive_data(wire[i : i + 7777])
+        while (m := b.next_message()) is not NEED_DATA:
+            got[m[1]] = bytes(m[2].data)
+    assert got == payloads
+
+
+def test_cancel_before_start_drops_and_after_start_aborts() -> None:
+    a, b = Session(None), Session(None)
+    big = _msg(1, 5 * CHUNK_SIZE, PRIO_NORMAL)
+    a.queue(big)
+    view, _ = a.data_to_send(limit=1)
+    b.receive_data(bytes(view))
+    assert b.next_message() is NEED_DATA
+    assert b.assembler.partial_bytes > 0
+    assert a.cancel(big.key) is None  # started: becomes an abort chunk
+    waiting = _msg(2, 10, PRIO_NORMAL)
+    a.queue(waiting)
+    assert a.cancel(waiting.key) is waiting  # never started: just dropped
+    while a.pending:
+        view, _ = a.data_to_send()
+        b.receive_data(bytes(view))
+    assert b.next_message() is NEED_DATA
+    assert b.assembler.partial_bytes == 0
+
+
+def test_assembler_limits() -> None:
+    asm = MessageAssembler(max_message_size=1000)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        asm.begin_chunk(FLAG_FIRST | FLAG_LAST, 1, 1001, 10)
+    with pytest.raises(ProtocolError, match="unknown stream"):
+        asm.begin_chunk(FLAG_LAST, 2, 10, 10)
+    with pytest.raises(ProtocolError, match="overruns"):
+        asm.begin_chunk(FLAG_FIRST | FLAG_LAST, 3, 10, 11)
+    with pytest.raises(ProtocolError, match="unknown chunk flags"):
+        asm.parse_header(CHUNK_HEADER.pack(0x80, 1, 1))
