@@ -34,6 +34,7 @@ class LocalBlocks:
         self.meta = meta
         self.inline_threshold = inline_threshold
         self._locks = [trio.Lock() for _ in range(_STRIPES)]
+        self._file_count = 0
 
     def lock(self, hash: bytes) -> trio.Lock:
         """The lock that serialises mutations of `hash`."""
@@ -63,6 +64,7 @@ class LocalBlocks:
 
                 return await self.meta.submit(txn_fn)
             stored = await self.store.awrite(hash, data)
+            self._file_count += stored
             if ref is not None:
                 await self.meta.apply_ref(ref)
             return stored
@@ -75,7 +77,11 @@ class LocalBlocks:
                 return data
             await self.meta.delete_inline(hash)
             raise BlockCorrupted(fastpath.hash_to_hex(hash))
-        return await self.store.aread(hash)
+        try:
+            return await self.store.aread(hash)
+        except BlockCorrupted:
+            self._file_count -= 1  # the store quarantined it
+            raise
 
     def exists(self, hash: bytes) -> bool:
         """True when the block is held here (content not checked)."""
@@ -89,14 +95,20 @@ class LocalBlocks:
             removed = False
             if self.meta.inline_exists(hash):
                 removed = await self.meta.delete_inline(hash)
-            return await self.store.adelete(hash) or removed
+            if await self.store.adelete(hash):
+                self._file_count -= 1
+                return True
+            return removed
 
     async def quarantine(self, hash: bytes) -> bool:
         """Take a corrupt block out of service (file renamed `.corrupted`, inline dropped)."""
         async with self.lock(hash):
             if self.meta.inline_exists(hash):
                 return await self.meta.delete_inline(hash)
-            return await self.store.aquarantine(hash)
+            if await self.store.aquarantine(hash):
+                self._file_count -= 1
+                return True
+            return False
 
     def walk(self, start_after: bytes | None = None) -> Iterator[bytes]:
         """Every block hash held here, in hash order (blocking: run in a thread)."""
@@ -106,9 +118,14 @@ class LocalBlocks:
                 yield h
                 last = h
 
+    def recount(self) -> int:
+        """Count the block files on disk (blocking walk; done once at start)."""
+        self._file_count = sum(1 for _ in self.store.walk())
+        return self._file_count
+
     def count(self) -> int:
-        """How many blocks are held here (walks the disk: blocking)."""
-        return sum(1 for _ in self.walk())
+        """How many blocks are held here: files (kept up to date) + inline blocks."""
+        return self._file_count + self.meta.counts()["inline_blocks"]
 
 
 def _mismatch(hash: bytes, data: bytes) -> HashMismatch:

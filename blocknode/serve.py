@@ -1,0 +1,39 @@
+"""`serve`: run one node until SIGINT/SIGTERM, then shut down cleanly."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import trio
+
+from blocknode import fastpath
+from blocknode.config import NodeConfig
+from blocknode.node import Node
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+async def serve_async(cfg: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the node; the first SIGINT/SIGTERM cancels it (workers stop between steps)."""
+    node = Node(cfg)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            addr = await nursery.start(node.run)
+            print(
+                f"blocknode: node {cfg.node_id} listening on {addr} "
+                f"(data {cfg.data_dir}, metadata {cfg.metadata_dir}, fast path {fastpath.IMPLEMENTATION})",
+                file=sys.stderr, flush=True,
+            )
+            task_status.started(addr)
+            async for signum in signals:
+                print(f"blocknode: {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def serve(cfg: NodeConfig) -> int:
+    """Blocking entry point for the CLI; returns the exit status."""
+    trio.run(serve_async, cfg)
+    print("blocknode: stopped", file=sys.stderr, flush=True)
+    return 0
