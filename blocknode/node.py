@@ -29,6 +29,7 @@ from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.meta import MetaStore, wall_ms
 from blocknode.rpc.network import RpcNetwork
 from blocknode.store import BlockStore
+from blocknode.workers import install_workers
 
 Worker = Callable[..., Awaitable[None]]
 
@@ -88,6 +89,7 @@ class Node:
         self._handlers["status"] = self.handle_status
         self._workers: list[tuple[str, Worker]] = []
         self.addr: str | None = None
+        install_workers(self)
 
     # ---- extension points for the background workers and admin calls ----
 
