@@ -1,0 +1,334 @@
+"""One authenticated RPC connection over any `trio.abc.Stream`.
+
+`handshake(stream, hs)` drives a sans-io handshake over a stream (the caller
+puts a deadline around it). `RpcConnection` then runs the session:
+
+- `run()` owns three kinds of tasks in one nursery: one **reader** (decrypts
+  frames, hands responses to waiting callers by request id, starts one task
+  per incoming request), one **writer** (the only task that sends; it drains
+  the priority scheduler), and the **handler tasks**. `run()` returns when the
+  connection ends for any reason (peer closed, broken transport, protocol or
+  authentication failure, `aclose()`); it never raises for those, it records
+  `close_reason`, fails every waiting call with `NodeUnreachable` and closes
+  the stream. Whoever calls `run()` owns the connection.
+- `call()` may be used from any task while `run()` runs. It has no timeout of
+  its own: put a cancel scope around it (cancelling drops or aborts the unsent
+  rest of the request; a late response is ignored).
+- Handlers: ``async def handler(peer_id, kind, fields, data) -> (fields, data)``.
+  Exceptions become error replies (`errors.error_reply`) and come back to the
+  caller as `RemoteCallError` subclasses. ``"_ping"`` is answered here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from blocknode.errors import NodeUnreachable, ProtocolError
+from blocknode.rpc.errors import error_reply, remote_error
+from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
+from blocknode.rpc.session import Session
+from blocknode.rpc.wire import (
+    MSG_ERROR,
+    MSG_REQUEST,
+    MSG_RESPONSE,
+    NEED_DATA,
+    PRIO_HIGH,
+    PRIO_NORMAL,
+    Message,
+    OutgoingMessage,
+    encode_head,
+)
+
+__all__ = ["PING_KIND", "Handler", "RpcConnection", "handshake"]
+
+log = logging.getLogger("blocknode.rpc")
+
+Handler = Callable[[str, str, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | None]]]
+"""``async def handler(peer_id, kind, fields, data) -> (reply fields, reply data)``."""
+
+PING_KIND = "_ping"
+_RECV_SIZE = 256 * 1024
+_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+async def handshake(stream: trio.abc.Stream, hs: ClientHandshake | ServerHandshake) -> None:
+    """Run `hs` over `stream` until done. No deadline here: the caller sets one.
+
+    Raises `AuthenticationError` / `ProtocolError` from the handshake, or
+    `NodeUnreachable` if the transport breaks. On a handshake error a reject
+    frame, if any, is sent best effort before raising.
+    """
+    try:
+        out = hs.data_to_send()
+        if out:
+            await stream.send_all(out)
+        while not hs.done:
+            data = await stream.receive_some(4096)
+            hs.receive_data(data)
+            try:
+                hs.process()
+            except ProtocolError:
+                out = hs.data_to_send()
+                if out:
+                    with trio.move_on_after(1):
+                        try:
+                            await stream.send_all(out)
+                        except _TRANSPORT_ERRORS:
+                            pass
+                raise
+            out = hs.data_to_send()
+            if out:
+                await stream.send_all(out)
+    except _TRANSPORT_ERRORS as exc:
+        raise NodeUnreachable(f"connection broke during the handshake: {exc!r}") from exc
+
+
+class _Waiter:
+    __slots__ = ("event", "message")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.message: Message | None = None
+
+
+class RpcConnection:
+    """An established connection: concurrent calls both ways over one stream.
+
+    `session` is the sans-io state after the handshake (it carries the peer's
+    authenticated id and any bytes read past the handshake). `handler` serves
+    the peer's requests (None: every request gets a ``bad_request`` error).
+    `max_inflight` bounds concurrently running handler tasks; beyond it a
+    request is answered at once with code ``busy``.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        session: Session,
+        peer_id: str,
+        handler: Handler | None = None,
+        *,
+        max_inflight: int = 256,
+    ) -> None:
+        self.stream = stream
+        self.session = session
+        self.peer_id = peer_id
+        self._handler = handler
+        self._max_inflight = max_inflight
+        self._inflight = 0
+        self._waiters: dict[int, _Waiter] = {}
+        self._next_id = 1
+        self._wake = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+        self._done = trio.Event()
+        self.close_reason: BaseException | None = None
+        self._rbuf = bytearray(_RECV_SIZE)
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has ended (or `run` was never started and it was closed)."""
+        return self._closed
+
+    # -- running -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the connection until it ends; see the module docstring."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._scope = nursery.cancel_scope
+                if self._closed:
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(self._writer)
+                task_status.started()
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._shutdown(self.close_reason or NodeUnreachable("connection closed"))
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+            self._done.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.close_reason is None:
+            self.close_reason = exc
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _shutdown(self, reason: BaseException) -> None:
+        self._closed = True
+        for waiter in self._waiters.values():
+            waiter.event.set()  # message None -> NodeUnreachable
+        self._waiters.clear()
+        self.session.scheduler.drain()
+        if self.close_reason is None:
+            self.close_reason = reason
+
+    async def aclose(self) -> None:
+        """Close the connection and wait until `run` has cleaned up."""
+        if self.close_reason is None:
+            self.close_reason = NodeUnreachable("connection closed locally")
+        if self._scope is None:
+            self._closed = True
+            self._shutdown(self.close_reason)
+            await trio.aclose_forcefully(self.stream)
+            return
+        self._scope.cancel()
+        await self._done.wait()
+
+    async def _receive(self) -> bytes | memoryview:
+        stream = self.stream
+        if isinstance(stream, trio.SocketStream):
+            # Fastest path measured here: recv_into one preallocated buffer.
+            n = await stream.socket.recv_into(self._rbuf)
+            return memoryview(self._rbuf)[:n]
+        return await stream.receive_some(_RECV_SIZE)
+
+    async def _reader(self) -> None:
+        session = self.session
+        try:
+            while True:
+                while (item := session.next_message()) is not NEED_DATA:
+                    self._dispatch(*item)  # type: ignore[misc]
+                if session.decoder.at_eof:
+                    self.close_reason = self.close_reason or NodeUnreachable(
+                        f"{self.peer_id} closed the connection"
+                    )
+                    return
+                data = await self._receive()
+                session.receive_data(data)
+        except ProtocolError as exc:  # includes AuthenticationError
+            log.warning("connection with %s closed: %s", self.peer_id, exc)
+            self.close_reason = exc
+        except _TRANSPORT_ERRORS as exc:
+            self.close_reason = NodeUnreachable(f"connection to {self.peer_id} broke: {exc!r}")
+
+    async def _writer(self) -> None:
+        session = self.session
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while session.pending:
+                    view, _finished = session.data_to_send()
+                    await self.stream.send_all(view)
+        except _TRANSPORT_ERRORS as exc:
+            self._fail(NodeUnreachable(f"connection to {self.peer_id} broke: {exc!r}"))
+
+    def _queue(self, msg: OutgoingMessage) -> None:
+        self.session.queue(msg)
+        self._wake.set()
+
+    # -- incoming ---------------------------------------------------------------
+
+    def _dispatch(self, is_response: bool, sid: int, msg: Message) -> None:
+        if is_response:
+            if msg.type == MSG_REQUEST:
+                raise ProtocolError("request sent with the response flag")
+            waiter = self._waiters.pop(sid, None)
+            if waiter is not None:  # else: the caller gave up; drop it
+                waiter.message = msg
+                waiter.event.set()
+            return
+        if msg.type != MSG_REQUEST:
+            raise ProtocolError("response sent without the response flag")
+        if msg.kind == PING_KIND:
+            self._reply(sid, msg, MSG_RESPONSE, {}, None)
+        elif self._handler is None:
+            self._reply(sid, msg, MSG_ERROR, {"code": "bad_request", "message": "no handler"}, None)
+        elif self._inflight >= self._max_inflight:
+            self._reply(sid, msg, MSG_ERROR, {"code": "busy", "message": "too many requests"}, None)
+        else:
+            assert self._nursery is not None
+            self._inflight += 1
+            self._nursery.start_soon(self._handle, sid, msg)
+
+    def _reply(
+        self, sid: int, req: Message, msg_type: int, fields: dict[str, Any], data: bytes | None
+    ) -> None:
+        if self._closed:
+            return
+        try:
+            head = encode_head(msg_type, req.kind, fields, data is not None, req.priority)
+        except ProtocolError as exc:
+            log.error("reply to %r from %s is not encodable: %s", req.kind, self.peer_id, exc)
+            fields = {"code": "internal", "message": "reply not encodable"}
+            head = encode_head(MSG_ERROR, req.kind, fields, False, req.priority)
+            data = None
+        view = memoryview(data) if data is not None else None
+        self._queue(OutgoingMessage(sid, True, head, view, req.priority))
+
+    async def _handle(self, sid: int, req: Message) -> None:
+        assert self._handler is not None
+        try:
+            data = bytes(req.data) if req.data is not None else None
+            try:
+                result = await self._handler(self.peer_id, req.kind, req.fields, data)
+                fields, out = result
+                if not isinstance(fields, dict) or not (out is None or isinstance(out, bytes | bytearray | memoryview)):
+                    raise TypeError(f"handler for {req.kind!r} returned {type(result).__name__}, not (dict, bytes | None)")
+            except Exception as exc:
+                self._reply(sid, req, MSG_ERROR, error_reply(exc, peer=self.peer_id, kind=req.kind), None)
+            else:
+                self._reply(sid, req, MSG_RESPONSE, fields, out)
+        finally:
+            self._inflight -= 1
+
+    # -- outgoing ---------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        while True:
+            sid = self._next_id
+            self._next_id = sid + 1 if sid < 0xFFFFFFFF else 1
+            if sid not in self._waiters:
+                return sid
+
+    async def call(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        data: bytes | bytearray | memoryview | None = None,
+        *,
+        priority: int = PRIO_NORMAL,
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """Send a request and wait for its answer (no deadline: wrap it).
+
+        Raises `NodeUnreachable` if the connection is or becomes closed,
+        `RemoteCallError` (a `RemoteError`) if the peer answered with an error,
+        `ProtocolError` if `fields` are not msgpack-able.
+        """
+        if self._closed:
+            raise NodeUnreachable(f"connection to {self.peer_id} is closed: {self.close_reason}")
+        head = encode_head(MSG_REQUEST, kind, fields, data is not None, priority)
+        sid = self._new_id()
+        waiter = _Waiter()
+        self._waiters[sid] = waiter
+        msg = OutgoingMessage(sid, False, head, memoryview(data) if data is not None else None, priority)
+        self._queue(msg)
+        try:
+            await waiter.event.wait()
+        finally:
+            if not waiter.event.is_set():  # cancelled: forget it, stop sending it
+                self._waiters.pop(sid, None)
+                self.session.cancel(msg.key)
+                self._wake.set()
+        reply = waiter.message
+        if reply is None:
+            raise NodeUnreachable(
+                f"connection to {self.peer_id} closed during {kind!r}: {self.close_reason}"
+            )
+        if reply.type == MSG_ERROR:
+            raise remote_error(self.peer_id, reply.fields)
+        return reply.fields, bytes(reply.data) if reply.data is not None else None
+
+    async def ping(self) -> float:
+        """Round-trip time of a high-priority ping, in seconds (no deadline: wrap it)."""
+        start = trio.current_time()
+        await self.call(PING_KIND, {}, priority=PRIO_HIGH)
+        return trio.current_time() - start

@@ -1,0 +1,565 @@
+"""The RPC layer a node uses: listen, connect to peers, call, quorum-call.
+
+Ownership (one nursery, the one `serve`/`serve_listener`/`run` opens):
+
+    RpcNetwork.serve / serve_listener / run
+    └── nursery (self._nursery)
+        ├── listener accept loop(s) ── one task per accepted connection
+        │     (handshake under `handshake_timeout`, then `RpcConnection.run`)
+        ├── one task per outgoing peer connection (`RpcConnection.run`)
+        ├── maintenance: every `ping_interval`, ping each connected peer
+        │     (latency EWMA, down on failure) and reconnect the down ones
+        │     whose backoff has expired
+        └── background quorum children (`call_many(interrupt_after_quorum=False)`)
+
+Cancelling that task (node shutdown) closes every connection; pending calls
+fail with `NodeUnreachable`. `call`/`call_many` to another node need the
+network to be running; a call to `node_id` itself goes straight to the local
+handler without a socket (its errors are mapped exactly as a remote call's).
+
+Failures a caller sees: `RpcTimeout` (deadline passed), `NodeUnreachable`
+(cannot connect, handshake refused, connection broke, node down and in
+backoff), `RemoteCallError` and subclasses (the node answered with an error),
+`QuorumError` (from `call_many`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import trio
+
+from blocknode.errors import NodeUnreachable, ProtocolError, QuorumError, RpcTimeout
+from blocknode.rpc.connection import Handler, RpcConnection, handshake
+from blocknode.rpc.errors import error_reply, remote_error
+from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
+from blocknode.rpc.session import Session
+from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE, PRIO_NORMAL
+
+__all__ = ["ByteBudget", "Connector", "RpcNetwork", "Outcome", "split_addr", "tcp_connect"]
+
+log = logging.getLogger("blocknode.rpc")
+
+Connector = Callable[[str], Awaitable[trio.abc.Stream]]
+"""Opens a transport stream to ``"host:port"`` (injectable for in-memory tests)."""
+
+Outcome = tuple[str, tuple[dict[str, Any], bytes | None]]
+"""One successful `call_many` answer: (node id, (fields, data))."""
+
+_EWMA_ALPHA = 0.3
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); `ValueError` if malformed."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"address {addr!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+async def tcp_connect(addr: str) -> trio.abc.Stream:
+    """The default connector: a TCP stream (TCP_NODELAY is set by trio)."""
+    host, port = split_addr(addr)
+    return await trio.open_tcp_stream(host, port)
+
+
+class ByteBudget:
+    """A FIFO byte semaphore: the RAM cap over payloads held by outgoing calls.
+
+    Like Garage's ``block_ram_buffer_max``: a sender awaits budget before it
+    queues a payload, so a slow replica slows the writer instead of growing
+    memory. A request larger than the whole budget is clamped to it (it then
+    runs alone).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError("byte budget must be positive")
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._waiters: list[tuple[int, trio.Event]] = []
+
+    @property
+    def waiting(self) -> int:
+        """Number of tasks waiting for budget."""
+        return len(self._waiters)
+
+    async def acquire(self, n: int) -> int:
+        """Wait until `n` bytes (clamped to the budget) are free; returns the amount taken."""
+        n = min(n, self.max_bytes)
+        if not self._waiters and self.used + n <= self.max_bytes:
+            self.used += n
+            return n
+        entry = (n, trio.Event())
+        self._waiters.append(entry)
+        try:
+            await entry[1].wait()
+        except BaseException:
+            if entry[1].is_set():
+                self.release(n)
+            else:
+                self._waiters.remove(entry)
+                self._grant()
+            raise
+        return n
+
+    def release(self, n: int) -> None:
+        """Return bytes taken by `acquire`."""
+        self.used -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.used + self._waiters[0][0] <= self.max_bytes:
+            n, ev = self._waiters.pop(0)
+            self.used += n
+            ev.set()
+
+    @asynccontextmanager
+    async def reserve(self, n: int):  # noqa: ANN201 - async generator context manager
+        """``async with budget.reserve(n):`` holds `n` bytes for the block."""
+        taken = await self.acquire(n)
+        try:
+            yield taken
+        finally:
+            self.release(taken)
+
+
+@dataclass(eq=False)
+class _Peer:
+    id: str
+    addr: str
+    conn: RpcConnection | None = None
+    up: bool = False
+    latency: float | None = None
+    failures: int = 0
+    next_attempt: float = -float("inf")
+    last_error: str | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def live(self) -> RpcConnection | None:
+        return self.conn if self.conn is not None and not self.conn.closed else None
+
+
+class RpcNetwork:
+    """Authenticated RPC between the nodes of a cluster (and from clients).
+
+    `peers` maps node id -> ``"host:port"`` (an entry for `node_id` itself is
+    ignored). `handler` serves incoming requests from nodes *and* clients (any
+    peer holding `secret`; clients use ids like ``client-<random>``).
+
+    Timeouts: `connect_timeout` (transport connect), `handshake_timeout` (each
+    handshake, both directions), `ping_interval`/`ping_timeout` (maintenance).
+    Reconnect backoff doubles from `backoff_initial` to `backoff_max` (with
+    ±20 % jitter); while a node is in backoff, calls to it fail at once with
+    `NodeUnreachable`. `ram_buffer_max` bounds payload bytes held by outgoing
+    calls (see `ByteBudget`).
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        secret: bytes,
+        peers: dict[str, str],
+        handler: Handler,
+        *,
+        connect: Connector | None = None,
+        ram_buffer_max: int = 256 * 1024 * 1024,
+        connect_timeout: float = 5.0,
+        handshake_timeout: float = 5.0,
+        ping_interval: float = 10.0,
+        ping_timeout: float = 5.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        rng: Callable[[int], bytes] = os.urandom,
+        jitter: random.Random | None = None,
+    ) -> None:
+        if len(secret) != 32:
+            raise ValueError("cluster secret must be 32 bytes")
+        self.node_id = node_id
+        self._secret = bytes(secret)
+        self._handler = handler
+        self._connect = connect or tcp_connect
+        self.budget = ByteBudget(ram_buffer_max)
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.max_message_size = max_message_size
+        self._rng = rng
+        self._jitter = jitter or random.Random()
+        self._peers = {nid: _Peer(nid, addr) for nid, addr in peers.items() if nid != node_id}
+        self._self_addr = peers.get(node_id, "")
+        self._nursery: trio.Nursery | None = None
+        self._incoming: set[RpcConnection] = set()
+        self.handshake_failures = 0
+        """Incoming connections refused at the handshake (count)."""
+
+    def set_peers(self, peers: dict[str, str]) -> None:
+        """Replace the peer table (node id -> address); connections to removed
+        or re-addressed peers are closed by the connection owner's nursery."""
+        for nid, addr in peers.items():
+            if nid == self.node_id:
+                self._self_addr = addr
+                continue
+            old = self._peers.get(nid)
+            if old is None or old.addr != addr:
+                if old is not None and old.conn is not None and self._nursery is not None:
+                    self._nursery.start_soon(old.conn.aclose)
+                self._peers[nid] = _Peer(nid, addr)
+        for nid in list(self._peers):
+            if nid not in peers:
+                old = self._peers.pop(nid)
+                if old.conn is not None and self._nursery is not None:
+                    self._nursery.start_soon(old.conn.aclose)
+
+    # -- serving -----------------------------------------------------------------
+
+    async def serve(
+        self, bind_addr: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on TCP `bind_addr` (port 0 allowed) and run the network until cancelled.
+
+        `task_status.started("host:port")` reports the address really bound.
+        """
+        host, port = split_addr(bind_addr)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        sockname = listeners[0].socket.getsockname()
+        actual = f"[{sockname[0]}]:{sockname[1]}" if ":" in sockname[0] else f"{sockname[0]}:{sockname[1]}"
+        await self._run(listeners, task_status, actual)
+
+    async def serve_listener(
+        self,
+        listener: trio.abc.Listener[trio.abc.Stream],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Like `serve` over an injected listener (e.g. in-memory streams in tests)."""
+        await self._run([listener], task_status, None)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run outgoing connections and maintenance only, without listening."""
+        await self._run([], task_status, None)
+
+    async def _run(self, listeners: list[Any], task_status: Any, started: Any) -> None:
+        if self._nursery is not None:
+            raise RuntimeError("this RpcNetwork is already running")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if listeners:
+                    await nursery.start(
+                        partial(
+                            trio.serve_listeners,
+                            self._serve_connection,
+                            listeners,
+                            handler_nursery=nursery,
+                        )
+                    )
+                nursery.start_soon(self._maintenance)
+                task_status.started(started)
+        finally:
+            self._nursery = None
+            for peer in self._peers.values():
+                peer.up = False
+                peer.conn = None
+
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        """One accepted connection: handshake with a deadline, then serve it.
+
+        Any failure closes this connection only.
+        """
+        hs = ServerHandshake(self.node_id, self._secret, rng=self._rng)
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                await handshake(stream, hs)
+        except (ProtocolError, NodeUnreachable, trio.TooSlowError) as exc:
+            self.handshake_failures += 1
+            log.info("refused an incoming connection: %s", exc or "handshake timed out")
+            await trio.aclose_forcefully(stream)
+            return
+        session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size)
+        conn = RpcConnection(stream, session, hs.keys.peer_id, self._handler)
+        self._incoming.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._incoming.discard(conn)
+
+    # -- outgoing connections ------------------------------------------------------
+
+    async def _open(self, peer: _Peer) -> RpcConnection:
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream = await self._connect(peer.addr)
+        except trio.TooSlowError:
+            raise NodeUnreachable(
+                f"node {peer.id} at {peer.addr}: connect timed out after {self.connect_timeout}s"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise NodeUnreachable(f"node {peer.id} at {peer.addr}: cannot connect: {exc}") from exc
+        hs = ClientHandshake(self.node_id, self._secret, expected_peer_id=peer.id, rng=self._rng)
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                await handshake(stream, hs)
+        except BaseException as exc:
+            await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                raise NodeUnreachable(f"node {peer.id} at {peer.addr}: handshake timed out") from None
+            if isinstance(exc, ProtocolError):
+                raise NodeUnreachable(f"node {peer.id} at {peer.addr}: {exc}") from exc
+            raise
+        session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size)
+        return RpcConnection(stream, session, peer.id, self._handler)
+
+    async def _connection(self, peer: _Peer) -> RpcConnection:
+        """The live connection to `peer`, connecting if needed (fails fast in backoff)."""
+        conn = peer.live()
+        if conn is not None:
+            return conn
+        nursery = self._nursery
+        if nursery is None:
+            raise RuntimeError("RpcNetwork is not running: start serve()/serve_listener()/run() first")
+        async with peer.lock:
+            conn = peer.live()
+            if conn is not None:
+                return conn
+            wait = peer.next_attempt - trio.current_time()
+            if wait > 0:
+                raise NodeUnreachable(
+                    f"node {peer.id} is down ({peer.last_error}); next connect attempt in {wait:.1f}s"
+                )
+            try:
+                conn = await self._open(peer)
+            except NodeUnreachable as exc:
+                self._mark_failed(peer, str(exc))
+                raise
+            peer.conn, peer.up, peer.failures, peer.last_error = conn, True, 0, None
+            nursery.start_soon(self._run_outgoing, peer, conn)
+            return conn
+
+    def _mark_failed(self, peer: _Peer, error: str) -> None:
+        peer.up = False
+        peer.last_error = error
+        peer.failures += 1
+        backoff = min(self.backoff_max, self.backoff_initial * 2 ** (peer.failures - 1))
+        peer.next_attempt = trio.current_time() + backoff * self._jitter.uniform(0.8, 1.2)
+
+    async def _run_outgoing(self, peer: _Peer, conn: RpcConnection) -> None:
+        try:
+            await conn.run()
+        finally:
+            if peer.conn is conn:
+                peer.conn = None
+                peer.up = False
+                peer.last_error = str(conn.close_reason)
+
+    # -- maintenance ---------------------------------------------------------------
+
+    async def _maintenance(self) -> None:
+        while True:
+            await self.check_peers()
+            await trio.sleep(self.ping_interval)
+
+    async def check_peers(self) -> None:
+        """One maintenance round: ping connected peers, reconnect due ones."""
+        async with trio.open_nursery() as nursery:
+            for peer in self._peers.values():
+                nursery.start_soon(self._check_peer, peer)
+
+    async def _check_peer(self, peer: _Peer) -> None:
+        try:
+            conn = peer.live()
+            if conn is None:
+                if trio.current_time() < peer.next_attempt:
+                    return
+                conn = await self._connection(peer)
+            with trio.move_on_after(self.ping_timeout):
+                rtt = await conn.ping()
+                peer.latency = rtt if peer.latency is None else (
+                    _EWMA_ALPHA * rtt + (1 - _EWMA_ALPHA) * peer.latency
+                )
+                peer.up = True
+                return
+            self._mark_failed(peer, f"no answer to ping within {self.ping_timeout}s")
+            await conn.aclose()
+        except NodeUnreachable as exc:
+            peer.up = False
+            peer.last_error = str(exc)
+        except Exception as exc:  # maintenance must never take the node down
+            log.exception("peer check of %s failed", peer.id)
+            peer.up = False
+            peer.last_error = repr(exc)
+
+    # -- calls -----------------------------------------------------------------------
+
+    async def call(
+        self,
+        node_id: str,
+        kind: str,
+        fields: dict[str, Any],
+        data: bytes | None = None,
+        *,
+        timeout: float,
+        priority: int = PRIO_NORMAL,
+        _budgeted: bool = False,
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """Call `kind` on `node_id` and return its (fields, data).
+
+        The whole call (connecting, waiting for RAM budget, sending, the
+        remote handler, the answer) must finish within `timeout` seconds, or
+        `RpcTimeout` naming the node is raised.
+        """
+        with trio.move_on_after(timeout):
+            if node_id == self.node_id:
+                return await self._call_local(kind, fields, data)
+            peer = self._peers.get(node_id)
+            if peer is None:
+                raise NodeUnreachable(f"unknown node {node_id!r}")
+            conn = await self._connection(peer)
+            if data is None or _budgeted:
+                return await conn.call(kind, fields, data, priority=priority)
+            async with self.budget.reserve(len(data)):
+                return await conn.call(kind, fields, data, priority=priority)
+        raise RpcTimeout(f"node {node_id} did not answer {kind!r} within {timeout}s")
+
+    async def _call_local(
+        self, kind: str, fields: dict[str, Any], data: bytes | None
+    ) -> tuple[dict[str, Any], bytes | None]:
+        try:
+            out_fields, out_data = await self._handler(self.node_id, kind, fields, data)
+        except Exception as exc:
+            raise remote_error(self.node_id, error_reply(exc, peer=self.node_id, kind=kind)) from exc
+        return out_fields, bytes(out_data) if out_data is not None else None
+
+    async def call_many(
+        self,
+        node_ids: Iterable[str],
+        kind: str,
+        fields: dict[str, Any],
+        data: bytes | None = None,
+        *,
+        quorum: int,
+        timeout: float,
+        interrupt_after_quorum: bool = True,
+        priority: int = PRIO_NORMAL,
+    ) -> list[Outcome]:
+        """Call `kind` on several nodes at once; return once `quorum` succeeded.
+
+        One task per target (duplicates removed). Each task catches its own
+        error, so one failing node never escapes as an ExceptionGroup. Returns
+        the successes in arrival order (at least `quorum` of them). With
+        `interrupt_after_quorum` the other calls are cancelled then; without,
+        they run on to completion (bounded by `timeout`) in the network's
+        nursery. The payload's RAM budget is taken once and held until every
+        call is done. If the quorum becomes impossible, raises `QuorumError`
+        listing every failed node and its error.
+        """
+        targets = list(dict.fromkeys(node_ids))
+        if not 0 <= quorum <= len(targets):
+            raise ValueError(f"quorum {quorum} impossible with {len(targets)} nodes")
+        if not interrupt_after_quorum and self._nursery is None:
+            raise RuntimeError("RpcNetwork is not running: start serve()/run() first")
+        deadline = trio.current_time() + timeout
+        remote = sum(1 for t in targets if t != self.node_id)
+        taken = 0
+        if data is not None and remote:
+            with trio.move_on_at(deadline):
+                taken = await self.budget.acquire(len(data))
+            if taken == 0 and len(data) > 0:
+                raise RpcTimeout(f"{kind}: no send buffer budget free within {timeout}s")
+        send, recv = trio.open_memory_channel[tuple[str, Any, BaseException | None]](len(targets))
+        left = [len(targets)]
+
+        async def child(nid: str) -> None:
+            outcome: tuple[str, Any, BaseException | None]
+            try:
+                remaining = max(0.0, deadline - trio.current_time())
+                res = await self.call(
+                    nid, kind, fields, data, timeout=remaining, priority=priority, _budgeted=True
+                )
+                outcome = (nid, res, None)
+            except Exception as exc:
+                outcome = (nid, None, exc)
+            finally:
+                left[0] -= 1
+                if left[0] == 0 and taken:
+                    self.budget.release(taken)
+            send.send_nowait(outcome)
+
+        async def collect() -> list[Outcome] | QuorumError:
+            ok: list[Outcome] = []
+            failed: dict[str, str] = {}
+            while len(ok) < quorum:
+                if len(failed) > len(targets) - quorum:
+                    return QuorumError(f"{kind} on {len(targets)} nodes", quorum, len(ok), failed)
+                nid, res, exc = await recv.receive()
+                if exc is None:
+                    ok.append((nid, res))
+                else:
+                    failed[nid] = f"{type(exc).__name__}: {exc}"
+            return ok
+
+        if interrupt_after_quorum:
+            async with trio.open_nursery() as nursery:
+                for nid in targets:
+                    nursery.start_soon(child, nid)
+                result = await collect()
+                nursery.cancel_scope.cancel()
+        else:
+            assert self._nursery is not None
+            for nid in targets:
+                self._nursery.start_soon(child, nid)
+            result = await collect()
+        if isinstance(result, QuorumError):
+            raise result
+        return result
+
+    # -- status -----------------------------------------------------------------------
+
+    def peer_status(self) -> list[dict[str, Any]]:
+        """One dict per node (self included): id, addr, up, latency (s or None), last_error."""
+        rows = [
+            {"id": self.node_id, "addr": self._self_addr, "up": True, "latency": 0.0, "last_error": None}
+        ]
+        for p in self._peers.values():
+            rows.append(
+                {
+                    "id": p.id,
+                    "addr": p.addr,
+                    "up": p.up and p.live() is not None,
+                    "latency": p.latency,
+                    "last_error": p.last_error,
+                }
+            )
+        return sorted(rows, key=lambda r: r["id"])
+
+    def is_up(self, node_id: str) -> bool:
+        """True for self and for peers with a live, recently answering connection."""
+        if node_id == self.node_id:
+            return True
+        p = self._peers.get(node_id)
+        return p is not None and p.up and p.live() is not None
+
+    def latency(self, node_id: str) -> float | None:
+        """Ping round-trip EWMA in seconds (0.0 for self, None if never measured)."""
+        if node_id == self.node_id:
+            return 0.0
+        p = self._peers.get(node_id)
+        return p.latency if p is not None else None
+
+    @property
+    def incoming_connections(self) -> int:
+        """Number of authenticated incoming connections currently open."""
+        return len(self._incoming)
