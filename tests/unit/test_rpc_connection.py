@@ -1,0 +1,200 @@
+"""Connections and the network over in-memory streams (no sockets)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from blocknode.errors import NodeUnreachable
+from blocknode.rpc.connection import handshake
+from blocknode.rpc.handshake import ClientHandshake
+from blocknode.rpc.network import ByteBudget, RpcNetwork
+from blocknode.rpc.session import Session
+from blocknode.rpc.wire import MSG_REQUEST, NEED_DATA, OutgoingMessage, encode_head
+
+SECRET = bytes(range(32))
+MiB = 1024 * 1024
+
+
+class MemoryNet:
+    """In-memory listeners by address, and a connector for RpcNetwork."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, MemoryListener] = {}
+
+    def listener(self, addr: str) -> MemoryListener:
+        self.listeners[addr] = MemoryListener()
+        return self.listeners[addr]
+
+    async def connect(self, addr: str) -> trio.abc.Stream:
+        if addr not in self.listeners:
+            raise OSError(f"connection refused: {addr}")
+        client, server = trio.testing.memory_stream_pair()
+        await self.listeners[addr].send.send(server)
+        return client
+
+
+class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
+    def __init__(self) -> None:
+        self.send, self.recv = trio.open_memory_channel[trio.abc.Stream](100)
+
+    async def accept(self) -> trio.abc.Stream:
+        return await self.recv.receive()
+
+    async def aclose(self) -> None:
+        await self.recv.aclose()
+
+
+async def echo(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    return {"peer": peer, **fields}, data
+
+
+async def test_byte_budget_is_fifo_and_clamps() -> None:
+    budget = ByteBudget(100)
+    assert await budget.acquire(60) == 60
+    order: list[str] = []
+
+    async def take(name: str, n: int) -> None:
+        got = await budget.acquire(n)
+        order.append(name)
+        budget.release(got)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "big", 500)  # clamped to 100: waits for everything
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(take, "small", 10)  # would fit, but FIFO keeps it behind "big"
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == [] and budget.waiting == 2
+        budget.release(60)
+    assert order == ["big", "small"] and budget.used == 0
+
+
+async def test_ram_budget_blocks_a_second_payload_until_the_first_is_done() -> None:
+    mem = MemoryNet()
+    entered: list[int] = []
+    release = trio.Event()
+
+    async def holding(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        entered.append(fields["i"])
+        await release.wait()
+        return {}, None
+
+    a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect, ram_buffer_max=MiB + MiB // 2)
+    b = RpcNetwork("b", SECRET, {}, holding, connect=mem.connect)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve_listener, mem.listener("mem-b"))
+            await nursery.start(a.run)
+            for i in (1, 2):
+                nursery.start_soon(lambda i=i: a.call("b", "put", {"i": i}, os.urandom(MiB), timeout=10))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(entered) == 1  # the second payload was never queued
+            assert a.budget.used == MiB and a.budget.waiting == 1
+            release.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(entered) == [1, 2]
+            nursery.cancel_scope.cancel()
+    assert a.budget.used == 0
+
+
+async def raw_client(mem: MemoryNet, addr: str) -> tuple[trio.abc.Stream, Session]:
+    stream = await mem.connect(addr)
+    hs = ClientHandshake("client-raw", SECRET)
+    await handshake(stream, hs)
+    return stream, Session(hs.keys, decoder=hs.decoder)
+
+
+async def test_tampered_frame_closes_only_that_connection() -> None:
+    mem = MemoryNet()
+    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve_listener, mem.listener("mem-b"))
+            good_stream, good = await raw_client(mem, "mem-b")
+            bad_stream, bad = await raw_client(mem, "mem-b")
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.incoming_connections == 2
+
+            bad.queue(OutgoingMessage(1, False, encode_head(MSG_REQUEST, "echo", {}, True), memoryview(b"x" * 100)))
+            frame = bytearray(bad.data_to_send()[0])
+            frame[-1] ^= 1
+            await bad_stream.send_all(frame)
+            assert await bad_stream.receive_some(1000) == b""  # the node hung up
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.incoming_connections == 1
+
+            good.queue(OutgoingMessage(1, False, encode_head(MSG_REQUEST, "echo", {"v": 7}, False), None))
+            await good_stream.send_all(good.data_to_send()[0])
+            while (item := good.next_message()) is NEED_DATA:
+                good.receive_data(await good_stream.receive_some(65536))
+            assert item[2].fields == {"peer": "client-raw", "v": 7}  # type: ignore[index]
+            nursery.cancel_scope.cancel()
+
+
+async def test_cancelled_call_drops_its_transfer_and_connection_survives() -> None:
+    mem = MemoryNet()
+    a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve_listener, mem.listener("mem-b"))
+            await nursery.start(a.run)
+            await a.call("b", "echo", {}, timeout=5)
+            with trio.CancelScope() as scope:
+                scope.cancel()  # cancelled as soon as it blocks: chunks still queued
+                await a.call("b", "echo", {}, os.urandom(MiB), timeout=5)
+            await trio.testing.wait_all_tasks_blocked()
+            assert a.budget.used == 0
+            (conn,) = b._incoming
+            assert conn.session.assembler.partial_bytes == 0
+            assert (await a.call("b", "echo", {"z": 1}, b"ok", timeout=5)) == ({"peer": "a", "z": 1}, b"ok")
+            nursery.cancel_scope.cancel()
+
+
+async def test_pending_calls_fail_when_the_peer_goes_away() -> None:
+    mem = MemoryNet()
+    never = trio.Event()
+
+    async def stuck(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        await never.wait()
+        return {}, None
+
+    a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, stuck, connect=mem.connect)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            await outer.start(a.run)
+            async with trio.open_nursery() as bn:
+                await bn.start(b.serve_listener, mem.listener("mem-b"))
+                failure: list[BaseException] = []
+
+                async def caller() -> None:
+                    try:
+                        await a.call("b", "x", {}, timeout=5)
+                    except NodeUnreachable as exc:
+                        failure.append(exc)
+
+                outer.start_soon(caller)
+                await trio.testing.wait_all_tasks_blocked()
+                bn.cancel_scope.cancel()  # node b shuts down
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(failure) == 1 and not a.is_up("b")
+            outer.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("size", [0, 1, 65536 - 40, 65536, 3 * 65536 + 5])
+async def test_payload_sizes_round_trip_in_memory(size: int) -> None:
+    mem = MemoryNet()
+    a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve_listener, mem.listener("mem-b"))
+            await nursery.start(a.run)
+            data = os.urandom(size)
+            assert await a.call("b", "echo", {}, data, timeout=5) == ({"peer": "a"}, data)
+            nursery.cancel_scope.cancel()
