@@ -158,7 +158,8 @@ class FrameDecoder:
         n = self._need
         if len(buf) < n:
             return self._need_more()
-        frame = bytes(buf[:n])
+        with memoryview(buf) as view:  # one copy (a bytearray slice would copy twice)
+            frame = view[:n].tobytes()
         del buf[:n]
         self._need = None
         return frame
