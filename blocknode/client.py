@@ -29,7 +29,7 @@ from blocknode import fastpath
 from blocknode.config import NodeConfig, load_or_create_secret
 from blocknode.errors import BlocknodeError, InvalidHash, ProtocolError
 from blocknode.meta import wall_ms
-from blocknode.rpc.network import open_client as _open_connection
+from blocknode.rpc.client import open_client as _open_connection
 
 MANIFEST_MAGIC = b"BLOCKNODE-MANIFEST-1\n"
 _PARALLEL_BLOCKS = 8

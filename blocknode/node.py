@@ -142,7 +142,10 @@ class Node:
             "addr": self.addr or self.cfg.public_addr,
             "zone": self.layout.node(self.node_id).zone,
             "layout": self.layout.summary(),
-            "peers": self.net.peer_status(),
+            "peers": [
+                {**p, "addr": p["addr"] or (self.addr or self.cfg.public_addr)}
+                for p in self.net.peer_status()
+            ],
             "blocks": self.blocks.count(),
             "inline_blocks": counts["inline_blocks"],
             "rc_entries": counts["rc_entries"],
