@@ -291,6 +291,12 @@ class RpcNetwork:
             return
         session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size)
         conn = RpcConnection(stream, session, hs.keys.peer_id, self._handler)
+        peer = self._peers.get(hs.keys.peer_id)
+        if peer is not None and peer.live() is None:
+            # The peer just proved it is alive: let our next call connect to it at once
+            # instead of waiting out a backoff earned while it was down.
+            peer.next_attempt = 0.0
+            peer.failures = 0
         self._incoming.add(conn)
         try:
             await conn.run()

@@ -120,7 +120,8 @@ def test_rc_equals_live_refs_after_any_sequence(tmp_path_factory, seq):
     m = MetaStore(str(tmp_path_factory.mktemp("m")), now_ms=FakeClock(), map_size=1 << 24)
     try:
         for h, rid, deleted, ts in seq:
-            m.write_now(lambda txn, r=RefEntry(h, rid, deleted, ts): m.tx_apply_ref(txn, r))
+            ref = RefEntry(h, rid, deleted, ts)
+            m.write_now(lambda txn, r=ref: m.tx_apply_ref(txn, r))
         # and the final state equals the LWW winner of each (hash, ref), whatever the order
         winners: dict = {}
         for h, rid, deleted, ts in seq:
@@ -246,6 +247,6 @@ async def test_inline_blocks(tmp_path):
 def test_full_map_says_so(tmp_path):
     m = MetaStore(str(tmp_path / "small"), map_size=64 * 1024)
     with pytest.raises(MetadataFull, match="lmdb_map_size"):
-        for i in range(1000):
+        for _ in range(1000):
             data = os.urandom(2000)
             m.write_now(lambda txn, d=data: m.tx_put_inline(txn, fastpath.block_hash(d), d))

@@ -1,0 +1,158 @@
+"""Clusters of 3 and 5 nodes in one process, over real loopback TCP."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from blocknode import fastpath
+from blocknode.errors import BlockNotFound, QuorumError
+from tests.cluster.harness import in_process_cluster
+
+
+async def test_three_nodes_put_get_everywhere(tmp_path):
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3) as cl:
+            datas = [os.urandom(n) for n in (0, 1, 4096, 100_000, 1 << 20)]
+            async with cl.client("node1") as c:
+                hashes = [await c.put(d, "obj") for d in datas]
+            for h, d in zip(hashes, datas, strict=True):
+                assert h == fastpath.block_hash(d).hex()
+            # rf 3 on 3 nodes: every node holds every block locally
+            for nid, node in cl.nodes.items():
+                for h in hashes:
+                    assert node.blocks.exists(bytes.fromhex(h)), nid
+                async with cl.client(nid) as c:
+                    for h, d in zip(hashes, datas, strict=True):
+                        assert await c.get(h) == d
+
+
+async def test_large_data_manifest_round_trip(tmp_path):
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3, block_size=65536) as cl:
+            data = os.urandom(65536 * 5 + 123)
+            async with cl.client("node2") as c:
+                h = await c.put(data, "big")
+                assert h != fastpath.block_hash(data).hex()
+                assert await c.get(h) == data
+                await c.ref(h, "second")
+            node = cl.nodes["node3"]
+            # every block of the manifest carries both references
+            live = [r for r in node.meta.iter_refs() if not r.deleted]
+            assert len(live) == 2 * 7  # 6 data blocks + the manifest
+
+
+async def test_one_of_three_down_put_and_get_succeed(tmp_path):
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3) as cl:
+            await cl.stop("node3")
+            async with cl.client("node1") as c:
+                h = await c.put(b"x" * 5000, "r")
+                assert await c.get(h) == b"x" * 5000
+                h2 = await c.put(os.urandom(200_000), "r")
+                assert len(await c.get(h2)) == 200_000
+
+
+async def test_two_of_three_down_put_fails_naming_them(tmp_path):
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3) as cl:
+            await cl.stop("node2")
+            await cl.stop("node3")
+            async with cl.client("node1") as c:
+                with pytest.raises(Exception) as info:
+                    await c.put(b"data", "r")
+            msg = str(info.value)
+            assert "quorum" in msg and "node2" in msg and "node3" in msg
+
+
+async def test_five_nodes_rf3(tmp_path):
+    with trio.fail_after(40):
+        async with in_process_cluster(tmp_path, 5) as cl:
+            datas = [os.urandom(3000 + i) for i in range(30)]
+            async with cl.client("node4") as c:
+                hashes = [await c.put(d, "o") for d in datas]
+            for h in hashes:
+                holders = [nid for nid, n in cl.nodes.items() if n.blocks.exists(bytes.fromhex(h))]
+                # every block landed on at least the write quorum of its 3 nodes
+                expected = set(cl.nodes["node1"].layout.write_nodes(bytes.fromhex(h)))
+                assert len(set(holders) & expected) >= 2 and set(holders) <= expected
+            async with cl.client("node1") as c:
+                for h, d in zip(hashes, datas, strict=True):
+                    assert await c.get(h) == d
+
+
+async def test_missing_block_is_not_found(tmp_path):
+    with trio.fail_after(20):
+        async with in_process_cluster(tmp_path, 3) as cl:
+            async with cl.client("node1") as c:
+                with pytest.raises(BlockNotFound):
+                    await c.get("ab" * 32)
+
+
+def _block_not_on(cl, node_id: str) -> bytes:
+    layout = cl.nodes["node1"].layout
+    for i in range(10_000):
+        d = f"block {i}".encode()
+        if node_id not in layout.write_nodes(fastpath.block_hash(d)):
+            return d
+    raise AssertionError("no such block")
+
+
+async def test_hedged_read_and_corrupt_replica_skipped(tmp_path):
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 5, hedge_delay=0.05) as cl:
+            data = _block_not_on(cl, "node1")
+            h = fastpath.block_hash(data)
+            async with cl.client("node1") as c:
+                await c.put(data, "r")
+                replicas = list(cl.nodes["node1"].layout.write_nodes(h))
+                # one replica never answers, one answers with corrupt bytes
+                stuck, liar, good = replicas
+
+                async def never(peer, fields, data):
+                    await trio.sleep_forever()
+
+                async def lie(peer, fields, data):
+                    return {}, b"not the block"
+
+                cl.nodes[stuck]._handlers["get_block"] = never
+                cl.nodes[liar]._handlers["get_block"] = lie
+                start = trio.current_time()
+                assert await c.get_block(h) == data
+                # the stuck node would have held us for rpc_timeout (5 s); the hedge did not
+                assert trio.current_time() - start < 2.0
+
+
+async def test_call_to_silent_node_ends_at_its_timeout(tmp_path):
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3) as cl:
+            async def never(peer, fields, data):
+                await trio.sleep_forever()
+
+            cl.nodes["node2"]._handlers["need_block"] = never
+            net = cl.nodes["node1"].net
+            start = trio.current_time()
+            with pytest.raises(Exception) as info:
+                await net.call("node2", "need_block", {"hash": b"\0" * 32}, timeout=0.5)
+            elapsed = trio.current_time() - start
+            assert "node2" in str(info.value)
+            assert 0.5 <= elapsed < 0.8
+
+
+async def test_quorum_error_lists_each_failure(tmp_path):
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3) as cl:
+            await cl.stop("node3")
+            net = cl.nodes["node1"].net
+            with pytest.raises(QuorumError) as info:
+                await net.call_many(["node1", "node2", "node3"], "need_block", {"hash": b"\1" * 32},
+                                    quorum=3, timeout=2)
+            assert set(info.value.failures) == {"node3"}
+            assert info.value.successes <= 2
+            with pytest.raises(QuorumError) as info:
+                await net.call_many(["node1", "node2"], "need_block", {"hash": b"short"},
+                                    quorum=1, timeout=2)
+            assert set(info.value.failures) == {"node1", "node2"}
+            assert "32-byte" in str(info.value)
