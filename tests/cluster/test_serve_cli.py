@@ -1,0 +1,195 @@
+"""Real `python -m blocknode serve` processes driven through the CLI (the contract)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from blocknode import fastpath
+from tests.cluster.harness import ServeProcesses, cli, free_ports, write_cluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def three(tmp_path):
+    configs = write_cluster(tmp_path, 3, rpc_timeout=3.0)
+    procs = ServeProcesses(configs)
+    try:
+        procs.start_all()
+        yield procs, configs
+    finally:
+        procs.close()
+
+
+def _err(r: subprocess.CompletedProcess[bytes]) -> str:
+    return r.stderr.decode()
+
+
+def test_put_get_ref_unref_status(three, tmp_path):
+    procs, configs = three
+    src = tmp_path / "data.bin"
+    data = os.urandom(300_000)
+    src.write_bytes(data)
+    r = cli("put", str(src), "--ref", "obj1", config=configs[0])
+    assert r.returncode == 0, _err(r)
+    h = r.stdout.decode().strip()
+    assert h == fastpath.block_hash(data).hex()  # a single block: its own hash, alone on stdout
+    r = cli("get", h, config=configs[1])
+    assert r.returncode == 0 and r.stdout == data
+    out = tmp_path / "out.bin"
+    r = cli("get", h, "-o", str(out), config=configs[2])
+    assert r.returncode == 0 and out.read_bytes() == data
+    # without --ref a fresh reference is made and shown on stderr
+    r = cli("put", str(src), config=configs[0])
+    assert r.returncode == 0 and "reference: ref-" in _err(r)
+    assert cli("ref", h, "another", config=configs[0]).returncode == 0
+    assert cli("unref", h, "another", config=configs[0]).returncode == 0
+    r = cli("status", "--json", config=configs[0])
+    assert r.returncode == 0, _err(r)
+    st = json.loads(r.stdout)
+    for key in ("node_id", "peers", "blocks", "rc_entries", "resync_queue", "errors"):
+        assert key in st
+    assert st["node_id"] == "node1"
+    assert {p["id"] for p in st["peers"]} >= {"node2", "node3"}
+    assert all(set(p) >= {"id", "addr", "up"} for p in st["peers"])
+    assert st["blocks"] >= 1 and st["rc_entries"] >= 1
+    r = cli("status", config=configs[0])
+    assert r.returncode == 0 and b"node1" in r.stdout
+
+
+def test_large_file_through_manifest(three, tmp_path):
+    procs, configs = three
+    src = tmp_path / "big.bin"
+    data = os.urandom(2 * 1024 * 1024 + 777)
+    src.write_bytes(data)
+    r = cli("put", str(src), "--ref", "big", config=configs[0])
+    assert r.returncode == 0, _err(r)
+    h = r.stdout.decode().strip()
+    assert len(h) == 64
+    r = cli("get", h, config=configs[2])
+    assert r.returncode == 0 and r.stdout == data
+
+
+def test_node_down_quorum_and_errors(three, tmp_path):
+    procs, configs = three
+    src = tmp_path / "f"
+    src.write_bytes(b"hello")
+    procs.kill(2)
+    r = cli("put", str(src), "--ref", "a", config=configs[0])
+    assert r.returncode == 0, _err(r)
+    h = r.stdout.decode().strip()
+    assert cli("get", h, config=configs[1]).stdout == b"hello"
+    procs.kill(1)
+    r = cli("put", str(src), "--ref", "b", config=configs[0])
+    assert r.returncode != 0
+    msg = _err(r)
+    assert msg.count("\n") == 1 and "Traceback" not in msg
+    assert "quorum" in msg and "node2" in msg and "node3" in msg
+
+
+def test_cli_errors_are_one_line(three, tmp_path):
+    procs, configs = three
+    cases = [
+        (cli("get", "nothex", config=configs[0]), "64 hex"),
+        (cli("get", "ab" * 32, config=configs[0]), "not found"),
+        (cli("put", str(tmp_path / "missing"), config=configs[0]), "no such file"),
+    ]
+    # wrong secret
+    bad = tmp_path / "bad.toml"
+    text = configs[0].read_text()
+    bad.write_text(re.sub(r'rpc_secret = "[0-9a-f]+"', 'rpc_secret = "' + "00" * 32 + '"', text)
+                   .replace('cluster_file = "../cluster.toml"', f'cluster_file = "{configs[0].parent.parent}/cluster.toml"'))
+    cases.append((cli("status", config=bad), "secret"))
+    # unreachable node
+    port = free_ports(1)[0]
+    down = tmp_path / "down.toml"
+    down.write_text(f'rpc_bind_addr = "127.0.0.1:{port}"\nrpc_secret = "{"11" * 32}"\n')
+    cases.append((cli("status", config=down), "unreachable"))
+    for r, needle in cases:
+        msg = _err(r)
+        assert r.returncode != 0, msg
+        assert "Traceback" not in msg and msg.count("\n") == 1, msg
+        assert needle in msg.lower(), msg
+
+
+def test_sigterm_shuts_down_cleanly(tmp_path):
+    configs = write_cluster(tmp_path, 1, rf=1)
+    procs = ServeProcesses(configs)
+    try:
+        procs.start_all()
+        procs.signal(0, signal.SIGTERM)
+        rc = procs.procs[0].wait(timeout=15)
+        assert rc == 0
+        log = (configs[0].parent / "serve.log").read_text()
+        assert "shutting down" in log and "stopped" in log and "Traceback" not in log
+    finally:
+        procs.close()
+
+
+def test_default_node_without_config(tmp_path):
+    """`serve` with no config: single node, ./blocknode-data, secret made with mode 0600."""
+    # The embedded default listens on 127.0.0.1:3901 and keeps its data in ./blocknode-data:
+    # run it in a scratch directory, on the real default port.
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 3901))
+    except OSError:
+        pytest.skip("port 3901 (the embedded default) is busy on this machine")
+    finally:
+        s.close()
+    p = subprocess.Popen([sys.executable, "-m", "blocknode", "serve"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         env={k: v for k, v in os.environ.items() if k != "BLOCKNODE_CONFIG"})
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if (tmp_path / "blocknode-data" / "rpc_secret").exists():
+                r = subprocess.run([sys.executable, "-m", "blocknode", "status", "--json"],
+                                   cwd=tmp_path, capture_output=True, timeout=30)
+                if r.returncode == 0:
+                    break
+            time.sleep(0.1)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["node_id"] == "node1"
+        mode = os.stat(tmp_path / "blocknode-data" / "rpc_secret").st_mode & 0o777
+        assert mode == 0o600
+        (tmp_path / "f").write_bytes(b"abc")
+        r = subprocess.run([sys.executable, "-m", "blocknode", "put", "f"], cwd=tmp_path,
+                           capture_output=True, timeout=30)
+        assert r.stdout.decode().strip() == fastpath.block_hash(b"abc").hex()
+        assert (tmp_path / "blocknode-data" / "meta").is_dir()
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=15)
+
+
+def test_init_cluster_writes_working_configs(tmp_path):
+    base = free_ports(1)[0]
+    # find 3 consecutive free ports near it
+    r = cli("init-cluster", str(tmp_path / "c"), "--nodes", "3", "--base-port", str(base))
+    assert r.returncode == 0, _err(r)
+    out = r.stdout.decode()
+    assert out.count("python -m blocknode serve --config") == 3
+    configs = [tmp_path / "c" / f"node{i}" / "config.toml" for i in (1, 2, 3)]
+    assert all(c.exists() for c in configs)
+    assert os.stat(tmp_path / "c" / "rpc_secret").st_mode & 0o777 == 0o600
+    procs = ServeProcesses(configs)
+    try:
+        procs.start_all()
+        (tmp_path / "f").write_bytes(b"through init-cluster")
+        r = cli("put", str(tmp_path / "f"), "--ref", "x", config=configs[0])
+        assert r.returncode == 0, _err(r)
+        assert cli("get", r.stdout.decode().strip(), config=configs[2]).stdout == b"through init-cluster"
+    finally:
+        procs.close()
+    r = cli("init-cluster", str(tmp_path / "c"), "--nodes", "3")
+    assert r.returncode != 0 and "already" in _err(r)
