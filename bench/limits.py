@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 MIB = 1 << 20
@@ -99,12 +98,6 @@ def _row(name: str, rates: list[float], unit: str, size: int | None = None) -> d
             "repeats": len(rates)}
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def disk_rows(base_dir: str, quick: bool) -> list[dict[str, Any]]:
     """Raw durable writes and reads into a fan-out tree under `base_dir`."""
     repeats = 3 if quick else 5
@@ -117,16 +110,17 @@ def disk_rows(base_dir: str, quick: bool) -> list[dict[str, Any]]:
             write_rates, all_paths = [], []
             for r in range(repeats):
                 names = _names(count, f"{size}-{r}-".encode())
-                paths: list[str] = []
                 _make_dirs(root, names)
-                took = _timed(lambda names=names: paths.extend(_write_files(root, names, data)))
-                write_rates.append(count / took)
-                all_paths.extend(paths)
+                t0 = time.perf_counter()
+                all_paths.extend(_write_files(root, names, data))
+                write_rates.append(count / (time.perf_counter() - t0))
             rows.append(_row(f"raw write+fsync {label}", write_rates, "files/s", size))
             for hash_too in (False, True):
                 rates = []
                 for _ in range(repeats):
-                    rates.append(len(all_paths) / _timed(lambda h=hash_too: _read_files(all_paths, h)))
+                    t0 = time.perf_counter()
+                    _read_files(all_paths, hash_too)
+                    rates.append(len(all_paths) / (time.perf_counter() - t0))
                 name = f"raw read{' + blake2b' if hash_too else ''} {label}"
                 rows.append(_row(name, rates, "files/s", size))
             for p in all_paths:

@@ -236,7 +236,7 @@ def run_cell(cluster: Cluster, size: int, concurrency: int, duration: float,
     """One (size, concurrency) cell: puts then gets, with `clients` load generator processes."""
     per = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
     per = [c for c in per if c]
-    start_at = time.time() + 1.0 + 0.3 * len(per)
+    start_at = time.time() + 0.7 + 0.2 * len(per)
     cpu0 = cluster.cpu_seconds()
     procs = []
     for i, conc in enumerate(per):
@@ -274,7 +274,7 @@ def run(quick: bool = False, *, duration: float | None = None, base_dir: str | N
         clusters: tuple[tuple[int, int], ...] = ((1, 1), (3, 3)),
         impls: tuple[str, ...] = ("compiled", "pure"), log: Any = None) -> list[dict[str, Any]]:
     """Every cell; rows carry impl, nodes, rf, size, concurrency and the put/get figures."""
-    dur = duration if duration is not None else (1.0 if quick else 3.0)
+    dur = duration if duration is not None else (0.6 if quick else 3.0)
     base = base_dir or tempfile.gettempdir()
     rows = []
     for impl in impls:
