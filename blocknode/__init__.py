@@ -1,3 +1,50 @@
-"""blocknode: a distributed, content-addressed block store node."""
+"""blocknode: a distributed, content-addressed block store node.
+
+The public surface: the async client API and the error types callers branch on.
+Everything else is internal (and may change).
+"""
 
 __version__ = "0.1.0"
+
+from blocknode.client import Client, open_client
+from blocknode.config import NodeConfig, load_config
+from blocknode.errors import (
+    AuthenticationError,
+    BlockCorrupted,
+    BlocknodeError,
+    BlockNotFound,
+    ConfigError,
+    HashMismatch,
+    InvalidHash,
+    MetadataFull,
+    NodeUnreachable,
+    ProtocolError,
+    QuorumError,
+    RemoteError,
+    RpcError,
+    RpcTimeout,
+    StoreError,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "BlockCorrupted",
+    "BlockNotFound",
+    "BlocknodeError",
+    "Client",
+    "ConfigError",
+    "HashMismatch",
+    "InvalidHash",
+    "MetadataFull",
+    "NodeConfig",
+    "NodeUnreachable",
+    "ProtocolError",
+    "QuorumError",
+    "RemoteError",
+    "RpcError",
+    "RpcTimeout",
+    "StoreError",
+    "__version__",
+    "load_config",
+    "open_client",
+]

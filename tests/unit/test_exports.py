@@ -1,0 +1,21 @@
+"""The public surface of `blocknode` is pinned: a change here is an API change."""
+
+import blocknode
+
+
+def test_public_names_are_pinned():
+    assert sorted(blocknode.__all__) == sorted([
+        "AuthenticationError", "BlockCorrupted", "BlockNotFound", "BlocknodeError", "Client",
+        "ConfigError", "HashMismatch", "InvalidHash", "MetadataFull", "NodeConfig",
+        "NodeUnreachable", "ProtocolError", "QuorumError", "RemoteError", "RpcError",
+        "RpcTimeout", "StoreError", "__version__", "load_config", "open_client",
+    ])
+    for name in blocknode.__all__:
+        assert hasattr(blocknode, name), name
+
+
+def test_errors_share_one_base():
+    for name in blocknode.__all__:
+        obj = getattr(blocknode, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, blocknode.BlocknodeError), name
