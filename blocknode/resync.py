@@ -1,0 +1,329 @@
+"""Resync: the workers that make each block's presence here match its reference count.
+
+The queue is the LMDB `resync` table, ordered by due time (`MetaStore`); an
+entry leaves it only once its work is done (`resync_complete`) or it has been
+requeued atomically (`resync_requeue`), so a crash never loses one. For each
+due block (`resync_block`, the seed's logic):
+
+- held here and deletable (rc zero and past the GC delay, or absent — e.g. a
+  block left here by a layout change): recalculate the RC from the references
+  first; if still deletable, ask every *other* write node of the block whether
+  it needs it (`need_block`, timeout `need_block_timeout`), send it to those
+  that do, then delete it locally if it is still deletable under the block's
+  lock, and drop the Deletable RC entry. Any failed query fails the resync:
+  we never delete without having reached every other write node (hence never
+  with fewer than the write quorum reachable).
+- needed here (rc > 0) and absent: fetch it from the other nodes of the block
+  and store it.
+
+A failure is recorded in the `errors` table (1 min, 2, 4… capped at 1 h) and
+the entry requeued at the next try; success clears the record. An entry whose
+block is still backing off is pushed to its next try without work (`block
+retry-now` clears the backoff).
+
+`n` worker tasks (`resync_workers`, changeable at runtime and persisted in the
+`state` table) sleep until the next due entry or until `meta.resync_notify`
+fires; they claim a block through an in-memory in-progress set, so two workers
+never handle the same block at once. A `Tranquilizer` rests between steps.
+`run_once` processes everything due now (tests, `admin_resync_run_once`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import trio
+
+from blocknode.errors import BlocknodeError, RpcError
+from blocknode.manager import PRIO_BACKGROUND, BlockManager
+from blocknode.meta import Txn
+from blocknode.tranquilizer import Tranquilizer
+
+log = logging.getLogger(__name__)
+
+STATE_WORKERS = "resync_workers"
+STATE_TRANQUILITY = "resync_tranquility"
+MAX_WORKERS = 64
+
+
+class ResyncError(BlocknodeError):
+    """A resync step could not complete (the block is retried after a backoff)."""
+
+
+class _Wake:
+    """A re-armed event: every `notify()` wakes the current waiters."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class Resync:
+    """The resync queue processor of one node (see module docstring)."""
+
+    def __init__(
+        self,
+        manager: BlockManager,
+        *,
+        need_block_timeout: float = 5.0,
+        workers: int = 1,
+        tranquility: float = 2.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.manager = manager
+        self.meta = manager.meta
+        self.blocks = manager.blocks
+        self.layout = manager.layout
+        self.node_id = manager.node_id
+        self.need_block_timeout = need_block_timeout
+        self.workers = int(self.meta.state_get(STATE_WORKERS, workers))
+        self.tranquility = float(self.meta.state_get(STATE_TRANQUILITY, tranquility))
+        self._clock = clock
+        self._in_progress: set[bytes] = set()
+        self._wake = _Wake()
+        self.progress = _Wake()
+        """Notified after every processed entry (tests wait on it instead of sleeping)."""
+        self._nursery: trio.Nursery | None = None
+        self._running: set[int] = set()
+        self.status: dict[int, str] = {}
+        self.done = 0
+        self.failed = 0
+
+    # ------------------------------------------------------------ settings
+
+    async def set_workers(self, n: int) -> None:
+        """Change the number of workers (persisted); takes effect at once."""
+        if not 1 <= n <= MAX_WORKERS:
+            raise ValueError(f"resync workers: expected 1..{MAX_WORKERS}, got {n}")
+        await self.meta.state_set(STATE_WORKERS, n)
+        self.workers = n
+        self._spawn_missing()
+        self._wake.notify()
+
+    async def set_tranquility(self, t: float) -> None:
+        """Change the tranquility (persisted)."""
+        if not (isinstance(t, int | float) and t >= 0 and math.isfinite(t)):
+            raise ValueError(f"resync tranquility: expected a number >= 0, got {t!r}")
+        await self.meta.state_set(STATE_TRANQUILITY, float(t))
+        self.tranquility = float(t)
+
+    # ------------------------------------------------------------ workers
+
+    async def run(self) -> None:
+        """Run the workers for the node's whole life (a `Node.add_worker` task)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._spawn_missing()
+            await trio.sleep_forever()
+
+    def _spawn_missing(self) -> None:
+        if self._nursery is None:
+            return
+        for i in range(self.workers):
+            if i not in self._running:
+                self._running.add(i)
+                self._nursery.start_soon(self._worker, i)
+
+    async def _worker(self, i: int) -> None:
+        tranquilizer = Tranquilizer(30, clock=self._clock)
+        try:
+            while i < self.workers:
+                entry = self._claim()
+                if entry is None:
+                    self.status[i] = "idle"
+                    tranquilizer.reset()
+                    await self._wait_for_work()
+                    continue
+                key, h = entry
+                self.status[i] = f"busy {h.hex()[:16]}"
+                tranquilizer.begin()
+                try:
+                    await self._process_claimed(key, h)
+                finally:
+                    self._in_progress.discard(h)
+                    self._wake.notify()
+                    self.progress.notify()
+                self.status[i] = "resting"
+                await tranquilizer.tranquilize(self.tranquility)
+        finally:
+            self._running.discard(i)
+            self.status.pop(i, None)
+
+    def _claim(self) -> tuple[bytes, bytes] | None:
+        """The first due entry whose block no worker is handling; marks it in progress."""
+        for key, h in self.meta.resync_due(limit=len(self._in_progress) + 16):
+            if h not in self._in_progress:
+                self._in_progress.add(h)
+                return key, h
+        return None
+
+    async def _wait_for_work(self) -> None:
+        """Sleep until the next due entry, a queue change, or a settings change."""
+        next_due = self.meta.resync_next_due()
+        if next_due is None:
+            timeout = math.inf
+        else:
+            delta_ms = next_due - self.meta.now_ms()
+            # A due entry another worker holds: wait for a wake-up, not for its time.
+            timeout = delta_ms / 1000 + 0.001 if delta_ms >= 0 else math.inf
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                async def waiter(wait: Callable[[], Any]) -> None:
+                    await wait()
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(waiter, self.meta.resync_notify.wait)
+                nursery.start_soon(waiter, self._wake.wait)
+
+    # ------------------------------------------------------------ steps
+
+    async def run_once(self, *, limit: int | None = None) -> int:
+        """Process every entry due now, one at a time; returns how many were processed.
+
+        Entries requeued during the run (failures) are due later, so this ends.
+        """
+        n = 0
+        while limit is None or n < limit:
+            entry = self._claim()
+            if entry is None:
+                break
+            key, h = entry
+            try:
+                await self._process_claimed(key, h)
+            finally:
+                self._in_progress.discard(h)
+                self._wake.notify()
+            n += 1
+        return n
+
+    async def _process_claimed(self, key: bytes, h: bytes) -> None:
+        err = self.meta.error_get(h)
+        now = self.meta.now_ms()
+        if err is not None and err.next_try_ms > now:
+            # Still backing off: push the entry to the next try, do no work.
+            await self.meta.resync_requeue(key, (err.next_try_ms - now) / 1000)
+            return
+        try:
+            await self.resync_block(h)
+        except trio.Cancelled:
+            raise
+        except (BlocknodeError, OSError) as exc:
+            self.failed += 1
+            rec = await self.meta.error_record(h, f"{type(exc).__name__}: {exc}")
+            delay = max(0, rec.next_try_ms - self.meta.now_ms()) / 1000
+            log.warning("resync of %s failed (%d times, next in %.0f s): %s",
+                        h.hex(), rec.count, delay, exc)
+            await self.meta.resync_requeue(key, delay)
+            return
+        self.done += 1
+        if err is not None:
+            await self.meta.error_clear(h)
+        await self.meta.resync_complete(key)
+
+    async def resync_block(self, h: bytes) -> None:
+        """Make this node's copy of `h` match its RC (see module docstring); raises on failure."""
+        exists = self.blocks.exists(h)
+        rc = self.meta.rc_get(h)
+        if exists and rc.is_deletable(self.meta.now_ms()):
+            rc = await self.meta.recalculate_rc(h)
+            if rc.is_deletable(self.meta.now_ms()):
+                await self._offload_and_delete(h)
+                return
+        if rc.is_nonzero() and not exists:
+            await self._fetch(h)
+
+    async def _offload_and_delete(self, h: bytes) -> None:
+        write_nodes = list(self.layout.write_nodes(h))
+        if len(write_nodes) < self.layout.write_quorum:
+            raise ResyncError("not offloading: fewer write nodes than the write quorum")
+        others = [n for n in write_nodes if n != self.node_id]
+        answers: dict[str, bool | BaseException] = {}
+
+        async def ask(node: str) -> None:
+            try:
+                reply, _ = await self.manager.net.call(
+                    node, "need_block", {"hash": h},
+                    timeout=self.need_block_timeout, priority=PRIO_BACKGROUND,
+                )
+                answers[node] = bool(reply.get("needed", False))
+            except (BlocknodeError, OSError) as exc:
+                answers[node] = exc
+
+        async with trio.open_nursery() as nursery:
+            for node in others:
+                nursery.start_soon(ask, node)
+        failed = {n: a for n, a in answers.items() if isinstance(a, BaseException)}
+        if failed:
+            detail = "; ".join(f"{n}: {type(e).__name__}: {e}" for n, e in sorted(failed.items()))
+            raise ResyncError(f"not deleting: need_block query failed ({detail})")
+        need = [n for n in others if answers.get(n) is True]
+        if need:
+            data = await self.manager.read_local(h)
+            await self.manager.net.call_many(
+                need, "put_block", {"hash": h}, data,
+                quorum=len(need), timeout=self.manager.rpc_timeout,
+                interrupt_after_quorum=False, priority=PRIO_BACKGROUND,
+            )
+        log.info("deleting unneeded block %s (offloaded to %d of %d)", h.hex(), len(need), len(others))
+        await self.blocks.delete_if(h, lambda: self.meta.rc_get(h).is_deletable(self.meta.now_ms()))
+        await self.meta.clear_deleted(h)
+
+    async def _fetch(self, h: bytes) -> None:
+        nodes = [n for n in self.manager.read_order(h) if n != self.node_id]
+        if not nodes:
+            raise ResyncError("block needed but no other node holds its partition")
+        try:
+            data = await self.manager.get(h, priority=PRIO_BACKGROUND, nodes=nodes)
+        except RpcError as exc:
+            raise ResyncError(f"fetch failed: {exc}") from None
+        await self.blocks.write(h, data)
+
+    # ------------------------------------------------------------ admin
+
+    async def retry_now(self, h: bytes | None = None) -> int:
+        """Clear the backoff of one block (or of every failed block) and queue it now.
+
+        The failure count is kept (the next failure backs off from there).
+        Returns how many blocks were queued.
+        """
+        hashes = [h] if h is not None else [e.hash for e in self.meta.errors_list()]
+        if not hashes:
+            return 0
+        now = self.meta.now_ms()
+
+        def fn(txn: Txn) -> None:
+            for x in hashes:
+                raw = txn.get(x, db=self.meta.errors)
+                if raw is not None:
+                    count, _next, last, msg = msgpack.unpackb(raw)
+                    txn.put(x, msgpack.packb([count, now, last, msg]), db=self.meta.errors)
+                self.meta.tx_resync_put(txn, x, 0)
+
+        await self.meta.submit(fn)
+        return len(hashes)
+
+    def info(self) -> dict[str, Any]:
+        """Settings, queue length and worker states (for `worker list`)."""
+        counts = self.meta.counts()
+        return {
+            "workers": self.workers,
+            "tranquility": self.tranquility,
+            "queue_length": counts["resync_queue"],
+            "errors": counts["errors"],
+            "in_progress": len(self._in_progress),
+            "processed": self.done,
+            "failed": self.failed,
+            "worker_states": {str(i): s for i, s in sorted(self.status.items())},
+        }
+
+
+__all__ = ["Resync", "ResyncError"]

@@ -1,0 +1,239 @@
+"""Resync and GC over an in-process fake cluster: fetch, offload, delete, backoff, workers."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from bg_helpers import FakeCluster, block
+
+from blocknode.meta import MetaStore
+from blocknode.resync import Resync
+
+GC_MS = 600_000
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = FakeCluster(str(tmp_path), n=3, rf=3, gc_delay_ms=GC_MS)
+    yield c
+    c.close()
+
+
+def resync_of(cluster: FakeCluster, nid: str, **kw) -> Resync:
+    return Resync(cluster[nid].manager, need_block_timeout=1.0, **kw)
+
+
+async def test_absent_and_needed_block_is_fetched(cluster):
+    with trio.fail_after(10):
+        h, data = block(3000)
+        for nid in ("n2", "n3"):
+            await cluster[nid].blocks.write(h, data)
+        await cluster["n1"].meta.add_ref(h, "obj")  # queued for a check at +60 s
+        r = resync_of(cluster, "n1")
+        assert await r.run_once() == 0  # not due yet
+        cluster.clock.advance(61)
+        assert await r.run_once() == 1
+        assert await cluster["n1"].blocks.read(h) == data
+        assert cluster["n1"].meta.counts()["resync_queue"] == 0
+        assert cluster["n1"].meta.errors_list() == []
+
+
+async def test_deletable_block_offloaded_then_deleted_after_gc_delay_only(cluster):
+    with trio.fail_after(10):
+        h, data = block(3000)
+        n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+        await n1.blocks.write(h, data)
+        await n1.meta.add_ref(h, "obj")
+        await n1.meta.del_ref(h, "obj")
+        await n2.meta.add_ref(h, "obj2")  # n2 needs it, lacks it; n3 does not need it
+        r = resync_of(cluster, "n1")
+        cluster.clock.advance(61)
+        await r.run_once()
+        assert n1.blocks.exists(h)  # GC delay not passed
+        await r.resync_block(h)  # even forced, nothing happens before the delay
+        assert n1.blocks.exists(h) and not n2.blocks.exists(h)
+        cluster.clock.advance(GC_MS / 1000 - 61 + 11)
+        assert await r.run_once() >= 1
+        assert not n1.blocks.exists(h)
+        assert await n2.blocks.read(h) == data  # offloaded first
+        assert not n3.blocks.exists(h)
+        assert n1.meta.rc_get(h).encode() is None  # Deletable entry dropped
+        assert n1.meta.errors_list() == []
+
+
+async def test_incref_during_gc_delay_saves_the_block(cluster):
+    with trio.fail_after(10):
+        h, data = block(3000)
+        n1 = cluster["n1"]
+        await n1.blocks.write(h, data)
+        await n1.meta.add_ref(h, "a")
+        await n1.meta.del_ref(h, "a")
+        cluster.clock.advance(100)
+        await n1.meta.add_ref(h, "b")
+        cluster.clock.advance(GC_MS / 1000 + 20)
+        r = resync_of(cluster, "n1")
+        assert await r.run_once() >= 1
+        assert n1.blocks.exists(h)
+        assert n1.meta.rc_get(h).count == 1
+
+
+async def test_unreachable_peer_blocks_deletion_and_backoff_doubles(cluster):
+    with trio.fail_after(10):
+        h, data = block(3000)
+        n1 = cluster["n1"]
+        await n1.blocks.write(h, data)
+        await n1.meta.add_ref(h, "a")
+        await n1.meta.del_ref(h, "a")
+        cluster.down.add("n3")
+        r = resync_of(cluster, "n1")
+        cluster.clock.advance(GC_MS / 1000 + 11)
+        t0 = cluster.clock.t
+        assert await r.run_once() >= 1
+        assert n1.blocks.exists(h)
+        err = n1.meta.error_get(h)
+        assert err is not None and err.count == 1 and err.next_try_ms == t0 + 60_000
+        assert "n3" in err.message
+        assert n1.meta.resync_next_due() == t0 + 60_000
+        delays = []
+        for expected in (120_000, 240_000, 480_000):
+            cluster.clock.advance((n1.meta.resync_next_due() - cluster.clock.t) / 1000)
+            now = cluster.clock.t
+            assert await r.run_once() == 1
+            err = n1.meta.error_get(h)
+            delays.append(err.next_try_ms - now)
+            assert err.next_try_ms - now == expected
+        assert delays == [120_000, 240_000, 480_000]  # doubles
+        assert n1.blocks.exists(h)
+        cluster.down.clear()
+        assert await r.retry_now(h) == 1
+        await r.run_once()
+        assert not n1.blocks.exists(h)
+        assert n1.meta.error_get(h) is None
+
+
+async def test_backoff_is_capped_at_one_hour(tmp_path):
+    c = FakeCluster(str(tmp_path), n=1, rf=1)
+    try:
+        h, _ = block(10)
+        for _ in range(10):
+            err = await c["n1"].meta.error_record(h, "x")
+        assert err.next_try_ms - c.clock.t == 3_600_000
+    finally:
+        c.close()
+
+
+async def test_entry_of_a_backing_off_block_waits_for_its_next_try(cluster):
+    with trio.fail_after(10):
+        h, _ = block(100)
+        n1 = cluster["n1"]
+        err = await n1.meta.error_record(h, "earlier failure")
+        await n1.meta.resync_put(h, 0)
+        r = resync_of(cluster, "n1")
+        called = []
+        r.resync_block = lambda x: called.append(x)  # type: ignore[method-assign]
+        assert await r.run_once() == 1
+        assert called == [] and n1.meta.resync_next_due() == err.next_try_ms
+
+
+async def test_layout_change_block_offloaded_to_write_nodes_then_deleted(tmp_path):
+    c = FakeCluster(str(tmp_path), n=4, rf=2)
+    try:
+        with trio.fail_after(10):
+            h, data = block(3000)
+            owners = c.layout.write_nodes(h)
+            stranger = next(n for n in c.nodes if n not in owners)
+            await c[stranger].blocks.write(h, data)
+            for o in owners:
+                await c[o].meta.add_ref(h, "obj")
+            await c[stranger].meta.resync_put(h, 0)
+            r = Resync(c[stranger].manager, need_block_timeout=1.0)
+            await r.run_once()
+            assert not c[stranger].blocks.exists(h)
+            for o in owners:
+                assert await c[o].blocks.read(h) == data
+    finally:
+        c.close()
+
+
+async def test_workers_process_each_block_once_and_settings_persist(cluster, tmp_path):
+    with trio.fail_after(15):
+        n1 = cluster["n1"]
+        blocks = [block(2000) for _ in range(12)]
+        for h, data in blocks:
+            await cluster["n2"].blocks.write(h, data)
+            await n1.meta.add_ref(h, "x")
+        r = resync_of(cluster, "n1", workers=1, tranquility=0)
+        active: set[bytes] = set()
+        overlaps = []
+        real = r.resync_block
+
+        async def checked(h: bytes) -> None:
+            if h in active:
+                overlaps.append(h)
+            active.add(h)
+            try:
+                await trio.sleep(0.001)
+                await real(h)
+            finally:
+                active.discard(h)
+
+        r.resync_block = checked  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(n1.meta.run_writer)
+            nursery.start_soon(r.run)
+            await trio.testing.wait_all_tasks_blocked()
+            await r.set_workers(4)
+            # duplicate entries for the same blocks: never handled concurrently
+            await n1.meta.resync_put_many([h for h, _ in blocks], 0)
+            cluster.clock.advance(61)
+            await n1.meta.resync_put_many([h for h, _ in blocks], 0)  # wakes the workers
+            while n1.meta.counts()["resync_queue"]:
+                await r.progress.wait()
+            assert len([s for s in r.status.values()]) == 4
+            nursery.cancel_scope.cancel()
+        assert overlaps == []
+        for h, _ in blocks:
+            assert n1.blocks.exists(h)
+        await r.set_tranquility(0.5)
+        r2 = resync_of(cluster, "n1", workers=1, tranquility=2)
+        assert r2.workers == 4 and r2.tranquility == 0.5
+
+
+async def test_worker_sleeps_until_due_time_with_mock_clock(tmp_path, mock_clock):
+    base = 1_700_000_000_000
+
+    def now_ms() -> int:
+        # called from LMDB worker threads too: read the mock clock itself
+        return base + int(mock_clock.current_time() * 1000)
+
+    meta = MetaStore(str(tmp_path / "m"), map_size=1 << 24, sync=False, now_ms=now_ms)
+    try:
+        c = FakeCluster(str(tmp_path / "c"), n=1, rf=1)
+        c["n1"].manager.meta = meta
+        r = Resync(c["n1"].manager, tranquility=0)
+        r.meta = meta
+        handled: list[tuple[bytes, float]] = []
+
+        async def record(h: bytes) -> None:
+            handled.append((h, trio.current_time()))
+
+        r.resync_block = record  # type: ignore[method-assign]
+        with trio.fail_after(60):  # mock time: the jumps below total 30.5 s
+            async with trio.open_nursery() as nursery:
+                await nursery.start(meta.run_writer)
+                nursery.start_soon(r.run)
+                h, _ = block(10)
+                t0 = trio.current_time()
+                await meta.resync_put(h, 30.0)
+                mock_clock.jump(29)
+                await trio.testing.wait_all_tasks_blocked()
+                assert handled == []
+                mock_clock.jump(1.5)
+                await r.progress.wait()
+                assert handled and handled[0][0] == h
+                assert 30 <= handled[0][1] - t0 < 31
+                nursery.cancel_scope.cancel()
+        c.close()
+    finally:
+        meta.close()
