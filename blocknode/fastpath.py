@@ -10,6 +10,7 @@ one is in use. Both modules expose exactly the names in `__all__`.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -42,7 +43,7 @@ if _truthy("BLOCKNODE_PURE"):
     from blocknode import _purepath as _impl
 else:
     try:
-        from blocknode import _fastpath as _impl  # type: ignore[attr-defined, no-redef]
+        _impl = importlib.import_module("blocknode._fastpath")  # type: ignore[assignment]
     except ImportError as exc:
         if _truthy("BLOCKNODE_REQUIRE_FAST"):
             raise ImportError(
