@@ -1,0 +1,248 @@
+"""Scrub: read and verify every block held here, slowly, and heal the corrupt ones.
+
+The seed's `scrub_data_store`, made resumable. Blocks are visited in hash order
+(`LocalBlocks.walk(start_after=position)`, listed in a worker thread in
+batches); each is read and hashed (`BlockManager.read_local`: file reads and
+hashing run in worker threads). A corrupt block is quarantined (renamed
+`.corrupted`, or dropped when inline) and its resync queued at once, so a
+valid copy comes back from a peer.
+
+A `Tranquilizer` rests `tranquility` × the recent mean step time after each
+block. The state lives in the `state` table under ``"scrub"`` and survives
+restarts: ``state`` (running / paused / idle), ``position`` (last hash
+checked), ``blocks_checked``, ``corruptions``, ``tranquility``,
+``last_completed`` and ``next_run`` (ms since the epoch), ``progress``. A scrub
+running or paused when the node stopped carries on from its position.
+
+Besides `start`, a scrub starts by itself every `interval` seconds (±15 %
+jitter) after the last one completed; the next run time is persisted too.
+`step` does one batch without resting (tests and "run once" calls).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from blocknode.errors import BlockCorrupted, BlocknodeError, BlockNotFound
+from blocknode.manager import BlockManager
+from blocknode.tranquilizer import Tranquilizer
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "scrub"
+RUNNING, PAUSED, IDLE = "running", "paused", "idle"
+JITTER = 0.15
+
+
+class _Wake:
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+def progress_of(position: bytes | None) -> float:
+    """How far through the hash space `position` is (hashes are uniform), 0..1."""
+    if not position:
+        return 0.0
+    return int.from_bytes(position[:4].ljust(4, b"\0"), "big") / 2**32
+
+
+class Scrub:
+    """The scrub worker of one node (see module docstring)."""
+
+    def __init__(
+        self,
+        manager: BlockManager,
+        *,
+        tranquility: float = 4.0,
+        interval: float = 30 * 24 * 3600.0,
+        batch: int = 64,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.manager = manager
+        self.meta = manager.meta
+        self.blocks = manager.blocks
+        self.interval = interval
+        self.batch = batch
+        self._rng = rng or random.Random()
+        self._clock = clock
+        saved = self.meta.state_get(STATE_KEY) or {}
+        self.st: dict[str, Any] = {
+            "state": IDLE,
+            "position": None,
+            "blocks_checked": 0,
+            "corruptions": 0,
+            "tranquility": float(tranquility),
+            "last_completed": None,
+            "next_run": None,
+            "progress": 0.0,
+            "started": None,
+        }
+        self.st.update({k: v for k, v in saved.items() if k in self.st})
+        self.changed = _Wake()
+        """Notified on every state change and after every batch."""
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        """The scrub state (JSON keys of `scrub status` are a contract)."""
+        st = self.st
+        progress = progress_of(st["position"]) if st["state"] != IDLE else st["progress"]
+        return {
+            "state": st["state"],
+            "tranquility": st["tranquility"],
+            "blocks_checked": st["blocks_checked"],
+            "corruptions": st["corruptions"],
+            "progress": progress,
+            "position": st["position"].hex() if st["position"] else None,
+            "last_completed": st["last_completed"],
+            "next_run": st["next_run"],
+            "started": st["started"],
+        }
+
+    async def _save(self) -> None:
+        await self.meta.state_set(STATE_KEY, dict(self.st))
+        self.changed.notify()
+
+    # ------------------------------------------------------------ commands
+
+    async def start(self, tranquility: float | None = None) -> dict[str, Any]:
+        """Start a scrub from the first block (a paused one resumes; a running one goes on)."""
+        if tranquility is not None:
+            self.st["tranquility"] = _check_tranquility(tranquility)
+        if self.st["state"] == IDLE:
+            self.st.update(state=RUNNING, position=None, blocks_checked=0, corruptions=0,
+                           progress=0.0, started=self.meta.now_ms())
+        else:
+            self.st["state"] = RUNNING
+        await self._save()
+        return self.status()
+
+    async def pause(self) -> dict[str, Any]:
+        """Pause a running scrub (it keeps its position)."""
+        if self.st["state"] == RUNNING:
+            self.st["state"] = PAUSED
+            await self._save()
+        return self.status()
+
+    async def resume(self) -> dict[str, Any]:
+        """Resume a paused scrub from its position."""
+        if self.st["state"] == PAUSED:
+            self.st["state"] = RUNNING
+            await self._save()
+        return self.status()
+
+    async def cancel(self) -> dict[str, Any]:
+        """Stop the scrub and forget its position (the next one starts from the beginning)."""
+        if self.st["state"] != IDLE:
+            self.st.update(state=IDLE, position=None, progress=progress_of(self.st["position"]))
+            await self._save()
+        return self.status()
+
+    async def set_tranquility(self, tranquility: float) -> dict[str, Any]:
+        """Change the tranquility (takes effect at the next block)."""
+        self.st["tranquility"] = _check_tranquility(tranquility)
+        await self._save()
+        return self.status()
+
+    # ------------------------------------------------------------ work
+
+    async def step(self, limit: int | None = None, *, tranquilizer: Tranquilizer | None = None) -> int:
+        """Check the next batch of blocks (while running); returns how many were checked.
+
+        When no block is left the scrub completes (state idle, `last_completed`,
+        `next_run`). With a `tranquilizer`, rests after each block.
+        """
+        if self.st["state"] != RUNNING:
+            return 0
+        n = limit or self.batch
+        pos = self.st["position"]
+        hashes = await trio.to_thread.run_sync(
+            lambda: list(itertools.islice(self.blocks.walk(start_after=pos), n))
+        )
+        checked = 0
+        for h in hashes:
+            if self.st["state"] != RUNNING:
+                break
+            if tranquilizer is not None:
+                tranquilizer.begin()
+            await self._check(h)
+            checked += 1
+            self.st["blocks_checked"] += 1
+            self.st["position"] = h
+            if tranquilizer is not None:
+                await tranquilizer.tranquilize(self.st["tranquility"])
+        if not hashes and self.st["state"] == RUNNING:
+            now = self.meta.now_ms()
+            self.st.update(state=IDLE, position=None, progress=1.0, last_completed=now,
+                           next_run=self._next_run(now))
+            log.info("scrub complete: %d blocks checked, %d corrupt",
+                     self.st["blocks_checked"], self.st["corruptions"])
+        await self._save()
+        return checked
+
+    async def _check(self, h: bytes) -> None:
+        try:
+            await self.manager.read_local(h)
+        except BlockCorrupted:
+            # read_local quarantined it and queued its resync (delay 0).
+            self.st["corruptions"] += 1
+            log.warning("scrub: block %s is corrupt: quarantined, resync queued", h.hex())
+        except BlockNotFound:
+            pass  # deleted since it was listed
+        except BlocknodeError as exc:
+            log.warning("scrub: cannot check block %s: %s", h.hex(), exc)
+
+    async def run_to_completion(self) -> None:
+        """Step until the current scrub is no longer running (no rest: tests, `--wait`)."""
+        while self.st["state"] == RUNNING:
+            await self.step()
+
+    def _next_run(self, now_ms: int) -> int:
+        return now_ms + int(self.interval * 1000 * self._rng.uniform(1 - JITTER, 1 + JITTER))
+
+    async def run(self) -> None:
+        """The worker task: scrub while running; otherwise wait for a command or `next_run`."""
+        tranquilizer = Tranquilizer(30, clock=self._clock)
+        while True:
+            state = self.st["state"]
+            if state == RUNNING:
+                await self.step(tranquilizer=tranquilizer)
+                continue
+            tranquilizer.reset()
+            timeout = math.inf
+            if state == IDLE:
+                if self.st["next_run"] is None:
+                    self.st["next_run"] = self._next_run(self.meta.now_ms())
+                    await self._save()
+                delta_ms = self.st["next_run"] - self.meta.now_ms()
+                if delta_ms <= 0:
+                    log.info("scrub: starting the periodic scrub")
+                    await self.start()
+                    continue
+                timeout = delta_ms / 1000
+            with trio.move_on_after(timeout):
+                await self.changed.wait()
+
+
+def _check_tranquility(t: float) -> float:
+    if not (isinstance(t, int | float) and not isinstance(t, bool) and t >= 0 and math.isfinite(t)):
+        raise ValueError(f"scrub tranquility: expected a number >= 0, got {t!r}")
+    return float(t)
+
+
+__all__ = ["Scrub", "progress_of", "RUNNING", "PAUSED", "IDLE"]
