@@ -237,3 +237,50 @@ async def test_worker_sleeps_until_due_time_with_mock_clock(tmp_path, mock_clock
         c.close()
     finally:
         meta.close()
+
+
+async def test_repair_queues_referenced_and_local_blocks(cluster):
+    from blocknode.repair import Repair
+
+    with trio.fail_after(10):
+        n1 = cluster["n1"]
+        missing, mdata = block(3000)
+        stray, sdata = block(3000)
+        await cluster["n2"].blocks.write(missing, mdata)
+        await n1.meta.add_ref(missing, "m")
+        await n1.blocks.write(stray, sdata)  # held, never referenced
+        await n1.meta.resync_complete(n1.meta.resync_due(now_ms=2**62)[0][0])  # lose the queue entry
+        assert n1.meta.counts()["resync_queue"] == 0
+        rep = Repair(n1.meta, n1.blocks, batch=1)
+        st = await rep.repair()
+        assert st["state"] == "idle" and st["queued"] == 2 and st["error"] is None
+        assert n1.meta.state_get("repair")["queued"] == 2
+        await resync_of(cluster, "n1").run_once()
+        assert await n1.blocks.read(missing) == mdata
+        assert not n1.blocks.exists(stray)
+
+
+async def test_repair_rc_recalculates_from_refs(cluster):
+    from blocknode import fastpath
+    from blocknode.meta import RcEntry, RefEntry
+    from blocknode.repair import Repair, referenced_hashes
+
+    with trio.fail_after(10):
+        m = cluster["n1"].meta
+        hs = sorted(block(10)[0] for _ in range(7))
+        for x in hs[:4]:
+            await m.add_ref(x, "a")
+            await m.add_ref(x, "b")
+        await m.incref(hs[0])  # drifted: 3 instead of 2
+        await m.incref(hs[5])  # an RC with no reference at all
+        await m.apply_ref(RefEntry(hs[6], "gone", True, 5))
+        got = []
+        after = None
+        while batch := referenced_hashes(m, after, 2, only_nonzero=False):
+            got += batch
+            after = batch[-1]
+        assert got == sorted([*hs[:4], hs[5], hs[6]])
+        st = await Repair(m, cluster["n1"].blocks, batch=3).repair(rc=True)
+        assert st["rc_recalculated"] == 6
+        assert m.rc_get(hs[0]) == RcEntry(fastpath.RC_PRESENT, 2)
+        assert m.rc_get(hs[5]).is_zero()

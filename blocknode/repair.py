@@ -1,0 +1,169 @@
+"""Repair: put every block this node should know about through resync (the seed's `repair_data_store`).
+
+Two sweeps, each listed in a worker thread in batches and queued with delay 0
+(`MetaStore.resync_put_many`, one commit per batch):
+
+1. every referenced block: RC entries with rc > 0 and every hash in `refs`
+   (a block needed here but missing gets fetched);
+2. every block held here (`LocalBlocks.walk`): blocks held but not needed get
+   offloaded if someone needs them, then deleted.
+
+With ``rc=True`` it first recalculates the RC of every block from its
+references (`tx_recalculate_rc`, a batch per commit), which fixes any RC that
+drifted from the references (e.g. after a restore of the LMDB).
+
+Progress is persisted under ``"repair"`` in the `state` table (``state``
+running / idle, ``phase``, ``queued``, ``rc_recalculated``, ``started``,
+``finished``, ``error``), so the CLI can poll it. A repair interrupted by a
+restart is reported as interrupted; run it again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import trio
+
+from blocknode.blocks import LocalBlocks
+from blocknode.errors import BlocknodeError
+from blocknode.meta import MetaStore, RcEntry, Txn
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "repair"
+BATCH = 1000
+
+
+def referenced_hashes(meta: MetaStore, after: bytes | None, limit: int, *,
+                      only_nonzero: bool) -> list[bytes]:
+    """Up to `limit` distinct hashes > `after` found in `rc` or `refs`, ascending (blocking).
+
+    With `only_nonzero`, RC entries that are not Present are skipped (refs
+    still count: a live reference with a lost RC must be seen).
+    """
+    out: set[bytes] = set()
+    start = after + b"\xff" * 256 if after is not None else b""
+    with meta.env.begin(write=False, buffers=False) as txn:
+        cur = txn.cursor(db=meta.rc)
+        if cur.set_range(start):
+            for key, value in cur:
+                if len(out) >= limit:
+                    break
+                if only_nonzero and not RcEntry.decode(value).is_nonzero():
+                    continue
+                out.add(bytes(key))
+        # The largest rc hash bounds the refs scan so the merge stays ordered.
+        bound = max(out) if len(out) >= limit else None
+        cur = txn.cursor(db=meta.refs)
+        if cur.set_range(start):
+            for key in cur.iternext(keys=True, values=False):
+                h = bytes(key[:32])
+                if bound is not None and h > bound:
+                    break
+                out.add(h)
+                if bound is None and len(out) >= limit:
+                    bound = max(out)
+    return sorted(out)[:limit]
+
+
+class Repair:
+    """The repair procedure of one node (see module docstring)."""
+
+    def __init__(self, meta: MetaStore, blocks: LocalBlocks, *, batch: int = BATCH) -> None:
+        self.meta = meta
+        self.blocks = blocks
+        self.batch = batch
+        saved = self.meta.state_get(STATE_KEY) or {}
+        self.st: dict[str, Any] = {
+            "state": "idle", "phase": None, "rc": False, "queued": 0, "rc_recalculated": 0,
+            "started": None, "finished": None, "error": None,
+        }
+        self.st.update({k: v for k, v in saved.items() if k in self.st})
+        if self.st["state"] == "running":
+            self.st.update(state="idle", error="interrupted by a restart: run it again")
+        self._requests: trio.MemorySendChannel[bool] | None = None
+
+    def status(self) -> dict[str, Any]:
+        """The repair progress (for `repair --wait` and `worker list`)."""
+        return dict(self.st)
+
+    async def _save(self) -> None:
+        await self.meta.state_set(STATE_KEY, dict(self.st))
+
+    async def request(self, *, rc: bool = False) -> bool:
+        """Ask the worker task to run a repair; False when one is already running."""
+        if self.st["state"] == "running" or self._requests is None:
+            if self._requests is None:
+                raise BlocknodeError("the repair worker is not running")
+            return False
+        self.st.update(state="running", phase="queued", rc=rc, error=None)
+        self._requests.send_nowait(rc)
+        return True
+
+    async def run(self) -> None:
+        """The worker task: runs requested repairs one at a time."""
+        send, recv = trio.open_memory_channel[bool](16)
+        self._requests = send
+        async for rc in recv:
+            await self.repair(rc=rc)
+
+    async def repair(self, *, rc: bool = False) -> dict[str, Any]:
+        """Run one repair now (see module docstring); returns the final status."""
+        self.st.update(state="running", phase=None, rc=rc, queued=0, rc_recalculated=0,
+                       started=self.meta.now_ms(), finished=None, error=None)
+        await self._save()
+        try:
+            if rc:
+                self.st["phase"] = "rc"
+                await self._sweep_refs(recalculate=True)
+            self.st["phase"] = "referenced"
+            await self._sweep_refs(recalculate=False)
+            self.st["phase"] = "local"
+            await self._sweep_local()
+        except BlocknodeError as exc:
+            self.st["error"] = str(exc)
+            log.error("repair failed: %s", exc)
+        self.st.update(state="idle", phase=None, finished=self.meta.now_ms())
+        await self._save()
+        log.info("repair done: %d queued, %d rc recalculated", self.st["queued"],
+                 self.st["rc_recalculated"])
+        return self.status()
+
+    async def _sweep_refs(self, *, recalculate: bool) -> None:
+        after: bytes | None = None
+        while True:
+            hashes = await trio.to_thread.run_sync(
+                lambda a=after: referenced_hashes(self.meta, a, self.batch,
+                                                  only_nonzero=not recalculate)
+            )
+            if not hashes:
+                return
+            if recalculate:
+                def fn(txn: Txn, hs: list[bytes] = hashes) -> None:
+                    for h in hs:
+                        self.meta.tx_recalculate_rc(txn, h)
+                await self.meta.submit(fn)
+                self.st["rc_recalculated"] += len(hashes)
+            else:
+                await self.meta.resync_put_many(hashes, 0)
+                self.st["queued"] += len(hashes)
+            after = hashes[-1]
+            await self._save()
+
+    async def _sweep_local(self) -> None:
+        after: bytes | None = None
+        while True:
+            hashes = await trio.to_thread.run_sync(
+                lambda a=after: list(itertools.islice(self.blocks.walk(start_after=a), self.batch))
+            )
+            if not hashes:
+                return
+            await self.meta.resync_put_many(hashes, 0)
+            self.st["queued"] += len(hashes)
+            after = hashes[-1]
+            await self._save()
+
+
+__all__ = ["Repair", "referenced_hashes"]

@@ -1,0 +1,100 @@
+"""Reference anti-entropy: diverged replicas converge to the last-writer-wins merge."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from bg_helpers import FakeCluster, block
+
+from blocknode.anti_entropy import AntiEntropy, prefix_digests
+from blocknode.errors import ProtocolError
+from blocknode.resync import Resync
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = FakeCluster(str(tmp_path), n=2, rf=2)
+    for nid in c.nodes:
+        ae = AntiEntropy(c[nid].manager, rpc_timeout=5)
+        c[nid].ae = ae
+        for kind, h in ae.handlers().items():
+            c[nid].register(kind, h)
+    yield c
+    c.close()
+
+
+def refs_of(meta) -> dict:
+    return {(r.hash, r.ref_id): (r.deleted, r.ts_ms) for r in meta.iter_refs()}
+
+
+async def test_diverged_metas_converge_to_lww_merge(cluster):
+    with trio.fail_after(10):
+        m1, m2 = cluster["n1"].meta, cluster["n2"].meta
+        h = [block(100)[0] for _ in range(6)]
+        for m in (m1, m2):  # common history
+            await m.add_ref(h[0], "a", 100)
+            await m.add_ref(h[1], "b", 100)
+        await m1.add_ref(h[2], "only-on-1", 200)
+        await m2.add_ref(h[3], "only-on-2", 200)
+        await m1.del_ref(h[0], "a", 300)  # deletion newer than the add on n2
+        await m2.add_ref(h[1], "b", 150)  # newer version on n2 (still live)
+        await m2.del_ref(h[1], "b", 400)  # ... then deleted on n2
+        await m1.add_ref(h[4], "x", 500)
+        await m2.del_ref(h[4], "x", 500)  # tie: the deletion wins
+        await m2.add_ref(h[5], "y", 600)
+        expected = {
+            (h[0], "a"): (True, 300), (h[1], "b"): (True, 400), (h[2], "only-on-1"): (False, 200),
+            (h[3], "only-on-2"): (False, 200), (h[4], "x"): (True, 500), (h[5], "y"): (False, 600),
+        }
+        stats = await cluster["n1"].ae.run_round()
+        assert stats["peers_ok"] == ["n2"] and stats["partitions_differing"] >= 1
+        assert refs_of(m1) == expected and refs_of(m2) == expected
+        # The RC follows the merged refs on both sides.
+        for m in (m1, m2):
+            assert m.rc_get(h[0]).is_zero() and m.rc_get(h[1]).is_zero()
+            assert m.rc_get(h[2]).count == 1 and m.rc_get(h[3]).count == 1
+            assert m.rc_get(h[5]).count == 1
+        # A second round finds nothing to do.
+        stats = await cluster["n2"].ae.run_round()
+        assert stats["partitions_differing"] == 0 and stats["ranges_exchanged"] == 0
+
+
+async def test_only_differing_sub_ranges_are_exchanged(cluster):
+    with trio.fail_after(10):
+        m1, m2 = cluster["n1"].meta, cluster["n2"].meta
+        common = [block(50)[0] for _ in range(300)]
+        for m in (m1, m2):
+            for x in common:
+                await m.add_ref(x, "c", 10)
+        extra = block(50)[0]
+        await m2.add_ref(extra, "late", 20)
+        stats = await cluster["n1"].ae.run_round()
+        assert stats["partitions_differing"] == 1 and stats["ranges_exchanged"] == 1
+        assert stats["merged_here"] == 1
+        assert prefix_digests(m1, [extra[:1]]) == prefix_digests(m2, [extra[:1]])
+
+
+async def test_catching_up_node_fetches_newly_referenced_block(cluster):
+    with trio.fail_after(10):
+        n1, n2 = cluster["n1"], cluster["n2"]
+        h, data = block(3000)
+        await n2.blocks.write(h, data)
+        await n2.meta.add_ref(h, "obj")  # n1 was down while this happened
+        await n1.ae.run_round()
+        assert n1.meta.rc_get(h).count == 1
+        cluster.clock.advance(61)  # the incref check is due
+        await Resync(n1.manager).run_once()
+        assert await n1.blocks.read(h) == data
+
+
+async def test_unreachable_peer_is_reported_not_fatal(cluster):
+    cluster.down.add("n2")
+    stats = await cluster["n1"].ae.run_round()
+    assert "n2" in stats["peers_failed"] and stats["peers_ok"] == []
+
+
+async def test_malformed_exchange_is_refused(cluster):
+    with pytest.raises(ProtocolError):
+        await cluster["n1"].ae.handle_exchange("n2", {"prefix": b"\x01", "refs": [[b"x", "r", 0, 1]]}, None)
+    with pytest.raises(ProtocolError):
+        await cluster["n1"].ae.handle_digests("n2", {"prefixes": [b""]}, None)
