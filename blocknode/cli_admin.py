@@ -1,0 +1,292 @@
+"""Admin commands for the background workers: `scrub`, `repair`, `block`, `worker`.
+
+Registered into `blocknode.cli` through `register_commands` (the CLI imports
+this module if it exists). Every command talks to the node named by
+``--config`` through the admin RPCs of `blocknode.workers`. Command names,
+arguments and JSON keys are a contract:
+
+    scrub start [--tranquility N] [--wait] | pause | resume | cancel
+    scrub set-tranquility N | status [--json]
+    repair [--wait] [--rc]
+    block info HASH [--json] | list-errors [--json] | retry-now (--all | HASH)
+    block purge HASH --yes | repair-rc
+    worker list [--json] | set resync-workers N | set resync-tranquility N
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+
+from blocknode.cli import EXIT_USAGE, fail, print_json, register_commands, run_with_client
+from blocknode.client import Client, parse_hash
+from blocknode.errors import InvalidHash
+
+POLL_S = 1.0
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="node config file (default: $BLOCKNODE_CONFIG, else the embedded default)")
+    return common
+
+
+def _hash_arg(text: str) -> bytes:
+    try:
+        return parse_hash(text)
+    except InvalidHash as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+
+
+def _nonneg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "never"
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _bar(fraction: float, width: int = 30) -> str:
+    fraction = min(1.0, max(0.0, fraction))
+    full = int(fraction * width)
+    return "[" + "#" * full + "-" * (width - full) + f"] {fraction * 100:5.1f} %"
+
+
+# ------------------------------------------------------------------ scrub
+
+def _print_scrub(st: dict[str, Any]) -> None:
+    print(f"state           {st['state']}")
+    print(f"progress        {st['progress'] * 100:.1f} %")
+    print(f"blocks checked  {st['blocks_checked']}")
+    print(f"corruptions     {st['corruptions']}")
+    print(f"tranquility     {st['tranquility']}")
+    print(f"last completed  {_when(st.get('last_completed'))}")
+    print(f"next run        {_when(st.get('next_run'))}")
+
+
+async def _wait_scrub(client: Client) -> dict[str, Any]:
+    tty = sys.stderr.isatty()
+    while True:
+        st, _ = await client.call("admin_scrub", {"action": "status"})
+        line = f"scrub {_bar(st['progress'])} {st['blocks_checked']} checked, {st['corruptions']} corrupt"
+        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+        if st["state"] != "running":
+            if tty:
+                print(file=sys.stderr)
+            return st
+        await trio.sleep(POLL_S)
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    """`scrub ACTION`: start / pause / resume / cancel / set-tranquility / status."""
+    action = args.scrub_action
+
+    async def go(client: Client) -> int:
+        fields: dict[str, Any] = {"action": action.replace("-", "_")}
+        if getattr(args, "tranquility", None) is not None:
+            fields["tranquility"] = args.tranquility
+        st, _ = await client.call("admin_scrub", fields)
+        if action == "start" and args.wait:
+            st = await _wait_scrub(client)
+        if getattr(args, "json", False):
+            print_json({k: st.get(k) for k in (
+                "state", "tranquility", "blocks_checked", "corruptions", "progress",
+                "last_completed", "next_run", "position")})
+        elif action == "status" or (action == "start" and args.wait):
+            _print_scrub(st)
+        else:
+            print(f"scrub {st['state']} (tranquility {st['tranquility']}, "
+                  f"{st['progress'] * 100:.1f} % done)")
+        return 0
+
+    return run_with_client(args, go)
+
+
+# ------------------------------------------------------------------ repair
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    """`repair [--wait] [--rc]`: queue every block for resync (and recalculate RCs)."""
+
+    async def go(client: Client) -> int:
+        st, _ = await client.call("admin_repair", {"action": "start", "rc": bool(args.rc)})
+        if not st.get("started_now"):
+            print("a repair is already running", file=sys.stderr)
+        if not args.wait:
+            print(f"repair started{' (with RC recalculation)' if args.rc else ''}; "
+                  "poll with `repair --wait` or `worker list`")
+            return 0
+        while True:
+            st, _ = await client.call("admin_repair", {"action": "status"})
+            print(f"repair: {st['state']} phase={st['phase']} queued={st['queued']} "
+                  f"rc_recalculated={st['rc_recalculated']}", file=sys.stderr)
+            if st["state"] != "running":
+                break
+            await trio.sleep(POLL_S)
+        if st.get("error"):
+            raise fail(f"repair failed: {st['error']}")
+        print(f"repair done: {st['queued']} blocks queued for resync"
+              + (f", {st['rc_recalculated']} RCs recalculated" if st.get("rc") else ""))
+        return 0
+
+    return run_with_client(args, go)
+
+
+# ------------------------------------------------------------------ block
+
+def cmd_block(args: argparse.Namespace) -> int:
+    """`block info | list-errors | retry-now | purge | repair-rc`."""
+    action = args.block_action
+    if action == "repair-rc":
+        args.rc, args.wait = True, getattr(args, "wait", False)
+        return cmd_repair(args)
+    if action == "purge" and not args.yes:
+        raise fail("block purge deletes every reference of the block on the whole cluster; "
+                   "add --yes to confirm", EXIT_USAGE)
+    if action == "retry-now" and bool(args.all) == bool(args.hash):
+        raise fail("block retry-now: give either --all or one HASH", EXIT_USAGE)
+    h = _hash_arg(args.hash) if getattr(args, "hash", None) else None
+
+    async def go(client: Client) -> int:
+        if action == "info":
+            info, _ = await client.call("admin_block_info", {"hash": h})
+            if args.json:
+                print_json(info)
+                return 0
+            print(f"hash     {info['hash']}")
+            print(f"rc       {info['rc']} ({info['rc_state']})")
+            print(f"present  {'yes' if info['present'] else 'no'}")
+            print(f"nodes    {', '.join(info['nodes'])}")
+            for r in info["refs"]:
+                print(f"ref      {r['ref_id']}  {'deleted' if r['deleted'] else 'live'}  {_when(r['ts'])}")
+            if "error" in info:
+                e = info["error"]
+                print(f"error    {e['count']} failure(s), next try {_when(e['next_try'])}: {e['message']}")
+            return 0
+        if action == "list-errors":
+            reply, _ = await client.call("admin_block_errors", {})
+            errors = reply["errors"]
+            if args.json:
+                print_json(errors)
+                return 0
+            if not errors:
+                print("no block errors")
+            for e in errors:
+                print(f"{e['hash']}  {e['count']:>3} failure(s)  next {_when(e['next_try'])}  {e['message']}")
+            return 0
+        if action == "retry-now":
+            fields: dict[str, Any] = {"all": True} if args.all else {"hash": h}
+            reply, _ = await client.call("admin_block_retry_now", fields)
+            print(f"{reply['queued']} block(s) queued for resync now")
+            return 0
+        if action == "purge":
+            reply, _ = await client.call("admin_block_purge", {"hash": h})
+            print(f"deleted {len(reply['deleted'])} reference(s) of {reply['hash']}: "
+                  f"{', '.join(reply['deleted']) or '(none live)'}")
+            return 0
+        raise fail(f"unknown block action {action!r}", EXIT_USAGE)
+
+    return run_with_client(args, go)
+
+
+# ------------------------------------------------------------------ worker
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """`worker list [--json]` / `worker set NAME VALUE`."""
+
+    async def go(client: Client) -> int:
+        if args.worker_action == "set":
+            reply, _ = await client.call("admin_worker_set", {"name": args.name, "value": args.value})
+            print(f"{args.name} = {args.value:g}")
+            return 0
+        reply, _ = await client.call("admin_worker_list", {})
+        workers = reply["workers"]
+        if args.json:
+            print_json(workers)
+            return 0
+        for w in workers:
+            extra = {k: v for k, v in w.items()
+                     if k not in ("name", "state", "tranquility", "last_round", "worker_states")}
+            tq = "-" if w.get("tranquility") is None else f"{w['tranquility']:g}"
+            details = " ".join(f"{k}={v}" for k, v in extra.items())
+            print(f"{w['name']:<13} {w['state']:<8} tranquility={tq:<5} {details}")
+        return 0
+
+    return run_with_client(args, go)
+
+
+def _int_or_number(text: str) -> float:
+    v = _nonneg(text)
+    return int(v) if v == int(v) else v
+
+
+# ------------------------------------------------------------------ parser
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `scrub`, `repair`, `block` and `worker` to the CLI's sub-parsers."""
+    common = _common()
+
+    s = sub.add_parser("scrub", parents=[common], help="verify every block held by the node")
+    ss = s.add_subparsers(dest="scrub_action", metavar="ACTION", required=True)
+    a = ss.add_parser("start", parents=[common], help="start a scrub (a paused one resumes)")
+    a.add_argument("--tranquility", type=_nonneg, default=None,
+                   help="rest this many times the step time after each block")
+    a.add_argument("--wait", action="store_true", help="show progress until it finishes")
+    for name, what in (("pause", "pause the running scrub"), ("resume", "resume a paused scrub"),
+                       ("cancel", "stop the scrub and forget its position")):
+        ss.add_parser(name, parents=[common], help=what)
+    a = ss.add_parser("set-tranquility", parents=[common], help="change the scrub's tranquility")
+    a.add_argument("tranquility", type=_nonneg, metavar="N")
+    a = ss.add_parser("status", parents=[common], help="show the scrub state")
+    a.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_scrub)
+
+    s = sub.add_parser("repair", parents=[common],
+                       help="queue every referenced and every local block for resync")
+    s.add_argument("--wait", action="store_true", help="wait until it finishes, showing progress")
+    s.add_argument("--rc", action="store_true", help="first recalculate every RC from its references")
+    s.set_defaults(func=cmd_repair)
+
+    s = sub.add_parser("block", parents=[common], help="inspect and manage single blocks")
+    bs = s.add_subparsers(dest="block_action", metavar="ACTION", required=True)
+    a = bs.add_parser("info", parents=[common], help="what this node knows about a block")
+    a.add_argument("hash", metavar="HASH")
+    a.add_argument("--json", action="store_true", help="print JSON")
+    a = bs.add_parser("list-errors", parents=[common], help="blocks whose resync failed")
+    a.add_argument("--json", action="store_true", help="print JSON")
+    a = bs.add_parser("retry-now", parents=[common], help="retry failed resyncs now")
+    a.add_argument("hash", metavar="HASH", nargs="?")
+    a.add_argument("--all", action="store_true", help="every failed block")
+    a = bs.add_parser("purge", parents=[common],
+                      help="delete every reference of a block, cluster-wide")
+    a.add_argument("hash", metavar="HASH")
+    a.add_argument("--yes", action="store_true", help="confirm the deletion")
+    a = bs.add_parser("repair-rc", parents=[common], help="recalculate every RC (repair --rc)")
+    a.add_argument("--wait", action="store_true")
+    s.set_defaults(func=cmd_block)
+
+    s = sub.add_parser("worker", parents=[common], help="background workers")
+    ws = s.add_subparsers(dest="worker_action", metavar="ACTION", required=True)
+    a = ws.add_parser("list", parents=[common], help="every background task and its state")
+    a.add_argument("--json", action="store_true", help="print JSON")
+    a = ws.add_parser("set", parents=[common], help="change a worker setting (persisted)")
+    a.add_argument("name", choices=["resync-workers", "resync-tranquility", "scrub-tranquility"])
+    a.add_argument("value", type=_int_or_number, metavar="N")
+    s.set_defaults(func=cmd_worker)
+
+
+register_commands(add_commands)
+
+__all__ = ["add_commands"]
