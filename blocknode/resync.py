@@ -187,14 +187,20 @@ class Resync:
     # ------------------------------------------------------------ steps
 
     async def run_once(self, *, limit: int | None = None) -> int:
-        """Process every entry due now, one at a time; returns how many were processed.
+        """Process every entry due now, one at a time; returns how many it processed.
 
-        Entries requeued during the run (failures) are due later, so this ends.
+        Entries a worker task is handling are waited for, so when this returns
+        nothing due now is left. Entries requeued during the run (failures) are
+        due later, so this ends.
         """
         n = 0
         while limit is None or n < limit:
             entry = self._claim()
             if entry is None:
+                if self._due_in_progress():
+                    # A worker holds a due entry: wait for it, so "done" means done.
+                    await self.progress.wait()
+                    continue
                 break
             key, h = entry
             try:
@@ -202,8 +208,15 @@ class Resync:
             finally:
                 self._in_progress.discard(h)
                 self._wake.notify()
+                self.progress.notify()
             n += 1
         return n
+
+    def _due_in_progress(self) -> bool:
+        if not self._in_progress:
+            return False
+        due = self.meta.resync_due(limit=len(self._in_progress) + 16)
+        return any(h in self._in_progress for _, h in due)
 
     async def _process_claimed(self, key: bytes, h: bytes) -> None:
         err = self.meta.error_get(h)

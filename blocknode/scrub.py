@@ -95,6 +95,7 @@ class Scrub:
         self.st.update({k: v for k, v in saved.items() if k in self.st})
         self.changed = _Wake()
         """Notified on every state change and after every batch."""
+        self._step_lock = trio.Lock()
 
     # ------------------------------------------------------------ status
 
@@ -167,6 +168,10 @@ class Scrub:
         When no block is left the scrub completes (state idle, `last_completed`,
         `next_run`). With a `tranquilizer`, rests after each block.
         """
+        async with self._step_lock:  # the worker task and a "run once" caller never interleave
+            return await self._step(limit, tranquilizer)
+
+    async def _step(self, limit: int | None, tranquilizer: Tranquilizer | None) -> int:
         if self.st["state"] != RUNNING:
             return 0
         n = limit or self.batch

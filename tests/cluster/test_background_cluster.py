@@ -1,0 +1,209 @@
+"""Background workers on 3-node clusters in one process over loopback TCP.
+
+Persisted time is a shared fake clock (`Node(cfg, now_ms=...)`), so GC delays
+and backoffs pass instantly; the workers are stepped through their "run once"
+entry points instead of waiting for their timers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from blocknode import fastpath
+from blocknode.config import NodeConfig, load_config
+from blocknode.meta import wall_ms
+from blocknode.node import Node
+from tests.cluster.harness import write_cluster
+
+GC_DELAY = 600.0
+
+
+class Clock:
+    """A shared, settable millisecond clock for the nodes' persisted times."""
+
+    def __init__(self) -> None:
+        self.t = wall_ms()
+
+    def __call__(self) -> int:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += int(seconds * 1000)
+
+
+class Cluster:
+    """Nodes running in this Trio run with a fake persisted clock; stop/restart any of them."""
+
+    def __init__(self, configs: list[NodeConfig], nursery: trio.Nursery, clock: Clock) -> None:
+        self.configs = {c.node_id: c for c in configs}
+        self.nursery = nursery
+        self.clock = clock
+        self.nodes: dict[str, Node] = {}
+        self._scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+
+    async def start(self, nid: str) -> Node:
+        node = Node(self.configs[nid], now_ms=self.clock)
+        scope, done = trio.CancelScope(), trio.Event()
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with scope:
+                    await node.run(task_status=task_status)
+            finally:
+                done.set()
+
+        await self.nursery.start(run)
+        self.nodes[nid] = node
+        self._scopes[nid] = (scope, done)
+        await node.net.check_peers()
+        for other in self.nodes.values():
+            await other.net.check_peers()
+        return node
+
+    async def stop(self, nid: str) -> None:
+        scope, done = self._scopes.pop(nid)
+        scope.cancel()
+        await done.wait()
+        del self.nodes[nid]
+
+    async def resync_all(self) -> dict[str, int]:
+        """One `run_once` on every running node."""
+        return {nid: await n.background.resync.run_once() for nid, n in self.nodes.items()}
+
+    @asynccontextmanager
+    async def client(self, nid: str) -> AsyncIterator[Any]:
+        from blocknode.client import open_client
+
+        async with open_client(self.configs[nid], timeout=10) as c:
+            yield c
+
+
+async def settled(cl: Cluster, hashes: list[bytes], *, referenced: bool = True) -> None:
+    """Wait until every running node holds each block with (or without) a live reference.
+
+    A put or unref returns once the write quorum acknowledged; the third call
+    is still in flight. Nothing signals its arrival on the other node, so poll.
+    """
+    while not all(n.blocks.exists(h) and n.meta.rc_get(h).is_nonzero() == referenced
+                  for n in cl.nodes.values() for h in hashes):
+        await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def cluster3(root: Path, **kw: Any) -> AsyncIterator[Cluster]:
+    fields = {"gc_delay": GC_DELAY, "rpc_timeout": 3.0, "need_block_timeout": 1.0,
+              "inline_threshold": 1024, "resync_tranquility": 0, **kw}
+    configs = [load_config(p) for p in write_cluster(root, 3, **fields)]
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(configs, nursery, Clock())
+        for c in configs:
+            await cl.start(c.node_id)
+        try:
+            yield cl
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def test_node_down_during_writes_catches_up(tmp_path):
+    with trio.fail_after(30):
+        async with cluster3(tmp_path) as cl:
+            await cl.stop("node3")
+            datas = [os.urandom(n) for n in (100, 5000, 70_000, 300_000)]
+            async with cl.client("node1") as c:
+                hashes = [bytes.fromhex(await c.put(d, "obj")) for d in datas]
+                await c.ref(hashes[1].hex(), "second")
+            n3 = await cl.start("node3")
+            assert not any(n3.blocks.exists(h) for h in hashes)
+            stats = await n3.background.anti_entropy.run_round()
+            assert sorted(stats["peers_ok"]) == ["node1", "node2"] and stats["merged_here"] == 5
+            assert n3.meta.rc_get(hashes[1]).count == 2
+            cl.clock.advance(2 * 3.0 + 1)  # the incref checks are due
+            await n3.background.resync.run_once()
+            for h, d in zip(hashes, datas, strict=True):
+                assert await n3.blocks.read(h) == d
+            assert n3.meta.errors_list() == []
+
+
+async def test_corrupted_block_found_by_scrub_and_restored_from_peer(tmp_path):
+    with trio.fail_after(30):
+        async with cluster3(tmp_path) as cl:
+            data = os.urandom(200_000)
+            async with cl.client("node1") as c:
+                h = bytes.fromhex(await c.put(data, "obj"))
+            await settled(cl, [h])
+            n2 = cl.nodes["node2"]
+            path = n2.store.path(h)
+            with open(path, "r+b") as f:
+                f.seek(1234)
+                byte = f.read(1)
+                f.seek(1234)
+                f.write(bytes([byte[0] ^ 1]))
+            scrub = n2.background.scrub
+            await scrub.start(0)
+            await scrub.run_to_completion()
+            assert scrub.status()["corruptions"] == 1
+            assert os.path.exists(path + ".corrupted") and not n2.blocks.exists(h)
+            await n2.background.resync.run_once()  # queued at once: no clock advance needed
+            with open(path, "rb") as f:
+                assert f.read() == data  # byte-identical
+            assert fastpath.block_hash(data) == h
+
+
+async def test_unreferenced_block_disappears_everywhere_after_gc_delay_only(tmp_path):
+    with trio.fail_after(30):
+        async with cluster3(tmp_path) as cl:
+            data = os.urandom(50_000)
+            small = os.urandom(200)  # inline
+            async with cl.client("node1") as c:
+                h = bytes.fromhex(await c.put(data, "obj"))
+                hs = bytes.fromhex(await c.put(small, "obj"))
+                await settled(cl, [h, hs])
+                await c.unref(h.hex(), "obj")
+                await c.unref(hs.hex(), "obj")
+            await settled(cl, [h, hs], referenced=False)
+            cl.clock.advance(GC_DELAY / 2)
+            await cl.resync_all()
+            for n in cl.nodes.values():
+                assert n.blocks.exists(h) and n.blocks.exists(hs)
+                assert n.meta.rc_get(h).is_zero()
+            cl.clock.advance(GC_DELAY / 2 + 11)
+            await cl.resync_all()
+            for nid, n in cl.nodes.items():
+                assert not n.blocks.exists(h), nid
+                assert not n.blocks.exists(hs), nid
+                assert n.meta.rc_get(h).encode() is None
+                assert n.meta.counts()["resync_queue"] == 0 and n.meta.errors_list() == []
+
+
+async def test_peer_unreachable_deletable_block_is_not_deleted(tmp_path):
+    with trio.fail_after(30):
+        async with cluster3(tmp_path) as cl:
+            data = os.urandom(50_000)
+            async with cl.client("node1") as c:
+                h = bytes.fromhex(await c.put(data, "obj"))
+            await settled(cl, [h])
+            await cl.stop("node3")
+            async with cl.client("node1") as c:
+                await c.unref(h.hex(), "obj")  # node3 misses the deletion
+            cl.clock.advance(GC_DELAY + 11)
+            await cl.resync_all()
+            for nid in ("node1", "node2"):
+                n = cl.nodes[nid]
+                assert n.blocks.exists(h), nid
+                err = n.meta.error_get(h)
+                assert err is not None and err.count == 1 and "node3" in err.message
+            # node3 comes back: anti-entropy brings it the deletion, then GC completes.
+            n3 = await cl.start("node3")
+            await n3.background.anti_entropy.run_round()
+            assert n3.meta.rc_get(h).is_zero()
+            cl.clock.advance(GC_DELAY + 11)
+            await cl.resync_all()
+            for nid, n in cl.nodes.items():
+                assert not n.blocks.exists(h), nid
+                assert n.meta.errors_list() == [], nid
