@@ -122,7 +122,7 @@ class Repair:
             await self._sweep_refs(recalculate=False)
             self.st["phase"] = "local"
             await self._sweep_local()
-        except BlocknodeError as exc:
+        except (BlocknodeError, OSError) as exc:
             self.st["error"] = str(exc)
             log.error("repair failed: %s", exc)
         self.st.update(state="idle", phase=None, finished=self.meta.now_ms())

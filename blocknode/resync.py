@@ -149,6 +149,10 @@ class Resync:
                 tranquilizer.begin()
                 try:
                     await self._process_claimed(key, h)
+                except (BlocknodeError, OSError) as exc:
+                    # e.g. the metadata store failed: the entry stays queued; keep the node up.
+                    log.error("resync worker %d: %s (entry kept)", i, exc)
+                    await trio.sleep(1.0)
                 finally:
                     self._in_progress.discard(h)
                     self._wake.notify()

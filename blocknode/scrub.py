@@ -226,7 +226,11 @@ class Scrub:
         while True:
             state = self.st["state"]
             if state == RUNNING:
-                await self.step(tranquilizer=tranquilizer)
+                try:
+                    await self.step(tranquilizer=tranquilizer)
+                except (BlocknodeError, OSError) as exc:
+                    log.error("scrub step failed: %s (retrying in 10 s)", exc)
+                    await trio.sleep(10.0)
                 continue
             tranquilizer.reset()
             timeout = math.inf
