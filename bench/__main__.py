@@ -255,6 +255,33 @@ def crypto_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render(doc: dict[str, Any]) -> str:
+    """Every table of a finished run (the `--json` document) as Markdown."""
+    from bench import fastpath, limits
+
+    env = doc["environment"]
+    summary = doc["summary"]
+    parts = [f"Run {env['date']}{' (--quick)' if doc.get('quick') else ''}: Python {env['python']}, "
+             f"Cython {env['cython']}, {env['cores']} cores ({env.get('cpu')}); "
+             f"bench took {doc.get('elapsed_s', 0):.0f} s."]
+    if doc["micro"]:
+        parts.append("### Fast path: pure vs compiled (micro)\n\n" + fastpath.table(doc["micro"]))
+    if doc["limits"]:
+        parts.append("### Machine limits (measured in the same run)\n\n" + limits.table(doc["limits"]))
+    if doc["rpc_crypto"]:
+        parts.append("### RPC encryption\n\n" + crypto_table(doc["rpc_crypto"], summary))
+    if doc["macro"]:
+        parts.append("### Macro\n\n" + macro_table(doc["macro"], summary))
+    if summary["ratios"]:
+        parts.append("### compiled / pure (servers' fast path, same run)\n\n" + ratio_table(summary))
+    if summary["targets"]:
+        parts.append("### Targets\n\n" + targets_table(summary))
+    if summary["swift"]:
+        parts.append("### Against OpenStack Swift (3 object servers, 3 replicas, quorum 2, c8)\n\n"
+                     + swift_table(summary))
+    return "\n\n".join(parts) + "\n"
+
+
 # ------------------------------------------------------------------ driver
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", help="macro cluster sizes, comma-separated (1 or 3)")
     p.add_argument("--impls", default="compiled,pure", help="macro server fast paths")
     p.add_argument("--dir", help="where servers and limit files write (default: the temp dir)")
+    p.add_argument("--render", metavar="JSON", help="print the tables of an earlier --json run, run nothing")
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            print(render(json.load(f)))
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     base = args.dir or tempfile.gettempdir()
     t_start = time.monotonic()
