@@ -63,10 +63,13 @@ class LocalBlocks:
                     return stored
 
                 return await self.meta.submit(txn_fn)
-            stored = await self.store.awrite(hash, data)
-            self._file_count += stored
-            if ref is not None:
-                await self.meta.apply_ref(ref)
+            # Shielded: once the file is written, its reference must be committed too, or a
+            # cancelled put would leave a block that nothing references or queues for GC.
+            with trio.CancelScope(shield=True):
+                stored = await self.store.awrite(hash, data)
+                self._file_count += stored
+                if ref is not None:
+                    await self.meta.apply_ref(ref)
             return stored
 
     async def read(self, hash: bytes) -> bytes:

@@ -298,7 +298,9 @@ class MetaStore:
     async def submit(self, fn: Callable[[Txn], T]) -> T:
         """Run `fn(txn)` in the next group commit; returns once it is durable."""
         if not self._writer_running:
-            return await trio.to_thread.run_sync(self.write_now, fn)
+            result = await trio.to_thread.run_sync(self._write_txn, fn)
+            self._after_commit()  # on the Trio thread: waking waiters is only valid here
+            return result
         op = _Op(fn)
         self._send.send_nowait(op)
         await op.done.wait()
@@ -307,7 +309,20 @@ class MetaStore:
         return op.result
 
     def write_now(self, fn: Callable[[Txn], T]) -> T:
-        """Run `fn(txn)` in its own transaction on this thread (blocking; tools and tests)."""
+        """Run `fn(txn)` in its own transaction on this thread (blocking; tools and tests).
+
+        Called from the Trio thread it also wakes the resync waiters; from any
+        other thread it cannot, so async code uses `submit`.
+        """
+        result = self._write_txn(fn)
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            return result  # not on the Trio thread: nobody here to wake
+        self._after_commit()
+        return result
+
+    def _write_txn(self, fn: Callable[[Txn], T]) -> T:
         try:
             with self.env.begin(write=True) as txn:
                 result = fn(txn)
@@ -317,12 +332,6 @@ class MetaStore:
             ) from None
         except lmdb.Error as exc:
             raise MetadataError(f"metadata write failed: {exc}") from exc
-        if self._resync_touched:
-            self._resync_touched = False
-            try:
-                self.resync_notify.notify()
-            except RuntimeError:  # not inside trio: nobody to wake
-                pass
         return result
 
     # -------------------------------------------------- transaction building blocks
