@@ -44,16 +44,18 @@ class LocalBlocks:
         """True when a block of `size` bytes is stored inline."""
         return size <= self.inline_threshold
 
-    async def write(self, hash: bytes, data: bytes, *, ref: RefEntry | None = None) -> bool:
+    async def write(self, hash: bytes, data: bytes, *, ref: RefEntry | None = None,
+                    verify: bool = True) -> bool:
         """Verify and store a block, and apply `ref` with it; True if newly stored.
 
         Inline blocks and their reference commit in one transaction. For a file
         block, the file is durable before the reference is committed: a reference
-        never points at a block this node has not got.
+        never points at a block this node has not got. `verify=False` only for
+        bytes this process has just hashed itself.
         """
         async with self.lock(hash):
             if self.is_inline_size(len(data)):
-                if not fastpath.verify(data, hash):
+                if verify and not fastpath.verify(data, hash):
                     raise _mismatch(hash, data)
 
                 def txn_fn(txn: Txn) -> bool:
@@ -66,7 +68,7 @@ class LocalBlocks:
             # Shielded: once the file is written, its reference must be committed too, or a
             # cancelled put would leave a block that nothing references or queues for GC.
             with trio.CancelScope(shield=True):
-                stored = await self.store.awrite(hash, data)
+                stored = await self.store.awrite(hash, data, verify=verify)
                 self._file_count += stored
                 if ref is not None:
                     await self.meta.apply_ref(ref)

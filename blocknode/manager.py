@@ -117,6 +117,11 @@ class BlockManager:
         self.hedge_delay = hedge_delay
         self.block_size = block_size
         self.zone = layout.node(node_id).zone
+        # Payloads this coordinator has just hashed, by object id, while its put is in
+        # flight: the local replica then skips hashing the same bytes again. Only an
+        # in-process call can hand over the very same object; bytes from the wire
+        # are always verified.
+        self._hashed_here: dict[int, bytes] = {}
 
     def handlers(self) -> dict[str, Handler]:
         """The RPC handlers this manager serves, by message kind."""
@@ -141,7 +146,8 @@ class BlockManager:
         if len(data) > self.block_size:
             raise ProtocolError(f"block of {len(data)} bytes exceeds block_size {self.block_size}")
         ref = ref_from_fields(h, fields, deleted=False) if "ref_id" in fields else None
-        stored = await self.blocks.write(h, data, ref=ref)
+        verified = self._hashed_here.get(id(data)) == h
+        stored = await self.blocks.write(h, data, ref=ref, verify=not verified)
         return {"stored": stored}, None
 
     async def handle_get_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
@@ -190,12 +196,19 @@ class BlockManager:
             raise ProtocolError(f"block of {len(data)} bytes exceeds block_size {self.block_size}")
         h = await self._hash(data)
         ts = self.meta.now_ms() if ts_ms is None else ts_ms
-        await self.net.call_many(
-            list(self.layout.write_nodes(h)), "put_block",
-            {"hash": h, "ref_id": ref_id, "ts": ts}, data,
-            quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
-            interrupt_after_quorum=False, priority=priority,
-        )
+        key = id(data)
+        self._hashed_here[key] = h
+        try:
+            await self.net.call_many(
+                list(self.layout.write_nodes(h)), "put_block",
+                {"hash": h, "ref_id": ref_id, "ts": ts}, data,
+                quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
+                interrupt_after_quorum=False, priority=priority,
+            )
+        finally:
+            # The local replica's call may still be running (quorum reached without it);
+            # it then verifies normally, which is only slower.
+            self._hashed_here.pop(key, None)
         return h
 
     async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool, ts_ms: int | None = None) -> None:

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from blocknode import fastpath
-from blocknode.errors import BlockNotFound, QuorumError
+from blocknode.errors import BlockNotFound, HashMismatch, QuorumError
 from tests.cluster.harness import in_process_cluster
 
 
@@ -156,3 +156,16 @@ async def test_quorum_error_lists_each_failure(tmp_path):
                                     quorum=1, timeout=2)
             assert set(info.value.failures) == {"node1", "node2"}
             assert "32-byte" in str(info.value)
+
+
+async def test_receiver_rejects_a_block_that_does_not_match_its_hash(tmp_path):
+    with trio.fail_after(20):
+        async with in_process_cluster(tmp_path, 3) as cl:
+            net = cl.nodes["node1"].net
+            h = fastpath.block_hash(b"the real bytes")
+            for target in ("node1", "node2"):  # local and remote replicas both verify
+                with pytest.raises(HashMismatch):
+                    await net.call(target, "put_block", {"hash": h, "ref_id": "r", "ts": 1},
+                                   b"other bytes", timeout=5)
+                assert not cl.nodes[target].blocks.exists(h)
+                assert cl.nodes[target].meta.rc_get(h).count == 0
