@@ -53,18 +53,20 @@ class LocalBlocks:
         never points at a block this node has not got. `verify=False` only for
         bytes this process has just hashed itself.
         """
+        if self.is_inline_size(len(data)):
+            # No lock needed: the block and its reference commit in one transaction,
+            # and `delete_if_deletable` checks and deletes an inline block in one too.
+            if verify and not fastpath.verify(data, hash):
+                raise _mismatch(hash, data)
+
+            def txn_fn(txn: Txn) -> bool:
+                stored = self.meta.tx_put_inline(txn, hash, data)
+                if ref is not None:
+                    self.meta.tx_apply_ref(txn, ref)
+                return stored
+
+            return await self.meta.submit(txn_fn)
         async with self.lock(hash):
-            if self.is_inline_size(len(data)):
-                if verify and not fastpath.verify(data, hash):
-                    raise _mismatch(hash, data)
-
-                def txn_fn(txn: Txn) -> bool:
-                    stored = self.meta.tx_put_inline(txn, hash, data)
-                    if ref is not None:
-                        self.meta.tx_apply_ref(txn, ref)
-                    return stored
-
-                return await self.meta.submit(txn_fn)
             # Shielded: once the file is written, its reference must be committed too, or a
             # cancelled put would leave a block that nothing references or queues for GC.
             with trio.CancelScope(shield=True):
@@ -92,14 +94,21 @@ class LocalBlocks:
         """True when the block is held here (content not checked)."""
         return self.meta.inline_exists(hash) or self.store.exists(hash)
 
-    async def delete_if(self, hash: bytes, still_deletable: callable) -> bool:  # type: ignore[valid-type]
-        """Delete the block if `still_deletable()` holds under the block's lock."""
-        async with self.lock(hash):
-            if not still_deletable():
+    async def delete_if_deletable(self, hash: bytes) -> bool:
+        """Delete the block if its RC is still deletable; True if something was deleted.
+
+        The check and the deletion are atomic with respect to puts of the same
+        block: one LMDB transaction for an inline block, the block's lock for a file.
+        """
+        def inline_fn(txn: Txn) -> bool:
+            if not self.meta.tx_rc_get(txn, hash).is_deletable(self.meta.now_ms()):
                 return False
-            removed = False
-            if self.meta.inline_exists(hash):
-                removed = await self.meta.delete_inline(hash)
+            return txn.delete(hash, db=self.meta.blocks)
+
+        removed = bool(self.meta.inline_exists(hash)) and await self.meta.submit(inline_fn)
+        async with self.lock(hash):
+            if not self.meta.rc_get(hash).is_deletable(self.meta.now_ms()):
+                return removed
             if await self.store.adelete(hash):
                 self._file_count -= 1
                 return True

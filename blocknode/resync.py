@@ -291,7 +291,7 @@ class Resync:
                 interrupt_after_quorum=False, priority=PRIO_BACKGROUND,
             )
         log.info("deleting unneeded block %s (offloaded to %d of %d)", h.hex(), len(need), len(others))
-        await self.blocks.delete_if(h, lambda: self.meta.rc_get(h).is_deletable(self.meta.now_ms()))
+        await self.blocks.delete_if_deletable(h)
         await self.meta.clear_deleted(h)
 
     async def _fetch(self, h: bytes) -> None:

@@ -456,9 +456,8 @@ class RpcNetwork:
         # same outcome as the general path, without its tasks and channel (the
         # per-request cost that bounds small-block throughput).
         try:
-            with trio.fail_after(timeout):
+            with trio.CancelScope(deadline=trio.current_time() + timeout):
                 return await self._call_local(kind, fields, data)
-        except trio.TooSlowError:
             err: str = f"RpcTimeout: node {self.node_id} did not answer {kind} within {timeout}s"
         except Exception as exc:
             err = f"{type(exc).__name__}: {exc}"
