@@ -76,6 +76,25 @@ class LocalBlocks:
                     await self.meta.apply_ref(ref)
             return stored
 
+    async def write_inline_many(self, blocks: list[tuple[bytes, bytes, RefEntry]],
+                                *, verify: bool = True) -> int:
+        """Store small blocks with their references in one commit; returns how many were new."""
+        if verify:
+            for h, data, _ in blocks:
+                if not self.is_inline_size(len(data)):
+                    raise ValueError("write_inline_many takes inline-size blocks only")
+                if not fastpath.verify(data, h):
+                    raise _mismatch(h, data)
+
+        def txn_fn(txn: Txn) -> int:
+            stored = 0
+            for h, data, ref in blocks:
+                stored += self.meta.tx_put_inline(txn, h, data)
+                self.meta.tx_apply_ref(txn, ref)
+            return stored
+
+        return await self.meta.submit(txn_fn)
+
     async def read(self, hash: bytes) -> bytes:
         """The verified bytes of a block; `BlockNotFound` or `BlockCorrupted`."""
         data = self.meta.inline_get(hash)

@@ -27,12 +27,15 @@ import trio
 
 from blocknode import fastpath
 from blocknode.config import NodeConfig, load_or_create_secret
-from blocknode.errors import BlocknodeError, InvalidHash, ProtocolError
+from blocknode.errors import BlocknodeError, InvalidHash, ProtocolError, RemoteError, RpcError
 from blocknode.meta import wall_ms
 from blocknode.rpc.client import open_client as _open_connection
 
 MANIFEST_MAGIC = b"BLOCKNODE-MANIFEST-1\n"
 _PARALLEL_BLOCKS = 8
+BATCH_MAX_BLOCK = 64 * 1024  # puts up to this size may share one RPC with concurrent ones
+BATCH_MAX_BYTES = 1024 * 1024
+BATCH_MAX_ITEMS = 256
 
 
 def new_ref_id() -> str:
@@ -64,6 +67,86 @@ def decode_manifest(data: bytes) -> tuple[int, list[bytes]] | None:
     return size, list(blocks)
 
 
+class _PendingPut:
+    __slots__ = ("data", "ref_id", "ts", "done", "hash", "error")
+
+    def __init__(self, data: bytes, ref_id: str, ts: int) -> None:
+        self.data, self.ref_id, self.ts = data, ref_id, ts
+        self.done = trio.Event()
+        self.hash: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class _PutBatcher:
+    """Coalesces concurrent small puts of one client into `client_put_many` calls.
+
+    The first caller to find no batch being collected becomes its collector: it
+    yields once so that concurrent callers can join, then sends everything
+    queued (bounded in items and bytes) as one RPC and wakes each caller with its
+    own result. Several batches may be in flight at once. A lone put pays one
+    scheduler round of latency; 64 concurrent ones share one RPC and one commit.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._pending: list[_PendingPut] = []
+        self._collecting = False
+
+    async def put(self, data: bytes, ref_id: str, ts: int) -> bytes:
+        item = _PendingPut(data, ref_id, ts)
+        self._pending.append(item)
+        if not self._collecting:
+            self._collecting = True
+            try:
+                await trio.sleep(0)
+            finally:
+                self._collecting = False
+            while self._pending and not item.done.is_set():
+                await self._send(self._take())
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        assert item.hash is not None
+        return item.hash
+
+    def _take(self) -> list[_PendingPut]:
+        batch: list[_PendingPut] = []
+        size = 0
+        while self._pending and len(batch) < BATCH_MAX_ITEMS:
+            n = len(self._pending[0].data)
+            # The whole batch is one message: keep it within the node's message cap.
+            if batch and size + n > min(BATCH_MAX_BYTES, self._client.block_size):
+                break
+            batch.append(self._pending.pop(0))
+            size += n
+        return batch
+
+    async def _send(self, batch: list[_PendingPut]) -> None:
+        try:
+            reply, _ = await self._client.call(
+                "client_put_many",
+                {"items": [[it.ref_id, it.ts, len(it.data)] for it in batch]},
+                b"".join(it.data for it in batch),
+            )
+            hashes, errors = reply.get("hashes"), reply.get("errors")
+            if not isinstance(hashes, list) or not isinstance(errors, list) or \
+                    len(hashes) != len(batch) or len(errors) != len(batch):
+                raise ProtocolError("malformed client_put_many reply")
+            for it, h, err in zip(batch, hashes, errors, strict=True):
+                if err is not None or not isinstance(h, bytes):
+                    it.error = RemoteError(str(err))
+                else:
+                    it.hash = h
+        except BaseException as exc:
+            for it in batch:
+                if it.hash is None and it.error is None:
+                    it.error = exc if isinstance(exc, Exception) else RpcError("put cancelled")
+            raise
+        finally:
+            for it in batch:
+                it.done.set()
+
+
 class Client:
     """A connection to one node, with the cluster operations on top (see module docstring)."""
 
@@ -71,6 +154,7 @@ class Client:
         self._conn = conn
         self.block_size = block_size
         self.timeout = timeout
+        self._batcher = _PutBatcher(self)
 
     async def call(self, kind: str, fields: dict[str, Any], data: bytes | None = None,
                    *, timeout: float | None = None) -> tuple[dict[str, Any], bytes | None]:
@@ -84,8 +168,15 @@ class Client:
     # ---- blocks ----
 
     async def put_block(self, data: bytes, ref_id: str, ts_ms: int | None = None) -> bytes:
-        """Put one block (at most `block_size` bytes) with a reference; returns its hash."""
-        fields = {"ref_id": ref_id, "ts": wall_ms() if ts_ms is None else ts_ms}
+        """Put one block (at most `block_size` bytes) with a reference; returns its hash.
+
+        Small blocks put concurrently through one client travel together (see
+        `_PutBatcher`); each caller still gets its own result or error.
+        """
+        ts = wall_ms() if ts_ms is None else ts_ms
+        if len(data) <= BATCH_MAX_BLOCK:
+            return await self._batcher.put(data, ref_id, ts)
+        fields = {"ref_id": ref_id, "ts": ts}
         reply, _ = await self.call("client_put", fields, data)
         return reply["hash"]
 

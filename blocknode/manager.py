@@ -131,7 +131,9 @@ class BlockManager:
             "need_block": self.handle_need_block,
             "add_ref": self.handle_add_ref,
             "del_ref": self.handle_del_ref,
+            "put_blocks": self.handle_put_blocks,
             "client_put": self.handle_client_put,
+            "client_put_many": self.handle_client_put_many,
             "client_get": self.handle_client_get,
             "client_ref": self.handle_client_ref,
         }
@@ -149,6 +151,27 @@ class BlockManager:
         verified = self._hashed_here.get(id(data)) == h
         stored = await self.blocks.write(h, data, ref=ref, verify=not verified)
         return {"stored": stored}, None
+
+    async def handle_put_blocks(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
+        """Store a batch of blocks with their references (all verified; inline ones in one commit).
+
+        `items` is a list of ``[hash, ref_id, ts, length]``; `data` is the blocks'
+        bytes back to back. The batch succeeds or fails as a whole.
+        """
+        items = _parse_items(fields, data, with_hash=True)
+        verified = self._hashed_here.get(id(data)) is not None
+        small: list[tuple[bytes, bytes, RefEntry]] = []
+        for h, ref_id, ts, chunk in items:
+            if len(chunk) > self.block_size:
+                raise ProtocolError(f"block of {len(chunk)} bytes exceeds block_size {self.block_size}")
+            ref = RefEntry(h, ref_id, False, ts)
+            if self.blocks.is_inline_size(len(chunk)):
+                small.append((h, chunk, ref))
+            else:
+                await self.blocks.write(h, chunk, ref=ref, verify=not verified)
+        if small:
+            await self.blocks.write_inline_many(small, verify=not verified)
+        return {"stored": len(items)}, None
 
     async def handle_get_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Return a verified block; a corrupt one is quarantined and queued for resync."""
@@ -210,6 +233,52 @@ class BlockManager:
             # it then verifies normally, which is only slower.
             self._hashed_here.pop(key, None)
         return h
+
+    async def put_many(self, blocks: list[tuple[bytes, str, int]]) -> list[bytes | BlocknodeError]:
+        """Store many (data, ref_id, ts) at once; per block its hash or its error.
+
+        Blocks are grouped by their write nodes; each group goes to its nodes as
+        one `put_blocks` message with the group's quorum, so a batch of small puts
+        costs one RPC and one commit per node instead of one per block.
+        """
+        total = sum(len(d) for d, _, _ in blocks)
+        for d, _, _ in blocks:
+            if len(d) > self.block_size:
+                raise ProtocolError(f"block of {len(d)} bytes exceeds block_size {self.block_size}")
+        if total > 64 * 1024:
+            hashes = await trio.to_thread.run_sync(lambda: [fastpath.block_hash(d) for d, _, _ in blocks])
+        else:
+            hashes = [fastpath.block_hash(d) for d, _, _ in blocks]
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, h in enumerate(hashes):
+            groups.setdefault(tuple(self.layout.write_nodes(h)), []).append(i)
+        results: list[bytes | BlocknodeError] = list(hashes)
+
+        async def send(nodes: tuple[str, ...], idx: list[int]) -> None:
+            payload = b"".join(blocks[i][0] for i in idx)
+            items = [[hashes[i], blocks[i][1], blocks[i][2], len(blocks[i][0])] for i in idx]
+            key = id(payload)
+            self._hashed_here[key] = b""
+            try:
+                await self.net.call_many(
+                    list(nodes), "put_blocks", {"items": items}, payload,
+                    quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
+                    interrupt_after_quorum=False,
+                )
+            except BlocknodeError as exc:
+                for i in idx:
+                    results[i] = exc
+            finally:
+                self._hashed_here.pop(key, None)
+
+        if len(groups) == 1:
+            ((nodes, idx),) = groups.items()
+            await send(nodes, idx)
+        else:
+            async with trio.open_nursery() as nursery:
+                for nodes, idx in groups.items():
+                    nursery.start_soon(send, nodes, idx)
+        return results
 
     async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool, ts_ms: int | None = None) -> None:
         """Add or delete a reference on a write quorum of the block's nodes."""
@@ -307,6 +376,15 @@ class BlockManager:
         h = await self.put(data, ref_id, fields.get("ts") if isinstance(fields.get("ts"), int) else None)
         return {"hash": h}, None
 
+    async def handle_client_put_many(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
+        """A client puts a batch of blocks; the reply lists each block's hash or error."""
+        items = _parse_items(fields, data, with_hash=False)
+        results = await self.put_many([(chunk, ref_id, ts) for _, ref_id, ts, chunk in items])
+        return {
+            "hashes": [r if isinstance(r, bytes) else None for r in results],
+            "errors": [None if isinstance(r, bytes) else str(r) for r in results],
+        }, None
+
     async def handle_client_get(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """A client asks this node to fetch a block from the cluster."""
         return {}, await self.get(get_hash(fields))
@@ -319,6 +397,36 @@ class BlockManager:
         await self.set_ref(h, get_str(fields, "ref_id"), deleted=deleted,
                            ts_ms=ts if isinstance(ts, int) else None)
         return {}, None
+
+
+def _parse_items(fields: dict[str, Any], data: bytes | None,
+                 *, with_hash: bool) -> list[tuple[bytes, str, int, bytes]]:
+    """Split a batch message: `items` rows and the blocks' bytes back to back.
+
+    Rows are ``[hash, ref_id, ts, length]`` (`with_hash`) or ``[ref_id, ts, length]``.
+    """
+    rows = fields.get("items")
+    if not isinstance(rows, list) or not rows or len(rows) > 4096:
+        raise ProtocolError("field 'items': expected a list of 1 to 4096 rows")
+    payload = data or b""
+    view = memoryview(payload)
+    out = []
+    offset = 0
+    for row in rows:
+        if not isinstance(row, list) or len(row) != (4 if with_hash else 3):
+            raise ProtocolError("field 'items': malformed row")
+        h = get_hash({"hash": row[0]}) if with_hash else b""
+        rest = row[1:] if with_hash else row
+        ref_id = get_str({"ref_id": rest[0]}, "ref_id")
+        ts = get_int({"ts": rest[1]}, "ts")
+        length = get_int({"length": rest[2]}, "length")
+        if offset + length > len(payload):
+            raise ProtocolError("field 'items': lengths exceed the payload")
+        out.append((h, ref_id, ts, bytes(view[offset:offset + length])))
+        offset += length
+    if offset != len(payload):
+        raise ProtocolError("field 'items': lengths do not cover the payload")
+    return out
 
 
 __all__ = ["BlockManager", "RpcError", "PRIO_HIGH", "PRIO_NORMAL", "PRIO_BACKGROUND"]

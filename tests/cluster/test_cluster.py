@@ -169,3 +169,58 @@ async def test_receiver_rejects_a_block_that_does_not_match_its_hash(tmp_path):
                                    b"other bytes", timeout=5)
                 assert not cl.nodes[target].blocks.exists(h)
                 assert cl.nodes[target].meta.rc_get(h).count == 0
+
+
+async def test_concurrent_small_puts_share_rpcs_and_keep_their_own_results(tmp_path):
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 5) as cl:
+            node = cl.nodes["node1"]
+            calls = []
+            inner = node._handlers["client_put_many"]
+
+            async def counting(peer, fields, data):
+                calls.append(len(fields["items"]))
+                return await inner(peer, fields, data)
+
+            node._handlers["client_put_many"] = counting
+            datas = [os.urandom(100 + i) for i in range(60)]
+            results: dict[int, str] = {}
+            async with cl.client("node1") as c:
+                async def put(i):
+                    results[i] = await c.put(datas[i], f"r{i}")
+
+                async with trio.open_nursery() as n:
+                    for i in range(60):
+                        n.start_soon(put, i)
+                assert sum(calls) == 60 and len(calls) < 10  # batched
+                for i, d in enumerate(datas):
+                    assert results[i] == fastpath.block_hash(d).hex()
+                    assert await c.get(results[i]) == d
+            # each block went to its own write nodes, with its own reference
+            for i, d in enumerate(datas):
+                h = fastpath.block_hash(d)
+                for nid in node.layout.write_nodes(h):
+                    refs = cl.nodes[nid].meta.refs_of(h)
+                    if refs:
+                        assert [(r.ref_id, r.deleted) for r in refs] == [(f"r{i}", False)]
+
+
+async def test_batched_puts_fail_per_item_with_the_quorum_error(tmp_path):
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3) as cl:
+            await cl.stop("node2")
+            await cl.stop("node3")
+            async with cl.client("node1") as c:
+                errors = []
+
+                async def put(i):
+                    try:
+                        await c.put(os.urandom(50), f"r{i}")
+                    except Exception as exc:  # noqa: BLE001
+                        errors.append(str(exc))
+
+                async with trio.open_nursery() as n:
+                    for i in range(10):
+                        n.start_soon(put, i)
+            assert len(errors) == 10
+            assert all("quorum" in e and "node2" in e and "node3" in e for e in errors)
