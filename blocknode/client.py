@@ -101,7 +101,9 @@ class _PutBatcher:
                 await trio.sleep(0)
             finally:
                 self._collecting = False
-            while self._pending and not item.done.is_set():
+            # Drain everything queued, not just up to our own item: a caller that
+            # joined this collection relies on it and must not be left behind.
+            while self._pending:
                 await self._send(self._take())
         await item.done.wait()
         if item.error is not None:

@@ -71,7 +71,10 @@ class Node:
             peers,
             self.dispatch,
             connect=connect,
-            ram_buffer_max=cfg.block_ram_buffer_max,
+            # block_ram_buffer_max bounds block bytes in RAM: half for payloads this node
+            # sends, half for client requests it is handling.
+            ram_buffer_max=max(1, cfg.block_ram_buffer_max // 2),
+            client_buffer_max=max(1, cfg.block_ram_buffer_max // 2),
             connect_timeout=cfg.connect_timeout,
             max_message_size=cfg.block_size + 64 * 1024,
         )

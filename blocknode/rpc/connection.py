@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -51,6 +51,16 @@ Handler = Callable[[str, str, dict[str, Any], bytes | None], Awaitable[tuple[dic
 """``async def handler(peer_id, kind, fields, data) -> (reply fields, reply data)``."""
 
 PING_KIND = "_ping"
+
+
+class RequestBudget(Protocol):
+    """A byte semaphore (e.g. `blocknode.rpc.network.ByteBudget`)."""
+
+    async def acquire(self, n: int) -> int: ...
+
+    def release(self, n: int) -> None: ...
+
+
 _RECV_SIZE = 256 * 1024
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -102,7 +112,10 @@ class RpcConnection:
     authenticated id and any bytes read past the handshake). `handler` serves
     the peer's requests (None: every request gets a ``bad_request`` error).
     `max_inflight` bounds concurrently running handler tasks; beyond it a
-    request is answered at once with code ``busy``.
+    request is answered at once with code ``busy``. With `request_budget`, the
+    payload bytes of requests being handled count against it: the reader stops
+    reading (TCP pushes back on the peer) until the budget has room, so a flood
+    of large requests cannot grow memory without bound.
     """
 
     def __init__(
@@ -113,8 +126,10 @@ class RpcConnection:
         handler: Handler | None = None,
         *,
         max_inflight: int = 256,
+        request_budget: RequestBudget | None = None,
     ) -> None:
         self.stream = stream
+        self._request_budget = request_budget
         self.session = session
         self.peer_id = peer_id
         self._handler = handler
@@ -195,7 +210,12 @@ class RpcConnection:
         try:
             while True:
                 while (item := session.next_message()) is not NEED_DATA:
-                    self._dispatch(*item)  # type: ignore[misc]
+                    is_response, sid, msg = item  # type: ignore[misc]
+                    taken = 0
+                    if (not is_response and self._request_budget is not None
+                            and msg.data is not None and msg.type == MSG_REQUEST):
+                        taken = await self._request_budget.acquire(len(msg.data))
+                    self._dispatch(is_response, sid, msg, taken)
                 if session.decoder.at_eof:
                     self.close_reason = self.close_reason or NodeUnreachable(
                         f"{self.peer_id} closed the connection"
@@ -227,7 +247,12 @@ class RpcConnection:
 
     # -- incoming ---------------------------------------------------------------
 
-    def _dispatch(self, is_response: bool, sid: int, msg: Message) -> None:
+    def _dispatch(self, is_response: bool, sid: int, msg: Message, taken: int = 0) -> None:
+        if taken and (is_response or msg.kind == PING_KIND or self._handler is None
+                      or self._inflight >= self._max_inflight or msg.type != MSG_REQUEST):
+            assert self._request_budget is not None
+            self._request_budget.release(taken)  # not handled: nothing holds the bytes
+            taken = 0
         if is_response:
             if msg.type == MSG_REQUEST:
                 raise ProtocolError("request sent with the response flag")
@@ -247,7 +272,7 @@ class RpcConnection:
         else:
             assert self._nursery is not None
             self._inflight += 1
-            self._nursery.start_soon(self._handle, sid, msg)
+            self._nursery.start_soon(self._handle, sid, msg, taken)
 
     def _reply(
         self, sid: int, req: Message, msg_type: int, fields: dict[str, Any], data: bytes | None
@@ -264,7 +289,7 @@ class RpcConnection:
         view = memoryview(data) if data is not None else None
         self._queue(OutgoingMessage(sid, True, head, view, req.priority))
 
-    async def _handle(self, sid: int, req: Message) -> None:
+    async def _handle(self, sid: int, req: Message, taken: int = 0) -> None:
         assert self._handler is not None
         try:
             data = bytes(req.data) if req.data is not None else None
@@ -279,6 +304,9 @@ class RpcConnection:
                 self._reply(sid, req, MSG_RESPONSE, fields, out)
         finally:
             self._inflight -= 1
+            if taken:
+                assert self._request_budget is not None
+                self._request_budget.release(taken)
 
     # -- outgoing ---------------------------------------------------------------
 

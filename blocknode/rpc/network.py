@@ -160,7 +160,8 @@ class RpcNetwork:
     handshake, both directions), `ping_interval`/`ping_timeout` (maintenance).
     Reconnect backoff doubles from `backoff_initial` to `backoff_max` (with
     ±20 % jitter); while a node is in backoff, calls to it fail at once with
-    `NodeUnreachable`. `ram_buffer_max` bounds payload bytes held by outgoing
+    `NodeUnreachable`. `client_buffer_max` (default: `ram_buffer_max`) bounds
+    payload bytes of client requests being handled. `ram_buffer_max` bounds payload bytes held by outgoing
     calls (see `ByteBudget`).
     """
 
@@ -173,6 +174,7 @@ class RpcNetwork:
         *,
         connect: Connector | None = None,
         ram_buffer_max: int = 256 * 1024 * 1024,
+        client_buffer_max: int | None = None,
         connect_timeout: float = 5.0,
         handshake_timeout: float = 5.0,
         ping_interval: float = 10.0,
@@ -190,6 +192,7 @@ class RpcNetwork:
         self._handler = handler
         self._connect = connect or tcp_connect
         self.budget = ByteBudget(ram_buffer_max)
+        self.client_budget = ByteBudget(client_buffer_max or ram_buffer_max)
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
@@ -290,8 +293,12 @@ class RpcNetwork:
             await trio.aclose_forcefully(stream)
             return
         session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size)
-        conn = RpcConnection(stream, session, hs.keys.peer_id, self._handler)
         peer = self._peers.get(hs.keys.peer_id)
+        # Requests from clients fan out to other nodes, so their payloads are bounded
+        # here; requests from nodes are leaves, bounded by the sender's own budget
+        # (and bounding them here too could deadlock two nodes waiting on each other).
+        conn = RpcConnection(stream, session, hs.keys.peer_id, self._handler,
+                             request_budget=None if peer is not None else self.client_budget)
         if peer is not None and peer.live() is None:
             # The peer just proved it is alive: let our next call connect to it at once
             # instead of waiting out a backoff earned while it was down.

@@ -38,10 +38,15 @@ async def test_large_data_manifest_round_trip(tmp_path):
                 assert h != fastpath.block_hash(data).hex()
                 assert await c.get(h) == data
                 await c.ref(h, "second")
-            node = cl.nodes["node3"]
-            # every block of the manifest carries both references
-            live = [r for r in node.meta.iter_refs() if not r.deleted]
-            assert len(live) == 2 * 7  # 6 data blocks + the manifest
+            # every block of the manifest (6 data blocks + the manifest) carries both
+            # references on a write quorum at least (the third copy may still be in flight)
+            live: dict[bytes, int] = {}
+            for n in cl.nodes.values():
+                for r in n.meta.iter_refs():
+                    if not r.deleted:
+                        live[r.hash] = live.get(r.hash, 0) + 1
+            assert len(live) == 7
+            assert all(count >= 2 * 2 for count in live.values())  # 2 refs x quorum 2
 
 
 async def test_one_of_three_down_put_and_get_succeed(tmp_path):
@@ -224,3 +229,19 @@ async def test_batched_puts_fail_per_item_with_the_quorum_error(tmp_path):
                         n.start_soon(put, i)
             assert len(errors) == 10
             assert all("quorum" in e and "node2" in e and "node3" in e for e in errors)
+
+
+async def test_batches_split_by_size_leave_no_put_behind(tmp_path):
+    with trio.fail_after(20):
+        async with in_process_cluster(tmp_path, 3, block_size=65536) as cl:
+            async with cl.client("node1") as c:
+                datas = [os.urandom(30_000) for _ in range(20)]  # two per 64 KiB batch
+                got: list[str] = []
+
+                async def put(d):
+                    got.append(await c.put(d, "r"))
+
+                async with trio.open_nursery() as n:
+                    for d in datas:
+                        n.start_soon(put, d)
+                assert sorted(got) == sorted(fastpath.block_hash(d).hex() for d in datas)
