@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 STATE_WORKERS = "resync_workers"
 STATE_TRANQUILITY = "resync_tranquility"
 MAX_WORKERS = 64
+MIN_STEP_S = 0.005
+"""Resync steps shorter than this are merged into one tranquilizer step (see Tranquilizer)."""
 
 
 class ResyncError(BlocknodeError):
@@ -135,7 +137,7 @@ class Resync:
                 self._nursery.start_soon(self._worker, i)
 
     async def _worker(self, i: int) -> None:
-        tranquilizer = Tranquilizer(30, clock=self._clock)
+        tranquilizer = Tranquilizer(30, clock=self._clock, min_step=MIN_STEP_S)
         try:
             while i < self.workers:
                 entry = self._claim()

@@ -5,6 +5,7 @@ The seed's `Tranquilizer` (garage_util): it keeps the durations of the last
 the work occupies about ``1 / (1 + tranquility)`` of the time whatever the
 speed of the disk. Tranquility 0 means no rest at all.
 
+Steps shorter than `min_step` are merged with the next ones (see `tranquilize`).
 The calculator is pure: `observe(now)` records a step that ended at `now` and
 returns the rest to take, `begin(now)` marks the start of the next step. The
 clock is injectable (default `trio.current_time`, so `trio.testing.MockClock`
@@ -22,10 +23,12 @@ import trio
 class Tranquilizer:
     """Tracks recent step durations and computes the rest after each step."""
 
-    def __init__(self, window: int = 30, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, window: int = 30, clock: Callable[[], float] | None = None,
+                 *, min_step: float = 0.0) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
         self.window = window
+        self.min_step = min_step
         self._clock = clock
         self._observations: deque[float] = deque()
         self._sum = 0.0
@@ -65,7 +68,13 @@ class Tranquilizer:
         """Record the step just finished, rest as computed, and begin the next step.
 
         Returns the rest taken. The first call (no `begin` yet) only starts timing.
+        With `min_step`, a step shorter than that is not ended yet: it goes on
+        through the next call (the event loop rounds a sleep up to about 1 ms, so
+        resting after every sub-millisecond step would rest more than asked).
         """
+        if (tranquility > 0 and self._step_begin is not None
+                and self.now() - self._step_begin < self.min_step):
+            return 0.0
         delay = self.observe(tranquility)
         if delay > 0:
             await trio.sleep(delay)

@@ -70,3 +70,28 @@ async def test_tranquilize_sleeps_on_the_trio_clock(autojump_clock):
             await tq.tranquilize(3)
             rest += trio.current_time() - t0
         assert rest / work == pytest.approx(3, rel=0.10)
+
+
+def test_short_steps_merge_until_min_step():
+    clock = FakeClockForMinStep()
+    tq = Tranquilizer(30, clock=clock, min_step=0.005)
+    rests = []
+
+    async def run():
+        await tq.tranquilize(1.0)  # starts timing
+        for _ in range(10):
+            clock.t += 0.001  # a 1 ms step
+            rests.append(await tq.tranquilize(1.0))
+
+    trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    # only every fifth 1 ms step ends a 5 ms step, and rests as long as it took
+    assert [r > 0 for r in rests] == [False, False, False, False, True] * 2
+    assert all(abs(r - 0.005) < 1e-9 for r in rests if r > 0)
+
+
+class FakeClockForMinStep:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
