@@ -160,9 +160,12 @@ class Repair:
             )
             if not hashes:
                 return
-            await self.meta.resync_put_many(hashes, 0)
-            self.st["queued"] += len(hashes)
             after = hashes[-1]
+            # A block with a live RC was queued by the reference sweep already.
+            hashes = [h for h in hashes if not self.meta.rc_get(h).is_nonzero()]
+            if hashes:
+                await self.meta.resync_put_many(hashes, 0)
+                self.st["queued"] += len(hashes)
             await self._save()
 
 
