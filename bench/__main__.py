@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="≈ 2 minutes instead of ≈ 10")
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: micro,crypto,limits,macro")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: micro,crypto,limits,macro,background")
     p.add_argument("--duration", type=float, help="seconds per put/get phase of a macro cell")
     p.add_argument("--sizes", help="macro block sizes, comma-separated bytes")
     p.add_argument("--concurrency", help="macro concurrency levels, comma-separated")
@@ -346,6 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         out["macro"] = macro.run(args.quick, duration=args.duration, base_dir=base,
                                  impls=tuple(args.impls.split(",")),
                                  log=lambda s: print("    " + s, flush=True), **kw)
+
+    out["background"] = []
+    if "background" not in skip:
+        from bench import background
+
+        print("## Background work: scrub speed and client latency\n", flush=True)
+        out["background"] = background.run(args.quick, base_dir=base)
+        print(background.render(out["background"], out["environment"], args.quick) + "\n", flush=True)
 
     summary = summarise(out["macro"], out["limits"], out["rpc_crypto"])
     out["summary"] = summary

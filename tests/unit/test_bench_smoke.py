@@ -16,7 +16,7 @@ def test_bench_runs_and_writes_json(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("BLOCKNODE_PURE", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--skip", "micro,crypto",
+        [sys.executable, "-m", "bench", "--quick", "--skip", "micro,crypto,background",
          "--sizes", "4096", "--concurrency", "2", "--nodes", "1", "--impls", "compiled,pure",
          "--duration", "0.3", "--dir", str(tmp_path), "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
