@@ -42,6 +42,7 @@ import trio
 
 from blocknode import fastpath
 from blocknode.errors import BlocknodeError, MetadataError, MetadataFull
+from blocknode.notify import Notify
 
 T = TypeVar("T")
 Txn = lmdb.Transaction
@@ -148,18 +149,6 @@ class ErrorEntry:
     message: str
 
 
-class _Notify:
-    """Wakes every waiter once per `notify()` (a re-armed `trio.Event`)."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
 
 
 class _Op:
@@ -215,7 +204,7 @@ class MetaStore:
         self.errors = self.env.open_db(b"errors")
         self.state = self.env.open_db(b"state")
         self.blocks = self.env.open_db(b"blocks")
-        self.resync_notify = _Notify()
+        self.resync_notify = Notify()
         self._resync_touched = False
         self._send, self._recv = trio.open_memory_channel[_Op](math.inf)
         self._writer_running = False

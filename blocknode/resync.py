@@ -41,6 +41,7 @@ import trio
 from blocknode.errors import BlocknodeError, RpcError
 from blocknode.manager import PRIO_BACKGROUND, BlockManager
 from blocknode.meta import Txn
+from blocknode.notify import Notify
 from blocknode.tranquilizer import Tranquilizer
 
 log = logging.getLogger(__name__)
@@ -56,18 +57,6 @@ class ResyncError(BlocknodeError):
     """A resync step could not complete (the block is retried after a backoff)."""
 
 
-class _Wake:
-    """A re-armed event: every `notify()` wakes the current waiters."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
 
 
 class Resync:
@@ -92,8 +81,8 @@ class Resync:
         self.tranquility = float(self.meta.state_get(STATE_TRANQUILITY, tranquility))
         self._clock = clock
         self._in_progress: set[bytes] = set()
-        self._wake = _Wake()
-        self.progress = _Wake()
+        self._wake = Notify()
+        self.progress = Notify()
         """Notified after every processed entry (tests wait on it instead of sleeping)."""
         self._nursery: trio.Nursery | None = None
         self._running: set[int] = set()

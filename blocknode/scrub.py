@@ -35,6 +35,7 @@ import trio
 
 from blocknode.errors import BlockCorrupted, BlocknodeError, BlockNotFound
 from blocknode.manager import BlockManager
+from blocknode.notify import Notify
 from blocknode.tranquilizer import Tranquilizer
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,6 @@ MIN_STEP_S = 0.005
 """Blocks are grouped into one tranquilizer step until the group has taken this long."""
 
 
-class _Wake:
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
 
 
 def progress_of(position: bytes | None) -> float:
@@ -98,7 +89,7 @@ class Scrub:
             "started": None,
         }
         self.st.update({k: v for k, v in saved.items() if k in self.st})
-        self.changed = _Wake()
+        self.changed = Notify()
         """Notified on every state change and after every batch."""
         self._step_lock = trio.Lock()
 
