@@ -168,7 +168,8 @@ def _targets(rows: list[dict[str, Any]], lim: dict[str, dict[str, Any]],
     if rss:
         out.append({"target": "peak RSS per node after 64 concurrent 1 MiB puts", "value": max(rss),
                     "goal": RAM_BOUND_MIB, "unit": "MiB", "met": max(rss) < RAM_BOUND_MIB,
-                    "note": "VmHWM, whole process (interpreter ≈ 45 MiB included)"})
+                    "note": "VmHWM during the cell, whole process (interpreter ≈ 45 MiB and mapped "
+                            "LMDB pages included)"})
     return out
 
 

@@ -94,8 +94,18 @@ class Cluster:
     configs: list[Path]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
+    def reset_peak_rss(self) -> None:
+        """Reset every server's VmHWM to its current RSS (Linux `clear_refs` 5), so each
+        cell reports its own peak rather than the highest of every cell before it."""
+        for p in self.procs:
+            try:
+                with open(f"/proc/{p.pid}/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+
     def peak_rss_mib(self) -> list[float | None]:
-        """VmHWM of every server process, MiB."""
+        """VmHWM of every server process since the last `reset_peak_rss`, MiB."""
         out: list[float | None] = []
         for p in self.procs:
             try:
@@ -237,6 +247,7 @@ def run_cell(cluster: Cluster, size: int, concurrency: int, duration: float,
     per = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
     per = [c for c in per if c]
     start_at = time.time() + 0.7 + 0.2 * len(per)
+    cluster.reset_peak_rss()
     cpu0 = cluster.cpu_seconds()
     procs = []
     for i, conc in enumerate(per):
