@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print("## Background work: scrub speed and client latency\n", flush=True)
         out["background"] = background.run(args.quick, base_dir=base)
-        print(background.render(out["background"], out["environment"], args.quick) + "\n", flush=True)
+        print(background.render(out["background"], background.environment(), args.quick) + "\n",
+              flush=True)
 
     summary = summarise(out["macro"], out["limits"], out["rpc_crypto"])
     out["summary"] = summary
