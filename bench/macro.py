@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,6 +112,18 @@ class Cluster:
             try:
                 with open(f"/proc/{p.pid}/status") as f:
                     kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+                out.append(kb / 1024)
+            except (OSError, StopIteration):
+                out.append(None)
+        return out
+
+    def rss_anon_mib(self) -> list[float | None]:
+        """Current RssAnon (the process's own memory, without mapped LMDB file pages), MiB."""
+        out: list[float | None] = []
+        for p in self.procs:
+            try:
+                with open(f"/proc/{p.pid}/status") as f:
+                    kb = next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
                 out.append(kb / 1024)
             except (OSError, StopIteration):
                 out.append(None)
@@ -260,6 +273,19 @@ def run_cell(cluster: Cluster, size: int, concurrency: int, duration: float,
             env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True,
         ))
     results = []
+    anon_peak: list[float | None] = [None] * len(cluster.procs)
+    sampling = threading.Event()
+
+    def sample_anon() -> None:
+        # The servers' own (anonymous) memory, polled: VmHWM also counts the LMDB map's
+        # file pages, which earlier cells' inline blocks leave resident.
+        while not sampling.wait(0.02):
+            for i, v in enumerate(cluster.rss_anon_mib()):
+                if v is not None and (anon_peak[i] is None or v > anon_peak[i]):
+                    anon_peak[i] = v
+
+    sampler = threading.Thread(target=sample_anon, daemon=True)
+    sampler.start()
     try:
         for p in procs:
             out, err = p.communicate(timeout=4 * duration + 60)
@@ -268,6 +294,8 @@ def run_cell(cluster: Cluster, size: int, concurrency: int, duration: float,
             results.append(json.loads(out))
     finally:
         _stop(procs)
+        sampling.set()
+        sampler.join()
     cpu1 = cluster.cpu_seconds()
     cell: dict[str, Any] = {"size": size, "concurrency": concurrency, "clients": len(per)}
     for op in ("put", "get"):
@@ -277,6 +305,7 @@ def run_cell(cluster: Cluster, size: int, concurrency: int, duration: float,
     total_wall = sum(cell[op]["wall_s"] for op in ("put", "get") if op in cell)
     cell["server_cpu"] = [(b - a) / total_wall for a, b in zip(cpu0, cpu1, strict=True)]
     cell["peak_rss_mib"] = cluster.peak_rss_mib()
+    cell["peak_anon_mib"] = anon_peak
     return cell
 
 
@@ -311,6 +340,8 @@ def _line(c: dict[str, Any]) -> str:
             parts.append(f"{op} {f['ops_s']:8,.0f}/s {f['mib_s']:7,.1f} MiB/s p50 {f['p50_ms']:6.2f} "
                          f"p99 {f['p99_ms']:7.2f} ms err {f['errors']} cli {max(f['client_cpu']):.0%}")
     parts.append("rss " + "/".join(f"{x:.0f}" if x else "?" for x in c["peak_rss_mib"]))
+    if c.get("peak_anon_mib"):
+        parts.append("anon " + "/".join(f"{x:.0f}" if x else "?" for x in c["peak_anon_mib"]))
     return " | ".join(parts)
 
 
