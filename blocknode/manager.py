@@ -179,9 +179,10 @@ class BlockManager:
         return {}, await self.read_local(h)
 
     async def handle_need_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
-        """Whether this node needs the block (rc > 0) but does not hold it."""
+        """Whether this node needs the block (rc > 0) but does not hold it, and whether
+        it references the block at all (a deleting peer that should hold it waits)."""
         h = get_hash(fields)
-        return {"needed": self.need_block(h)}, None
+        return {"needed": self.need_block(h), "referenced": self.meta.rc_get(h).is_nonzero()}, None
 
     async def handle_add_ref(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Apply a live reference version (idempotent, last writer wins)."""

@@ -38,6 +38,7 @@ from typing import Any
 import msgpack
 import trio
 
+from blocknode.anti_entropy import refs_from_wire
 from blocknode.errors import BlocknodeError, RpcError
 from blocknode.manager import PRIO_BACKGROUND, BlockManager
 from blocknode.meta import Txn
@@ -255,6 +256,7 @@ class Resync:
             raise ResyncError("not offloading: fewer write nodes than the write quorum")
         others = [n for n in write_nodes if n != self.node_id]
         answers: dict[str, bool | BaseException] = {}
+        referenced: list[str] = []
 
         async def ask(node: str) -> None:
             try:
@@ -263,6 +265,8 @@ class Resync:
                     timeout=self.need_block_timeout, priority=PRIO_BACKGROUND,
                 )
                 answers[node] = bool(reply.get("needed", False))
+                if reply.get("referenced"):
+                    referenced.append(node)
             except (BlocknodeError, OSError) as exc:
                 answers[node] = exc
 
@@ -273,6 +277,17 @@ class Resync:
         if failed:
             detail = "; ".join(f"{n}: {type(e).__name__}: {e}" for n, e in sorted(failed.items()))
             raise ResyncError(f"not deleting: need_block query failed ({detail})")
+        if referenced and self.node_id in write_nodes:
+            # Our RC says deletable, but a replica still holds a live reference: our
+            # references are behind (e.g. a lost LMDB). Deleting would drop a copy this
+            # node is meant to keep, so merge this block's references from that
+            # replica first (last writer wins, as anti-entropy does).
+            await self._pull_refs(h, sorted(referenced)[0])
+            if not self.meta.rc_get(h).is_deletable(self.meta.now_ms()):
+                return
+            raise ResyncError(
+                f"not deleting: {', '.join(sorted(referenced))} still reference it"
+            )
         need = [n for n in others if answers.get(n) is True]
         if need:
             data = await self.manager.read_local(h)
@@ -284,6 +299,19 @@ class Resync:
         log.info("deleting unneeded block %s (offloaded to %d of %d)", h.hex(), len(need), len(others))
         await self.blocks.delete_if_deletable(h)
         await self.meta.clear_deleted(h)
+
+    async def _pull_refs(self, h: bytes, peer: str) -> None:
+        """Merge the references of one block with `peer` (an anti-entropy exchange of one hash)."""
+        ours = [[r.hash, r.ref_id, r.deleted, r.ts_ms] for r in self.meta.refs_of(h)]
+        reply, _ = await self.manager.net.call(
+            peer, "ae_exchange", {"prefix": h, "refs": ours},
+            timeout=self.manager.rpc_timeout, priority=PRIO_BACKGROUND,
+        )
+        theirs = refs_from_wire(reply.get("refs"))
+        if any(r.hash != h for r in theirs):
+            raise ResyncError(f"{peer} answered with references of other blocks")
+        if theirs:
+            await self.meta.apply_refs(theirs)
 
     async def _fetch(self, h: bytes) -> None:
         nodes = [n for n in self.manager.read_order(h) if n != self.node_id]

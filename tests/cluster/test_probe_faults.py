@@ -319,6 +319,12 @@ async def test_lost_lmdb_refs_rebuilt_by_anti_entropy_never_below_quorum(tmp_pat
             await probe.repair(1)
             await probe.call(1, "admin_resync_run_once", {})
             await at_least_two_copies()
+            # S3, strictly: node2 should hold these blocks, and its peers still reference
+            # them, so it pulls their references instead of deleting its surviving files.
+            for h, data in blocks.items():
+                if len(data) > 16 * 1024:
+                    assert await probe.local_bytes(1, h) == data, (
+                        f"S3 GC safety: node2 deleted {h.hex()[:16]} that it should hold")
         rounds = await probe.converge(after_round=at_least_two_copies)
         await probe.repair(1)
         await probe.converge(after_round=at_least_two_copies)
