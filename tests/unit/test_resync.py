@@ -7,6 +7,7 @@ import trio
 import trio.testing
 from bg_helpers import FakeCluster, block
 
+from blocknode.anti_entropy import AntiEntropy
 from blocknode.meta import MetaStore
 from blocknode.resync import Resync
 
@@ -39,26 +40,59 @@ async def test_absent_and_needed_block_is_fetched(cluster):
         assert cluster["n1"].meta.errors_list() == []
 
 
-async def test_deletable_block_offloaded_then_deleted_after_gc_delay_only(cluster):
+async def test_deletable_block_offloaded_then_deleted_after_gc_delay_only(tmp_path):
+    # 4 nodes, rf 3: n1 holds a block of a partition it is not a write node for (as
+    # after a layout change); a write node needs it. n1 offloads it, then deletes it.
+    cluster = FakeCluster(str(tmp_path), n=4, rf=3, gc_delay_ms=GC_MS)
+    try:
+        with trio.fail_after(10):
+            for i in range(10_000):
+                h, data = block(3000, seed=str(i).encode())
+                if "n1" not in cluster.layout.write_nodes(h):
+                    break
+            n1 = cluster["n1"]
+            needy, *others = cluster.layout.write_nodes(h)
+            await n1.blocks.write(h, data)
+            await n1.meta.add_ref(h, "obj")
+            await n1.meta.del_ref(h, "obj")
+            await cluster[needy].meta.add_ref(h, "obj2")  # needs it, lacks it
+            r = resync_of(cluster, "n1")
+            cluster.clock.advance(61)
+            await r.run_once()
+            assert n1.blocks.exists(h)  # GC delay not passed
+            await r.resync_block(h)  # even forced, nothing happens before the delay
+            assert n1.blocks.exists(h) and not cluster[needy].blocks.exists(h)
+            cluster.clock.advance(GC_MS / 1000 - 61 + 11)
+            assert await r.run_once() >= 1
+            assert not n1.blocks.exists(h)
+            assert await cluster[needy].blocks.read(h) == data  # offloaded first
+            assert not any(cluster[o].blocks.exists(h) for o in others)
+            assert n1.meta.rc_get(h).encode() is None  # Deletable entry dropped
+            assert n1.meta.errors_list() == []
+    finally:
+        cluster.close()
+
+
+async def test_write_node_behind_on_references_merges_them_instead_of_deleting(cluster):
+    # n1's RC says deletable, but n2 still holds a live reference n1 never saw (as after
+    # a lost LMDB): n1 must keep its copy and take the reference (S3).
     with trio.fail_after(10):
+        for nid in ("n1", "n2", "n3"):
+            ae = AntiEntropy(cluster[nid].manager, interval=600, rpc_timeout=5)
+            for kind, handler in ae.handlers().items():
+                cluster[nid].register(kind, handler)
         h, data = block(3000)
-        n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+        n1, n2 = cluster["n1"], cluster["n2"]
         await n1.blocks.write(h, data)
         await n1.meta.add_ref(h, "obj")
         await n1.meta.del_ref(h, "obj")
-        await n2.meta.add_ref(h, "obj2")  # n2 needs it, lacks it; n3 does not need it
+        await n2.meta.add_ref(h, "obj2")
         r = resync_of(cluster, "n1")
-        cluster.clock.advance(61)
-        await r.run_once()
-        assert n1.blocks.exists(h)  # GC delay not passed
-        await r.resync_block(h)  # even forced, nothing happens before the delay
-        assert n1.blocks.exists(h) and not n2.blocks.exists(h)
-        cluster.clock.advance(GC_MS / 1000 - 61 + 11)
+        cluster.clock.advance(GC_MS / 1000 + 11)
         assert await r.run_once() >= 1
-        assert not n1.blocks.exists(h)
-        assert await n2.blocks.read(h) == data  # offloaded first
-        assert not n3.blocks.exists(h)
-        assert n1.meta.rc_get(h).encode() is None  # Deletable entry dropped
+        assert await n1.blocks.read(h) == data
+        assert [(x.ref_id, x.deleted) for x in n1.meta.refs_of(h)] == [("obj", True), ("obj2", False)]
+        assert n1.meta.rc_get(h).count == 1
         assert n1.meta.errors_list() == []
 
 
