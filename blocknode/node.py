@@ -23,7 +23,7 @@ import trio
 from blocknode import __version__, fastpath
 from blocknode.blocks import LocalBlocks
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
-from blocknode.errors import ProtocolError
+from blocknode.errors import ConfigError, ProtocolError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.meta import MetaStore, wall_ms
@@ -121,7 +121,13 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.meta.run_writer)
-                self.addr = await nursery.start(self.net.serve, self.cfg.rpc_bind_addr)
+                try:
+                    self.addr = await nursery.start(self.net.serve, self.cfg.rpc_bind_addr)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot listen on {self.cfg.rpc_bind_addr} (rpc_bind_addr in "
+                        f"{self.cfg.source}): {exc.strerror or exc}"
+                    ) from None
                 for _name, worker in self._workers:
                     nursery.start_soon(worker)
                 task_status.started(self.addr)

@@ -33,7 +33,29 @@ async def serve_async(cfg: NodeConfig, *, task_status: trio.TaskStatus[str] = tr
 
 
 def serve(cfg: NodeConfig) -> int:
-    """Blocking entry point for the CLI; returns the exit status."""
-    trio.run(serve_async, cfg)
+    """Blocking entry point for the CLI; returns the exit status.
+
+    A failure to start (e.g. the address is in use) comes out of the nurseries
+    wrapped in exception groups: the one error inside is re-raised for the CLI to
+    print as one line.
+    """
+    try:
+        trio.run(serve_async, cfg)
+    except BaseExceptionGroup as group:
+        raise _single_error(group) from None
     print("blocknode: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _single_error(group: BaseExceptionGroup) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group

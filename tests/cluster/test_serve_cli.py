@@ -14,6 +14,7 @@ import time
 import pytest
 
 from blocknode import fastpath
+from blocknode.config import load_config
 from tests.cluster.harness import ServeProcesses, cli, free_ports, write_cluster
 
 pytestmark = pytest.mark.slow
@@ -121,6 +122,18 @@ def test_cli_errors_are_one_line(three, tmp_path):
         assert needle in msg.lower(), msg
 
 
+def test_address_in_use_is_one_clear_line(tmp_path):
+    configs = write_cluster(tmp_path, 1, rf=1)
+    port = int(load_config(configs[0]).rpc_bind_addr.rpartition(":")[2])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        r = cli("serve", config=configs[0], timeout=30)
+    msg = _err(r)
+    assert r.returncode != 0 and "Traceback" not in msg and msg.count("\n") == 1, msg
+    assert "cannot listen on" in msg and "rpc_bind_addr" in msg
+
+
 def test_sigterm_shuts_down_cleanly(tmp_path):
     configs = write_cluster(tmp_path, 1, rf=1)
     procs = ServeProcesses(configs)
@@ -172,9 +185,26 @@ def test_default_node_without_config(tmp_path):
         p.wait(timeout=15)
 
 
+def _three_consecutive_free_ports() -> int:
+    for _ in range(50):
+        base = free_ports(1)[0]
+        socks = []
+        try:
+            for port in range(base, base + 3):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no 3 consecutive free ports")
+
+
 def test_init_cluster_writes_working_configs(tmp_path):
-    base = free_ports(1)[0]
-    # find 3 consecutive free ports near it
+    base = _three_consecutive_free_ports()
     r = cli("init-cluster", str(tmp_path / "c"), "--nodes", "3", "--base-port", str(base))
     assert r.returncode == 0, _err(r)
     out = r.stdout.decode()
