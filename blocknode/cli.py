@@ -27,6 +27,7 @@ from blocknode.errors import (
     ConfigError,
     InvalidHash,
     NodeUnreachable,
+    single_error,
 )
 
 EXIT_ERROR = 1
@@ -254,7 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except BaseExceptionGroup as group:  # from a nursery: report the error inside
+            leaf = single_error(group)
+            if leaf is group:
+                raise
+            raise leaf from None
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.status

@@ -92,3 +92,22 @@ class QuorumError(RpcError):
         super().__init__(
             f"{what}: quorum not reached ({successes}/{quorum} succeeded); failed: {detail}"
         )
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one error inside nested exception groups, or the group itself when several.
+
+    Trio nurseries wrap a child's error in an `ExceptionGroup`; a command line
+    that prints one clear line wants the error itself.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group

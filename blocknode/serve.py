@@ -9,6 +9,7 @@ import trio
 
 from blocknode import fastpath
 from blocknode.config import NodeConfig
+from blocknode.errors import single_error
 from blocknode.node import Node
 
 SHUTDOWN_GRACE_S = 5.0
@@ -42,20 +43,6 @@ def serve(cfg: NodeConfig) -> int:
     try:
         trio.run(serve_async, cfg)
     except BaseExceptionGroup as group:
-        raise _single_error(group) from None
+        raise single_error(group) from None
     print("blocknode: stopped", file=sys.stderr, flush=True)
     return 0
-
-
-def _single_error(group: BaseExceptionGroup) -> BaseException:
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                walk(sub)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else group

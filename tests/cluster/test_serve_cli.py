@@ -95,6 +95,13 @@ def test_node_down_quorum_and_errors(three, tmp_path):
     msg = _err(r)
     assert msg.count("\n") == 1 and "Traceback" not in msg
     assert "quorum" in msg and "node2" in msg and "node3" in msg
+    # a large file is put block by block, concurrently: still one line, not a group
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(2 * 1024 * 1024 + 5))
+    r = cli("put", str(big), "--ref", "c", config=configs[0])
+    msg = _err(r)
+    assert r.returncode != 0 and msg.count("\n") == 1 and "Traceback" not in msg, msg
+    assert "quorum" in msg
 
 
 def test_cli_errors_are_one_line(three, tmp_path):
