@@ -123,10 +123,13 @@ def cmd_get(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         if args.output:
             tmp = Path(args.output + ".part")
-            with open(tmp, "wb") as f:
-                async for chunk in client.iter_get(args.hash):
-                    f.write(chunk)
-            os.replace(tmp, args.output)
+            try:
+                with open(tmp, "wb") as f:
+                    async for chunk in client.iter_get(args.hash):
+                        f.write(chunk)
+                os.replace(tmp, args.output)
+            finally:
+                tmp.unlink(missing_ok=True)  # nothing half-written is left behind
         else:
             out = sys.stdout.buffer
             async for chunk in client.iter_get(args.hash):

@@ -109,6 +109,7 @@ def test_cli_errors_are_one_line(three, tmp_path):
     cases = [
         (cli("get", "nothex", config=configs[0]), "64 hex"),
         (cli("get", "ab" * 32, config=configs[0]), "not found"),
+        (cli("get", "ab" * 32, "-o", str(tmp_path / "out"), config=configs[0]), "not found"),
         (cli("put", str(tmp_path / "missing"), config=configs[0]), "no such file"),
     ]
     # wrong secret
@@ -122,6 +123,7 @@ def test_cli_errors_are_one_line(three, tmp_path):
     down = tmp_path / "down.toml"
     down.write_text(f'rpc_bind_addr = "127.0.0.1:{port}"\nrpc_secret = "{"11" * 32}"\n')
     cases.append((cli("status", config=down), "unreachable"))
+    assert not list(tmp_path.glob("out*"))  # a failed get leaves no file behind
     for r, needle in cases:
         msg = _err(r)
         assert r.returncode != 0, msg
