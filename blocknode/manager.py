@@ -2,14 +2,15 @@
 
 Two roles (as in the seed's `BlockManager`):
 
-- **Replica**: handlers for `put_block` (verify, store, apply the reference in
-  the same commit), `get_block`, `need_block` (the seed's NeedBlockQuery),
-  `add_ref` / `del_ref` / `apply_refs`.
+- **Replica**: handlers for `put_block` / `put_blocks` (verify, store, apply the
+  reference in the same commit), `get_block`, `need_block` (the seed's
+  NeedBlockQuery), `add_ref` / `del_ref`.
 - **Coordinator**: `put` writes a block and its reference to the partition's
   write nodes and returns once the write quorum has both; `get` asks read nodes
   in order with hedging (a second node is asked when the first has not answered
   within `hedge_delay`), verifies the bytes end to end and skips a node that
-  answers with corrupt data; `ref` / `unref` go to the write quorum too.
+  answers with corrupt data; `put_many` groups small blocks per write-node set;
+  `set_ref` goes to the write quorum too.
 
 Calls to this node itself go straight to the handlers (the RPC layer
 short-circuits them), so a single node and a cluster run the same code.
@@ -31,14 +32,10 @@ from blocknode.errors import (
     BlockNotFound,
     ProtocolError,
     QuorumError,
-    RpcError,
 )
 from blocknode.layout import Layout
 from blocknode.meta import MetaStore, RefEntry
-
-PRIO_HIGH = 0
-PRIO_NORMAL = 1
-PRIO_BACKGROUND = 2
+from blocknode.rpc.wire import PRIO_BACKGROUND, PRIO_HIGH, PRIO_NORMAL
 
 Reply = tuple[dict[str, Any], bytes | None]
 Handler = Callable[[str, dict[str, Any], bytes | None], Awaitable[Reply]]
@@ -430,4 +427,4 @@ def _parse_items(fields: dict[str, Any], data: bytes | None,
     return out
 
 
-__all__ = ["BlockManager", "RpcError", "PRIO_HIGH", "PRIO_NORMAL", "PRIO_BACKGROUND"]
+__all__ = ["BlockManager", "PRIO_HIGH", "PRIO_NORMAL", "PRIO_BACKGROUND"]
