@@ -113,6 +113,9 @@ async def test_hedged_read_and_corrupt_replica_skipped(tmp_path):
             async with cl.client("node1") as c:
                 await c.put(data, "r")
                 replicas = list(cl.nodes["node1"].layout.write_nodes(h))
+                # the put returned at the write quorum: let the third copy land too
+                while not all(cl.nodes[n].blocks.exists(h) for n in replicas):
+                    await trio.sleep(0.01)
                 # one replica never answers, one answers with corrupt bytes
                 stuck, liar, good = replicas
 
