@@ -26,6 +26,7 @@ async def test_three_nodes_put_get_everywhere(tmp_path):
                 assert sum(n.blocks.exists(hb) for n in cl.nodes.values()) >= 2
                 while not all(n.blocks.exists(hb) for n in cl.nodes.values()):
                     await trio.sleep(0.01)
+            for nid in cl.nodes:
                 async with cl.client(nid) as c:
                     for h, d in zip(hashes, datas, strict=True):
                         assert await c.get(h) == d
