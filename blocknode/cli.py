@@ -23,7 +23,6 @@ from blocknode.config import NodeConfig, load_config, resolve_config_path
 from blocknode.errors import (
     AuthenticationError,
     BlocknodeError,
-    BlockNotFound,
     ConfigError,
     InvalidHash,
     NodeUnreachable,
@@ -265,24 +264,12 @@ def main(argv: list[str] | None = None) -> int:
             if leaf is group:
                 raise
             raise leaf from None
-    except CliError as exc:
+    except (CliError, BlocknodeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.status
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except InvalidHash as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BlockNotFound as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except BlocknodeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        if isinstance(exc, CliError):
+            return exc.status
+        # Bad input (a config field, a hash) is a usage error; the rest are operational.
+        return EXIT_USAGE if isinstance(exc, ConfigError | InvalidHash) else EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

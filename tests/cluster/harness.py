@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +77,7 @@ class InProcessCluster:
 
     configs: list[NodeConfig]
     nursery: trio.Nursery
+    clock: Callable[[], int] | None = None  # the nodes' persisted-time clock (default: wall)
     nodes: dict[str, Node] = field(default_factory=dict)
     scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
     stopped: dict[str, trio.Event] = field(default_factory=dict)
@@ -85,7 +86,7 @@ class InProcessCluster:
         return next(c for c in self.configs if c.node_id == node_id)
 
     async def start(self, node_id: str) -> Node:
-        node = Node(self.cfg(node_id))
+        node = Node(self.cfg(node_id), **({"now_ms": self.clock} if self.clock else {}))
         scope = trio.CancelScope()
         done = trio.Event()
 
@@ -111,13 +112,18 @@ class InProcessCluster:
         async with open_client(self.cfg(node_id), timeout=10) as c:
             yield c
 
+    async def resync_all(self) -> dict[str, int]:
+        """One resync `run_once` on every running node."""
+        return {nid: await n.background.resync.run_once() for nid, n in self.nodes.items()}
+
 
 @asynccontextmanager
-async def in_process_cluster(root: Path, n: int, **kw: Any) -> AsyncIterator[InProcessCluster]:
+async def in_process_cluster(root: Path, n: int, *, clock: Callable[[], int] | None = None,
+                             **kw: Any) -> AsyncIterator[InProcessCluster]:
     """Start `n` nodes (see `write_cluster`) in this process; all stopped on exit."""
     configs = [load_config(p) for p in write_cluster(root, n, **kw)]
     async with trio.open_nursery() as nursery:
-        cluster = InProcessCluster(configs, nursery)
+        cluster = InProcessCluster(configs, nursery, clock)
         for c in configs:
             await cluster.start(c.node_id)
         for node in cluster.nodes.values():

@@ -16,10 +16,8 @@ from typing import Any
 import trio
 
 from blocknode import fastpath
-from blocknode.config import NodeConfig, load_config
 from blocknode.meta import wall_ms
-from blocknode.node import Node
-from tests.cluster.harness import write_cluster
+from tests.cluster.harness import InProcessCluster, in_process_cluster
 
 GC_DELAY = 600.0
 
@@ -37,54 +35,7 @@ class Clock:
         self.t += int(seconds * 1000)
 
 
-class Cluster:
-    """Nodes running in this Trio run with a fake persisted clock; stop/restart any of them."""
-
-    def __init__(self, configs: list[NodeConfig], nursery: trio.Nursery, clock: Clock) -> None:
-        self.configs = {c.node_id: c for c in configs}
-        self.nursery = nursery
-        self.clock = clock
-        self.nodes: dict[str, Node] = {}
-        self._scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
-
-    async def start(self, nid: str) -> Node:
-        node = Node(self.configs[nid], now_ms=self.clock)
-        scope, done = trio.CancelScope(), trio.Event()
-
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            try:
-                with scope:
-                    await node.run(task_status=task_status)
-            finally:
-                done.set()
-
-        await self.nursery.start(run)
-        self.nodes[nid] = node
-        self._scopes[nid] = (scope, done)
-        await node.net.check_peers()
-        for other in self.nodes.values():
-            await other.net.check_peers()
-        return node
-
-    async def stop(self, nid: str) -> None:
-        scope, done = self._scopes.pop(nid)
-        scope.cancel()
-        await done.wait()
-        del self.nodes[nid]
-
-    async def resync_all(self) -> dict[str, int]:
-        """One `run_once` on every running node."""
-        return {nid: await n.background.resync.run_once() for nid, n in self.nodes.items()}
-
-    @asynccontextmanager
-    async def client(self, nid: str) -> AsyncIterator[Any]:
-        from blocknode.client import open_client
-
-        async with open_client(self.configs[nid], timeout=10) as c:
-            yield c
-
-
-async def settled(cl: Cluster, hashes: list[bytes], *, referenced: bool = True) -> None:
+async def settled(cl: InProcessCluster, hashes: list[bytes], *, referenced: bool = True) -> None:
     """Wait until every running node holds each block with (or without) a live reference.
 
     A put or unref returns once the write quorum acknowledged; the third call
@@ -96,18 +47,11 @@ async def settled(cl: Cluster, hashes: list[bytes], *, referenced: bool = True) 
 
 
 @asynccontextmanager
-async def cluster3(root: Path, **kw: Any) -> AsyncIterator[Cluster]:
+async def cluster3(root: Path, **kw: Any) -> AsyncIterator[InProcessCluster]:
     fields = {"gc_delay": GC_DELAY, "rpc_timeout": 3.0, "need_block_timeout": 1.0,
               "inline_threshold": 1024, "resync_tranquility": 0, **kw}
-    configs = [load_config(p) for p in write_cluster(root, 3, **fields)]
-    async with trio.open_nursery() as nursery:
-        cl = Cluster(configs, nursery, Clock())
-        for c in configs:
-            await cl.start(c.node_id)
-        try:
-            yield cl
-        finally:
-            nursery.cancel_scope.cancel()
+    async with in_process_cluster(root, 3, clock=Clock(), **fields) as cl:
+        yield cl
 
 
 async def test_node_down_during_writes_catches_up(tmp_path):
