@@ -62,7 +62,7 @@ class LocalBlocks:
             def txn_fn(txn: Txn) -> bool:
                 stored = self.meta.tx_put_inline(txn, hash, data)
                 if ref is not None:
-                    self.meta.tx_apply_ref(txn, ref)
+                    self.meta.tx_apply_ref(txn, ref, block_present=True)
                 return stored
 
             return await self.meta.submit(txn_fn)
@@ -73,7 +73,8 @@ class LocalBlocks:
                 stored = await self.store.awrite(hash, data, verify=verify)
                 self._file_count += stored
                 if ref is not None:
-                    await self.meta.apply_ref(ref)
+                    await self.meta.submit(
+                        lambda txn: self.meta.tx_apply_ref(txn, ref, block_present=True))
             return stored
 
     async def write_inline_many(self, blocks: list[tuple[bytes, bytes, RefEntry]],
@@ -90,7 +91,7 @@ class LocalBlocks:
             stored = 0
             for h, data, ref in blocks:
                 stored += self.meta.tx_put_inline(txn, h, data)
-                self.meta.tx_apply_ref(txn, ref)
+                self.meta.tx_apply_ref(txn, ref, block_present=True)
             return stored
 
         return await self.meta.submit(txn_fn)

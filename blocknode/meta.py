@@ -338,12 +338,16 @@ class MetaStore:
         else:
             txn.put(hash, raw, db=self.rc)
 
-    def tx_incref(self, txn: Txn, hash: bytes) -> RcEntry:
-        """Increment; a block going from zero to one is queued for a resync check."""
+    def tx_incref(self, txn: Txn, hash: bytes, *, check_later: bool = True) -> RcEntry:
+        """Increment; a block going from zero to one is queued for a resync check.
+
+        `check_later=False` when the block is stored in this same transaction (or
+        was before it): there is nothing to wait for.
+        """
         old = self.tx_rc_get(txn, hash)
         new = old.increment()
         self.tx_rc_set(txn, hash, new)
-        if old.is_zero():
+        if old.is_zero() and check_later:
             # Someone should send us the block; check later that it arrived, and fetch it if not.
             self.tx_resync_put(txn, hash, self.incref_resync_delay_ms)
         return new
@@ -364,11 +368,12 @@ class MetaStore:
             return True
         return False
 
-    def tx_apply_ref(self, txn: Txn, ref: RefEntry) -> bool:
+    def tx_apply_ref(self, txn: Txn, ref: RefEntry, *, block_present: bool = False) -> bool:
         """Merge one reference version (last writer wins) and update the RC to match.
 
         Idempotent: applying the same or an older version again changes nothing.
-        Returns True when the stored version changed.
+        Returns True when the stored version changed. `block_present`: the block is
+        stored here already (a put), so no arrival check is queued.
         """
         key = _ref_key(ref.hash, ref.ref_id)
         old_raw = txn.get(key, db=self.refs)
@@ -380,7 +385,7 @@ class MetaStore:
         if was_live and ref.deleted:
             self.tx_decref(txn, ref.hash)
         elif not was_live and not ref.deleted:
-            self.tx_incref(txn, ref.hash)
+            self.tx_incref(txn, ref.hash, check_later=not block_present)
         return True
 
     def tx_recalculate_rc(self, txn: Txn, hash: bytes) -> RcEntry:
