@@ -159,8 +159,9 @@ class RpcNetwork:
     Timeouts: `connect_timeout` (transport connect), `handshake_timeout` (each
     handshake, both directions), `ping_interval`/`ping_timeout` (maintenance).
     Reconnect backoff doubles from `backoff_initial` to `backoff_max` (with
-    ±20 % jitter); while a node is in backoff, calls to it fail at once with
-    `NodeUnreachable`. `client_buffer_max` (default: `ram_buffer_max`) bounds
+    ±20 % jitter); while a node that failed `fail_fast_after` connects in a row is
+    in backoff, calls to it fail at once with `NodeUnreachable` (before that, a
+    call tries to connect). `client_buffer_max` (default: `ram_buffer_max`) bounds
     payload bytes of client requests being handled. `ram_buffer_max` bounds payload bytes held by outgoing
     calls (see `ByteBudget`).
     """
@@ -181,6 +182,7 @@ class RpcNetwork:
         ping_timeout: float = 5.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        fail_fast_after: int = 3,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         rng: Callable[[int], bytes] = os.urandom,
         jitter: random.Random | None = None,
@@ -199,6 +201,7 @@ class RpcNetwork:
         self.ping_timeout = ping_timeout
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.fail_fast_after = fail_fast_after
         self.max_message_size = max_message_size
         self._rng = rng
         self._jitter = jitter or random.Random()
@@ -349,7 +352,9 @@ class RpcNetwork:
             if conn is not None:
                 return conn
             wait = peer.next_attempt - trio.current_time()
-            if wait > 0:
+            # Fail fast only for a peer that keeps failing: one that was merely not up
+            # yet (a cluster starting, a node restarting) is tried again at once.
+            if wait > 0 and peer.failures >= self.fail_fast_after:
                 raise NodeUnreachable(
                     f"node {peer.id} is down ({peer.last_error}); next connect attempt in {wait:.1f}s"
                 )

@@ -132,8 +132,10 @@ async def test_unreachable_node_and_backoff() -> None:
     async with trio.open_nursery() as nursery:
         with trio.fail_after(10):
             await nursery.start(net.run)
-            with pytest.raises(NodeUnreachable):
-                await net.call("z", "echo", {}, timeout=5)
+            for _ in range(net.fail_fast_after):  # each call tries to connect
+                with pytest.raises(NodeUnreachable, match="cannot connect"):
+                    await net.call("z", "echo", {}, timeout=5)
+            # then, while it backs off, calls fail at once
             with pytest.raises(NodeUnreachable, match="next connect attempt"):
                 await net.call("z", "echo", {}, timeout=5)
             assert not net.is_up("z")
@@ -198,3 +200,25 @@ async def test_node_with_wrong_secret_is_refused() -> None:
                 await intruder.call("b", "echo", {}, timeout=5)
             nursery.cancel_scope.cancel()
         assert nets["b"].handshake_failures >= 1
+
+
+async def test_a_peer_that_comes_up_late_is_called_at_once_not_after_its_backoff() -> None:
+    # As when a cluster starts: a's first connect to b fails (b not listening yet),
+    # which starts a backoff; once b listens, a's next call must connect right away.
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    a = RpcNetwork("a", SECRET, {"b": f"127.0.0.1:{port}"}, handler, backoff_initial=30)
+    b = RpcNetwork("b", SECRET, {}, handler)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(a.run)
+            with pytest.raises(NodeUnreachable, match="cannot connect"):
+                await a.call("b", "echo", {}, timeout=5)
+            await nursery.start(b.serve, f"127.0.0.1:{port}")
+            fields, _ = await a.call("b", "echo", {"x": 1}, timeout=5)
+            assert fields["x"] == 1 and a.is_up("b")
+            nursery.cancel_scope.cancel()
