@@ -260,10 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.func(args)
         except BaseExceptionGroup as group:  # from a nursery: report the error inside
-            leaf = single_error(group)
-            if leaf is group:
-                raise
-            raise leaf from None
+            raise single_error(group) from None
     except (CliError, BlocknodeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if isinstance(exc, CliError):

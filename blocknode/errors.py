@@ -95,10 +95,12 @@ class QuorumError(RpcError):
 
 
 def single_error(group: BaseExceptionGroup) -> BaseException:
-    """The one error inside nested exception groups, or the group itself when several.
+    """The error to report from (nested) exception groups, for one clear line.
 
-    Trio nurseries wrap a child's error in an `ExceptionGroup`; a command line
-    that prints one clear line wants the error itself.
+    Trio nurseries wrap a child's error in an `ExceptionGroup`; when several
+    children fail together (e.g. the blocks of one large put, all for want of a
+    quorum) they fail for the same reason, so the first is reported. A
+    KeyboardInterrupt anywhere wins: the user asked to stop.
     """
     leaves: list[BaseException] = []
 
@@ -110,4 +112,7 @@ def single_error(group: BaseExceptionGroup) -> BaseException:
             leaves.append(exc)
 
     walk(group)
-    return leaves[0] if len(leaves) == 1 else group
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt):
+            return leaf
+    return leaves[0] if leaves else group

@@ -19,3 +19,13 @@ def test_errors_share_one_base():
         obj = getattr(blocknode, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, blocknode.BlocknodeError), name
+
+
+def test_single_error_reports_the_first_leaf_or_an_interrupt():
+    from blocknode.errors import QuorumError, single_error
+
+    a, b = QuorumError("put a", 2, 0, {"n2": "down"}), QuorumError("put b", 2, 0, {"n2": "down"})
+    assert single_error(ExceptionGroup("g", [a])) is a
+    assert single_error(ExceptionGroup("g", [ExceptionGroup("h", [a, b])])) is a
+    stop = KeyboardInterrupt()
+    assert single_error(BaseExceptionGroup("g", [a, stop])) is stop
