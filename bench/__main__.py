@@ -345,13 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     out["macro"] = []
     if "macro" not in skip:
         print("## Macro: real server processes over loopback\n", flush=True)
-        kw: dict[str, Any] = {}
-        if args.sizes:
-            kw["sizes"] = tuple(int(x) for x in args.sizes.split(","))
-        if args.concurrency:
-            kw["concurrency"] = tuple(int(x) for x in args.concurrency.split(","))
-        if args.nodes:
-            kw["clusters"] = tuple((int(x), min(3, int(x))) for x in args.nodes.split(","))
+        kw = macro.cell_options(args.sizes, args.concurrency, args.nodes)
         out["macro"] = macro.run(args.quick, duration=args.duration, base_dir=base,
                                  impls=tuple(args.impls.split(",")),
                                  log=lambda s: print("    " + s, flush=True), **kw)

@@ -345,6 +345,18 @@ def _line(c: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def cell_options(sizes: str | None, concurrency: str | None, nodes: str | None) -> dict[str, Any]:
+    """`run` keyword arguments from comma-separated command-line lists (None: the default)."""
+    kw: dict[str, Any] = {}
+    if sizes:
+        kw["sizes"] = tuple(int(x) for x in sizes.split(","))
+    if concurrency:
+        kw["concurrency"] = tuple(int(x) for x in concurrency.split(","))
+    if nodes:
+        kw["clusters"] = tuple((int(x), min(3, int(x))) for x in nodes.split(","))
+    return kw
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry."""
     p = argparse.ArgumentParser(prog="python -m bench.macro", description=__doc__.splitlines()[0])
@@ -356,13 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", default="compiled,pure")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
-    kw: dict[str, Any] = {}
-    if args.sizes:
-        kw["sizes"] = tuple(int(x) for x in args.sizes.split(","))
-    if args.concurrency:
-        kw["concurrency"] = tuple(int(x) for x in args.concurrency.split(","))
-    if args.nodes:
-        kw["clusters"] = tuple((int(x), min(3, int(x))) for x in args.nodes.split(","))
+    kw = cell_options(args.sizes, args.concurrency, args.nodes)
     rows = run(args.quick, duration=args.duration, impls=tuple(args.impls.split(",")),
                log=lambda s: print(s, flush=True), **kw)
     if args.json:
