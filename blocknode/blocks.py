@@ -111,8 +111,15 @@ class LocalBlocks:
             raise
 
     def exists(self, hash: bytes) -> bool:
-        """True when the block is held here (content not checked)."""
+        """True when the block is held here (content not checked; blocking: a stat)."""
         return self.meta.inline_exists(hash) or self.store.exists(hash)
+
+    async def aexists(self, hash: bytes) -> bool:
+        """`exists` for async code: the file check (a stat, which may touch the disk)
+        runs in a worker thread; the inline check is an mmap read."""
+        if self.meta.inline_exists(hash):
+            return True
+        return await trio.to_thread.run_sync(self.store.exists, hash, limiter=self.store.limiter)
 
     async def delete_if_deletable(self, hash: bytes) -> bool:
         """Delete the block if its RC is still deletable; True if something was deleted.

@@ -179,7 +179,8 @@ class BlockManager:
         """Whether this node needs the block (rc > 0) but does not hold it, and whether
         it references the block at all (a deleting peer that should hold it waits)."""
         h = get_hash(fields)
-        return {"needed": self.need_block(h), "referenced": self.meta.rc_get(h).is_nonzero()}, None
+        return {"needed": await self.need_block(h),
+                "referenced": self.meta.rc_get(h).is_nonzero()}, None
 
     async def handle_add_ref(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Apply a live reference version (idempotent, last writer wins)."""
@@ -204,9 +205,9 @@ class BlockManager:
                 await self.meta.resync_put(h, 0)
             raise
 
-    def need_block(self, h: bytes) -> bool:
+    async def need_block(self, h: bytes) -> bool:
         """rc > 0 and the block is not held here."""
-        return self.meta.rc_get(h).is_nonzero() and not self.blocks.exists(h)
+        return self.meta.rc_get(h).is_nonzero() and not await self.blocks.aexists(h)
 
     # --------------------------------------------------------- coordinator side
 

@@ -240,7 +240,7 @@ class Resync:
 
     async def resync_block(self, h: bytes) -> None:
         """Make this node's copy of `h` match its RC (see module docstring); raises on failure."""
-        exists = self.blocks.exists(h)
+        exists = await self.blocks.aexists(h)
         rc = self.meta.rc_get(h)
         if exists and rc.is_deletable(self.meta.now_ms()):
             rc = await self.meta.recalculate_rc(h)

@@ -140,7 +140,7 @@ class Background:
             "hash": h.hex(),
             "rc": rc.count,
             "rc_state": rc.describe(),
-            "present": self.node.blocks.exists(h),
+            "present": await self.node.blocks.aexists(h),
             "refs": [{"ref_id": r.ref_id, "deleted": r.deleted, "ts": r.ts_ms}
                      for r in self.meta.refs_of(h)],
             "nodes": list(self.node.layout.write_nodes(h)),
