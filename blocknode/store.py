@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -139,27 +139,23 @@ class BlockStore:
     def quarantine(self, hash: bytes) -> bool:
         """Rename a block to ``.corrupted``; False when it was not there."""
         path = self.path(hash)
-        try:
-            os.replace(path, path + CORRUPTED_SUFFIX)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise _store_error("quarantine", hash, exc) from exc
-        if self.fsync:
-            _fsync_dir(os.path.dirname(path))
-        return True
+        return self._remove_entry("quarantine", hash, lambda: os.replace(path, path + CORRUPTED_SUFFIX))
 
     def delete(self, hash: bytes) -> bool:
         """Remove a block file; False when it was not there."""
         path = self.path(hash)
+        return self._remove_entry("delete", hash, lambda: os.unlink(path))
+
+    def _remove_entry(self, op: str, hash: bytes, action: Callable[[], None]) -> bool:
+        # Takes the block's name out of its directory, durably (the directory is fsync'd).
         try:
-            os.unlink(path)
+            action()
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise _store_error("delete", hash, exc) from exc
+            raise _store_error(op, hash, exc) from exc
         if self.fsync:
-            _fsync_dir(os.path.dirname(path))
+            _fsync_dir(os.path.dirname(self.path(hash)))
         return True
 
     def walk(self, start_after: bytes | None = None) -> Iterator[bytes]:
