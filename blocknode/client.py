@@ -26,9 +26,9 @@ import msgpack
 import trio
 
 from blocknode import fastpath
+from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, load_or_create_secret
 from blocknode.errors import BlocknodeError, InvalidHash, ProtocolError, RemoteError, RpcError
-from blocknode.meta import wall_ms
 from blocknode.rpc.client import open_client as _open_connection
 
 MANIFEST_MAGIC = b"BLOCKNODE-MANIFEST-1\n"

@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,6 +40,7 @@ import msgpack
 import trio
 
 from blocknode import fastpath
+from blocknode.clock import wall_ms
 from blocknode.errors import BlocknodeError, MetadataError, MetadataFull
 from blocknode.notify import Notify
 
@@ -51,11 +51,6 @@ RETRY_BASE_S = 60.0
 RETRY_MAX_S = 3600.0
 _REF_VALUE = struct.Struct(">?Q")
 _BATCH_MAX = 512
-
-
-def wall_ms() -> int:
-    """Milliseconds since the Unix epoch (the time base of every persisted time)."""
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)

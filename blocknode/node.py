@@ -22,11 +22,12 @@ import trio
 
 from blocknode import __version__, fastpath
 from blocknode.blocks import LocalBlocks
+from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
 from blocknode.errors import ConfigError, ProtocolError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
-from blocknode.meta import MetaStore, wall_ms
+from blocknode.meta import MetaStore
 from blocknode.rpc.network import RpcNetwork
 from blocknode.store import BlockStore
 from blocknode.workers import install_workers

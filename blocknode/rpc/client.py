@@ -25,8 +25,8 @@ from blocknode.errors import AuthenticationError, NodeUnreachable, ProtocolError
 from blocknode.rpc.connection import handshake
 from blocknode.rpc.errors import remote_error
 from blocknode.rpc.handshake import ClientHandshake
-from blocknode.rpc.network import Connector, tcp_connect
 from blocknode.rpc.session import Session
+from blocknode.rpc.transport import Connector, tcp_connect
 from blocknode.rpc.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     MSG_ERROR,

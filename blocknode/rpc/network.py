@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,35 +41,17 @@ from blocknode.rpc.connection import Handler, RpcConnection, handshake
 from blocknode.rpc.errors import error_reply, remote_error
 from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
 from blocknode.rpc.session import Session
+from blocknode.rpc.transport import Connector, split_addr, tcp_connect
 from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE, PRIO_NORMAL
 
 __all__ = ["ByteBudget", "Connector", "RpcNetwork", "Outcome", "split_addr", "tcp_connect"]
 
 log = logging.getLogger("blocknode.rpc")
 
-Connector = Callable[[str], Awaitable[trio.abc.Stream]]
-"""Opens a transport stream to ``"host:port"`` (injectable for in-memory tests)."""
-
 Outcome = tuple[str, tuple[dict[str, Any], bytes | None]]
 """One successful `call_many` answer: (node id, (fields, data))."""
 
 _EWMA_ALPHA = 0.3
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); `ValueError` if malformed."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"address {addr!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-async def tcp_connect(addr: str) -> trio.abc.Stream:
-    """The default connector: a TCP stream (TCP_NODELAY is set by trio)."""
-    host, port = split_addr(addr)
-    return await trio.open_tcp_stream(host, port)
 
 
 class ByteBudget:

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from blocknode import fastpath
-from blocknode.meta import wall_ms
+from blocknode.clock import wall_ms
 from tests.cluster.harness import InProcessCluster, in_process_cluster
 
 GC_DELAY = 600.0
