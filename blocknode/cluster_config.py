@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from blocknode.errors import UnknownNode
+
 
 @dataclass(frozen=True)
 class ClusterNode:
@@ -40,8 +42,8 @@ class ClusterConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def node(self, node_id: str) -> ClusterNode:
-        """The node with this id; `KeyError` when the cluster has none."""
+        """The node with this id; `UnknownNode` (a `ConfigError` and a `KeyError`) if none."""
         for n in self.nodes:
             if n.id == node_id:
                 return n
-        raise KeyError(node_id)
+        raise UnknownNode(node_id)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from blocknode.cluster_config import ClusterConfig, ClusterNode
-from blocknode.errors import ConfigError
+from blocknode.errors import ConfigError, UnknownNode
 
 DEFAULT_ROOT = "blocknode-data"
 DEFAULT_PORT = 3901
@@ -260,7 +260,7 @@ def cluster_of(cfg: NodeConfig) -> ClusterConfig:
         cluster = load_cluster_file(cfg.cluster_file, default_rf=cfg.replication_factor)
         try:
             cluster.node(cfg.node_id)
-        except KeyError:
+        except UnknownNode:
             raise ConfigError(
                 f"{cfg.source}: field 'node_id': {cfg.node_id!r} is not listed in cluster file "
                 f"{cfg.cluster_file}"
