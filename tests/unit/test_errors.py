@@ -21,6 +21,20 @@ from blocknode.errors import (
 )
 from blocknode.layout import Layout
 from blocknode.rpc.errors import error_reply
+from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
+from blocknode.rpc.session import Session
+from blocknode.rpc.wire import (
+    MSG_REQUEST,
+    NEED_DATA,
+    FrameDecoder,
+    MessageAssembler,
+    OutgoingMessage,
+    decode_message,
+    encode_head,
+    pack_frame_prefix,
+)
+
+SECRET = bytes(range(32))
 
 
 def test_every_error_class_is_a_blocknode_error() -> None:
@@ -64,3 +78,105 @@ def test_cli_error_carries_its_exit_status() -> None:
 
     assert cli.CliError is CliError
     assert cli.fail("x", cli.EXIT_USAGE).status == cli.EXIT_USAGE
+
+
+# ---------------------------------------------------------------- the peer sent garbage
+
+
+def test_malformed_frames_blame_the_peer() -> None:
+    dec = FrameDecoder(16)
+    dec.receive_data(b"\xff\xff\xff\xff")
+    with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
+        dec.next_frame()
+    with pytest.raises(RemoteProtocolError):
+        decode_message(b"\x00\x00\x00\x01\xc1")
+    asm = MessageAssembler(1000)
+    with pytest.raises(RemoteProtocolError, match="unknown chunk flags"):
+        asm.parse_header(b"\xf0" + b"\x00" * 8)
+    with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
+        asm.begin_chunk(0x01, 1, 5000, 10)
+
+
+def test_a_stream_cut_mid_frame_is_stream_truncated() -> None:
+    dec = FrameDecoder(1024)
+    dec.receive_data(pack_frame_prefix(10) + b"abc")
+    assert dec.next_frame() is NEED_DATA
+    dec.receive_data(b"")
+    with pytest.raises(StreamTruncated):
+        dec.next_frame()
+    plain = Session(None)
+    plain.receive_data(pack_frame_prefix(10) + b"abc")
+    plain.receive_data(b"")
+    with pytest.raises(StreamTruncated):
+        plain.next_message()
+
+
+def _session_pair() -> tuple[Session, Session]:
+    c, s = ClientHandshake("a", SECRET), ServerHandshake("b", SECRET)
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    c.process()
+    s.receive_data(c.data_to_send())
+    s.process()
+    return Session(c.keys), Session(s.keys)
+
+
+def test_an_encrypted_stream_cut_mid_frame_fails_authentication() -> None:
+    a, b = _session_pair()
+    a.queue(OutgoingMessage(1, False, encode_head(MSG_REQUEST, "k", {}, True), memoryview(b"x" * 100)))
+    wire = bytes(a.data_to_send()[0])
+    b.receive_data(wire[:-5])
+    assert b.next_message() is NEED_DATA
+    b.receive_data(b"")
+    with pytest.raises(AuthenticationError, match="truncated"):
+        b.next_message()
+
+
+def test_handshake_garbage_and_mismatches_blame_the_peer() -> None:
+    s = ServerHandshake("b", SECRET)
+    s.receive_data(pack_frame_prefix(3) + b"\xc1\xc1\xc1")
+    with pytest.raises(RemoteProtocolError, match="undecodable"):
+        s.process()
+    c, s = ClientHandshake("a", SECRET, version=2), ServerHandshake("b", SECRET)
+    s.receive_data(c.data_to_send())
+    with pytest.raises(RemoteProtocolError, match="version"):
+        s.process()
+    c, s = ClientHandshake("a", SECRET, expected_peer_id="x"), ServerHandshake("b", SECRET)
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(RemoteProtocolError, match="expected 'x'"):
+        c.process()
+    s = ServerHandshake("b", SECRET)
+    s.receive_data(pack_frame_prefix(10) + b"abc")
+    s.receive_data(b"")
+    with pytest.raises(StreamTruncated, match="handshake"):
+        s.process()
+
+
+# ---------------------------------------------------------------- we misused the API
+
+
+def test_misusing_the_wire_api_is_local() -> None:
+    with pytest.raises(LocalProtocolError, match="msgpack"):
+        encode_head(MSG_REQUEST, "k", {"o": object()}, False)
+    with pytest.raises(LocalProtocolError, match="priority"):
+        encode_head(MSG_REQUEST, "k", {}, False, priority=9)
+    with pytest.raises(LocalProtocolError, match="message type"):
+        encode_head(99, "k", {}, False)
+    dec = FrameDecoder(16)
+    dec.receive_data(b"")
+    with pytest.raises(LocalProtocolError, match="after end of stream"):
+        dec.receive_data(b"more")
+
+
+def test_misusing_a_handshake_is_local() -> None:
+    with pytest.raises(LocalProtocolError, match="local id"):
+        ClientHandshake("", SECRET)
+    s = ServerHandshake("b", SECRET)
+    s.receive_data(pack_frame_prefix(1) + b"\xc1")
+    with pytest.raises(RemoteProtocolError):
+        s.process()
+    with pytest.raises(LocalProtocolError, match="already failed"):
+        s.process()
