@@ -22,6 +22,7 @@ from typing import Any
 
 from blocknode.cluster_config import ClusterConfig, ClusterNode
 from blocknode.errors import ConfigError, UnknownNode
+from blocknode.protocol import DEFAULT_BLOCK_SIZE
 
 DEFAULT_ROOT = "blocknode-data"
 DEFAULT_PORT = 3901
@@ -42,7 +43,7 @@ class NodeConfig:
     cluster_file: str | None = None  # none: a single-node cluster of this node
     zone: str = "default"
     replication_factor: int = 1
-    block_size: int = MiB
+    block_size: int = DEFAULT_BLOCK_SIZE
     inline_threshold: int = 16 * 1024  # blocks up to this size live in LMDB
     data_fsync: bool = True
     metadata_fsync: bool = True

@@ -38,6 +38,7 @@ from typing import Any, Final
 import msgpack
 
 from blocknode.errors import LocalProtocolError, RemoteProtocolError, StreamTruncated
+from blocknode.protocol import DEFAULT_BLOCK_SIZE, HEAD_MAX, max_message_size
 
 __all__ = [
     "CHUNK_HEADER",
@@ -51,6 +52,7 @@ __all__ = [
     "MSG_REQUEST",
     "MSG_RESPONSE",
     "NEED_DATA",
+    "PARTIAL_MESSAGES",
     "PRIO_BACKGROUND",
     "PRIO_HIGH",
     "PRIO_NORMAL",
@@ -84,8 +86,10 @@ _PRIORITIES = (PRIO_HIGH, PRIO_NORMAL, PRIO_BACKGROUND)
 
 CHUNK_SIZE: Final = 64 * 1024
 """Maximum plaintext bytes of one chunk."""
-DEFAULT_MAX_MESSAGE_SIZE: Final = 1024 * 1024 + 64 * 1024
-"""Default hard cap on a whole message: a 1 MiB block plus 64 KiB of overhead."""
+DEFAULT_MAX_MESSAGE_SIZE: Final = max_message_size(DEFAULT_BLOCK_SIZE)
+"""Default hard cap on a whole message: a default-size block plus its overhead."""
+PARTIAL_MESSAGES: Final = 64
+"""Default cap on incomplete messages buffered at once, in maximum-size messages."""
 
 MSG_REQUEST: Final = 0
 MSG_RESPONSE: Final = 1
@@ -102,8 +106,6 @@ _U32 = struct.Struct(">I")
 CHUNK_HEADER: Final = struct.Struct(">BII")
 """flags, stream (request) id, total message length."""
 
-_MAX_HEAD = 64 * 1024
-"""Cap on the msgpack head of one message (kind + fields)."""
 _MAX_KIND = 128
 
 
@@ -194,7 +196,7 @@ def encode_head(
     """Encode the prefix of a message body: ``u32 head length`` + msgpack head.
 
     Raises `LocalProtocolError` if `fields` is not msgpack-able, or the head
-    exceeds `_MAX_HEAD`.
+    exceeds `HEAD_MAX`.
     """
     if msg_type not in _MSG_TYPES:
         raise LocalProtocolError(f"unknown message type {msg_type!r}")
@@ -206,8 +208,8 @@ def encode_head(
         head = msgpack.packb([msg_type, kind, fields, has_data, priority], use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"message fields are not msgpack-encodable: {exc}") from None
-    if len(head) > _MAX_HEAD:
-        raise LocalProtocolError(f"message head of {len(head)} bytes exceeds {_MAX_HEAD}")
+    if len(head) > HEAD_MAX:
+        raise LocalProtocolError(f"message head of {len(head)} bytes exceeds {HEAD_MAX}")
     return _U32.pack(len(head)) + head
 
 
@@ -217,7 +219,7 @@ def decode_message(body: bytes | bytearray | memoryview) -> Message:
     if len(view) < 4:
         raise RemoteProtocolError("message shorter than its head length")
     (head_len,) = _U32.unpack_from(view)
-    if head_len > _MAX_HEAD or 4 + head_len > len(view):
+    if head_len > HEAD_MAX or 4 + head_len > len(view):
         raise RemoteProtocolError(f"bad message head length {head_len}")
     try:
         head = msgpack.unpackb(
@@ -407,7 +409,8 @@ class MessageAssembler:
         self.max_message_size = max_message_size
         self.chunk_size = chunk_size
         self.max_partial_bytes = (
-            max_partial_bytes if max_partial_bytes is not None else 64 * max_message_size
+            max_partial_bytes if max_partial_bytes is not None
+            else PARTIAL_MESSAGES * max_message_size
         )
         self._partial: dict[tuple[bool, int], list[Any]] = {}  # key -> [buffer, offset]
         self._partial_bytes = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import trio
 
 from blocknode import errors
 from blocknode.cluster_config import ClusterConfig, ClusterNode
@@ -20,6 +21,7 @@ from blocknode.errors import (
     UnknownNode,
 )
 from blocknode.layout import Layout
+from blocknode.manager import BlockManager
 from blocknode.rpc.errors import error_reply
 from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
 from blocknode.rpc.session import Session
@@ -180,3 +182,25 @@ def test_misusing_a_handshake_is_local() -> None:
         s.process()
     with pytest.raises(LocalProtocolError, match="already failed"):
         s.process()
+
+
+def test_an_oversized_block_is_local_misuse_from_the_api_and_remote_from_a_request() -> None:
+    layout = Layout(ClusterConfig(nodes=(ClusterNode("n1", "127.0.0.1:1"),), replication_factor=1))
+    mgr = BlockManager(node_id="n1", layout=layout, net=None, blocks=None, meta=None,  # type: ignore[arg-type]
+                       block_size=10)
+
+    async def main() -> None:
+        with pytest.raises(LocalProtocolError, match="exceeds block_size 10"):
+            await mgr.put(b"x" * 11, "r")
+        with pytest.raises(LocalProtocolError, match="exceeds block_size 10"):
+            await mgr.put_many([(b"x" * 11, "r", 1)])
+        with pytest.raises(RemoteProtocolError, match="exceeds block_size 10"):
+            await mgr.handle_client_put("peer", {"ref_id": "r"}, b"x" * 11)
+        with pytest.raises(RemoteProtocolError, match="exceeds block_size 10"):
+            await mgr.handle_client_put_many("peer", {"items": [["r", 1, 11]]}, b"x" * 11)
+        with pytest.raises(RemoteProtocolError, match="exceeds block_size 10"):
+            await mgr.handle_put_block("peer", {"hash": b"\x00" * 32}, b"x" * 11)
+        with pytest.raises(RemoteProtocolError, match="carries no data"):
+            await mgr.handle_put_block("peer", {"hash": b"\x00" * 32}, None)
+
+    trio.run(main)
