@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from blocknode.cluster_config import ClusterConfig, ClusterNode
+from blocknode.cluster_config import DEFAULT_REPLICATION_FACTOR, ClusterConfig, ClusterNode
 from blocknode.errors import ConfigError, UnknownNode
 from blocknode.protocol import DEFAULT_BLOCK_SIZE
 
@@ -42,7 +42,7 @@ class NodeConfig:
     rpc_secret_file: str | None = None  # default: <root>/rpc_secret, made on first start
     cluster_file: str | None = None  # none: a single-node cluster of this node
     zone: str = "default"
-    replication_factor: int = 1
+    replication_factor: int = DEFAULT_REPLICATION_FACTOR
     block_size: int = DEFAULT_BLOCK_SIZE
     inline_threshold: int = 16 * 1024  # blocks up to this size live in LMDB
     data_fsync: bool = True
@@ -204,7 +204,8 @@ def resolve_config_path(cli_value: str | None) -> str | None:
     return cli_value or os.environ.get("BLOCKNODE_CONFIG") or None
 
 
-def load_cluster_file(path: str | os.PathLike[str], *, default_rf: int = 3) -> ClusterConfig:
+def load_cluster_file(path: str | os.PathLike[str], *,
+                      default_rf: int = DEFAULT_REPLICATION_FACTOR) -> ClusterConfig:
     """Load and validate a cluster file (see `blocknode.cluster_config`)."""
     p = Path(path)
     try:
@@ -218,7 +219,8 @@ def load_cluster_file(path: str | os.PathLike[str], *, default_rf: int = 3) -> C
     return cluster_from_dict(raw, source=str(p), default_rf=default_rf)
 
 
-def cluster_from_dict(raw: dict[str, Any], *, source: str, default_rf: int = 3) -> ClusterConfig:
+def cluster_from_dict(raw: dict[str, Any], *, source: str,
+                      default_rf: int = DEFAULT_REPLICATION_FACTOR) -> ClusterConfig:
     """Validate a parsed cluster table; `ConfigError` names the bad field."""
     known = {"replication_factor", "write_quorum", "nodes"}
     for key in raw:
