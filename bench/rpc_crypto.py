@@ -30,24 +30,31 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
+from blocknode.rpc.handshake import TAG_SIZE, ClientHandshake, ServerHandshake
 from blocknode.rpc.network import RpcNetwork
 from blocknode.rpc.session import Session
-from blocknode.rpc.wire import MSG_REQUEST, NEED_DATA, OutgoingMessage, encode_head
+from blocknode.rpc.wire import (
+    CHUNK_HEADER,
+    CHUNK_SIZE,
+    MSG_REQUEST,
+    NEED_DATA,
+    OutgoingMessage,
+    encode_head,
+)
 
 MiB = 1024 * 1024
-CHUNK = 64 * 1024
+CHUNK = CHUNK_SIZE
 
 
 def _aead_rows(quick: bool) -> list[dict[str, Any]]:
     rows = []
     n = 400 if quick else 4000
     data = os.urandom(CHUNK)
-    header = b"\x00" * 9
+    header = b"\x00" * CHUNK_HEADER.size
     nonce = b"\x00" * 12  # a fixed nonce is fine for timing, never for real use
     for name, cls in (("aes-256-gcm", AESGCM), ("chacha20-poly1305", ChaCha20Poly1305)):
         aead = cls(os.urandom(32))
-        out = bytearray(CHUNK + 16)
+        out = bytearray(CHUNK + TAG_SIZE)
         plain = bytearray(CHUNK)
         t = time.perf_counter()
         for _ in range(n):

@@ -28,9 +28,11 @@ from typing import Any
 
 import trio
 
-from blocknode.errors import BlocknodeError, ProtocolError
-from blocknode.manager import PRIO_BACKGROUND, BlockManager, Reply
+from blocknode.errors import BlocknodeError, RemoteProtocolError
+from blocknode.manager import BlockManager, Reply
 from blocknode.meta import MetaStore, RefEntry
+from blocknode.protocol import AE_DIGESTS, AE_EXCHANGE, get_hash, get_int, get_str
+from blocknode.rpc.wire import PRIO_BACKGROUND
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +59,18 @@ def refs_under(meta: MetaStore, prefix: bytes) -> list[list[Any]]:
 
 
 def refs_from_wire(items: Any) -> list[RefEntry]:
-    """Decode wire tuples; `ProtocolError` on anything malformed."""
+    """Decode wire tuples; `RemoteProtocolError` on anything malformed."""
     if not isinstance(items, list) or len(items) > MAX_REFS:
-        raise ProtocolError("refs: expected a list of [hash, ref_id, deleted, ts]")
+        raise RemoteProtocolError("refs: expected a list of [hash, ref_id, deleted, ts]")
     out = []
     for it in items:
         if not (isinstance(it, list | tuple) and len(it) == 4):
-            raise ProtocolError("refs: expected [hash, ref_id, deleted, ts] entries")
+            raise RemoteProtocolError("refs: expected [hash, ref_id, deleted, ts] entries")
         h, rid, deleted, ts = it
-        if (not isinstance(h, bytes) or len(h) != 32 or not isinstance(rid, str) or not rid
-                or not isinstance(deleted, bool) or not isinstance(ts, int) or not 0 <= ts < 2**63):
-            raise ProtocolError("refs: malformed entry")
-        out.append(RefEntry(h, rid, deleted, ts))
+        if not isinstance(deleted, bool):
+            raise RemoteProtocolError("refs: malformed entry")
+        out.append(RefEntry(get_hash({"hash": h}), get_str({"ref_id": rid}, "ref_id"), deleted,
+                            get_int({"ts": ts}, "ts")))
     return out
 
 
@@ -76,7 +78,7 @@ def _prefixes(fields: dict[str, Any]) -> list[bytes]:
     ps = fields.get("prefixes")
     if (not isinstance(ps, list) or len(ps) > MAX_PREFIXES
             or not all(isinstance(p, bytes) and 1 <= len(p) <= 32 for p in ps)):
-        raise ProtocolError("prefixes: expected a list of 1..32-byte prefixes")
+        raise RemoteProtocolError("prefixes: expected a list of 1..32-byte prefixes")
     return ps
 
 
@@ -100,7 +102,7 @@ class AntiEntropy:
 
     def handlers(self) -> dict[str, Any]:
         """RPC handlers: ``ae_digests`` and ``ae_exchange``."""
-        return {"ae_digests": self.handle_digests, "ae_exchange": self.handle_exchange}
+        return {AE_DIGESTS: self.handle_digests, AE_EXCHANGE: self.handle_exchange}
 
     async def handle_digests(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Digests of the refs under each requested prefix."""
@@ -111,10 +113,10 @@ class AntiEntropy:
         """Merge the peer's refs under `prefix` and answer with ours (as they were before)."""
         prefix = fields.get("prefix")
         if not isinstance(prefix, bytes) or not 1 <= len(prefix) <= 32:
-            raise ProtocolError("prefix: expected 1..32 bytes")
+            raise RemoteProtocolError("prefix: expected 1..32 bytes")
         theirs = refs_from_wire(fields.get("refs"))
         if any(not r.hash.startswith(prefix) for r in theirs):
-            raise ProtocolError("refs: entry outside the prefix")
+            raise RemoteProtocolError("refs: entry outside the prefix")
         ours = await trio.to_thread.run_sync(refs_under, self.meta, prefix)
         changed = await self.meta.apply_refs(theirs) if theirs else 0
         return {"refs": ours, "changed": changed}, None
@@ -153,14 +155,14 @@ class AntiEntropy:
         theirs: list[bytes] = []
         for i in range(0, len(prefixes), MAX_PREFIXES):
             reply, _ = await self.manager.net.call(
-                peer, "ae_digests", {"prefixes": prefixes[i:i + MAX_PREFIXES]},
+                peer, AE_DIGESTS, {"prefixes": prefixes[i:i + MAX_PREFIXES]},
                 timeout=self.rpc_timeout, priority=PRIO_BACKGROUND)
             got = reply.get("digests")
             if not isinstance(got, list):
-                raise ProtocolError("ae_digests: no digests in the reply")
+                raise RemoteProtocolError("ae_digests: no digests in the reply")
             theirs.extend(got)
         if len(theirs) != len(prefixes):
-            raise ProtocolError("ae_digests: wrong number of digests")
+            raise RemoteProtocolError("ae_digests: wrong number of digests")
         return mine, theirs
 
     async def _sync_with(self, peer: str, parts: list[int], stats: dict[str, Any]) -> None:
@@ -178,11 +180,11 @@ class AntiEntropy:
     async def _exchange(self, peer: str, prefix: bytes, stats: dict[str, Any]) -> None:
         ours = await trio.to_thread.run_sync(refs_under, self.meta, prefix)
         reply, _ = await self.manager.net.call(
-            peer, "ae_exchange", {"prefix": prefix, "refs": ours},
+            peer, AE_EXCHANGE, {"prefix": prefix, "refs": ours},
             timeout=self.rpc_timeout, priority=PRIO_BACKGROUND)
         theirs = refs_from_wire(reply.get("refs"))
         if any(not r.hash.startswith(prefix) for r in theirs):
-            raise ProtocolError("ae_exchange: entry outside the prefix")
+            raise RemoteProtocolError("ae_exchange: entry outside the prefix")
         stats["ranges_exchanged"] += 1
         stats["merged_there"] += int(reply.get("changed", 0) or 0)
         if theirs:

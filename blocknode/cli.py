@@ -23,6 +23,7 @@ from blocknode.config import NodeConfig, load_config, resolve_config_path
 from blocknode.errors import (
     AuthenticationError,
     BlocknodeError,
+    CliError,
     ConfigError,
     InvalidHash,
     NodeUnreachable,
@@ -39,14 +40,6 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 def register_commands(add: Callable[[argparse._SubParsersAction], None]) -> None:
     """Let another module (e.g. the worker CLI) add its sub-commands."""
     _EXTRA_COMMANDS.append(add)
-
-
-class CliError(Exception):
-    """An error to print as one line, with its exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def fail(message: str, status: int = EXIT_ERROR) -> CliError:

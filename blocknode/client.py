@@ -28,7 +28,8 @@ import trio
 from blocknode import fastpath
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, load_or_create_secret
-from blocknode.errors import BlocknodeError, InvalidHash, ProtocolError, RemoteError, RpcError
+from blocknode.errors import BlocknodeError, InvalidHash, RemoteError, RemoteProtocolError, RpcError
+from blocknode.protocol import CLIENT_GET, CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_REF, STATUS
 from blocknode.rpc.client import open_client as _open_connection
 
 MANIFEST_MAGIC = b"BLOCKNODE-MANIFEST-1\n"
@@ -63,7 +64,7 @@ def decode_manifest(data: bytes) -> tuple[int, list[bytes]] | None:
         if not isinstance(size, int) or not all(isinstance(b, bytes) and len(b) == 32 for b in blocks):
             raise ValueError
     except Exception as exc:  # noqa: BLE001 - any malformation is one error
-        raise ProtocolError(f"malformed manifest block: {exc}") from None
+        raise RemoteProtocolError(f"malformed manifest block: {exc}") from None
     return size, list(blocks)
 
 
@@ -126,14 +127,14 @@ class _PutBatcher:
     async def _send(self, batch: list[_PendingPut]) -> None:
         try:
             reply, _ = await self._client.call(
-                "client_put_many",
+                CLIENT_PUT_MANY,
                 {"items": [[it.ref_id, it.ts, len(it.data)] for it in batch]},
                 b"".join(it.data for it in batch),
             )
             hashes, errors = reply.get("hashes"), reply.get("errors")
             if not isinstance(hashes, list) or not isinstance(errors, list) or \
                     len(hashes) != len(batch) or len(errors) != len(batch):
-                raise ProtocolError("malformed client_put_many reply")
+                raise RemoteProtocolError("malformed client_put_many reply")
             for it, h, err in zip(batch, hashes, errors, strict=True):
                 if err is not None or not isinstance(h, bytes):
                     it.error = RemoteError(str(err))
@@ -179,19 +180,19 @@ class Client:
         if len(data) <= BATCH_MAX_BLOCK:
             return await self._batcher.put(data, ref_id, ts)
         fields = {"ref_id": ref_id, "ts": ts}
-        reply, _ = await self.call("client_put", fields, data)
+        reply, _ = await self.call(CLIENT_PUT, fields, data)
         return reply["hash"]
 
     async def get_block(self, h: bytes) -> bytes:
         """Get one block's verified bytes."""
-        _, data = await self.call("client_get", {"hash": h})
+        _, data = await self.call(CLIENT_GET, {"hash": h})
         if data is None or not fastpath.verify(data, h):
-            raise ProtocolError(f"node returned bad data for block {h.hex()}")
+            raise RemoteProtocolError(f"node returned bad data for block {h.hex()}")
         return data
 
     async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool) -> None:
         """Add or delete one block's reference."""
-        await self.call("client_ref", {"hash": h, "ref_id": ref_id, "deleted": deleted, "ts": wall_ms()})
+        await self.call(CLIENT_REF, {"hash": h, "ref_id": ref_id, "deleted": deleted, "ts": wall_ms()})
 
     # ---- data of any size ----
 
@@ -272,7 +273,7 @@ class Client:
                 got += len(chunk)
                 yield chunk
         if got != size:
-            raise ProtocolError(f"manifest {hash_hex} says {size} bytes but its blocks hold {got}")
+            raise RemoteProtocolError(f"manifest {hash_hex} says {size} bytes but its blocks hold {got}")
 
     async def _blocks_of(self, h: bytes) -> list[bytes]:
         data = await self.get_block(h)
@@ -297,7 +298,7 @@ class Client:
 
     async def status(self) -> dict[str, Any]:
         """The node's status (see `Node.status`)."""
-        reply, _ = await self.call("status", {})
+        reply, _ = await self.call(STATUS, {})
         return reply
 
 

@@ -17,7 +17,15 @@ module only holds the parsed shape, so `layout` can depend on it alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Final
+
+from blocknode.errors import UnknownNode
+
+__all__ = ["DEFAULT_REPLICATION_FACTOR", "ClusterConfig", "ClusterNode"]
+
+DEFAULT_REPLICATION_FACTOR: Final = 1
+"""Copies of each block when neither the cluster file nor the node config says."""
 
 
 @dataclass(frozen=True)
@@ -35,13 +43,12 @@ class ClusterConfig:
     """The parsed cluster file."""
 
     nodes: tuple[ClusterNode, ...]
-    replication_factor: int = 3
+    replication_factor: int = DEFAULT_REPLICATION_FACTOR
     write_quorum: int | None = None
-    extra: dict = field(default_factory=dict, compare=False)
 
     def node(self, node_id: str) -> ClusterNode:
-        """The node with this id; `KeyError` when the cluster has none."""
+        """The node with this id; `UnknownNode` (a `ConfigError` and a `KeyError`) if none."""
         for n in self.nodes:
             if n.id == node_id:
                 return n
-        raise KeyError(node_id)
+        raise UnknownNode(node_id)

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from blocknode.cluster_config import ClusterConfig, ClusterNode
-from blocknode.errors import ConfigError
+from blocknode.cluster_config import DEFAULT_REPLICATION_FACTOR, ClusterConfig, ClusterNode
+from blocknode.errors import ConfigError, UnknownNode
+from blocknode.protocol import DEFAULT_BLOCK_SIZE
 
 DEFAULT_ROOT = "blocknode-data"
 DEFAULT_PORT = 3901
@@ -41,8 +42,8 @@ class NodeConfig:
     rpc_secret_file: str | None = None  # default: <root>/rpc_secret, made on first start
     cluster_file: str | None = None  # none: a single-node cluster of this node
     zone: str = "default"
-    replication_factor: int = 1
-    block_size: int = MiB
+    replication_factor: int = DEFAULT_REPLICATION_FACTOR
+    block_size: int = DEFAULT_BLOCK_SIZE
     inline_threshold: int = 16 * 1024  # blocks up to this size live in LMDB
     data_fsync: bool = True
     metadata_fsync: bool = True
@@ -203,7 +204,8 @@ def resolve_config_path(cli_value: str | None) -> str | None:
     return cli_value or os.environ.get("BLOCKNODE_CONFIG") or None
 
 
-def load_cluster_file(path: str | os.PathLike[str], *, default_rf: int = 3) -> ClusterConfig:
+def load_cluster_file(path: str | os.PathLike[str], *,
+                      default_rf: int = DEFAULT_REPLICATION_FACTOR) -> ClusterConfig:
     """Load and validate a cluster file (see `blocknode.cluster_config`)."""
     p = Path(path)
     try:
@@ -217,7 +219,8 @@ def load_cluster_file(path: str | os.PathLike[str], *, default_rf: int = 3) -> C
     return cluster_from_dict(raw, source=str(p), default_rf=default_rf)
 
 
-def cluster_from_dict(raw: dict[str, Any], *, source: str, default_rf: int = 3) -> ClusterConfig:
+def cluster_from_dict(raw: dict[str, Any], *, source: str,
+                      default_rf: int = DEFAULT_REPLICATION_FACTOR) -> ClusterConfig:
     """Validate a parsed cluster table; `ConfigError` names the bad field."""
     known = {"replication_factor", "write_quorum", "nodes"}
     for key in raw:
@@ -260,7 +263,7 @@ def cluster_of(cfg: NodeConfig) -> ClusterConfig:
         cluster = load_cluster_file(cfg.cluster_file, default_rf=cfg.replication_factor)
         try:
             cluster.node(cfg.node_id)
-        except KeyError:
+        except UnknownNode:
             raise ConfigError(
                 f"{cfg.source}: field 'node_id': {cfg.node_id!r} is not listed in cluster file "
                 f"{cfg.cluster_file}"

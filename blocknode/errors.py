@@ -3,9 +3,41 @@
 Both fast-path implementations, the store, the metadata layer, the RPC layer and
 the client raise these (never a raw `KeyError`, `OSError` or msgpack error across
 a module boundary), so callers and the CLI can print one clear line.
+
+Protocol errors are split by blame, as h11 does: `RemoteProtocolError` — the
+peer sent bytes or a request that break the protocol (close that connection, or
+answer ``bad_request``); `LocalProtocolError` — this process misused the
+protocol API (a bug here, or a caller's bad argument). ``except ProtocolError``
+catches both.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "BlockCorrupted",
+    "BlockNotFound",
+    "BlocknodeError",
+    "CliError",
+    "ConfigError",
+    "CorruptEntry",
+    "HashMismatch",
+    "InvalidHash",
+    "LocalProtocolError",
+    "MetadataError",
+    "MetadataFull",
+    "NodeUnreachable",
+    "ProtocolError",
+    "QuorumError",
+    "RemoteError",
+    "RemoteProtocolError",
+    "RpcError",
+    "RpcTimeout",
+    "StoreError",
+    "StreamTruncated",
+    "UnknownNode",
+    "single_error",
+]
 
 
 class BlocknodeError(Exception):
@@ -14,6 +46,30 @@ class BlocknodeError(Exception):
 
 class ConfigError(BlocknodeError):
     """A config or cluster file is missing, unreadable, or has a bad field."""
+
+
+class UnknownNode(ConfigError, KeyError):
+    """The cluster has no node with this id (`node_id`).
+
+    Also a `KeyError`, for callers that look nodes up like a mapping.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        super().__init__(f"no node {node_id!r} in the cluster")
+
+    __str__ = BlocknodeError.__str__  # the message, not KeyError's quoted repr
+
+
+class CliError(BlocknodeError):
+    """A command-line failure to print as one line; `status` is the exit status.
+
+    1 for an operational error, 2 for bad usage or bad input (the CLI's contract).
+    """
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class InvalidHash(BlocknodeError, ValueError):
@@ -58,11 +114,29 @@ class MetadataFull(MetadataError):
 
 
 class ProtocolError(BlocknodeError):
-    """The peer sent bytes that violate the wire protocol (the connection is closed)."""
+    """The wire protocol was violated; the subclass says by whom (catch this for both)."""
 
 
-class AuthenticationError(ProtocolError):
-    """The peer failed the handshake: wrong cluster secret, replay, or tampering."""
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes or a request that violate the protocol.
+
+    On a connection: close that connection (only). In a request handler: the
+    caller gets a ``bad_request`` error reply.
+    """
+
+
+class LocalProtocolError(ProtocolError):
+    """This process misused the protocol API: unencodable fields, an unknown
+    priority, a block over `block_size` handed to a coordinator, bytes fed after
+    the end of stream, ... (a bug or a bad argument here, not the peer's fault)."""
+
+
+class StreamTruncated(RemoteProtocolError):
+    """The peer's byte stream ended in the middle of a frame."""
+
+
+class AuthenticationError(RemoteProtocolError):
+    """The peer failed the handshake or a frame's tag: wrong cluster secret, replay, or tampering."""
 
 
 class RpcError(BlocknodeError):

@@ -61,7 +61,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from blocknode.cluster_config import ClusterConfig, ClusterNode
-from blocknode.errors import ConfigError, InvalidHash
+from blocknode.errors import ConfigError, InvalidHash, UnknownNode
 
 __all__ = ["HASH_LEN", "PARTITION_COUNT", "Layout", "partition_of"]
 
@@ -273,11 +273,11 @@ class Layout:
         return tuple(self._zones)
 
     def node(self, node_id: str) -> ClusterNode:
-        """The cluster node with this id; `ConfigError` if there is none."""
+        """The cluster node with this id; `UnknownNode` (a `ConfigError`) if there is none."""
         try:
             return self._nodes[node_id]
         except KeyError:
-            raise ConfigError(f"no node {node_id!r} in the cluster") from None
+            raise UnknownNode(node_id) from None
 
     def partition_nodes(self, partition: int) -> tuple[str, ...]:
         """The `replication_factor` distinct nodes of a partition (0..255)."""

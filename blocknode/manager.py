@@ -13,7 +13,8 @@ Two roles (as in the seed's `BlockManager`):
   `set_ref` goes to the write quorum too.
 
 Calls to this node itself go straight to the handlers (the RPC layer
-short-circuits them), so a single node and a cluster run the same code.
+short-circuits them), so a single node and a cluster run the same code. Message
+kinds, request parsing and limits live in `blocknode.protocol`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,32 @@ from blocknode.errors import (
     BlockCorrupted,
     BlocknodeError,
     BlockNotFound,
-    ProtocolError,
+    LocalProtocolError,
     QuorumError,
 )
 from blocknode.layout import Layout
 from blocknode.meta import MetaStore, RefEntry
-from blocknode.rpc.wire import PRIO_BACKGROUND, PRIO_HIGH, PRIO_NORMAL
+from blocknode.protocol import (
+    ADD_REF,
+    CLIENT_GET,
+    CLIENT_PUT,
+    CLIENT_PUT_MANY,
+    CLIENT_REF,
+    DEFAULT_BLOCK_SIZE,
+    DEL_REF,
+    GET_BLOCK,
+    NEED_BLOCK,
+    PUT_BLOCK,
+    PUT_BLOCKS,
+    THREAD_HASH_MIN,
+    get_data,
+    get_hash,
+    get_opt_int,
+    get_ref,
+    get_str,
+    parse_batch_items,
+)
+from blocknode.rpc.wire import PRIO_HIGH, PRIO_NORMAL
 
 Reply = tuple[dict[str, Any], bytes | None]
 Handler = Callable[[str, dict[str, Any], bytes | None], Awaitable[Reply]]
@@ -61,33 +82,10 @@ class Network(Protocol):
     def latency(self, node_id: str) -> float | None: ...
 
 
-def get_hash(fields: dict[str, Any], name: str = "hash") -> bytes:
-    """A 32-byte hash field of a request; `ProtocolError` when missing or malformed."""
-    h = fields.get(name)
-    if not isinstance(h, bytes) or len(h) != fastpath.HASH_LEN:
-        raise ProtocolError(f"field {name!r}: expected a 32-byte block hash")
-    return h
-
-
-def get_str(fields: dict[str, Any], name: str) -> str:
-    """A non-empty string field of a request."""
-    v = fields.get(name)
-    if not isinstance(v, str) or not v or len(v.encode()) > 255:
-        raise ProtocolError(f"field {name!r}: expected a string of 1 to 255 bytes")
-    return v
-
-
-def get_int(fields: dict[str, Any], name: str) -> int:
-    """A non-negative integer field of a request."""
-    v = fields.get(name)
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
-        raise ProtocolError(f"field {name!r}: expected a non-negative integer")
-    return v
-
-
 def ref_from_fields(hash: bytes, fields: dict[str, Any], *, deleted: bool) -> RefEntry:
-    """The reference version a request carries (`ref_id`, `ts`)."""
-    return RefEntry(hash, get_str(fields, "ref_id"), deleted, get_int(fields, "ts"))
+    """The reference version a request carries (`ref_id`, `ts`), as stored."""
+    ref_id, ts = get_ref(fields)
+    return RefEntry(hash, ref_id, deleted, ts)
 
 
 class BlockManager:
@@ -103,7 +101,7 @@ class BlockManager:
         meta: MetaStore,
         rpc_timeout: float = 30.0,
         hedge_delay: float = 0.05,
-        block_size: int = 1 << 20,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         self.node_id = node_id
         self.layout = layout
@@ -123,16 +121,16 @@ class BlockManager:
     def handlers(self) -> dict[str, Handler]:
         """The RPC handlers this manager serves, by message kind."""
         return {
-            "put_block": self.handle_put_block,
-            "get_block": self.handle_get_block,
-            "need_block": self.handle_need_block,
-            "add_ref": self.handle_add_ref,
-            "del_ref": self.handle_del_ref,
-            "put_blocks": self.handle_put_blocks,
-            "client_put": self.handle_client_put,
-            "client_put_many": self.handle_client_put_many,
-            "client_get": self.handle_client_get,
-            "client_ref": self.handle_client_ref,
+            PUT_BLOCK: self.handle_put_block,
+            GET_BLOCK: self.handle_get_block,
+            NEED_BLOCK: self.handle_need_block,
+            ADD_REF: self.handle_add_ref,
+            DEL_REF: self.handle_del_ref,
+            PUT_BLOCKS: self.handle_put_blocks,
+            CLIENT_PUT: self.handle_client_put,
+            CLIENT_PUT_MANY: self.handle_client_put_many,
+            CLIENT_GET: self.handle_client_get,
+            CLIENT_REF: self.handle_client_ref,
         }
 
     # ------------------------------------------------------------ replica side
@@ -140,10 +138,7 @@ class BlockManager:
     async def handle_put_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Store a block (the receiver verifies the hash: the seed did not)."""
         h = get_hash(fields)
-        if data is None:
-            raise ProtocolError("put_block carries no data")
-        if len(data) > self.block_size:
-            raise ProtocolError(f"block of {len(data)} bytes exceeds block_size {self.block_size}")
+        data = get_data(data, PUT_BLOCK, block_size=self.block_size)
         ref = ref_from_fields(h, fields, deleted=False) if "ref_id" in fields else None
         verified = self._hashed_here.get(id(data)) == h
         stored = await self.blocks.write(h, data, ref=ref, verify=not verified)
@@ -155,12 +150,10 @@ class BlockManager:
         `items` is a list of ``[hash, ref_id, ts, length]``; `data` is the blocks'
         bytes back to back. The batch succeeds or fails as a whole.
         """
-        items = _parse_items(fields, data, with_hash=True)
+        items = parse_batch_items(fields, data, with_hash=True, block_size=self.block_size)
         verified = self._hashed_here.get(id(data)) is not None
         small: list[tuple[bytes, bytes, RefEntry]] = []
         for h, ref_id, ts, chunk in items:
-            if len(chunk) > self.block_size:
-                raise ProtocolError(f"block of {len(chunk)} bytes exceeds block_size {self.block_size}")
             ref = RefEntry(h, ref_id, False, ts)
             if self.blocks.is_inline_size(len(chunk)):
                 small.append((h, chunk, ref))
@@ -215,14 +208,14 @@ class BlockManager:
                   *, priority: int = PRIO_NORMAL) -> bytes:
         """Store `data` as a block with reference `ref_id` on a write quorum; returns its hash."""
         if len(data) > self.block_size:
-            raise ProtocolError(f"block of {len(data)} bytes exceeds block_size {self.block_size}")
+            raise LocalProtocolError(f"block of {len(data)} bytes exceeds block_size {self.block_size}")
         h = await self._hash(data)
         ts = self.meta.now_ms() if ts_ms is None else ts_ms
         key = id(data)
         self._hashed_here[key] = h
         try:
             await self.net.call_many(
-                list(self.layout.write_nodes(h)), "put_block",
+                list(self.layout.write_nodes(h)), PUT_BLOCK,
                 {"hash": h, "ref_id": ref_id, "ts": ts}, data,
                 quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
                 interrupt_after_quorum=False, priority=priority,
@@ -243,8 +236,8 @@ class BlockManager:
         total = sum(len(d) for d, _, _ in blocks)
         for d, _, _ in blocks:
             if len(d) > self.block_size:
-                raise ProtocolError(f"block of {len(d)} bytes exceeds block_size {self.block_size}")
-        if total > 64 * 1024:
+                raise LocalProtocolError(f"block of {len(d)} bytes exceeds block_size {self.block_size}")
+        if total > THREAD_HASH_MIN:
             hashes = await trio.to_thread.run_sync(lambda: [fastpath.block_hash(d) for d, _, _ in blocks])
         else:
             hashes = [fastpath.block_hash(d) for d, _, _ in blocks]
@@ -260,7 +253,7 @@ class BlockManager:
             self._hashed_here[key] = b""
             try:
                 await self.net.call_many(
-                    list(nodes), "put_blocks", {"items": items}, payload,
+                    list(nodes), PUT_BLOCKS, {"items": items}, payload,
                     quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
                     interrupt_after_quorum=False,
                 )
@@ -283,7 +276,7 @@ class BlockManager:
         """Add or delete a reference on a write quorum of the block's nodes."""
         ts = self.meta.now_ms() if ts_ms is None else ts_ms
         await self.net.call_many(
-            list(self.layout.write_nodes(h)), "del_ref" if deleted else "add_ref",
+            list(self.layout.write_nodes(h)), DEL_REF if deleted else ADD_REF,
             {"hash": h, "ref_id": ref_id, "ts": ts},
             quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
             interrupt_after_quorum=False, priority=PRIO_HIGH,
@@ -316,7 +309,7 @@ class BlockManager:
                     data = await self.read_local(h)
                 else:
                     _, data = await self.net.call(
-                        node, "get_block", {"hash": h}, timeout=self.rpc_timeout, priority=priority
+                        node, GET_BLOCK, {"hash": h}, timeout=self.rpc_timeout, priority=priority
                     )
                     if data is None or not await self._verify(data, h):
                         raise BlockCorrupted(fastpath.hash_to_hex(h))
@@ -356,12 +349,12 @@ class BlockManager:
         raise QuorumError(f"get {hex_h}", 1, 0, failures)
 
     async def _hash(self, data: bytes) -> bytes:
-        if len(data) > 64 * 1024:
+        if len(data) > THREAD_HASH_MIN:
             return await trio.to_thread.run_sync(fastpath.block_hash, data)
         return fastpath.block_hash(data)
 
     async def _verify(self, data: bytes, h: bytes) -> bool:
-        if len(data) > 64 * 1024:
+        if len(data) > THREAD_HASH_MIN:
             return await trio.to_thread.run_sync(fastpath.verify, data, h)
         return fastpath.verify(data, h)
 
@@ -369,15 +362,13 @@ class BlockManager:
 
     async def handle_client_put(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """A client asks this node to put a block with a reference."""
-        if data is None:
-            raise ProtocolError("client_put carries no data")
-        ref_id = get_str(fields, "ref_id")
-        h = await self.put(data, ref_id, fields.get("ts") if isinstance(fields.get("ts"), int) else None)
+        data = get_data(data, CLIENT_PUT, block_size=self.block_size)
+        h = await self.put(data, get_str(fields, "ref_id"), get_opt_int(fields, "ts"))
         return {"hash": h}, None
 
     async def handle_client_put_many(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """A client puts a batch of blocks; the reply lists each block's hash or error."""
-        items = _parse_items(fields, data, with_hash=False)
+        items = parse_batch_items(fields, data, with_hash=False, block_size=self.block_size)
         results = await self.put_many([(chunk, ref_id, ts) for _, ref_id, ts, chunk in items])
         return {
             "hashes": [r if isinstance(r, bytes) else None for r in results],
@@ -392,40 +383,9 @@ class BlockManager:
         """A client adds (`deleted` false) or deletes a reference."""
         h = get_hash(fields)
         deleted = bool(fields.get("deleted", False))
-        ts = fields.get("ts")
         await self.set_ref(h, get_str(fields, "ref_id"), deleted=deleted,
-                           ts_ms=ts if isinstance(ts, int) else None)
+                           ts_ms=get_opt_int(fields, "ts"))
         return {}, None
 
 
-def _parse_items(fields: dict[str, Any], data: bytes | None,
-                 *, with_hash: bool) -> list[tuple[bytes, str, int, bytes]]:
-    """Split a batch message: `items` rows and the blocks' bytes back to back.
-
-    Rows are ``[hash, ref_id, ts, length]`` (`with_hash`) or ``[ref_id, ts, length]``.
-    """
-    rows = fields.get("items")
-    if not isinstance(rows, list) or not rows or len(rows) > 4096:
-        raise ProtocolError("field 'items': expected a list of 1 to 4096 rows")
-    payload = data or b""
-    view = memoryview(payload)
-    out = []
-    offset = 0
-    for row in rows:
-        if not isinstance(row, list) or len(row) != (4 if with_hash else 3):
-            raise ProtocolError("field 'items': malformed row")
-        h = get_hash({"hash": row[0]}) if with_hash else b""
-        rest = row[1:] if with_hash else row
-        ref_id = get_str({"ref_id": rest[0]}, "ref_id")
-        ts = get_int({"ts": rest[1]}, "ts")
-        length = get_int({"length": rest[2]}, "length")
-        if offset + length > len(payload):
-            raise ProtocolError("field 'items': lengths exceed the payload")
-        out.append((h, ref_id, ts, bytes(view[offset:offset + length])))
-        offset += length
-    if offset != len(payload):
-        raise ProtocolError("field 'items': lengths do not cover the payload")
-    return out
-
-
-__all__ = ["BlockManager", "PRIO_HIGH", "PRIO_NORMAL", "PRIO_BACKGROUND"]
+__all__ = ["BlockManager", "Handler", "Network", "Reply", "ref_from_fields"]

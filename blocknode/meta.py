@@ -43,6 +43,7 @@ from blocknode import fastpath
 from blocknode.clock import wall_ms
 from blocknode.errors import BlocknodeError, MetadataError, MetadataFull
 from blocknode.notify import Notify
+from blocknode.protocol import GC_CHECK_MARGIN_MS, MAX_REF_ID_BYTES
 
 T = TypeVar("T")
 Txn = lmdb.Transaction
@@ -352,7 +353,7 @@ class MetaStore:
         new = self.tx_rc_get(txn, hash).decrement(self.now_ms(), self.gc_delay_ms)
         self.tx_rc_set(txn, hash, new)
         if new.state == fastpath.RC_DELETABLE:
-            self.tx_resync_put(txn, hash, self.gc_delay_ms + 10_000)
+            self.tx_resync_put(txn, hash, self.gc_delay_ms + GC_CHECK_MARGIN_MS)
         return new
 
     def tx_clear_deleted(self, txn: Txn, hash: bytes) -> bool:
@@ -391,7 +392,7 @@ class MetaStore:
             new = RcEntry(fastpath.RC_PRESENT, live)
         elif old.state == fastpath.RC_PRESENT:
             new = RcEntry(fastpath.RC_DELETABLE, self.now_ms() + self.gc_delay_ms)
-            self.tx_resync_put(txn, hash, self.gc_delay_ms + 10_000)
+            self.tx_resync_put(txn, hash, self.gc_delay_ms + GC_CHECK_MARGIN_MS)
         else:
             new = old
         if new != old:
@@ -619,8 +620,8 @@ def _ref_key(hash: bytes, ref_id: str) -> bytes:
     if len(hash) != fastpath.HASH_LEN:
         raise MetadataError(f"a block hash is 32 bytes, got {len(hash)}")
     rid = ref_id.encode("utf-8")
-    if not rid or len(rid) > 255:
-        raise MetadataError("a reference id is 1 to 255 bytes of UTF-8")
+    if not rid or len(rid) > MAX_REF_ID_BYTES:
+        raise MetadataError(f"a reference id is 1 to {MAX_REF_ID_BYTES} bytes of UTF-8")
     return hash + rid
 
 

@@ -24,10 +24,11 @@ from blocknode import __version__, fastpath
 from blocknode.blocks import LocalBlocks
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
-from blocknode.errors import ConfigError, ProtocolError
+from blocknode.errors import ConfigError, RemoteProtocolError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.meta import MetaStore
+from blocknode.protocol import STATUS, max_message_size
 from blocknode.rpc.network import RpcNetwork
 from blocknode.store import BlockStore
 from blocknode.workers import install_workers
@@ -77,7 +78,7 @@ class Node:
             ram_buffer_max=max(1, cfg.block_ram_buffer_max // 2),
             client_buffer_max=max(1, cfg.block_ram_buffer_max // 2),
             connect_timeout=cfg.connect_timeout,
-            max_message_size=cfg.block_size + 64 * 1024,
+            max_message_size=max_message_size(cfg.block_size),
         )
         self.manager = BlockManager(
             node_id=cfg.node_id,
@@ -90,7 +91,7 @@ class Node:
             block_size=cfg.block_size,
         )
         self._handlers: dict[str, Handler] = dict(self.manager.handlers())
-        self._handlers["status"] = self.handle_status
+        self._handlers[STATUS] = self.handle_status
         self._workers: list[tuple[str, Worker]] = []
         self.addr: str | None = None
         install_workers(self)
@@ -111,7 +112,7 @@ class Node:
         """Route one request to its handler."""
         handler = self._handlers.get(kind)
         if handler is None:
-            raise ProtocolError(f"unknown request kind {kind!r}")
+            raise RemoteProtocolError(f"unknown request kind {kind!r}")
         return await handler(peer, fields, data)
 
     # ---- life cycle ----

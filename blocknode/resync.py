@@ -40,12 +40,16 @@ import trio
 
 from blocknode.anti_entropy import refs_from_wire
 from blocknode.errors import BlocknodeError, RpcError
-from blocknode.manager import PRIO_BACKGROUND, BlockManager
+from blocknode.manager import BlockManager
 from blocknode.meta import Txn
 from blocknode.notify import Notify
+from blocknode.rpc.wire import PRIO_BACKGROUND
 from blocknode.tranquilizer import Tranquilizer
 
 log = logging.getLogger(__name__)
+
+_DUE_LOOKAHEAD = 16
+"""Due entries read beyond those in progress, to find one no worker is handling."""
 
 STATE_WORKERS = "resync_workers"
 STATE_TRANQUILITY = "resync_tranquility"
@@ -157,7 +161,7 @@ class Resync:
 
     def _claim(self) -> tuple[bytes, bytes] | None:
         """The first due entry whose block no worker is handling; marks it in progress."""
-        for key, h in self.meta.resync_due(limit=len(self._in_progress) + 16):
+        for key, h in self.meta.resync_due(limit=len(self._in_progress) + _DUE_LOOKAHEAD):
             if h not in self._in_progress:
                 self._in_progress.add(h)
                 return key, h
@@ -211,7 +215,7 @@ class Resync:
     def _due_in_progress(self) -> bool:
         if not self._in_progress:
             return False
-        due = self.meta.resync_due(limit=len(self._in_progress) + 16)
+        due = self.meta.resync_due(limit=len(self._in_progress) + _DUE_LOOKAHEAD)
         return any(h in self._in_progress for _, h in due)
 
     async def _process_claimed(self, key: bytes, h: bytes) -> None:

@@ -30,9 +30,22 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from blocknode.anti_entropy import AntiEntropy
-from blocknode.errors import BlocknodeError, ProtocolError
-from blocknode.manager import Reply, get_hash
+from blocknode.errors import BlocknodeError, RemoteProtocolError
+from blocknode.manager import Reply
 from blocknode.meta import ErrorEntry
+from blocknode.protocol import (
+    ADMIN_ANTI_ENTROPY,
+    ADMIN_BLOCK_ERRORS,
+    ADMIN_BLOCK_INFO,
+    ADMIN_BLOCK_PURGE,
+    ADMIN_BLOCK_RETRY_NOW,
+    ADMIN_REPAIR,
+    ADMIN_RESYNC_RUN_ONCE,
+    ADMIN_SCRUB,
+    ADMIN_WORKER_LIST,
+    ADMIN_WORKER_SET,
+    get_hash,
+)
 from blocknode.repair import Repair
 from blocknode.resync import Resync
 from blocknode.scrub import Scrub
@@ -49,7 +62,7 @@ def _bad_args_are_protocol_errors(fn: AdminHandler) -> AdminHandler:
         try:
             return await fn(peer, fields, data)
         except (ValueError, TypeError) as exc:
-            raise ProtocolError(str(exc)) from None
+            raise RemoteProtocolError(str(exc)) from None
     return wrapper
 
 
@@ -81,16 +94,16 @@ class Background:
         for kind, h in self.anti_entropy.handlers().items():
             node.register(kind, h)
         for kind, h in {
-            "admin_scrub": self.handle_scrub,
-            "admin_repair": self.handle_repair,
-            "admin_block_info": self.handle_block_info,
-            "admin_block_errors": self.handle_block_errors,
-            "admin_block_retry_now": self.handle_retry_now,
-            "admin_block_purge": self.handle_purge,
-            "admin_worker_list": self.handle_worker_list,
-            "admin_worker_set": self.handle_worker_set,
-            "admin_anti_entropy": self.handle_anti_entropy,
-            "admin_resync_run_once": self.handle_resync_run_once,
+            ADMIN_SCRUB: self.handle_scrub,
+            ADMIN_REPAIR: self.handle_repair,
+            ADMIN_BLOCK_INFO: self.handle_block_info,
+            ADMIN_BLOCK_ERRORS: self.handle_block_errors,
+            ADMIN_BLOCK_RETRY_NOW: self.handle_retry_now,
+            ADMIN_BLOCK_PURGE: self.handle_purge,
+            ADMIN_WORKER_LIST: self.handle_worker_list,
+            ADMIN_WORKER_SET: self.handle_worker_set,
+            ADMIN_ANTI_ENTROPY: self.handle_anti_entropy,
+            ADMIN_RESYNC_RUN_ONCE: self.handle_resync_run_once,
         }.items():
             node.register(kind, _bad_args_are_protocol_errors(h))
         node.add_worker("resync", self.resync.run)
@@ -114,11 +127,11 @@ class Background:
             return await self.scrub.cancel(), None
         if action == "set_tranquility":
             if t is None:
-                raise ProtocolError("set_tranquility needs a tranquility")
+                raise RemoteProtocolError("set_tranquility needs a tranquility")
             return await self.scrub.set_tranquility(t), None
         if action == "status":
             return self.scrub.status(), None
-        raise ProtocolError(f"unknown scrub action {action!r}")
+        raise RemoteProtocolError(f"unknown scrub action {action!r}")
 
     async def handle_repair(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Start a repair (`action` start, `rc`) or read its progress (`action` status)."""
@@ -128,7 +141,7 @@ class Background:
             return {**self.repair.status(), "started_now": started}, None
         if action == "status":
             return self.repair.status(), None
-        raise ProtocolError(f"unknown repair action {action!r}")
+        raise RemoteProtocolError(f"unknown repair action {action!r}")
 
     # ------------------------------------------------------------ blocks
 
@@ -182,7 +195,7 @@ class Background:
             if nid == self.node.node_id:
                 continue
             try:
-                reply, _ = await self.node.net.call(nid, "admin_block_info", {"hash": h},
+                reply, _ = await self.node.net.call(nid, ADMIN_BLOCK_INFO, {"hash": h},
                                                     timeout=self.manager.rpc_timeout)
             except BlocknodeError:
                 continue
@@ -225,17 +238,17 @@ class Background:
         """Change a worker setting at runtime (persisted)."""
         name, value = fields.get("name"), fields.get("value")
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ProtocolError("value: expected a number")
+            raise RemoteProtocolError("value: expected a number")
         if name == "resync-workers":
             if int(value) != value:
-                raise ProtocolError("resync-workers: expected an integer")
+                raise RemoteProtocolError("resync-workers: expected an integer")
             await self.resync.set_workers(int(value))
         elif name == "resync-tranquility":
             await self.resync.set_tranquility(value)
         elif name == "scrub-tranquility":
             await self.scrub.set_tranquility(value)
         else:
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 f"unknown setting {name!r} (resync-workers, resync-tranquility, scrub-tranquility)")
         return {"workers": self.worker_list()}, None
 

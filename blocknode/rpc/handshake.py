@@ -12,7 +12,7 @@ bytes each, before any encrypted byte)::
 server nonce])``. Each side proves it holds the 32-byte cluster secret without
 sending it; the role labels stop a proof being reflected back; the peer's fresh
 nonce stops a recorded handshake being replayed. A version mismatch gets a
-``{"t": "reject", "why": "version", "v": ...}`` frame and a `ProtocolError`
+``{"t": "reject", "why": "version", "v": ...}`` frame and a `RemoteProtocolError`
 naming both versions on both sides. A client that finds the server's proof wrong
 sends ``{"t": "reject", "why": "auth"}`` and raises `AuthenticationError`; the
 server then raises `AuthenticationError` too. A peer with the wrong secret never
@@ -51,7 +51,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from blocknode.errors import AuthenticationError, ProtocolError
+from blocknode.errors import (
+    AuthenticationError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from blocknode.rpc.wire import NEED_DATA, FrameDecoder, pack_frame_prefix
 
 __all__ = [
@@ -107,7 +112,7 @@ class SessionCipher:
 
     def _nonce(self) -> bytes:
         if self._dead:
-            raise AuthenticationError("session cipher used after an authentication failure")
+            raise LocalProtocolError("session cipher used after an authentication failure")
         if self._counter >= 2**64 - 1:
             raise AuthenticationError("session nonce space exhausted")
         nonce = self._NONCE.pack(self._counter)
@@ -141,7 +146,8 @@ def _check_secret(secret: bytes) -> bytes:
 
 def _check_id(node_id: object, who: str) -> str:
     if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_ID_LEN:
-        raise ProtocolError(f"{who} id must be a string of 1..{MAX_ID_LEN} characters")
+        error = LocalProtocolError if who == "local" else RemoteProtocolError
+        raise error(f"{who} id must be a string of 1..{MAX_ID_LEN} characters")
     return node_id
 
 
@@ -191,11 +197,11 @@ class _Handshake:
         """The next handshake frame as a dict, or None if more bytes are needed."""
         try:
             frame = self.decoder.next_frame()
-        except ProtocolError as exc:
-            raise ProtocolError(f"handshake: {exc}") from None
+        except RemoteProtocolError as exc:
+            raise type(exc)(f"handshake: {exc}") from None
         if frame is NEED_DATA:
             if self.decoder.at_eof:
-                raise ProtocolError("handshake: peer closed the connection")
+                raise RemoteProtocolError("handshake: peer closed the connection")
             return None
         try:
             obj = msgpack.unpackb(
@@ -209,9 +215,9 @@ class _Handshake:
                 max_ext_len=0,
             )
         except Exception as exc:
-            raise ProtocolError(f"handshake: undecodable frame ({type(exc).__name__})") from None
+            raise RemoteProtocolError(f"handshake: undecodable frame ({type(exc).__name__})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
-            raise ProtocolError("handshake: frame is not a typed map")
+            raise RemoteProtocolError("handshake: frame is not a typed map")
         if obj["t"] == "reject":
             self._on_reject(obj)
         return obj
@@ -219,7 +225,7 @@ class _Handshake:
     def _on_reject(self, obj: dict[str, Any]) -> None:
         why = obj.get("why")
         if why == "version":
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 f"protocol version mismatch: peer speaks version {obj.get('v')!r}, "
                 f"we speak version {self.version}"
             )
@@ -227,13 +233,13 @@ class _Handshake:
             raise AuthenticationError(
                 "peer refused our handshake proof: the cluster secrets differ"
             )
-        raise ProtocolError(f"handshake rejected by peer: {why!r}")
+        raise RemoteProtocolError(f"handshake rejected by peer: {why!r}")
 
     @staticmethod
     def _field(obj: dict[str, Any], name: str, typ: type, size: int | None = None) -> Any:
         value = obj.get(name)
         if type(value) is not typ or (size is not None and len(value) != size):
-            raise ProtocolError(f"handshake: field {name!r} missing or malformed")
+            raise RemoteProtocolError(f"handshake: field {name!r} missing or malformed")
         return value
 
     def _transcript(self, client_id: str, server_id: str, nc: bytes, ns: bytes) -> bytes:
@@ -253,7 +259,7 @@ class _Handshake:
     def process(self) -> None:
         """Advance with the bytes received so far; raises on any failure."""
         if self._failed:
-            raise ProtocolError("handshake already failed")
+            raise LocalProtocolError("handshake already failed")
         if self.done:
             return
         try:
@@ -267,7 +273,7 @@ class ClientHandshake(_Handshake):
     """The connecting side. Its hello is queued at construction.
 
     `expected_peer_id`, if given, must match the id the server proves; a
-    mismatch raises `ProtocolError` (connected to the wrong node).
+    mismatch raises `RemoteProtocolError` (connected to the wrong node).
     """
 
     def __init__(
@@ -288,10 +294,10 @@ class ClientHandshake(_Handshake):
         if obj is None:
             return
         if obj["t"] != "hello":
-            raise ProtocolError(f"handshake: expected server hello, got {obj['t']!r}")
+            raise RemoteProtocolError(f"handshake: expected server hello, got {obj['t']!r}")
         version = obj.get("v")
         if version != self.version:
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 f"protocol version mismatch: peer speaks version {version!r}, "
                 f"we speak version {self.version}"
             )
@@ -306,7 +312,7 @@ class ClientHandshake(_Handshake):
                 "(wrong cluster secret on one side?)"
             )
         if self.expected_peer_id is not None and server_id != self.expected_peer_id:
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 f"connected to node {server_id!r} but expected {self.expected_peer_id!r}"
             )
         self._send({"t": "finish", "mac": self._mac(_CLIENT_LABEL, transcript)})
@@ -341,11 +347,11 @@ class ServerHandshake(_Handshake):
 
     def _on_hello(self, obj: dict[str, Any]) -> None:
         if obj["t"] != "hello":
-            raise ProtocolError(f"handshake: expected client hello, got {obj['t']!r}")
+            raise RemoteProtocolError(f"handshake: expected client hello, got {obj['t']!r}")
         version = obj.get("v")
         if version != self.version:
             self._send({"t": "reject", "why": "version", "v": self.version})
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 f"protocol version mismatch: peer speaks version {version!r}, "
                 f"we speak version {self.version}"
             )
@@ -367,7 +373,7 @@ class ServerHandshake(_Handshake):
         assert self._client is not None
         client_id, nc, transcript = self._client
         if obj["t"] != "finish":
-            raise ProtocolError(f"handshake: expected client finish, got {obj['t']!r}")
+            raise RemoteProtocolError(f"handshake: expected client finish, got {obj['t']!r}")
         mac = self._field(obj, "mac", bytes, MAC_SIZE)
         if not hmac.compare_digest(mac, self._mac(_CLIENT_LABEL, transcript)):
             raise AuthenticationError(

@@ -12,7 +12,7 @@ baseline, never on a real connection.
 
 from __future__ import annotations
 
-from blocknode.errors import AuthenticationError, ProtocolError
+from blocknode.errors import AuthenticationError, RemoteProtocolError, StreamTruncated
 from blocknode.rpc.handshake import TAG_SIZE, SessionCipher, SessionKeys
 from blocknode.rpc.wire import (
     CHUNK_HEADER,
@@ -41,9 +41,11 @@ class Session:
     """Frames, encryption, chunking and reassembly of one connection, no I/O.
 
     Receiving: `receive_data(bytes)` then `next_message()` until `NEED_DATA`;
-    it returns ``(is_response, stream_id, Message)``. Any violation raises
-    `ProtocolError`; any authentication failure `AuthenticationError`. After
-    either, the session is unusable and the connection must close.
+    it returns ``(is_response, stream_id, Message)``. Any violation by the peer
+    raises `RemoteProtocolError`; any authentication failure (including, on an
+    encrypted session, a stream cut in the middle of a frame)
+    `AuthenticationError`. After either, the session is unusable and the
+    connection must close.
 
     Sending: `queue(OutgoingMessage)`, then `data_to_send()` while `pending`.
     """
@@ -78,8 +80,8 @@ class Session:
         while True:
             try:
                 frame = self.decoder.next_frame()
-            except ProtocolError as exc:
-                if self._recv_cipher is not None and "middle of a frame" in str(exc):
+            except StreamTruncated:
+                if self._recv_cipher is not None:
                     raise AuthenticationError("stream truncated in the middle of a frame") from None
                 raise
             if frame is NEED_DATA:
@@ -98,9 +100,9 @@ class Session:
         try:
             flags, sid, total = self.assembler.parse_header(frame)
             if body_len < 0:
-                raise ProtocolError("frame too short for its authentication tag")
+                raise RemoteProtocolError("frame too short for its authentication tag")
             target = self.assembler.begin_chunk(flags, sid, total, body_len)
-        except ProtocolError:
+        except RemoteProtocolError:
             # A header the assembler refuses: blame tampering if the frame does
             # not even authenticate, else the (authenticated) peer is buggy.
             self._check_auth(header, payload)

@@ -2,8 +2,10 @@
 
 Nothing here awaits or touches a socket (the h11 style): bytes go in with
 `receive_data`, frames/messages come out of `next_frame`/`end_chunk`, or
-`NEED_DATA`. Every malformed input raises `ProtocolError` — never a raw
-`KeyError`, `TypeError`, `struct.error` or msgpack exception.
+`NEED_DATA`. Every malformed input raises `RemoteProtocolError` (a truncated
+stream: `StreamTruncated`) — never a raw `KeyError`, `TypeError`,
+`struct.error` or msgpack exception; misuse of this API (unencodable fields,
+bytes after the end of stream) raises `LocalProtocolError`.
 
 Layers, outermost first:
 
@@ -35,7 +37,8 @@ from typing import Any, Final
 
 import msgpack
 
-from blocknode.errors import ProtocolError
+from blocknode.errors import LocalProtocolError, RemoteProtocolError, StreamTruncated
+from blocknode.protocol import DEFAULT_BLOCK_SIZE, HEAD_MAX, max_message_size
 
 __all__ = [
     "CHUNK_HEADER",
@@ -49,6 +52,7 @@ __all__ = [
     "MSG_REQUEST",
     "MSG_RESPONSE",
     "NEED_DATA",
+    "PARTIAL_MESSAGES",
     "PRIO_BACKGROUND",
     "PRIO_HIGH",
     "PRIO_NORMAL",
@@ -82,8 +86,10 @@ _PRIORITIES = (PRIO_HIGH, PRIO_NORMAL, PRIO_BACKGROUND)
 
 CHUNK_SIZE: Final = 64 * 1024
 """Maximum plaintext bytes of one chunk."""
-DEFAULT_MAX_MESSAGE_SIZE: Final = 1024 * 1024 + 64 * 1024
-"""Default hard cap on a whole message: a 1 MiB block plus 64 KiB of overhead."""
+DEFAULT_MAX_MESSAGE_SIZE: Final = max_message_size(DEFAULT_BLOCK_SIZE)
+"""Default hard cap on a whole message: a default-size block plus its overhead."""
+PARTIAL_MESSAGES: Final = 64
+"""Default cap on incomplete messages buffered at once, in maximum-size messages."""
 
 MSG_REQUEST: Final = 0
 MSG_RESPONSE: Final = 1
@@ -100,8 +106,6 @@ _U32 = struct.Struct(">I")
 CHUNK_HEADER: Final = struct.Struct(">BII")
 """flags, stream (request) id, total message length."""
 
-_MAX_HEAD = 64 * 1024
-"""Cap on the msgpack head of one message (kind + fields)."""
 _MAX_KIND = 128
 
 
@@ -135,14 +139,14 @@ class FrameDecoder:
             self._eof = True
             return
         if self._eof:
-            raise ProtocolError("data received after end of stream")
+            raise LocalProtocolError("data received after end of stream")
         self._buf += data
 
     def next_frame(self) -> bytes | _NeedData:
         """The next complete frame body, or `NEED_DATA`.
 
-        Raises `ProtocolError` for an oversized length prefix, or for a stream
-        that ended in the middle of a frame.
+        Raises `RemoteProtocolError` for an oversized length prefix, and
+        `StreamTruncated` for a stream that ended in the middle of a frame.
         """
         buf = self._buf
         if self._need is None:
@@ -150,7 +154,7 @@ class FrameDecoder:
                 return self._need_more()
             (n,) = _U32.unpack_from(buf)
             if n > self.max_frame_size:
-                raise ProtocolError(
+                raise RemoteProtocolError(
                     f"frame of {n} bytes exceeds the limit of {self.max_frame_size} bytes"
                 )
             del buf[:4]
@@ -166,7 +170,7 @@ class FrameDecoder:
 
     def _need_more(self) -> _NeedData:
         if self._eof and (self._buf or self._need is not None):
-            raise ProtocolError("stream ended in the middle of a frame")
+            raise StreamTruncated("stream ended in the middle of a frame")
         return NEED_DATA
 
     @property
@@ -191,20 +195,21 @@ def encode_head(
 ) -> bytes:
     """Encode the prefix of a message body: ``u32 head length`` + msgpack head.
 
-    Raises `ProtocolError` (a local misuse) if `fields` is not msgpack-able.
+    Raises `LocalProtocolError` if `fields` is not msgpack-able, or the head
+    exceeds `HEAD_MAX`.
     """
     if msg_type not in _MSG_TYPES:
-        raise ProtocolError(f"unknown message type {msg_type!r}")
+        raise LocalProtocolError(f"unknown message type {msg_type!r}")
     if not isinstance(kind, str) or not isinstance(fields, dict):
-        raise ProtocolError("message kind must be a str and fields a dict")
+        raise LocalProtocolError("message kind must be a str and fields a dict")
     if priority not in _PRIORITIES:
-        raise ProtocolError(f"unknown priority {priority!r}")
+        raise LocalProtocolError(f"unknown priority {priority!r}")
     try:
         head = msgpack.packb([msg_type, kind, fields, has_data, priority], use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ProtocolError(f"message fields are not msgpack-encodable: {exc}") from None
-    if len(head) > _MAX_HEAD:
-        raise ProtocolError(f"message head of {len(head)} bytes exceeds {_MAX_HEAD}")
+        raise LocalProtocolError(f"message fields are not msgpack-encodable: {exc}") from None
+    if len(head) > HEAD_MAX:
+        raise LocalProtocolError(f"message head of {len(head)} bytes exceeds {HEAD_MAX}")
     return _U32.pack(len(head)) + head
 
 
@@ -212,10 +217,10 @@ def decode_message(body: bytes | bytearray | memoryview) -> Message:
     """Decode a reassembled message body; the data payload is a view into `body`."""
     view = memoryview(body)
     if len(view) < 4:
-        raise ProtocolError("message shorter than its head length")
+        raise RemoteProtocolError("message shorter than its head length")
     (head_len,) = _U32.unpack_from(view)
-    if head_len > _MAX_HEAD or 4 + head_len > len(view):
-        raise ProtocolError(f"bad message head length {head_len}")
+    if head_len > HEAD_MAX or 4 + head_len > len(view):
+        raise RemoteProtocolError(f"bad message head length {head_len}")
     try:
         head = msgpack.unpackb(
             view[4 : 4 + head_len],
@@ -229,25 +234,25 @@ def decode_message(body: bytes | bytearray | memoryview) -> Message:
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many types; all mean "garbage"
-        raise ProtocolError(f"undecodable message head: {type(exc).__name__}") from None
+        raise RemoteProtocolError(f"undecodable message head: {type(exc).__name__}") from None
     if not (isinstance(head, list) and len(head) == 5):
-        raise ProtocolError("message head is not a 5-element array")
+        raise RemoteProtocolError("message head is not a 5-element array")
     msg_type, kind, fields, has_data, priority = head
     if type(msg_type) is not int or msg_type not in _MSG_TYPES:
-        raise ProtocolError(f"unknown message type {msg_type!r}")
+        raise RemoteProtocolError(f"unknown message type {msg_type!r}")
     if not isinstance(kind, str) or len(kind) > _MAX_KIND:
-        raise ProtocolError("message kind is not a short string")
+        raise RemoteProtocolError("message kind is not a short string")
     if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
-        raise ProtocolError("message fields are not a map with string keys")
+        raise RemoteProtocolError("message fields are not a map with string keys")
     if not isinstance(has_data, bool):
-        raise ProtocolError("message has_data flag is not a bool")
+        raise RemoteProtocolError("message has_data flag is not a bool")
     if type(priority) is not int or priority not in _PRIORITIES:
-        raise ProtocolError(f"unknown priority {priority!r}")
+        raise RemoteProtocolError(f"unknown priority {priority!r}")
     rest = view[4 + head_len :]
     if has_data:
         data: memoryview | None = rest
     elif len(rest):
-        raise ProtocolError("message has trailing bytes but no data flag")
+        raise RemoteProtocolError("message has trailing bytes but no data flag")
     else:
         data = None
     return Message(msg_type, kind, fields, data, priority)
@@ -391,7 +396,7 @@ class MessageAssembler:
 
     Limits: a message's declared total above `max_message_size`, a chunk
     overrunning its message, more than `max_partial_bytes` buffered in
-    incomplete messages, inconsistent flags — all `ProtocolError`.
+    incomplete messages, inconsistent flags — all `RemoteProtocolError`.
     """
 
     def __init__(
@@ -404,7 +409,8 @@ class MessageAssembler:
         self.max_message_size = max_message_size
         self.chunk_size = chunk_size
         self.max_partial_bytes = (
-            max_partial_bytes if max_partial_bytes is not None else 64 * max_message_size
+            max_partial_bytes if max_partial_bytes is not None
+            else PARTIAL_MESSAGES * max_message_size
         )
         self._partial: dict[tuple[bool, int], list[Any]] = {}  # key -> [buffer, offset]
         self._partial_bytes = 0
@@ -413,10 +419,10 @@ class MessageAssembler:
     def parse_header(self, frame: bytes | memoryview) -> tuple[int, int, int]:
         """Unpack a chunk header from the start of a frame: (flags, id, total)."""
         if len(frame) < CHUNK_HEADER.size:
-            raise ProtocolError(f"frame of {len(frame)} bytes is shorter than a chunk header")
+            raise RemoteProtocolError(f"frame of {len(frame)} bytes is shorter than a chunk header")
         flags, sid, total = CHUNK_HEADER.unpack_from(frame)
         if flags & ~_KNOWN_FLAGS:
-            raise ProtocolError(f"unknown chunk flags {flags:#x}")
+            raise RemoteProtocolError(f"unknown chunk flags {flags:#x}")
         return flags, sid, total
 
     def begin_chunk(self, flags: int, sid: int, total: int, body_len: int) -> memoryview:
@@ -425,36 +431,36 @@ class MessageAssembler:
         last = bool(flags & FLAG_LAST)
         if flags & FLAG_ABORT:
             if body_len:
-                raise ProtocolError("abort chunk with a body")
+                raise RemoteProtocolError("abort chunk with a body")
             entry = self._partial.pop(key, None)
             if entry is not None:
                 self._partial_bytes -= len(entry[0])
             self._pending = None
             return memoryview(bytearray())
         if body_len > self.chunk_size:
-            raise ProtocolError(f"chunk of {body_len} bytes exceeds {self.chunk_size}")
+            raise RemoteProtocolError(f"chunk of {body_len} bytes exceeds {self.chunk_size}")
         if flags & FLAG_FIRST:
             if key in self._partial:
-                raise ProtocolError(f"stream {sid} started twice")
+                raise RemoteProtocolError(f"stream {sid} started twice")
             if total > self.max_message_size:
-                raise ProtocolError(
+                raise RemoteProtocolError(
                     f"message of {total} bytes exceeds the limit of {self.max_message_size}"
                 )
             if self._partial_bytes + total > self.max_partial_bytes:
-                raise ProtocolError("too many bytes buffered in incomplete messages")
+                raise RemoteProtocolError("too many bytes buffered in incomplete messages")
             entry = [bytearray(total), 0]
             self._partial[key] = entry
             self._partial_bytes += total
         else:
             entry = self._partial.get(key)
             if entry is None:
-                raise ProtocolError(f"continuation chunk for unknown stream {sid}")
+                raise RemoteProtocolError(f"continuation chunk for unknown stream {sid}")
             if total != len(entry[0]):
-                raise ProtocolError(f"stream {sid} changed its total length")
+                raise RemoteProtocolError(f"stream {sid} changed its total length")
         buf, off = entry
         end = off + body_len
         if end > len(buf) or (end == len(buf)) != last or (not last and body_len == 0):
-            raise ProtocolError(f"chunk overruns or truncates stream {sid}")
+            raise RemoteProtocolError(f"chunk overruns or truncates stream {sid}")
         self._pending = (key, off, end, last)
         return memoryview(buf)[off:end]
 

@@ -1,4 +1,8 @@
-"""Fuzzing the sans-io RPC layers: every input is decoded, NEED_DATA, or our error."""
+"""Fuzzing the sans-io RPC layers: every input is decoded, NEED_DATA, or our error.
+
+Whatever the peer sends, the error blames the peer: `RemoteProtocolError` (or its
+subclasses `AuthenticationError`, `StreamTruncated`), never `LocalProtocolError`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from blocknode.errors import AuthenticationError, ProtocolError
+from blocknode.errors import RemoteProtocolError
 from blocknode.rpc.handshake import MAX_HANDSHAKE_FRAME, ClientHandshake, ServerHandshake
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import (
@@ -49,7 +53,7 @@ def drain_frames(data_pieces: list[bytes], cap: int) -> tuple[list[bytes], str |
             dec.receive_data(piece)
             while (f := dec.next_frame()) is not NEED_DATA:
                 frames.append(f)  # type: ignore[arg-type]
-    except ProtocolError as exc:
+    except RemoteProtocolError as exc:
         return frames, str(exc)
     return frames, None
 
@@ -68,7 +72,7 @@ def test_oversized_length_prefix_fails_before_buffering(n: int, tail: bytes) -> 
     dec.receive_data(struct.pack(">I", n) + tail)
     try:
         dec.next_frame()
-    except ProtocolError:
+    except RemoteProtocolError:
         assert dec.buffered == 4 + len(tail)  # nothing else was allocated for the body
     else:
         raise AssertionError("oversized frame accepted")
@@ -78,7 +82,7 @@ def test_oversized_length_prefix_fails_before_buffering(n: int, tail: bytes) -> 
 def test_decode_message_garbage(data: bytes) -> None:
     try:
         decode_message(data)
-    except ProtocolError:
+    except RemoteProtocolError:
         pass
 
 
@@ -97,7 +101,7 @@ def test_plain_session_garbage_never_raises_foreign_errors(data: bytes, cuts: li
             s.receive_data(piece)
             while s.next_message() is not NEED_DATA:
                 pass
-    except ProtocolError:
+    except RemoteProtocolError:
         pass
 
 
@@ -128,7 +132,7 @@ def test_encrypted_stream_bit_flips_fail_authentication(size: int, flips: list[t
         b.receive_data(b"")
         while b.next_message() is not NEED_DATA:
             pass
-    except ProtocolError:  # AuthenticationError, or an oversized length from a flipped prefix
+    except RemoteProtocolError:  # AuthenticationError, or an oversized length from a flipped prefix
         return
     raise AssertionError("tampered stream accepted")
 
@@ -141,7 +145,7 @@ def test_handshake_garbage_is_protocol_error_or_need_data(data: bytes, cuts: lis
         for piece in split(data, cuts):
             hs.receive_data(piece)
             hs.process()
-    except ProtocolError:
+    except RemoteProtocolError:
         return
     assert not hs.done
 
@@ -155,7 +159,7 @@ def test_handshake_typed_garbage(obj: dict) -> None:
         hs.receive_data(pack_frame_prefix(len(body)) + body)
         try:
             hs.process()
-        except ProtocolError:
+        except RemoteProtocolError:
             continue
         assert not hs.done
 
@@ -164,7 +168,7 @@ class HandshakeMachine(RuleBasedStateMachine):
     """Client and server exchange frames in any order, with drops and corruption.
 
     Invariant: whenever both finish, they agree on keys; corruption only ever
-    gives ProtocolError/AuthenticationError.
+    gives RemoteProtocolError/AuthenticationError.
     """
 
     def __init__(self) -> None:
@@ -182,7 +186,7 @@ class HandshakeMachine(RuleBasedStateMachine):
         hs.receive_data(chunk)
         try:
             hs.process()
-        except (ProtocolError, AuthenticationError):
+        except RemoteProtocolError:  # AuthenticationError included
             self.failed = True
         out += hs.data_to_send()
 
@@ -210,7 +214,7 @@ class HandshakeMachine(RuleBasedStateMachine):
         self.failed = True  # nothing can be delivered after the end of the stream
         try:
             self.server.process()
-        except ProtocolError:
+        except RemoteProtocolError:
             return
         assert self.server.done
 

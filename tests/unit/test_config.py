@@ -101,3 +101,15 @@ def test_secret_created_with_mode_0600(tmp_path):
     mode = stat.S_IMODE(os.stat(cfg.secret_file).st_mode)
     assert mode == 0o600
     assert load_or_create_secret(cfg, create=False) == s1
+
+
+def test_one_default_replication_factor(tmp_path):
+    from blocknode.cluster_config import DEFAULT_REPLICATION_FACTOR, ClusterConfig, ClusterNode
+
+    assert DEFAULT_REPLICATION_FACTOR == 1
+    assert NodeConfig().replication_factor == DEFAULT_REPLICATION_FACTOR
+    assert ClusterConfig(nodes=(ClusterNode("a", "127.0.0.1:1"),)).replication_factor == 1
+    p = tmp_path / "cluster.toml"
+    p.write_text('[[nodes]]\nid = "a"\naddr = "127.0.0.1:1"\n')
+    assert load_cluster_file(p).replication_factor == DEFAULT_REPLICATION_FACTOR
+    assert load_cluster_file(p, default_rf=2).replication_factor == 2  # the node config's value

@@ -6,8 +6,9 @@ import blocknode
 def test_public_names_are_pinned():
     assert sorted(blocknode.__all__) == sorted([
         "AuthenticationError", "BlockCorrupted", "BlockNotFound", "BlocknodeError", "Client",
-        "ConfigError", "HashMismatch", "InvalidHash", "MetadataFull", "NodeConfig",
-        "NodeUnreachable", "ProtocolError", "QuorumError", "RemoteError", "RpcError",
+        "ConfigError", "HashMismatch", "InvalidHash", "LocalProtocolError", "MetadataFull",
+        "NodeConfig", "NodeUnreachable", "ProtocolError", "QuorumError", "RemoteError",
+        "RemoteProtocolError", "RpcError",
         "RpcTimeout", "StoreError", "__version__", "load_config", "open_client",
     ])
     for name in blocknode.__all__:

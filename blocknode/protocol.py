@@ -1,0 +1,251 @@
+"""The node's RPC protocol: message kinds, request field parsers and named limits.
+
+The RPC layer (`blocknode.rpc`) moves messages ``(kind, fields, data)``; this
+module says which kinds a node serves, what their fields must look like and how
+large things may be. It imports nothing but the error vocabulary and the fast
+path (for the hash length), so the node, the workers, the admin handlers, the
+client and the storage layer can all use it.
+
+Every parser raises `RemoteProtocolError` (the request is malformed: the caller
+gets a ``bad_request`` reply) — never a raw `KeyError`, `TypeError` or
+`ValueError`.
+
+Message kinds (fields → reply; ``data`` is the raw payload next to the fields):
+
+| kind               | fields                                    | reply                      |
+|--------------------|-------------------------------------------|----------------------------|
+| `put_block`        | hash, ref_id?, ts? + data                 | stored                     |
+| `put_blocks`       | items: [[hash, ref_id, ts, length]] + data| stored                     |
+| `get_block`        | hash                                      | + data                     |
+| `need_block`       | hash                                      | needed, referenced         |
+| `add_ref`/`del_ref`| hash, ref_id, ts                          | changed                    |
+| `client_put`       | ref_id, ts? + data                        | hash                       |
+| `client_put_many`  | items: [[ref_id, ts, length]] + data      | hashes, errors             |
+| `client_get`       | hash                                      | + data                     |
+| `client_ref`       | hash, ref_id, deleted, ts?                | —                          |
+| `status`           | —                                         | the node's status          |
+| `ae_digests`, `ae_exchange`, `admin_*` | see `blocknode.workers`|                            |
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, NamedTuple
+
+from blocknode import fastpath
+from blocknode.errors import RemoteProtocolError
+
+__all__ = [
+    "ADD_REF",
+    "ADMIN_ANTI_ENTROPY",
+    "ADMIN_BLOCK_ERRORS",
+    "ADMIN_BLOCK_INFO",
+    "ADMIN_BLOCK_PURGE",
+    "ADMIN_BLOCK_RETRY_NOW",
+    "ADMIN_KINDS",
+    "ADMIN_REPAIR",
+    "ADMIN_RESYNC_RUN_ONCE",
+    "ADMIN_SCRUB",
+    "ADMIN_WORKER_LIST",
+    "ADMIN_WORKER_SET",
+    "AE_DIGESTS",
+    "AE_EXCHANGE",
+    "ALL_KINDS",
+    "CLIENT_GET",
+    "CLIENT_KINDS",
+    "CLIENT_PUT",
+    "CLIENT_PUT_MANY",
+    "CLIENT_REF",
+    "DEFAULT_BLOCK_SIZE",
+    "DEL_REF",
+    "GC_CHECK_MARGIN_MS",
+    "GET_BLOCK",
+    "HEAD_MAX",
+    "MAX_BATCH_ROWS",
+    "MAX_REF_ID_BYTES",
+    "MAX_TS",
+    "MESSAGE_OVERHEAD",
+    "NEED_BLOCK",
+    "PUT_BLOCK",
+    "PUT_BLOCKS",
+    "REPLICA_KINDS",
+    "STATUS",
+    "THREAD_HASH_MIN",
+    "BatchItem",
+    "get_data",
+    "get_hash",
+    "get_int",
+    "get_opt_int",
+    "get_ref",
+    "get_str",
+    "max_message_size",
+    "parse_batch_items",
+]
+
+# ---------------------------------------------------------------- message kinds
+
+# Replica side (node to node), served by the block manager.
+PUT_BLOCK: Final = "put_block"
+PUT_BLOCKS: Final = "put_blocks"
+GET_BLOCK: Final = "get_block"
+NEED_BLOCK: Final = "need_block"
+ADD_REF: Final = "add_ref"
+DEL_REF: Final = "del_ref"
+# Reference anti-entropy (node to node).
+AE_DIGESTS: Final = "ae_digests"
+AE_EXCHANGE: Final = "ae_exchange"
+# Client-facing: the node coordinates the cluster operation.
+CLIENT_PUT: Final = "client_put"
+CLIENT_PUT_MANY: Final = "client_put_many"
+CLIENT_GET: Final = "client_get"
+CLIENT_REF: Final = "client_ref"
+STATUS: Final = "status"
+# Admin calls (the `python -m blocknode` worker/block/scrub/repair commands).
+ADMIN_SCRUB: Final = "admin_scrub"
+ADMIN_REPAIR: Final = "admin_repair"
+ADMIN_BLOCK_INFO: Final = "admin_block_info"
+ADMIN_BLOCK_ERRORS: Final = "admin_block_errors"
+ADMIN_BLOCK_RETRY_NOW: Final = "admin_block_retry_now"
+ADMIN_BLOCK_PURGE: Final = "admin_block_purge"
+ADMIN_WORKER_LIST: Final = "admin_worker_list"
+ADMIN_WORKER_SET: Final = "admin_worker_set"
+ADMIN_ANTI_ENTROPY: Final = "admin_anti_entropy"
+ADMIN_RESYNC_RUN_ONCE: Final = "admin_resync_run_once"
+
+REPLICA_KINDS: Final = frozenset(
+    {PUT_BLOCK, PUT_BLOCKS, GET_BLOCK, NEED_BLOCK, ADD_REF, DEL_REF, AE_DIGESTS, AE_EXCHANGE}
+)
+"""Kinds one node sends another."""
+CLIENT_KINDS: Final = frozenset({CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_GET, CLIENT_REF, STATUS})
+"""Kinds a client sends the node it talks to."""
+ADMIN_KINDS: Final = frozenset({
+    ADMIN_SCRUB, ADMIN_REPAIR, ADMIN_BLOCK_INFO, ADMIN_BLOCK_ERRORS, ADMIN_BLOCK_RETRY_NOW,
+    ADMIN_BLOCK_PURGE, ADMIN_WORKER_LIST, ADMIN_WORKER_SET, ADMIN_ANTI_ENTROPY,
+    ADMIN_RESYNC_RUN_ONCE,
+})
+"""Kinds of the admin commands (and of `admin_block_info`, which nodes send each other too)."""
+ALL_KINDS: Final = REPLICA_KINDS | CLIENT_KINDS | ADMIN_KINDS
+"""Every kind a node serves (the RPC layer's own ping is not among them)."""
+
+# ---------------------------------------------------------------------- limits
+
+DEFAULT_BLOCK_SIZE: Final = 1024 * 1024
+"""`block_size` when the config sets none: the largest block, and a large put's split size."""
+
+HEAD_MAX: Final = 64 * 1024
+"""Largest msgpack head (kind + fields) of one message; the rest of a message is its data."""
+
+MESSAGE_OVERHEAD: Final = 64 * 1024
+"""Bytes a message may carry beyond one block: its head, a batch's rows."""
+
+MAX_REF_ID_BYTES: Final = 255
+"""Longest reference id, in UTF-8 bytes (stored after the hash in the refs table key)."""
+
+MAX_TS: Final = 2**63 - 1
+"""Largest timestamp (ms) or other integer field: a signed 64-bit integer, as stored."""
+
+MAX_BATCH_ROWS: Final = 4096
+"""Most blocks in one `put_blocks` / `client_put_many` message."""
+
+THREAD_HASH_MIN: Final = 64 * 1024
+"""Data larger than this (one block, or a batch in total) is hashed or verified in a
+worker thread; smaller data is hashed inline (a thread hop would cost more)."""
+
+GC_CHECK_MARGIN_MS: Final = 10_000
+"""When a block's last reference goes, its resync check is queued this long after the
+GC delay, so the check runs once the block is really deletable."""
+
+
+def max_message_size(block_size: int) -> int:
+    """The largest message a node (or a client of it) accepts: one block plus overhead."""
+    return block_size + MESSAGE_OVERHEAD
+
+
+# --------------------------------------------------------------------- parsers
+
+
+def get_hash(fields: dict[str, Any], name: str = "hash") -> bytes:
+    """A 32-byte block hash field."""
+    h = fields.get(name)
+    if not isinstance(h, bytes) or len(h) != fastpath.HASH_LEN:
+        raise RemoteProtocolError(f"field {name!r}: expected a 32-byte block hash")
+    return h
+
+
+def get_str(fields: dict[str, Any], name: str, *, max_bytes: int = MAX_REF_ID_BYTES) -> str:
+    """A non-empty string field of at most `max_bytes` UTF-8 bytes."""
+    v = fields.get(name)
+    if not isinstance(v, str) or not v or len(v.encode()) > max_bytes:
+        raise RemoteProtocolError(f"field {name!r}: expected a string of 1 to {max_bytes} bytes")
+    return v
+
+
+def get_int(fields: dict[str, Any], name: str) -> int:
+    """A non-negative integer field, at most `MAX_TS` (a bool is not an integer here)."""
+    v = fields.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_TS:
+        raise RemoteProtocolError(f"field {name!r}: expected a non-negative integer")
+    return v
+
+
+def get_opt_int(fields: dict[str, Any], name: str) -> int | None:
+    """An optional integer field: None when absent or null, else as `get_int`."""
+    if fields.get(name) is None:
+        return None
+    return get_int(fields, name)
+
+
+def get_ref(fields: dict[str, Any]) -> tuple[str, int]:
+    """The reference version a request carries: ``(ref_id, ts)``."""
+    return get_str(fields, "ref_id"), get_int(fields, "ts")
+
+
+def get_data(data: bytes | None, kind: str, *, block_size: int) -> bytes:
+    """The block a request carries as its data: present, at most `block_size` bytes."""
+    if data is None:
+        raise RemoteProtocolError(f"{kind} carries no data")
+    if len(data) > block_size:
+        raise RemoteProtocolError(f"block of {len(data)} bytes exceeds block_size {block_size}")
+    return data
+
+
+class BatchItem(NamedTuple):
+    """One block of a batch message; `hash` is ``b""`` in a client batch (not hashed yet)."""
+
+    hash: bytes
+    ref_id: str
+    ts: int
+    data: bytes
+
+
+def parse_batch_items(fields: dict[str, Any], data: bytes | None, *, with_hash: bool,
+                      block_size: int | None = None) -> list[BatchItem]:
+    """Split a batch message: its `items` rows and the blocks' bytes back to back.
+
+    Rows are ``[hash, ref_id, ts, length]`` (`with_hash`: `put_blocks`) or
+    ``[ref_id, ts, length]`` (`client_put_many`); the lengths must cover the
+    data exactly. With `block_size`, a longer block is refused too.
+    """
+    rows = fields.get("items")
+    if not isinstance(rows, list) or not rows or len(rows) > MAX_BATCH_ROWS:
+        raise RemoteProtocolError(f"field 'items': expected a list of 1 to {MAX_BATCH_ROWS} rows")
+    payload = data or b""
+    view = memoryview(payload)
+    out = []
+    offset = 0
+    for row in rows:
+        if not isinstance(row, list) or len(row) != (4 if with_hash else 3):
+            raise RemoteProtocolError("field 'items': malformed row")
+        h = get_hash({"hash": row[0]}) if with_hash else b""
+        ref_id, ts, length = row[1:] if with_hash else row
+        ref_id = get_str({"ref_id": ref_id}, "ref_id")
+        ts = get_int({"ts": ts}, "ts")
+        length = get_int({"length": length}, "length")
+        if block_size is not None and length > block_size:
+            raise RemoteProtocolError(f"block of {length} bytes exceeds block_size {block_size}")
+        if offset + length > len(payload):
+            raise RemoteProtocolError("field 'items': lengths exceed the payload")
+        out.append(BatchItem(h, ref_id, ts, bytes(view[offset:offset + length])))
+        offset += length
+    if offset != len(payload):
+        raise RemoteProtocolError("field 'items': lengths do not cover the payload")
+    return out
