@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
+
+from blocknode.cli.base import EXIT_USAGE, fail, prog_of
+from blocknode.errors import ConfigError
 
 
 def init_cluster(root: Path, *, nodes: int, replication: int, base_port: int = 3901,
@@ -18,8 +22,6 @@ def init_cluster(root: Path, *, nodes: int, replication: int, base_port: int = 3
     cluster = root / "cluster.toml"
     secret = root / "rpc_secret"
     if cluster.exists() or secret.exists():
-        from blocknode.errors import ConfigError
-
         raise ConfigError(f"{root} already holds a cluster (cluster.toml / rpc_secret); use a new directory")
     lines = [f"replication_factor = {replication}", ""]
     for i in range(1, nodes + 1):
@@ -45,3 +47,31 @@ def init_cluster(root: Path, *, nodes: int, replication: int, base_port: int = 3
         )
         paths.append(cfg)
     return paths
+
+
+def cmd_init_cluster(args: argparse.Namespace) -> int:
+    """Write configs for N local nodes sharing one cluster file and secret."""
+    if args.nodes < 1:
+        raise fail("--nodes: expected an integer >= 1", EXIT_USAGE)
+    rf = args.replication if args.replication is not None else min(3, args.nodes)
+    if not 1 <= rf <= args.nodes:
+        raise fail(f"--replication: expected 1..{args.nodes} (the number of nodes), got {rf}", EXIT_USAGE)
+    paths = init_cluster(Path(args.dir), nodes=args.nodes, replication=rf,
+                         base_port=args.base_port, host=args.host)
+    prog = prog_of(args)
+    print(f"wrote a {args.nodes}-node cluster (replication {rf}) in {args.dir}:")
+    for p in paths:
+        print(f"  {prog} serve --config {p}")
+    print(f"then, e.g.: {prog} --config {paths[0]} status")
+    return 0
+
+
+def add_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add `init-cluster`."""
+    s = sub.add_parser("init-cluster", help="write configs for N local nodes")
+    s.add_argument("dir", metavar="DIR")
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--replication", type=int, default=None, help="default: min(3, nodes)")
+    s.add_argument("--base-port", type=int, default=3901)
+    s.add_argument("--host", default="127.0.0.1")
+    s.set_defaults(func=cmd_init_cluster)

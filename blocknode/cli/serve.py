@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 
 import trio
 
 from blocknode import fastpath
+from blocknode.cli.base import node_config
 from blocknode.config import NodeConfig
 from blocknode.errors import single_error
-from blocknode.node import Node
-
-SHUTDOWN_GRACE_S = 5.0
 
 
 async def serve_async(cfg: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node; the first SIGINT/SIGTERM cancels it (workers stop between steps)."""
+    from blocknode.node import Node  # here, not at the top: the other commands need no node
+
     node = Node(cfg)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -46,3 +47,14 @@ def serve(cfg: NodeConfig) -> int:
         raise single_error(group) from None
     print("blocknode: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run a node until SIGINT/SIGTERM."""
+    return serve(node_config(args))
+
+
+def add_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add `serve`."""
+    s = sub.add_parser("serve", parents=[common], help="run a node")
+    s.set_defaults(func=cmd_serve)

@@ -1,0 +1,70 @@
+"""The command line: `blocknode COMMAND ...` (or `python -m blocknode COMMAND ...`).
+
+Command names, their arguments and the JSON keys they print are a contract
+(README, "Command line"). Every failure is one line on stderr and a non-zero exit
+status, never a traceback: 1 for an operational error (unreachable node, quorum
+not reached, block not found, ...), 2 for bad usage or bad input.
+
+    __init__      main() and the parser
+    base          exit statuses, CliError, the node config, a connected client
+    output        JSON, times, progress bars
+    data          put, get, ref, unref, status
+    admin         scrub, repair, block, worker
+    serve         serve
+    init_cluster  init-cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from blocknode.cli import admin, data, init_cluster, serve
+from blocknode.cli.base import (
+    EXIT_ERROR,
+    EXIT_USAGE,
+    PROG_MODULE,
+    PROG_SCRIPT,
+    CliError,
+    common_parser,
+)
+from blocknode.errors import BlocknodeError, ConfigError, InvalidHash, single_error
+
+__all__ = ["EXIT_ERROR", "EXIT_USAGE", "PROG_MODULE", "PROG_SCRIPT", "CliError", "build_parser", "main"]
+
+
+def build_parser(prog: str = PROG_SCRIPT) -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    common = common_parser()
+    p = argparse.ArgumentParser(prog=prog, parents=[common],
+                                description="blocknode: a distributed content-addressed block store node")
+    p.set_defaults(prog=prog)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve.add_command(sub, common)
+    data.add_commands(sub, common)
+    init_cluster.add_command(sub, common)
+    admin.add_commands(sub, common)
+    return p
+
+
+def main(argv: list[str] | None = None, *, prog: str = PROG_SCRIPT) -> int:
+    """Entry point; returns the exit status.
+
+    `prog` is how the user ran us: the installed `blocknode` script (the
+    default), or `python -m blocknode` (`blocknode.__main__` says so).
+    """
+    args = build_parser(prog).parse_args(argv)
+    try:
+        try:
+            return args.func(args)
+        except BaseExceptionGroup as group:  # from a nursery: report the error inside
+            raise single_error(group) from None
+    except (CliError, BlocknodeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, CliError):
+            return exc.status
+        # Bad input (a config field, a hash) is a usage error; the rest are operational.
+        return EXIT_USAGE if isinstance(exc, ConfigError | InvalidHash) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,78 @@
+"""What every command shares: exit statuses, `CliError`, the node config, a connected client.
+
+The command modules (`data`, `admin`, `serve`, `init_cluster`) import this one;
+it imports none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from blocknode.client import Client, open_client, parse_hash
+from blocknode.config import NodeConfig, load_config, resolve_config_path
+from blocknode.errors import AuthenticationError, InvalidHash, NodeUnreachable
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+PROG_SCRIPT = "blocknode"
+PROG_MODULE = "python -m blocknode"
+
+
+class CliError(Exception):
+    """An error to print as one line, with its exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def fail(message: str, status: int = EXIT_ERROR) -> CliError:
+    """Build a `CliError` (raise it)."""
+    return CliError(message, status)
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """The parent parser of every (sub-)command: `--config PATH`."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="node config file (default: $BLOCKNODE_CONFIG, else the embedded default)")
+    return common
+
+
+def prog_of(args: argparse.Namespace) -> str:
+    """How the user ran us (`blocknode` or `python -m blocknode`), for messages."""
+    return getattr(args, "prog", PROG_SCRIPT)
+
+
+def node_config(args: argparse.Namespace) -> NodeConfig:
+    """The config named by --config / BLOCKNODE_CONFIG, or the embedded default."""
+    return load_config(resolve_config_path(getattr(args, "config", None)))
+
+
+def run_with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[int]]) -> int:
+    """Connect to the configured node and run `fn(client)` under Trio."""
+    cfg = node_config(args)
+
+    async def main() -> int:
+        async with open_client(cfg) as client:
+            return await fn(client)
+
+    try:
+        return trio.run(main)
+    except NodeUnreachable as exc:
+        raise fail(f"node unreachable at {cfg.public_addr}: {exc} "
+                   f"(is `{prog_of(args)} serve` running?)") from None
+    except AuthenticationError as exc:
+        raise fail(f"authentication with {cfg.public_addr} failed (wrong cluster secret?): {exc}") from None
+
+
+def hash_arg(text: str) -> bytes:
+    """A HASH argument as bytes; a malformed one is a usage error."""
+    try:
+        return parse_hash(text)
+    except InvalidHash as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
