@@ -6,11 +6,10 @@ import argparse
 import os
 import sys
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import Any
 
 from blocknode.cli.base import EXIT_USAGE, fail, hash_arg, run_with_client
-from blocknode.cli.output import print_json
+from blocknode.cli.output import OutputFile, print_json
 from blocknode.client import Client, new_ref_id
 
 
@@ -40,19 +39,15 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     async def go(client: Client) -> int:
         if args.output:
-            tmp = Path(args.output + ".part")
-            try:
-                with open(tmp, "wb") as f:
-                    async for chunk in client.iter_get(args.hash):
-                        f.write(chunk)
-                os.replace(tmp, args.output)
-            finally:
-                tmp.unlink(missing_ok=True)  # nothing half-written is left behind
+            with OutputFile(args.output) as out:
+                async for chunk in client.iter_get(args.hash):
+                    out.write(chunk)
+                out.commit()
         else:
-            out = sys.stdout.buffer
+            stdout = sys.stdout.buffer
             async for chunk in client.iter_get(args.hash):
-                out.write(chunk)
-            out.flush()
+                stdout.write(chunk)
+            stdout.flush()
         return 0
 
     return run_with_client(args, go)

@@ -1,0 +1,120 @@
+"""The command line keeps its contract (issue 9, section D): `main()` run in this
+process against one real `serve` process shared by the module (fast), or the CLI
+run as a process where the test is about the process (exit status, stdout, RSS).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from blocknode.cli import main
+from tests.cluster.harness import ServeProcesses, write_cluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("node")
+    configs = write_cluster(root, 1, rf=1, block_size=256 * 1024, inline_threshold=1024)
+    procs = ServeProcesses(configs)
+    try:
+        procs.start_all()
+        yield configs[0]
+    finally:
+        procs.close()
+
+
+def run(node: Path, *args: str) -> int:
+    return main([*args, "--config", str(node)])
+
+
+def put_bytes(node: Path, tmp_path: Path, data: bytes, capsys) -> str:
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    assert run(node, "put", str(src), "--ref", "t") == 0
+    return capsys.readouterr().out.strip()
+
+
+# ---------------------------------------------------------------- get -o PATH
+
+def test_get_o_leaves_a_foreign_part_file_alone(node, tmp_path, capsys):
+    """D1: `get -o PATH` truncated, then deleted, a PATH.part it had not created."""
+    data = os.urandom(5000)
+    h = put_bytes(node, tmp_path, data, capsys)
+    out = tmp_path / "out.bin"
+    part = tmp_path / "out.bin.part"
+    part.write_bytes(b"someone else's file")
+    assert run(node, "get", h, "-o", str(out)) == 0
+    assert out.read_bytes() == data
+    assert part.read_bytes() == b"someone else's file"
+    # a failed get leaves PATH, the foreign .part and nothing else
+    out.write_bytes(b"old")
+    assert run(node, "get", "ab" * 32, "-o", str(out)) == 1
+    assert out.read_bytes() == b"old" and part.read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "out.bin.part", "src.bin"]
+
+
+def test_get_o_writes_directly_to_a_fifo(node, tmp_path, capsys):
+    """D1: a FIFO at PATH was replaced by a regular file instead of being written to."""
+    data = os.urandom(3000)  # fits in the pipe buffer: no reader thread needed
+    h = put_bytes(node, tmp_path, data, capsys)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert run(node, "get", h, "-o", str(fifo)) == 0
+        assert os.read(rfd, 10_000) == data
+    finally:
+        os.close(rfd)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "src.bin"]
+
+
+def test_get_o_dev_null(node, tmp_path, capsys):
+    """D1: `-o /dev/null` wrote /dev/null.part, then renamed it over /dev/null."""
+    h = put_bytes(node, tmp_path, b"x" * 2000, capsys)
+    # First a private twin of /dev/null (when we may make one): the old code replaced it.
+    twin = tmp_path / "null"
+    try:
+        os.mknod(twin, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except OSError:
+        pass
+    else:
+        assert run(node, "get", h, "-o", str(twin)) == 0, capsys.readouterr().err
+        assert stat.S_ISCHR(os.stat(twin).st_mode)
+    assert run(node, "get", h, "-o", os.devnull) == 0, capsys.readouterr().err
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert not Path(os.devnull + ".part").exists()
+
+
+def test_get_o_errors_name_path_not_the_temp_file(node, tmp_path, capsys):
+    """D1: errors named `PATH.part`, an internal name."""
+    h = put_bytes(node, tmp_path, b"y" * 2000, capsys)
+    missing = tmp_path / "no" / "such" / "dir" / "out"
+    assert run(node, "get", h, "-o", str(missing)) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write {missing}: No such file or directory\n"
+    d = tmp_path / "adir"
+    d.mkdir()
+    assert run(node, "get", h, "-o", str(d)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write {d}: is a directory\n"
+    assert list(d.iterdir()) == [] and not list(tmp_path.glob("*.part"))
+
+
+def test_get_o_replaces_a_regular_file_and_keeps_its_mode(node, tmp_path, capsys):
+    data = os.urandom(700_000)  # several blocks (block_size 256 KiB)
+    h = put_bytes(node, tmp_path, data, capsys)
+    out = tmp_path / "out"
+    out.write_bytes(b"old")
+    out.chmod(0o640)
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    assert run(node, "get", h, "-o", str(link)) == 0
+    assert link.is_symlink() and out.read_bytes() == data
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
