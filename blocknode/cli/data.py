@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, BinaryIO
+
+import trio
 
 from blocknode.cli.base import EXIT_USAGE, fail, hash_arg, run_with_client
 from blocknode.cli.output import OutputFile, print_json
@@ -14,23 +17,83 @@ from blocknode.client import Client, new_ref_id
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    """Store a file (or stdin with '-'); print its hash alone on stdout."""
-    if args.path != "-" and not os.path.isfile(args.path):
-        raise fail(f"cannot read {args.path}: no such file", EXIT_USAGE)
+    """Store a file, a pipe or stdin ('-'), streamed block by block; print its hash alone on stdout."""
     ref = args.ref or new_ref_id()
+    source = _open_source(args.path)
 
     async def go(client: Client) -> int:
-        if args.path == "-":
-            data = sys.stdin.buffer.read()
-            h = await client.put(data, ref)
-        else:
-            h = await client.put_file(args.path, ref)
+        try:
+            h = await put_stream(client, source, ref, name=args.path)
+        finally:
+            if source is not sys.stdin.buffer:
+                source.close()
         print(h)
         if not args.ref:
             print(f"reference: {ref}", file=sys.stderr)
         return 0
 
     return run_with_client(args, go)
+
+
+def _open_source(path: str) -> BinaryIO:
+    """What `put PATH` reads: stdin for '-', a regular file, or anything readable as a
+    stream (a FIFO, `<(cmd)`, a character device); a directory is a usage error."""
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            raise fail(f"cannot read {path}: is a directory (put stores one file)", EXIT_USAGE)
+        return open(path, "rb")  # noqa: SIM115 - closed by cmd_put
+    except FileNotFoundError:
+        raise fail(f"cannot read {path}: no such file", EXIT_USAGE) from None
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE) from None
+
+
+def _read_block(f: BinaryIO, size: int) -> bytes:
+    """`size` bytes, fewer only at the end of the input (a pipe may return less per read)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        part = f.read(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str) -> str:
+    """Store everything `f` yields, reading one block at a time in a worker thread.
+
+    Memory stays at a few blocks whatever the size. Blocks are always full
+    (`block_size`) but the last, so a file, a pipe and stdin with the same bytes
+    get the same hash; data up to one block is one block (hash = its blake2sum).
+    """
+    size = client.block_size
+
+    async def read() -> bytes:
+        try:
+            return await trio.to_thread.run_sync(_read_block, f, size, abandon_on_cancel=True)
+        except OSError as exc:
+            raise fail(f"cannot read {name}: {exc.strerror or exc}") from None
+
+    first = await read()
+    if len(first) < size:
+        return await client.put(first, ref)
+    second = await read()
+    if not second:
+        return await client.put(first, ref)
+    head = [first, second]
+    del first, second
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while head:
+            yield head.pop(0)
+        while chunk := await read():
+            yield chunk
+
+    return await client.put_chunks(chunks(), ref=ref)
 
 
 def cmd_get(args: argparse.Namespace) -> int:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from blocknode import fastpath
 from blocknode.cli import main
 from tests.cluster.harness import ServeProcesses, write_cluster
 
@@ -118,3 +121,67 @@ def test_get_o_replaces_a_regular_file_and_keeps_its_mode(node, tmp_path, capsys
     assert run(node, "get", h, "-o", str(link)) == 0
     assert link.is_symlink() and out.read_bytes() == data
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+# ---------------------------------------------------------------- put
+
+def test_put_dir_says_it_is_a_directory(node, tmp_path, capsys):
+    """D2: `put DIR` said "no such file"."""
+    assert run(node, "put", str(tmp_path)) == 2
+    assert capsys.readouterr().err == f"error: cannot read {tmp_path}: is a directory (put stores one file)\n"
+
+
+def test_put_reads_a_fifo_as_a_stream(node, tmp_path, capsys):
+    """D2: `put <(cmd)` and FIFOs were refused as "no such file"."""
+    data = os.urandom(600_000)  # more than one block: the manifest path
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    assert run(node, "put", str(src), "--ref", "file") == 0
+    h_file = capsys.readouterr().out.strip()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"cat {src} > {fifo}"])
+    try:
+        assert run(node, "put", str(fifo), "--ref", "fifo") == 0
+    finally:
+        writer.wait(timeout=30)
+    assert capsys.readouterr().out.strip() == h_file  # same bytes, same blocks, same hash
+    # `<(cmd)` is a pipe under /dev/fd
+    r = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -m blocknode put <(cat "{src}") --config "{node}"'],
+        capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == h_file
+
+
+def test_put_small_stdin_is_one_block(node):
+    r = subprocess.run([sys.executable, "-m", "blocknode", "put", "-", "--config", str(node)],
+                       input=b"hello", capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == fastpath.block_hash(b"hello").hex()
+
+
+def _put_stdin_max_rss(node: Path, size: int) -> int:
+    """Peak RSS (KiB) of `put -` fed `size` bytes through a pipe."""
+    p = subprocess.Popen([sys.executable, "-m", "blocknode", "put", "-", "--config", str(node)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunk = os.urandom(1 << 20)
+    try:
+        for _ in range(size >> 20):
+            p.stdin.write(chunk)
+        p.stdin.close()
+        out = p.stdout.read()
+        err = p.stderr.read()
+    finally:
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    assert p.returncode == 0, err
+    assert len(out.strip()) == 64
+    return usage.ru_maxrss
+
+
+def test_put_stdin_streams_block_by_block(node):
+    """D2: `put -` read all of stdin into memory (50 MiB took 141 MB of RSS)."""
+    small = _put_stdin_max_rss(node, 1 << 20)
+    big = _put_stdin_max_rss(node, 48 << 20)
+    assert big - small < 24 * 1024, (small, big)  # KiB: a few blocks in flight, not the data
