@@ -3,7 +3,8 @@
 Command names, their arguments and the JSON keys they print are a contract
 (README, "Command line"). Every failure is one line on stderr and a non-zero exit
 status, never a traceback: 1 for an operational error (unreachable node, quorum
-not reached, block not found, ...), 2 for bad usage or bad input.
+not reached, block not found, ...), 2 for bad usage or bad input. A closed
+stdout (`... | head`) ends a command quietly with 141 (`EXIT_PIPE`).
 
     __init__      main() and the parser
     base          exit statuses, CliError, the node config, a connected client
@@ -17,11 +18,13 @@ not reached, block not found, ...), 2 for bad usage or bad input.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from blocknode.cli import admin, data, init_cluster, serve
 from blocknode.cli.base import (
     EXIT_ERROR,
+    EXIT_PIPE,
     EXIT_USAGE,
     PROG_MODULE,
     PROG_SCRIPT,
@@ -30,7 +33,7 @@ from blocknode.cli.base import (
 )
 from blocknode.errors import BlocknodeError, ConfigError, InvalidHash, single_error
 
-__all__ = ["EXIT_ERROR", "EXIT_USAGE", "PROG_MODULE", "PROG_SCRIPT", "CliError", "build_parser", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_PIPE", "EXIT_USAGE", "PROG_MODULE", "PROG_SCRIPT", "CliError", "build_parser", "main"]
 
 
 def build_parser(prog: str = PROG_SCRIPT) -> argparse.ArgumentParser:
@@ -56,9 +59,14 @@ def main(argv: list[str] | None = None, *, prog: str = PROG_SCRIPT) -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         try:
-            return args.func(args)
+            status = args.func(args)
+            sys.stdout.flush()  # here, where a closed stdout can still be handled
+            return status
         except BaseExceptionGroup as group:  # from a nursery: report the error inside
             raise single_error(group) from None
+    except BrokenPipeError:
+        # Whoever read our stdout is gone (`status | head -1`): not an error to report.
+        return _stdout_closed()
     except (CliError, BlocknodeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if isinstance(exc, CliError):
@@ -68,3 +76,15 @@ def main(argv: list[str] | None = None, *, prog: str = PROG_SCRIPT) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> int:
+    """Exit quietly with `EXIT_PIPE`; stdout now goes to /dev/null, so that the
+    interpreter's own flush at exit has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (tests)
+        pass
+    return EXIT_PIPE

@@ -17,6 +17,9 @@ from blocknode.errors import AuthenticationError, InvalidHash, NodeUnreachable
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# stdout was closed by its reader: 128 + SIGPIPE, the status a shell shows for a tool
+# killed by SIGPIPE, so `set -o pipefail` tells a cut-short `get | head` from a full one.
+EXIT_PIPE = 141
 
 PROG_SCRIPT = "blocknode"
 PROG_MODULE = "python -m blocknode"

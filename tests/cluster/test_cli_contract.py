@@ -185,3 +185,31 @@ def test_put_stdin_streams_block_by_block(node):
     small = _put_stdin_max_rss(node, 1 << 20)
     big = _put_stdin_max_rss(node, 48 << 20)
     assert big - small < 24 * 1024, (small, big)  # KiB: a few blocks in flight, not the data
+
+
+# ---------------------------------------------------------------- closed stdout
+
+def _with_closed_stdout(node: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before we write anything: every write is EPIPE
+    try:
+        return subprocess.run([sys.executable, "-m", "blocknode", *args, "--config", str(node)],
+                              stdout=w, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("command", ["status", "status --json", "get", "put"])
+def test_closed_stdout_exits_quietly(node, tmp_path, command):
+    """D3: `status | head -1`, `get … | head -c 10` printed `error: [Errno 32] Broken pipe`."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(600_000))
+    args = command.split()
+    if command == "get":
+        r = subprocess.run([sys.executable, "-m", "blocknode", "put", str(src), "--ref", "p",
+                            "--config", str(node)], capture_output=True, timeout=60)
+        args.append(r.stdout.decode().strip())
+    elif command == "put":
+        args += [str(src), "--ref", "p"]
+    r = _with_closed_stdout(node, *args)
+    assert r.stderr == b"" and r.returncode == 141, (r.returncode, r.stderr)
