@@ -33,7 +33,7 @@ from blocknode.cli.base import (
 )
 from blocknode.errors import BlocknodeError, ConfigError, InvalidHash, single_error
 
-__all__ = ["EXIT_ERROR", "EXIT_PIPE", "EXIT_USAGE", "PROG_MODULE", "PROG_SCRIPT", "CliError", "build_parser", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_PIPE", "EXIT_USAGE", "PROG_MODULE", "PROG_SCRIPT", "CliError", "build_parser", "explain", "main"]
 
 
 def build_parser(prog: str = PROG_SCRIPT) -> argparse.ArgumentParser:
@@ -68,14 +68,29 @@ def main(argv: list[str] | None = None, *, prog: str = PROG_SCRIPT) -> int:
         # Whoever read our stdout is gone (`status | head -1`): not an error to report.
         return _stdout_closed()
     except (CliError, BlocknodeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if isinstance(exc, CliError):
-            return exc.status
-        # Bad input (a config field, a hash) is a usage error; the rest are operational.
-        return EXIT_USAGE if isinstance(exc, ConfigError | InvalidHash) else EXIT_ERROR
+        message, status = explain(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def explain(exc: BaseException) -> tuple[str, int]:
+    """The line to print for an error, and the exit status.
+
+    Bad input is a usage error (2) wherever it was found: by the CLI, by the
+    config loader, or by the node (a remote error with code ``bad_request``).
+    A remote error shows the node and its message; its code is for programs,
+    not for people.
+    """
+    if isinstance(exc, CliError):
+        return str(exc), exc.status
+    code, message, node = (getattr(exc, a, None) for a in ("code", "message", "node"))
+    if isinstance(code, str) and isinstance(message, str):
+        text = f"node {node}: {message}" if isinstance(node, str) else message
+        return text, EXIT_USAGE if code == "bad_request" else EXIT_ERROR
+    return str(exc), EXIT_USAGE if isinstance(exc, ConfigError | InvalidHash) else EXIT_ERROR
 
 
 def _stdout_closed() -> int:

@@ -200,7 +200,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _int_or_number(text: str) -> float:
     v = _nonneg(text)
-    return int(v) if v == int(v) else v
+    # An integral value travels as an integer, if it fits the wire's (msgpack's) integers.
+    return int(v) if v == int(v) and v < 2**63 else v
 
 
 # ------------------------------------------------------------------ parser

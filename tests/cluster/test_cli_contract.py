@@ -213,3 +213,23 @@ def test_closed_stdout_exits_quietly(node, tmp_path, command):
         args += [str(src), "--ref", "p"]
     r = _with_closed_stdout(node, *args)
     assert r.stderr == b"" and r.returncode == 141, (r.returncode, r.stderr)
+
+
+# ---------------------------------------------------------------- bad input refused by the node
+
+def test_bad_input_refused_by_the_node_exits_2_without_a_tag(node, tmp_path, capsys):
+    """D4: the node's `bad_request` exited 1 and showed `[bad_request]` to people."""
+    h = put_bytes(node, tmp_path, b"refs", capsys)
+    long_ref = "r" * 300  # the node's limit is 255 bytes; the CLI does not check it itself
+    for args in (["ref", h, long_ref], ["unref", h, long_ref],
+                 ["put", str(tmp_path / "src.bin"), "--ref", long_ref],
+                 ["worker", "set", "resync-workers", "100000"],
+                 ["worker", "set", "resync-workers", "1e300"]):
+        assert run(node, *args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: node node1: ") and err.count("\n") == 1, err
+        assert "[" not in err and "bad_request" not in err, err
+    # operational errors from the node stay 1, and lose their tag too
+    assert run(node, "get", "ab" * 32) == 1
+    err = capsys.readouterr().err
+    assert "not found" in err and "[not_found]" not in err
