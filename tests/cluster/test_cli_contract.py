@@ -12,24 +12,31 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from blocknode import fastpath
 from blocknode.cli import main
-from tests.cluster.harness import ServeProcesses, write_cluster
+from blocknode.config import load_config
+from tests.cluster.harness import ServeProcesses, cli, free_ports, write_cluster
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory) -> Path:
+def serving(tmp_path_factory) -> ServeProcesses:
     root = tmp_path_factory.mktemp("node")
     configs = write_cluster(root, 1, rf=1, block_size=256 * 1024, inline_threshold=1024)
     procs = ServeProcesses(configs)
     try:
         procs.start_all()
-        yield configs[0]
+        yield procs
     finally:
         procs.close()
+
+
+@pytest.fixture
+def node(serving) -> Path:
+    return serving.configs[0]
 
 
 def run(node: Path, *args: str) -> int:
@@ -233,3 +240,26 @@ def test_bad_input_refused_by_the_node_exits_2_without_a_tag(node, tmp_path, cap
     assert run(node, "get", "ab" * 32) == 1
     err = capsys.readouterr().err
     assert "not found" in err and "[not_found]" not in err
+
+
+# ---------------------------------------------------------------- one serve per directory
+
+@pytest.mark.parametrize("shared", ["data_dir", "metadata_dir"])
+def test_second_serve_on_the_same_dir_refuses_to_start(serving, tmp_path, shared):
+    """D5: a second `serve` on the same data_dir or metadata_dir (another port) started."""
+    cfg = load_config(serving.configs[0])
+    port = free_ports(1)[0]
+    mine = {"data_dir": str(tmp_path / "data"), "metadata_dir": str(tmp_path / "meta")}
+    mine[shared] = getattr(cfg, shared)
+    second = tmp_path / "second.toml"
+    second.write_text(tomli_w.dumps({**mine, "node_id": "node1", "rpc_bind_addr": f"127.0.0.1:{port}",
+                                     "rpc_secret": cfg.rpc_secret}))
+    r = cli("serve", config=second, timeout=30)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1, err
+    assert f"{shared} {getattr(cfg, shared)} is in use by another blocknode serve" in err
+    assert f"pid {serving.procs[0].pid}," in err
+    # the first node was not disturbed, and the refused one left nothing behind
+    assert run(serving.configs[0], "status", "--json") == 0
+    other = "metadata_dir" if shared == "data_dir" else "data_dir"
+    assert not os.path.exists(mine[other]) or os.listdir(mine[other]) == ["blocknode.lock"]
