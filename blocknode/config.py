@@ -203,6 +203,23 @@ def resolve_config_path(cli_value: str | None) -> str | None:
     return cli_value or os.environ.get("BLOCKNODE_CONFIG") or None
 
 
+def find_default_root(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The nearest `DEFAULT_ROOT` directory: in `start` (default: the working
+    directory) or in one of its parents, like git finds `.git`; None if none."""
+    here = Path(start).resolve() if start is not None else Path.cwd()
+    for d in (here, *here.parents):
+        if (d / DEFAULT_ROOT).is_dir():
+            return d / DEFAULT_ROOT
+    return None
+
+
+def default_config_at(root: str | os.PathLike[str]) -> NodeConfig:
+    """The embedded default node, keeping everything under the directory `root`."""
+    root = Path(root).absolute()
+    return replace(NodeConfig(), data_dir=str(root / "data"), metadata_dir=str(root / "meta"),
+                   source=f"<embedded default, {root}>")
+
+
 def load_cluster_file(path: str | os.PathLike[str], *, default_rf: int = 3) -> ClusterConfig:
     """Load and validate a cluster file (see `blocknode.cluster_config`)."""
     p = Path(path)

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import trio
 
 from blocknode.client import Client, open_client, parse_hash
-from blocknode.config import NodeConfig, load_config, resolve_config_path
-from blocknode.errors import AuthenticationError, InvalidHash, NodeUnreachable
+from blocknode.config import (
+    DEFAULT_ROOT,
+    NodeConfig,
+    default_config_at,
+    find_default_root,
+    load_config,
+    resolve_config_path,
+)
+from blocknode.errors import AuthenticationError, ConfigError, InvalidHash, NodeUnreachable
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -42,7 +50,8 @@ def common_parser() -> argparse.ArgumentParser:
     """The parent parser of every (sub-)command: `--config PATH`."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help="node config file (default: $BLOCKNODE_CONFIG, else the embedded default)")
+                        help="node config file (default: $BLOCKNODE_CONFIG, else the default node "
+                        "in the nearest blocknode-data directory, here or above)")
     return common
 
 
@@ -51,9 +60,29 @@ def prog_of(args: argparse.Namespace) -> str:
     return getattr(args, "prog", PROG_SCRIPT)
 
 
-def node_config(args: argparse.Namespace) -> NodeConfig:
-    """The config named by --config / BLOCKNODE_CONFIG, or the embedded default."""
-    return load_config(resolve_config_path(getattr(args, "config", None)))
+def node_config(args: argparse.Namespace, *, serving: bool = False) -> NodeConfig:
+    """The node a command talks through (or, `serving`, runs). The rule, the same
+    for every command and from any working directory:
+
+    1. ``--config PATH``; 2. ``$BLOCKNODE_CONFIG``; 3. the embedded default node
+    in the nearest ``blocknode-data`` directory: the working directory's, else its
+    parent's, and so on up to ``/``; 4. for `serve` only, a new default node in
+    ``./blocknode-data``. Otherwise a `ConfigError` says where we looked.
+    """
+    path = resolve_config_path(getattr(args, "config", None))
+    if path is not None:
+        return load_config(path)
+    root = find_default_root()
+    if root is not None:
+        return default_config_at(root)
+    cwd = Path.cwd()
+    if serving:
+        return default_config_at(cwd / DEFAULT_ROOT)
+    raise ConfigError(
+        f"no node to talk to: no --config, BLOCKNODE_CONFIG is not set, and no {DEFAULT_ROOT} "
+        f"directory (the default node's) in {cwd} or any directory above it; pass --config PATH, "
+        f"or run from where `{prog_of(args)} serve` made {DEFAULT_ROOT}"
+    )
 
 
 def run_with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[int]]) -> int:

@@ -118,7 +118,7 @@ class DirLocks:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run a node until SIGINT/SIGTERM."""
-    return serve(node_config(args))
+    return serve(node_config(args, serving=True))
 
 
 def add_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

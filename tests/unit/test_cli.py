@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
 from blocknode.cli import build_parser, main
-from blocknode.config import load_cluster_file, load_config
+from blocknode.cli.base import node_config
+from blocknode.config import NodeConfig, load_cluster_file, load_config
+from blocknode.errors import ConfigError
 
 
 def test_prog_is_blocknode_for_the_installed_script(capsys):
@@ -54,3 +57,40 @@ def test_init_cluster_refuses_ports_out_of_range(tmp_path, capsys, base_port, no
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: --base-port") and "65535" in err and err.count("\n") == 1
     assert not root.exists()
+
+
+def test_no_config_says_exactly_where_it_looked(tmp_path, monkeypatch, capsys):
+    """D6: with no config and no ./blocknode-data, the error named a relative
+    `blocknode-data/rpc_secret`, not where the CLI looked."""
+    monkeypatch.delenv("BLOCKNODE_CONFIG", raising=False)
+    here = tmp_path / "somewhere" / "else"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"no blocknode-data directory (the default node's) in {here} or any directory above it" in err
+    assert "--config" in err and "BLOCKNODE_CONFIG" in err
+
+
+def test_default_node_is_found_the_same_way_from_any_subdirectory(tmp_path, monkeypatch):
+    """D6: the embedded default's paths were relative to the working directory."""
+    monkeypatch.delenv("BLOCKNODE_CONFIG", raising=False)
+    root = tmp_path / "blocknode-data"
+    root.mkdir()
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    for where, serving in ((tmp_path, False), (deep, False), (deep, True)):
+        monkeypatch.chdir(where)
+        cfg = node_config(argparse.Namespace(), serving=serving)
+        assert (cfg.data_dir, cfg.metadata_dir) == (str(root / "data"), str(root / "meta"))
+        assert cfg.secret_file == str(root / "rpc_secret")
+        assert cfg.rpc_bind_addr == NodeConfig().rpc_bind_addr
+    # serve with none anywhere makes one here; other commands refuse (previous test)
+    (root).rename(tmp_path / "moved")
+    cfg = node_config(argparse.Namespace(), serving=True)
+    assert cfg.data_dir == str(deep / "blocknode-data" / "data")
+    # --config and BLOCKNODE_CONFIG come first
+    monkeypatch.setenv("BLOCKNODE_CONFIG", str(tmp_path / "none.toml"))
+    with pytest.raises(ConfigError, match="none.toml does not exist"):
+        node_config(argparse.Namespace())
