@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None, *, prog: str = PROG_SCRIPT) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the contract is one line, never a traceback
+        if os.environ.get("BLOCKNODE_DEBUG"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (a bug in blocknode; "
+              "BLOCKNODE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def explain(exc: BaseException) -> tuple[str, int]:

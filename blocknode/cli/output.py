@@ -24,11 +24,20 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot encode {type(o).__name__}")
 
 
-def when(ms: int | None) -> str:
-    """A time in ms since the epoch, for humans (`never` for none)."""
-    if not ms:
+def when(ms: Any) -> str:
+    """A time in ms since the epoch, for humans (`never` for none).
+
+    Total: it comes from a node, so any value (2**63 - 1, negative, not a
+    number) gets a line, never an exception.
+    """
+    if ms is None or ms == 0:
         return "never"
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if not isinstance(ms, int | float) or isinstance(ms, bool):
+        return repr(ms)
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return f"{ms} ms since the epoch (not a calendar date)"
 
 
 def bar(fraction: float, width: int = 30) -> str:

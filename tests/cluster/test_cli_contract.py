@@ -5,6 +5,7 @@ run as a process where the test is about the process (exit status, stdout, RSS).
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+import trio
 
 from blocknode import fastpath
 from blocknode.cli import main
+from blocknode.client import open_client
 from blocknode.config import load_config
 from tests.cluster.harness import ServeProcesses, cli, free_ports, write_cluster
 
@@ -263,3 +266,23 @@ def test_second_serve_on_the_same_dir_refuses_to_start(serving, tmp_path, shared
     assert run(serving.configs[0], "status", "--json") == 0
     other = "metadata_dir" if shared == "data_dir" else "data_dir"
     assert not os.path.exists(mine[other]) or os.listdir(mine[other]) == ["blocknode.lock"]
+
+
+# ---------------------------------------------------------------- block info
+
+def test_block_info_with_the_largest_timestamp(node, tmp_path, capsys):
+    """D8: a reference timestamped 2**63 - 1 made `block info` print a traceback."""
+    h = put_bytes(node, tmp_path, b"far future", capsys)
+
+    async def far_ref() -> None:
+        async with open_client(load_config(node)) as client:
+            await client.call("client_ref", {"hash": bytes.fromhex(h), "ref_id": "far",
+                                             "deleted": False, "ts": 2**63 - 1})
+
+    trio.run(far_ref)
+    assert run(node, "block", "info", h) == 0
+    out = capsys.readouterr().out
+    assert f"ref      far  live  {2**63 - 1} ms since the epoch (not a calendar date)" in out
+    assert run(node, "block", "info", h, "--json") == 0
+    assert {"ref_id": "far", "deleted": False, "ts": 2**63 - 1}.items() <= next(
+        r for r in json.loads(capsys.readouterr().out)["refs"] if r["ref_id"] == "far").items()

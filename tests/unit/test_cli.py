@@ -10,6 +10,7 @@ import pytest
 
 from blocknode.cli import build_parser, main
 from blocknode.cli.base import node_config
+from blocknode.cli.output import when
 from blocknode.config import NodeConfig, load_cluster_file, load_config
 from blocknode.errors import ConfigError
 
@@ -94,3 +95,20 @@ def test_default_node_is_found_the_same_way_from_any_subdirectory(tmp_path, monk
     monkeypatch.setenv("BLOCKNODE_CONFIG", str(tmp_path / "none.toml"))
     with pytest.raises(ConfigError, match="none.toml does not exist"):
         node_config(argparse.Namespace())
+
+
+@pytest.mark.parametrize("ms", [2**63 - 1, -(2**63), 10**30, 1e300, float("nan"), "soon", [1]])
+def test_human_times_are_total(ms):
+    """D8: a ref timestamp of 2**63-1 made `block info` print a traceback."""
+    assert isinstance(when(ms), str)
+
+
+def test_an_unexpected_error_is_one_line(monkeypatch, capsys):
+    def boom(args):
+        raise KeyError("rc")
+
+    monkeypatch.delenv("BLOCKNODE_DEBUG", raising=False)
+    monkeypatch.setattr("blocknode.cli.data.cmd_status", boom)
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unexpected KeyError: 'rc'") and err.count("\n") == 1
