@@ -159,7 +159,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add `put`, `get`, `ref`, `unref` and `status`."""
     s = sub.add_parser("put", parents=[common], help="store a file; prints its hash")
-    s.add_argument("path", metavar="PATH", help="file to store ('-' for stdin)")
+    s.add_argument("path", metavar="PATH", help="file to store ('-' for stdin; a FIFO or <(cmd) is read as a stream)")
     s.add_argument("--ref", help="reference name (default: a fresh one, shown on stderr)")
     s.set_defaults(func=cmd_put)
 
