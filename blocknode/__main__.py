@@ -2,6 +2,6 @@
 
 import sys
 
-from blocknode.cli import main
+from blocknode.cli import PROG_MODULE, main
 
-sys.exit(main())
+sys.exit(main(prog=PROG_MODULE))

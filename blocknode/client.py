@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -213,9 +213,13 @@ class Client:
                     yield chunk
         return await self.put_chunks(chunks(), ref=ref)
 
-    async def put_chunks(self, chunks: Iterable[bytes], *, ref: str | None,
+    async def put_chunks(self, chunks: Iterable[bytes] | AsyncIterable[bytes], *, ref: str | None,
                          small: bytes | None = None) -> str:
-        """Store a sequence of blocks and, when more than one, their manifest."""
+        """Store a sequence of blocks and, when more than one, their manifest.
+
+        `chunks` may be an async iterable (e.g. reading a pipe in a worker
+        thread): blocks are uploaded while the next is read, a few at a time.
+        """
         ref_id = ref or new_ref_id()
         ts = wall_ms()
         if small is not None and len(small) <= self.block_size and not small.startswith(MANIFEST_MAGIC):
@@ -231,7 +235,7 @@ class Client:
                 limiter.release()
 
         async with trio.open_nursery() as nursery:
-            for chunk in chunks:
+            async for chunk in _aiter(chunks):
                 await limiter.acquire()
                 hashes.append(b"")
                 total += len(chunk)
@@ -300,6 +304,15 @@ class Client:
         """The node's status (see `Node.status`)."""
         reply, _ = await self.call(STATUS, {})
         return reply
+
+
+async def _aiter(chunks: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk
 
 
 def _split(data: bytes, block_size: int) -> list[bytes]:

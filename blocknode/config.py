@@ -38,7 +38,7 @@ class NodeConfig:
     metadata_dir: str = f"{DEFAULT_ROOT}/meta"
     rpc_bind_addr: str = f"127.0.0.1:{DEFAULT_PORT}"
     rpc_public_addr: str | None = None
-    rpc_secret: str | None = None  # 64 hex chars; or rpc_secret_file
+    rpc_secret: str | None = field(default=None, repr=False)  # 64 hex chars; or rpc_secret_file
     rpc_secret_file: str | None = None  # default: <root>/rpc_secret, made on first start
     cluster_file: str | None = None  # none: a single-node cluster of this node
     zone: str = "default"
@@ -153,6 +153,17 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "anti_entropy_interval": (_is_pos_num, "a number of seconds > 0"),
 }
 _PATH_FIELDS = ("data_dir", "metadata_dir", "rpc_secret_file", "cluster_file")
+# Fields whose values no message may show, however malformed they are.
+_SECRET_FIELDS = frozenset({"rpc_secret"})
+
+
+def _describe_secret(v: Any) -> str:
+    """What a bad secret looks like, without showing any of it."""
+    if not isinstance(v, str):
+        return f"a value of type {type(v).__name__}"
+    if len(v) != 64:
+        return f"a string of {len(v)} characters"
+    return "64 characters that are not all hex digits"
 
 assert set(_FIELDS) == {f.name for f in fields(NodeConfig)} - {"source"}
 
@@ -165,7 +176,11 @@ def config_from_dict(raw: dict[str, Any], *, source: str, base_dir: Path | None 
             raise ConfigError(f"{source}: unknown field {key!r} (known fields: {', '.join(sorted(_FIELDS))})")
         check, expected = _FIELDS[key]
         if not check(value):
-            raise ConfigError(f"{source}: field {key!r}: expected {expected}, got {value!r}")
+            got = _describe_secret(value) if key in _SECRET_FIELDS else repr(value)
+            raise ConfigError(f"{source}: field {key!r}: expected {expected}, got {got}")
+        if key == "rpc_secret_file" and isinstance(value, str) and _is_secret(value.strip()):
+            raise ConfigError(f"{source}: field 'rpc_secret_file': expected a file path, got what "
+                              "looks like the secret itself (put the value in rpc_secret)")
         if key in _PATH_FIELDS and value is not None and base_dir is not None:
             value = str((base_dir / value).resolve()) if not os.path.isabs(value) else value
         values[key] = value
@@ -202,6 +217,23 @@ def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:
 def resolve_config_path(cli_value: str | None) -> str | None:
     """The config path a command uses: `--config`, else `BLOCKNODE_CONFIG`, else None."""
     return cli_value or os.environ.get("BLOCKNODE_CONFIG") or None
+
+
+def find_default_root(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The nearest `DEFAULT_ROOT` directory: in `start` (default: the working
+    directory) or in one of its parents, like git finds `.git`; None if none."""
+    here = Path(start).resolve() if start is not None else Path.cwd()
+    for d in (here, *here.parents):
+        if (d / DEFAULT_ROOT).is_dir():
+            return d / DEFAULT_ROOT
+    return None
+
+
+def default_config_at(root: str | os.PathLike[str]) -> NodeConfig:
+    """The embedded default node, keeping everything under the directory `root`."""
+    root = Path(root).absolute()
+    return replace(NodeConfig(), data_dir=str(root / "data"), metadata_dir=str(root / "meta"),
+                   source=f"<embedded default, {root}>")
 
 
 def load_cluster_file(path: str | os.PathLike[str], *,
@@ -303,8 +335,12 @@ def load_or_create_secret(cfg: NodeConfig, *, create: bool) -> bytes:
             os.close(fd)
         os.replace(tmp, path)
         return bytes.fromhex(text)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cluster secret file {path} cannot be read: {exc}") from None
+    except UnicodeDecodeError:  # its message would quote a byte of the secret
+        raise ConfigError(f"cluster secret file {path}: expected 64 hex characters, "
+                          "found bytes that are not ASCII") from None
+    except OSError as exc:
+        raise ConfigError(f"cluster secret file {path} cannot be read: {exc.strerror or exc}") from None
     if not _is_secret(text):
-        raise ConfigError(f"cluster secret file {path}: expected 64 hex characters")
+        raise ConfigError(f"cluster secret file {path}: expected 64 hex characters, "
+                          f"got {_describe_secret(text)}")
     return bytes.fromhex(text)

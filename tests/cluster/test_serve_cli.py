@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -157,8 +160,9 @@ def test_sigterm_shuts_down_cleanly(tmp_path):
         procs.close()
 
 
-def test_default_node_without_config(tmp_path):
-    """`serve` with no config: single node, ./blocknode-data, secret made with mode 0600."""
+@contextlib.contextmanager
+def _default_node(cwd: Path) -> Iterator[None]:
+    """`serve` with no config, run in `cwd`, on the embedded default port; ready on entry."""
     # The embedded default listens on 127.0.0.1:3901 and keeps its data in ./blocknode-data:
     # run it in a scratch directory, on the real default port.
     s = socket.socket()
@@ -168,30 +172,69 @@ def test_default_node_without_config(tmp_path):
         pytest.skip("port 3901 (the embedded default) is busy on this machine")
     finally:
         s.close()
-    p = subprocess.Popen([sys.executable, "-m", "blocknode", "serve"], cwd=tmp_path,
+    p = subprocess.Popen([sys.executable, "-m", "blocknode", "serve"], cwd=cwd,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                         env={k: v for k, v in os.environ.items() if k != "BLOCKNODE_CONFIG"})
+                         env=_NO_CONFIG_ENV)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if (tmp_path / "blocknode-data" / "rpc_secret").exists():
-                r = subprocess.run([sys.executable, "-m", "blocknode", "status", "--json"],
-                                   cwd=tmp_path, capture_output=True, timeout=30)
+            if (cwd / "blocknode-data" / "rpc_secret").exists():
+                r = _no_config_cli(cwd, "status", "--json")
                 if r.returncode == 0:
                     break
             time.sleep(0.1)
         assert r.returncode == 0, r.stderr
+        yield
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=15)
+
+
+# Run from another directory, `python -m blocknode` must still import this checkout.
+_REPO = str(Path(__file__).resolve().parents[2])
+_NO_CONFIG_ENV = {**{k: v for k, v in os.environ.items() if k != "BLOCKNODE_CONFIG"},
+                  "PYTHONPATH": os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)}
+
+
+def _no_config_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "blocknode", *args], cwd=cwd,
+                          capture_output=True, timeout=30, env=_NO_CONFIG_ENV)
+
+
+def test_default_node_without_config(tmp_path):
+    """`serve` with no config: single node, ./blocknode-data, secret made with mode 0600."""
+    with _default_node(tmp_path):
+        r = _no_config_cli(tmp_path, "status", "--json")
         assert json.loads(r.stdout)["node_id"] == "node1"
         mode = os.stat(tmp_path / "blocknode-data" / "rpc_secret").st_mode & 0o777
         assert mode == 0o600
         (tmp_path / "f").write_bytes(b"abc")
-        r = subprocess.run([sys.executable, "-m", "blocknode", "put", "f"], cwd=tmp_path,
-                           capture_output=True, timeout=30)
+        r = _no_config_cli(tmp_path, "put", "f")
         assert r.stdout.decode().strip() == fastpath.block_hash(b"abc").hex()
         assert (tmp_path / "blocknode-data" / "meta").is_dir()
-    finally:
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait(timeout=15)
+
+
+def test_default_node_found_from_a_subdirectory(tmp_path):
+    """D6: with no config, the CLI looked for ./blocknode-data relative to the working
+    directory only: from a subdirectory it failed on a relative secret path."""
+    with _default_node(tmp_path):
+        sub = tmp_path / "a" / "b"
+        sub.mkdir(parents=True)
+        (sub / "f").write_bytes(b"from below")
+        r = _no_config_cli(sub, "put", "f", "--ref", "below")
+        assert r.returncode == 0, r.stderr
+        h = r.stdout.decode().strip()
+        r = _no_config_cli(tmp_path, "get", h)
+        assert r.returncode == 0 and r.stdout == b"from below"
+        # a second default serve from below finds the same node, so it is refused
+        r = subprocess.run([sys.executable, "-m", "blocknode", "serve"], cwd=sub, capture_output=True,
+                           timeout=30, env=_NO_CONFIG_ENV)
+        assert r.returncode == 1 and b"in use by another blocknode serve" in r.stderr, r.stderr
+        assert not (sub / "blocknode-data").exists()
+    elsewhere = tmp_path.parent / (tmp_path.name + "-elsewhere")
+    elsewhere.mkdir()
+    r = _no_config_cli(elsewhere, "status")
+    assert r.returncode == 2 and str(elsewhere).encode() in r.stderr, r.stderr
 
 
 def _three_consecutive_free_ports() -> int:

@@ -113,3 +113,46 @@ def test_one_default_replication_factor(tmp_path):
     p.write_text('[[nodes]]\nid = "a"\naddr = "127.0.0.1:1"\n')
     assert load_cluster_file(p).replication_factor == DEFAULT_REPLICATION_FACTOR
     assert load_cluster_file(p, default_rf=2).replication_factor == 2  # the node config's value
+
+
+SECRET = "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize("value", [
+    SECRET[:-1],                        # one character short
+    SECRET + "0",                       # one too many
+    SECRET[:-2] + "zz",                 # not hex
+    SECRET[:20] + " " + SECRET[21:],    # a stray space
+], ids=["short", "long", "not-hex", "space"])
+def test_a_bad_secret_is_never_echoed(tmp_path, value):
+    """D7: `field 'rpc_secret': expected ..., got '<the secret>'`."""
+    p = tmp_path / "node.toml"
+    p.write_text(f'rpc_secret = "{value}"\n')
+    with pytest.raises(ConfigError, match="rpc_secret") as e:
+        load_config(p)
+    msg = str(e.value)
+    assert not any(value[i:i + 8] in msg for i in range(len(value) - 7)), msg
+
+
+def test_a_secret_in_the_wrong_place_is_never_echoed(tmp_path):
+    p = tmp_path / "node.toml"
+    p.write_text(f'rpc_secret = {int(SECRET[:15], 16)}\n')  # a number
+    with pytest.raises(ConfigError, match="type int") as e:
+        load_config(p)
+    assert str(int(SECRET[:15], 16)) not in str(e.value)
+    p.write_text(f'rpc_secret_file = "{SECRET}"\n')  # the value where its path belongs
+    with pytest.raises(ConfigError, match="looks like the secret") as e:
+        load_config(p)
+    assert SECRET[:8] not in str(e.value)
+    assert SECRET[:8] not in repr(load_config(None).__class__(rpc_secret=SECRET))
+
+
+def test_a_bad_secret_file_is_never_echoed(tmp_path):
+    f = tmp_path / "secret"
+    cfg = NodeConfig(rpc_secret_file=str(f))
+    for content in (SECRET[:-1].encode(), SECRET.encode()[:-2] + b"\xc3\xa9", SECRET[:-2].encode() + b"zz"):
+        f.write_bytes(content + b"\n")
+        with pytest.raises(ConfigError, match="expected 64 hex characters") as e:
+            load_or_create_secret(cfg, create=False)
+        msg = str(e.value)
+        assert SECRET[:8] not in msg and "c3" not in msg and "zz" not in msg, msg

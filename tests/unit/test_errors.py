@@ -76,10 +76,10 @@ def test_unknown_node_is_a_config_error_and_a_key_error() -> None:
 def test_cli_error_carries_its_exit_status() -> None:
     assert CliError("boom").status == 1
     assert CliError("usage", 2).status == 2
-    from blocknode import cli
+    from blocknode.cli import base
 
-    assert cli.CliError is CliError
-    assert cli.fail("x", cli.EXIT_USAGE).status == cli.EXIT_USAGE
+    assert base.CliError is CliError
+    assert base.fail("x", base.EXIT_USAGE).status == base.EXIT_USAGE
 
 
 # ---------------------------------------------------------------- the peer sent garbage

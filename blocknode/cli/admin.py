@@ -1,9 +1,7 @@
 """Admin commands for the background workers: `scrub`, `repair`, `block`, `worker`.
 
-Registered into `blocknode.cli` through `register_commands` (the CLI imports
-this module if it exists). Every command talks to the node named by
-``--config`` through the admin RPCs of `blocknode.workers`. Command names,
-arguments and JSON keys are a contract:
+Every command talks to the node named by ``--config`` through the admin RPCs
+of `blocknode.workers`. Command names, arguments and JSON keys are a contract:
 
     scrub start [--tranquility N] [--wait] | pause | resume | cancel
     scrub set-tranquility N | status [--json]
@@ -17,30 +15,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC, datetime
 from typing import Any
 
 import trio
 
-from blocknode.cli import EXIT_USAGE, fail, print_json, register_commands, run_with_client
-from blocknode.client import Client, parse_hash
-from blocknode.errors import InvalidHash
+from blocknode.cli.base import EXIT_USAGE, fail, hash_arg, run_with_client
+from blocknode.cli.output import bar, print_json, when
+from blocknode.client import Client
 
 POLL_S = 1.0
-
-
-def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help="node config file (default: $BLOCKNODE_CONFIG, else the embedded default)")
-    return common
-
-
-def _hash_arg(text: str) -> bytes:
-    try:
-        return parse_hash(text)
-    except InvalidHash as exc:
-        raise fail(str(exc), EXIT_USAGE) from None
 
 
 def _nonneg(text: str) -> float:
@@ -53,18 +36,6 @@ def _nonneg(text: str) -> float:
     return v
 
 
-def _when(ms: int | None) -> str:
-    if not ms:
-        return "never"
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _bar(fraction: float, width: int = 30) -> str:
-    fraction = min(1.0, max(0.0, fraction))
-    full = int(fraction * width)
-    return "[" + "#" * full + "-" * (width - full) + f"] {fraction * 100:5.1f} %"
-
-
 # ------------------------------------------------------------------ scrub
 
 def _print_scrub(st: dict[str, Any]) -> None:
@@ -73,15 +44,15 @@ def _print_scrub(st: dict[str, Any]) -> None:
     print(f"blocks checked  {st['blocks_checked']}")
     print(f"corruptions     {st['corruptions']}")
     print(f"tranquility     {st['tranquility']}")
-    print(f"last completed  {_when(st.get('last_completed'))}")
-    print(f"next run        {_when(st.get('next_run'))}")
+    print(f"last completed  {when(st.get('last_completed'))}")
+    print(f"next run        {when(st.get('next_run'))}")
 
 
 async def _wait_scrub(client: Client) -> dict[str, Any]:
     tty = sys.stderr.isatty()
     while True:
         st, _ = await client.call("admin_scrub", {"action": "status"})
-        line = f"scrub {_bar(st['progress'])} {st['blocks_checked']} checked, {st['corruptions']} corrupt"
+        line = f"scrub {bar(st['progress'])} {st['blocks_checked']} checked, {st['corruptions']} corrupt"
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
         if st["state"] != "running":
             if tty:
@@ -157,7 +128,7 @@ def cmd_block(args: argparse.Namespace) -> int:
                    "add --yes to confirm", EXIT_USAGE)
     if action == "retry-now" and bool(args.all) == bool(args.hash):
         raise fail("block retry-now: give either --all or one HASH", EXIT_USAGE)
-    h = _hash_arg(args.hash) if getattr(args, "hash", None) else None
+    h = hash_arg(args.hash) if getattr(args, "hash", None) else None
 
     async def go(client: Client) -> int:
         if action == "info":
@@ -170,10 +141,10 @@ def cmd_block(args: argparse.Namespace) -> int:
             print(f"present  {'yes' if info['present'] else 'no'}")
             print(f"nodes    {', '.join(info['nodes'])}")
             for r in info["refs"]:
-                print(f"ref      {r['ref_id']}  {'deleted' if r['deleted'] else 'live'}  {_when(r['ts'])}")
+                print(f"ref      {r['ref_id']}  {'deleted' if r['deleted'] else 'live'}  {when(r['ts'])}")
             if "error" in info:
                 e = info["error"]
-                print(f"error    {e['count']} failure(s), next try {_when(e['next_try'])}: {e['message']}")
+                print(f"error    {e['count']} failure(s), next try {when(e['next_try'])}: {e['message']}")
             return 0
         if action == "list-errors":
             reply, _ = await client.call("admin_block_errors", {})
@@ -184,7 +155,7 @@ def cmd_block(args: argparse.Namespace) -> int:
             if not errors:
                 print("no block errors")
             for e in errors:
-                print(f"{e['hash']}  {e['count']:>3} failure(s)  next {_when(e['next_try'])}  {e['message']}")
+                print(f"{e['hash']}  {e['count']:>3} failure(s)  next {when(e['next_try'])}  {e['message']}")
             return 0
         if action == "retry-now":
             fields: dict[str, Any] = {"all": True} if args.all else {"hash": h}
@@ -229,14 +200,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _int_or_number(text: str) -> float:
     v = _nonneg(text)
-    return int(v) if v == int(v) else v
+    # An integral value travels as an integer, if it fits the wire's (msgpack's) integers.
+    return int(v) if v == int(v) and v < 2**63 else v
 
 
 # ------------------------------------------------------------------ parser
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add `scrub`, `repair`, `block` and `worker` to the CLI's sub-parsers."""
-    common = _common()
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add `scrub`, `repair`, `block` and `worker`."""
 
     s = sub.add_parser("scrub", parents=[common], help="verify every block held by the node")
     ss = s.add_subparsers(dest="scrub_action", metavar="ACTION", required=True)
@@ -286,7 +257,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a.add_argument("value", type=_int_or_number, metavar="N")
     s.set_defaults(func=cmd_worker)
 
-
-register_commands(add_commands)
-
-__all__ = ["add_commands"]

@@ -1,0 +1,179 @@
+"""Data commands: `put`, `get`, `ref`, `unref`, `status`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, BinaryIO
+
+import trio
+
+from blocknode.cli.base import EXIT_USAGE, fail, hash_arg, run_with_client
+from blocknode.cli.output import OutputFile, print_json
+from blocknode.client import Client, new_ref_id
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    """Store a file, a pipe or stdin ('-'), streamed block by block; print its hash alone on stdout."""
+    ref = args.ref or new_ref_id()
+    source = _open_source(args.path)
+
+    async def go(client: Client) -> int:
+        try:
+            h = await put_stream(client, source, ref, name=args.path)
+        finally:
+            if source is not sys.stdin.buffer:
+                source.close()
+        print(h)
+        if not args.ref:
+            print(f"reference: {ref}", file=sys.stderr)
+        return 0
+
+    return run_with_client(args, go)
+
+
+def _open_source(path: str) -> BinaryIO:
+    """What `put PATH` reads: stdin for '-', a regular file, or anything readable as a
+    stream (a FIFO, `<(cmd)`, a character device); a directory is a usage error."""
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            raise fail(f"cannot read {path}: is a directory (put stores one file)", EXIT_USAGE)
+        return open(path, "rb")  # noqa: SIM115 - closed by cmd_put
+    except FileNotFoundError:
+        raise fail(f"cannot read {path}: no such file", EXIT_USAGE) from None
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE) from None
+
+
+def _read_block(f: BinaryIO, size: int) -> bytes:
+    """`size` bytes, fewer only at the end of the input (a pipe may return less per read)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        part = f.read(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str) -> str:
+    """Store everything `f` yields, reading one block at a time in a worker thread.
+
+    Memory stays at a few blocks whatever the size. Blocks are always full
+    (`block_size`) but the last, so a file, a pipe and stdin with the same bytes
+    get the same hash; data up to one block is one block (hash = its blake2sum).
+    """
+    size = client.block_size
+
+    async def read() -> bytes:
+        try:
+            return await trio.to_thread.run_sync(_read_block, f, size, abandon_on_cancel=True)
+        except OSError as exc:
+            raise fail(f"cannot read {name}: {exc.strerror or exc}") from None
+
+    first = await read()
+    if len(first) < size:
+        return await client.put(first, ref)
+    second = await read()
+    if not second:
+        return await client.put(first, ref)
+    head = [first, second]
+    del first, second
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while head:
+            yield head.pop(0)
+        while chunk := await read():
+            yield chunk
+
+    return await client.put_chunks(chunks(), ref=ref)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """Write the bytes stored under HASH to stdout or -o PATH."""
+    hash_arg(args.hash)
+
+    async def go(client: Client) -> int:
+        if args.output:
+            with OutputFile(args.output) as out:
+                async for chunk in client.iter_get(args.hash):
+                    out.write(chunk)
+                out.commit()
+        else:
+            stdout = sys.stdout.buffer
+            async for chunk in client.iter_get(args.hash):
+                stdout.write(chunk)
+            stdout.flush()
+        return 0
+
+    return run_with_client(args, go)
+
+
+def cmd_ref(args: argparse.Namespace) -> int:
+    """Add a reference to a block (and to the blocks of a manifest)."""
+    hash_arg(args.hash)
+    return run_with_client(args, lambda c: _done(c.ref(args.hash, args.ref)))
+
+
+def cmd_unref(args: argparse.Namespace) -> int:
+    """Delete a reference (the block is collected once no reference is left)."""
+    hash_arg(args.hash)
+    return run_with_client(args, lambda c: _done(c.unref(args.hash, args.ref)))
+
+
+async def _done(aw: Awaitable[Any]) -> int:
+    await aw
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the node's status."""
+
+    async def go(client: Client) -> int:
+        st = await client.status()
+        if args.json:
+            print_json(st)
+            return 0
+        lay = st.get("layout", {})
+        print(f"node        {st['node_id']} at {st.get('addr')} (zone {st.get('zone')}, fast path {st.get('fast_path')})")
+        print(f"layout      {lay.get('nodes')} node(s), replication {lay.get('replication_factor')}, "
+              f"write quorum {lay.get('write_quorum')}")
+        for p in st["peers"]:
+            print(f"peer        {p['id']:<12} {p['addr']:<22} {'up' if p['up'] else 'DOWN'}")
+        print(f"blocks      {st['blocks']} ({st.get('inline_blocks', 0)} inline)")
+        print(f"rc entries  {st['rc_entries']}")
+        print(f"resync      {st['resync_queue']} queued")
+        print(f"errors      {st['errors']}")
+        return 0
+
+    return run_with_client(args, go)
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add `put`, `get`, `ref`, `unref` and `status`."""
+    s = sub.add_parser("put", parents=[common], help="store a file; prints its hash")
+    s.add_argument("path", metavar="PATH", help="file to store ('-' for stdin; a FIFO or <(cmd) is read as a stream)")
+    s.add_argument("--ref", help="reference name (default: a fresh one, shown on stderr)")
+    s.set_defaults(func=cmd_put)
+
+    s = sub.add_parser("get", parents=[common], help="fetch the bytes stored under a hash")
+    s.add_argument("hash", metavar="HASH")
+    s.add_argument("-o", "--output", metavar="PATH", help="write to PATH instead of stdout")
+    s.set_defaults(func=cmd_get)
+
+    for name, fn, what in (("ref", cmd_ref, "add"), ("unref", cmd_unref, "delete")):
+        s = sub.add_parser(name, parents=[common], help=f"{what} a reference to a block")
+        s.add_argument("hash", metavar="HASH")
+        s.add_argument("ref", metavar="REF")
+        s.set_defaults(func=fn)
+
+    s = sub.add_parser("status", parents=[common], help="show the node's status")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_status)

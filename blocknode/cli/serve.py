@@ -1,0 +1,127 @@
+"""`serve`: run one node until SIGINT/SIGTERM, then shut down cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+
+import trio
+
+from blocknode import fastpath
+from blocknode.cli.base import CliError, node_config
+from blocknode.config import NodeConfig
+from blocknode.errors import single_error
+
+LOCK_NAME = "blocknode.lock"
+
+
+async def serve_async(cfg: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the node; the first SIGINT/SIGTERM cancels it (workers stop between steps)."""
+    from blocknode.node import Node  # here, not at the top: the other commands need no node
+
+    node = Node(cfg)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            addr = await nursery.start(node.run)
+            print(
+                f"blocknode: node {cfg.node_id} listening on {addr} "
+                f"(data {cfg.data_dir}, metadata {cfg.metadata_dir}, fast path {fastpath.IMPLEMENTATION})",
+                file=sys.stderr, flush=True,
+            )
+            task_status.started(addr)
+            async for signum in signals:
+                print(f"blocknode: {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def serve(cfg: NodeConfig) -> int:
+    """Blocking entry point for the CLI; returns the exit status.
+
+    The node's directories are locked first (`DirLocks`): a second `serve` on the
+    same data_dir or metadata_dir refuses to start. A failure to start (e.g. the
+    address is in use) comes out of the nurseries wrapped in exception groups:
+    the one error inside is re-raised for the CLI to print as one line.
+    """
+    with DirLocks(cfg):
+        try:
+            trio.run(serve_async, cfg)
+        except BaseExceptionGroup as group:
+            raise single_error(group) from None
+    print("blocknode: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+class DirLocks:
+    """Exclusive locks on the node's data_dir and metadata_dir, held while it runs.
+
+    Each directory gets a file `LOCK_NAME`, locked with `flock` (released by the
+    kernel when the process ends, however it ends: a stale file locks nothing)
+    and holding the owner's pid, which a refused second `serve` names. Two
+    processes on one data_dir would sweep each other's half-written blocks and
+    collect each other's blocks; on one metadata_dir, keep two views of one
+    LMDB. (Only `serve` takes these locks; a `Node` built in-process does not.)
+    """
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self._fds: list[int] = []
+
+    def __enter__(self) -> DirLocks:
+        seen: set[str] = set()
+        try:
+            for what, path in (("metadata_dir", self.cfg.metadata_dir), ("data_dir", self.cfg.data_dir)):
+                real = os.path.realpath(path)
+                if real not in seen:
+                    seen.add(real)
+                    self._fds.append(self._lock(what, real))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _lock(self, what: str, directory: str) -> int:
+        lock_path = os.path.join(directory, LOCK_NAME)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise CliError(f"cannot lock {what} {directory}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "pid not yet written"
+            os.close(fd)
+            raise CliError(
+                f"{what} {directory} is in use by another blocknode serve ({owner}; lock file "
+                f"{lock_path}): stop it first, or give this node its own {what}"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise CliError(f"cannot lock {what} {directory}: {exc.strerror or exc}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, node {self.cfg.node_id}, rpc_bind_addr "
+                      f"{self.cfg.rpc_bind_addr}\n".encode(), 0)
+        return fd
+
+    def __exit__(self, *exc_info: object) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # the pid is no longer running a node here
+            os.close(fd)  # releases the lock
+        self._fds.clear()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run a node until SIGINT/SIGTERM."""
+    return serve(node_config(args, serving=True))
+
+
+def add_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add `serve`."""
+    s = sub.add_parser("serve", parents=[common], help="run a node")
+    s.set_defaults(func=cmd_serve)
