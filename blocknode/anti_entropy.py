@@ -2,16 +2,16 @@
 
 For each partition this node holds and each other node of that partition:
 
-1. one `ae_digests` call compares a digest per partition (BLAKE2b over the
-   sorted (key, value) of the refs whose hash starts with the partition byte);
+1. one `ae_digests` call compares a digest per partition (`MetadataStore.ref_digests`:
+   BLAKE2b over the refs whose hash starts with the partition byte);
 2. for each partition that differs, a second `ae_digests` call compares the
    256 sub-ranges (two-byte prefixes), so a single missed reference costs a
    few hundred bytes, not the whole partition;
 3. for each differing sub-range, one `ae_exchange` call sends our entries
    and gets the peer's back; each side merges the other's by last writer wins
-   (`MetaStore.apply_refs`), so after the call both hold the same versions.
+   (`MetadataStore.apply_refs`), so after the call both hold the same versions.
 
-Merging goes through `tx_apply_ref`, which updates the RC and queues the
+Merging goes through `RefTable.tx_apply`, which updates the RC and queues the
 resyncs that follow (a newly referenced block gets fetched, a released one
 collected after the GC delay). Digests and listings read LMDB in a worker
 thread. Rounds run every `interval` seconds (±25 % jitter), first shortly after
@@ -20,7 +20,6 @@ start (a node that was down catches up), and on demand (`run_round`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections import defaultdict
@@ -30,7 +29,7 @@ import trio
 
 from blocknode.errors import BlocknodeError, ProtocolError
 from blocknode.manager import PRIO_BACKGROUND, BlockManager, Reply
-from blocknode.meta import MetaStore, RefEntry
+from blocknode.storage import MetadataStore, RefEntry
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +37,7 @@ MAX_PREFIXES = 1024
 MAX_REFS = 100_000
 
 
-def prefix_digests(meta: MetaStore, prefixes: list[bytes]) -> list[bytes]:
-    """The digest of the refs under each prefix (blocking: run in a thread)."""
-    out = []
-    for p in prefixes:
-        d = hashlib.blake2b(digest_size=16)
-        for r in meta.iter_refs(p):
-            rid = r.ref_id.encode()
-            d.update(r.hash + len(rid).to_bytes(1, "big") + rid
-                     + bytes([r.deleted]) + r.ts_ms.to_bytes(8, "big"))
-        out.append(d.digest())
-    return out
-
-
-def refs_under(meta: MetaStore, prefix: bytes) -> list[list[Any]]:
+def refs_under(meta: MetadataStore, prefix: bytes) -> list[list[Any]]:
     """The refs under `prefix` as wire tuples [hash, ref_id, deleted, ts] (blocking)."""
     return [[r.hash, r.ref_id, r.deleted, r.ts_ms] for r in meta.iter_refs(prefix)]
 
@@ -105,7 +91,7 @@ class AntiEntropy:
     async def handle_digests(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Digests of the refs under each requested prefix."""
         ps = _prefixes(fields)
-        return {"digests": await trio.to_thread.run_sync(prefix_digests, self.meta, ps)}, None
+        return {"digests": await trio.to_thread.run_sync(self.meta.ref_digests, ps)}, None
 
     async def handle_exchange(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Merge the peer's refs under `prefix` and answer with ours (as they were before)."""
@@ -149,7 +135,7 @@ class AntiEntropy:
             return stats
 
     async def _digests(self, peer: str, prefixes: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-        mine = await trio.to_thread.run_sync(prefix_digests, self.meta, prefixes)
+        mine = await trio.to_thread.run_sync(self.meta.ref_digests, prefixes)
         theirs: list[bytes] = []
         for i in range(0, len(prefixes), MAX_PREFIXES):
             reply, _ = await self.manager.net.call(
@@ -204,4 +190,4 @@ class AntiEntropy:
         return {"interval": self.interval, "rounds": self.rounds, "last_round": self.last_round}
 
 
-__all__ = ["AntiEntropy", "prefix_digests"]
+__all__ = ["AntiEntropy", "refs_from_wire"]

@@ -20,7 +20,9 @@ import trio
 
 from blocknode import fastpath
 from blocknode.errors import BlockCorrupted, BlockNotFound, HashMismatch
-from blocknode.meta import MetaStore, RefEntry, Txn
+from blocknode.storage.env import Txn
+from blocknode.storage.metadata import MetadataStore
+from blocknode.storage.refs import RefEntry
 from blocknode.store import BlockStore
 
 _STRIPES = 256
@@ -29,7 +31,7 @@ _STRIPES = 256
 class LocalBlocks:
     """Unified access to the local blocks, inline and on disk."""
 
-    def __init__(self, store: BlockStore, meta: MetaStore, inline_threshold: int) -> None:
+    def __init__(self, store: BlockStore, meta: MetadataStore, inline_threshold: int) -> None:
         self.store = store
         self.meta = meta
         self.inline_threshold = inline_threshold
@@ -60,12 +62,12 @@ class LocalBlocks:
                 raise _mismatch(hash, data)
 
             def txn_fn(txn: Txn) -> bool:
-                stored = self.meta.tx_put_inline(txn, hash, data)
+                stored = self.meta.inline.tx_put(txn, hash, data)
                 if ref is not None:
-                    self.meta.tx_apply_ref(txn, ref, block_present=True)
+                    self.meta.refs.tx_apply(txn, ref, block_present=True)
                 return stored
 
-            return await self.meta.submit(txn_fn)
+            return await self.meta.env.submit(txn_fn)
         async with self.lock(hash):
             # Shielded: once the file is written, its reference must be committed too, or a
             # cancelled put would leave a block that nothing references or queues for GC.
@@ -73,8 +75,8 @@ class LocalBlocks:
                 stored = await self.store.awrite(hash, data, verify=verify)
                 self._file_count += stored
                 if ref is not None:
-                    await self.meta.submit(
-                        lambda txn: self.meta.tx_apply_ref(txn, ref, block_present=True))
+                    await self.meta.env.submit(
+                        lambda txn: self.meta.refs.tx_apply(txn, ref, block_present=True))
             return stored
 
     async def write_inline_many(self, blocks: list[tuple[bytes, bytes, RefEntry]],
@@ -90,19 +92,19 @@ class LocalBlocks:
         def txn_fn(txn: Txn) -> int:
             stored = 0
             for h, data, ref in blocks:
-                stored += self.meta.tx_put_inline(txn, h, data)
-                self.meta.tx_apply_ref(txn, ref, block_present=True)
+                stored += self.meta.inline.tx_put(txn, h, data)
+                self.meta.refs.tx_apply(txn, ref, block_present=True)
             return stored
 
-        return await self.meta.submit(txn_fn)
+        return await self.meta.env.submit(txn_fn)
 
     async def read(self, hash: bytes) -> bytes:
         """The verified bytes of a block; `BlockNotFound` or `BlockCorrupted`."""
-        data = self.meta.inline_get(hash)
+        data = self.meta.inline.get(hash)
         if data is not None:
             if fastpath.verify(data, hash):
                 return data
-            await self.meta.delete_inline(hash)
+            await self.meta.env.submit(lambda txn: self.meta.inline.tx_delete(txn, hash))
             raise BlockCorrupted(fastpath.hash_to_hex(hash))
         try:
             return await self.store.aread(hash)
@@ -112,12 +114,12 @@ class LocalBlocks:
 
     def exists(self, hash: bytes) -> bool:
         """True when the block is held here (content not checked; blocking: a stat)."""
-        return self.meta.inline_exists(hash) or self.store.exists(hash)
+        return self.meta.inline.exists(hash) or self.store.exists(hash)
 
     async def aexists(self, hash: bytes) -> bool:
         """`exists` for async code: the file check (a stat, which may touch the disk)
         runs in a worker thread; the inline check is an mmap read."""
-        if self.meta.inline_exists(hash):
+        if self.meta.inline.exists(hash):
             return True
         return await trio.to_thread.run_sync(self.store.exists, hash, limiter=self.store.limiter)
 
@@ -128,11 +130,11 @@ class LocalBlocks:
         block: one LMDB transaction for an inline block, the block's lock for a file.
         """
         def inline_fn(txn: Txn) -> bool:
-            if not self.meta.tx_rc_get(txn, hash).is_deletable(self.meta.now_ms()):
+            if not self.meta.refs.tx_rc_get(txn, hash).is_deletable(self.meta.now_ms()):
                 return False
-            return txn.delete(hash, db=self.meta.blocks)
+            return self.meta.inline.tx_delete(txn, hash)
 
-        removed = bool(self.meta.inline_exists(hash)) and await self.meta.submit(inline_fn)
+        removed = self.meta.inline.exists(hash) and await self.meta.env.submit(inline_fn)
         async with self.lock(hash):
             if not self.meta.rc_get(hash).is_deletable(self.meta.now_ms()):
                 return removed
@@ -144,8 +146,8 @@ class LocalBlocks:
     async def quarantine(self, hash: bytes) -> bool:
         """Take a corrupt block out of service (file renamed `.corrupted`, inline dropped)."""
         async with self.lock(hash):
-            if self.meta.inline_exists(hash):
-                return await self.meta.delete_inline(hash)
+            if self.meta.inline.exists(hash):
+                return await self.meta.env.submit(lambda txn: self.meta.inline.tx_delete(txn, hash))
             if await self.store.aquarantine(hash):
                 self._file_count -= 1
                 return True
@@ -154,7 +156,7 @@ class LocalBlocks:
     def walk(self, start_after: bytes | None = None) -> Iterator[bytes]:
         """Every block hash held here, in hash order (blocking: run in a thread)."""
         last = None
-        for h in heapq.merge(self.store.walk(start_after), self.meta.iter_inline(start_after)):
+        for h in heapq.merge(self.store.walk(start_after), self.meta.inline.iter_hashes(start_after)):
             if h != last:
                 yield h
                 last = h
@@ -166,7 +168,7 @@ class LocalBlocks:
 
     def count(self) -> int:
         """How many blocks are held here: files (kept up to date) + inline blocks."""
-        return self._file_count + self.meta.counts()["inline_blocks"]
+        return self._file_count + self.meta.inline.count()
 
 
 def _mismatch(hash: bytes, data: bytes) -> HashMismatch:

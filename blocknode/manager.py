@@ -34,8 +34,8 @@ from blocknode.errors import (
     QuorumError,
 )
 from blocknode.layout import Layout
-from blocknode.meta import MetaStore, RefEntry
 from blocknode.rpc.wire import PRIO_BACKGROUND, PRIO_HIGH, PRIO_NORMAL
+from blocknode.storage import MetadataStore, RefEntry
 
 Reply = tuple[dict[str, Any], bytes | None]
 Handler = Callable[[str, dict[str, Any], bytes | None], Awaitable[Reply]]
@@ -100,7 +100,7 @@ class BlockManager:
         layout: Layout,
         net: Network,
         blocks: LocalBlocks,
-        meta: MetaStore,
+        meta: MetadataStore,
         rpc_timeout: float = 30.0,
         hedge_delay: float = 0.05,
         block_size: int = 1 << 20,

@@ -24,11 +24,12 @@ from blocknode import __version__, fastpath
 from blocknode.blocks import LocalBlocks
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
+from blocknode.context import NodeContext
 from blocknode.errors import ConfigError, ProtocolError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
-from blocknode.meta import MetaStore
 from blocknode.rpc.network import RpcNetwork
+from blocknode.storage import MetadataStore
 from blocknode.store import BlockStore
 from blocknode.workers import install_workers
 
@@ -55,14 +56,15 @@ class Node:
         self.layout = Layout(self.cluster)
         self.secret = load_or_create_secret(cfg, create=True)
         self.store = BlockStore(cfg.data_dir, fsync=cfg.data_fsync)
-        self.meta = MetaStore(
+        self.ctx = NodeContext(now_ms=now_ms)
+        self.meta = MetadataStore(
             cfg.metadata_dir,
             map_size=cfg.lmdb_map_size,
             max_readers=cfg.lmdb_max_readers,
             sync=cfg.metadata_fsync,
             gc_delay_ms=int(cfg.gc_delay * 1000),
             incref_resync_delay_ms=int(2 * cfg.rpc_timeout * 1000),
-            now_ms=now_ms,
+            ctx=self.ctx,
         )
         self.blocks = LocalBlocks(self.store, self.meta, cfg.inline_threshold)
         peers = {n.id: n.addr for n in self.cluster.nodes if n.id != cfg.node_id}

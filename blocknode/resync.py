@@ -1,6 +1,6 @@
 """Resync: the workers that make each block's presence here match its reference count.
 
-The queue is the LMDB `resync` table, ordered by due time (`MetaStore`); an
+The queue is the LMDB `resync` table, ordered by due time (`ResyncQueue`); an
 entry leaves it only once its work is done (`resync_complete`) or it has been
 requeued atomically (`resync_requeue`), so a crash never loses one. For each
 due block (`resync_block`, the seed's logic):
@@ -35,13 +35,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import trio
 
 from blocknode.anti_entropy import refs_from_wire
 from blocknode.errors import BlocknodeError, RpcError
 from blocknode.manager import PRIO_BACKGROUND, BlockManager
-from blocknode.meta import Txn
 from blocknode.notify import Notify
 from blocknode.tranquilizer import Tranquilizer
 
@@ -331,21 +329,7 @@ class Resync:
         The failure count is kept (the next failure backs off from there).
         Returns how many blocks were queued.
         """
-        hashes = [h] if h is not None else [e.hash for e in self.meta.errors_list()]
-        if not hashes:
-            return 0
-        now = self.meta.now_ms()
-
-        def fn(txn: Txn) -> None:
-            for x in hashes:
-                raw = txn.get(x, db=self.meta.errors)
-                if raw is not None:
-                    count, _next, last, msg = msgpack.unpackb(raw)
-                    txn.put(x, msgpack.packb([count, now, last, msg]), db=self.meta.errors)
-                self.meta.tx_resync_put(txn, x, 0)
-
-        await self.meta.submit(fn)
-        return len(hashes)
+        return await self.meta.retry_now([h] if h is not None else None)
 
     def info(self) -> dict[str, Any]:
         """Settings, queue length and worker states (for `worker list`)."""

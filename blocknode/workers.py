@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 from blocknode.anti_entropy import AntiEntropy
 from blocknode.errors import BlocknodeError, ProtocolError
 from blocknode.manager import Reply, get_hash
-from blocknode.meta import ErrorEntry
 from blocknode.repair import Repair
 from blocknode.resync import Resync
 from blocknode.scrub import Scrub
+from blocknode.storage import ErrorEntry
 
 if TYPE_CHECKING:
     from blocknode.node import Node

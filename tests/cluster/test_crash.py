@@ -10,7 +10,7 @@ import trio
 
 from blocknode.client import open_client
 from blocknode.config import load_config
-from blocknode.meta import MetaStore
+from blocknode.storage import MetadataStore
 from blocknode.store import BlockStore
 from tests.cluster.harness import ServeProcesses, write_cluster
 
@@ -72,7 +72,7 @@ def test_kill_9_mid_write_storm_loses_no_acknowledged_block(tmp_path):
 
     tmps = [p for p in (tmp_path / "node1" / "data").rglob("*.tmp")]
     assert tmps == []
-    meta = MetaStore(cfg.metadata_dir, map_size=cfg.lmdb_map_size)
+    meta = MetadataStore(cfg.metadata_dir, map_size=cfg.lmdb_map_size)
     try:
         for h, e in meta.iter_rc():
             live = [r for r in meta.refs_of(h) if not r.deleted]
@@ -80,6 +80,6 @@ def test_kill_9_mid_write_storm_loses_no_acknowledged_block(tmp_path):
         store = BlockStore(cfg.data_dir)
         for h, _ in acked:
             hb = bytes.fromhex(h)
-            assert store.exists(hb) or meta.inline_exists(hb)
+            assert store.exists(hb) or meta.inline.exists(hb)
     finally:
         meta.close()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 
+from storage_helpers import add_ref
+
 from blocknode import fastpath
 from blocknode.blocks import LocalBlocks
-from blocknode.meta import MetaStore, RefEntry
+from blocknode.storage import MetadataStore, RefEntry
 from blocknode.store import BlockStore
 
 
 def _blocks(tmp_path) -> LocalBlocks:
-    meta = MetaStore(str(tmp_path / "meta"), map_size=1 << 26, sync=False)
+    meta = MetadataStore(str(tmp_path / "meta"), map_size=1 << 26, sync=False)
     return LocalBlocks(BlockStore(str(tmp_path / "data"), fsync=False), meta, 4096)
 
 
@@ -20,8 +22,8 @@ async def test_small_blocks_inline_large_ones_as_files(tmp_path):
     small, large = os.urandom(4096), os.urandom(4097)
     hs, hl = fastpath.block_hash(small), fastpath.block_hash(large)
     assert await b.write(hs, small) and await b.write(hl, large)
-    assert b.meta.inline_get(hs) == small and not b.store.exists(hs)
-    assert b.store.exists(hl) and b.meta.inline_get(hl) is None
+    assert b.meta.inline.get(hs) == small and not b.store.exists(hs)
+    assert b.store.exists(hl) and b.meta.inline.get(hl) is None
     assert await b.read(hs) == small and await b.read(hl) == large
     assert list(b.walk()) == sorted([hs, hl]) and b.count() == 2
 
@@ -36,5 +38,5 @@ async def test_a_put_with_its_reference_queues_no_arrival_check(tmp_path):
                                for d in (b"x", b"y")])
     assert b.meta.counts()["resync_queue"] == 0
     # a reference without the block: the block must arrive, so a check is queued
-    await b.meta.add_ref(fastpath.block_hash(b"elsewhere"), "r", 1)
+    await add_ref(b.meta, fastpath.block_hash(b"elsewhere"), "r", 1)
     assert b.meta.counts()["resync_queue"] == 1

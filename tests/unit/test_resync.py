@@ -6,10 +6,12 @@ import pytest
 import trio
 import trio.testing
 from bg_helpers import FakeCluster, block
+from storage_helpers import add_ref, del_ref, incref
 
 from blocknode.anti_entropy import AntiEntropy
-from blocknode.meta import MetaStore
+from blocknode.context import NodeContext
 from blocknode.resync import Resync
+from blocknode.storage import MetadataStore
 
 GC_MS = 600_000
 
@@ -30,7 +32,7 @@ async def test_absent_and_needed_block_is_fetched(cluster):
         h, data = block(3000)
         for nid in ("n2", "n3"):
             await cluster[nid].blocks.write(h, data)
-        await cluster["n1"].meta.add_ref(h, "obj")  # queued for a check at +60 s
+        await add_ref(cluster["n1"].meta, h, "obj")  # queued for a check at +60 s
         r = resync_of(cluster, "n1")
         assert await r.run_once() == 0  # not due yet
         cluster.clock.advance(61)
@@ -53,9 +55,9 @@ async def test_deletable_block_offloaded_then_deleted_after_gc_delay_only(tmp_pa
             n1 = cluster["n1"]
             needy, *others = cluster.layout.write_nodes(h)
             await n1.blocks.write(h, data)
-            await n1.meta.add_ref(h, "obj")
-            await n1.meta.del_ref(h, "obj")
-            await cluster[needy].meta.add_ref(h, "obj2")  # needs it, lacks it
+            await add_ref(n1.meta, h, "obj")
+            await del_ref(n1.meta, h, "obj")
+            await add_ref(cluster[needy].meta, h, "obj2")  # needs it, lacks it
             r = resync_of(cluster, "n1")
             cluster.clock.advance(61)
             await r.run_once()
@@ -84,9 +86,9 @@ async def test_write_node_behind_on_references_merges_them_instead_of_deleting(c
         h, data = block(3000)
         n1, n2 = cluster["n1"], cluster["n2"]
         await n1.blocks.write(h, data)
-        await n1.meta.add_ref(h, "obj")
-        await n1.meta.del_ref(h, "obj")
-        await n2.meta.add_ref(h, "obj2")
+        await add_ref(n1.meta, h, "obj")
+        await del_ref(n1.meta, h, "obj")
+        await add_ref(n2.meta, h, "obj2")
         r = resync_of(cluster, "n1")
         cluster.clock.advance(GC_MS / 1000 + 11)
         assert await r.run_once() >= 1
@@ -101,10 +103,10 @@ async def test_incref_during_gc_delay_saves_the_block(cluster):
         h, data = block(3000)
         n1 = cluster["n1"]
         await n1.blocks.write(h, data)
-        await n1.meta.add_ref(h, "a")
-        await n1.meta.del_ref(h, "a")
+        await add_ref(n1.meta, h, "a")
+        await del_ref(n1.meta, h, "a")
         cluster.clock.advance(100)
-        await n1.meta.add_ref(h, "b")
+        await add_ref(n1.meta, h, "b")
         cluster.clock.advance(GC_MS / 1000 + 20)
         r = resync_of(cluster, "n1")
         assert await r.run_once() >= 1
@@ -117,8 +119,8 @@ async def test_unreachable_peer_blocks_deletion_and_backoff_doubles(cluster):
         h, data = block(3000)
         n1 = cluster["n1"]
         await n1.blocks.write(h, data)
-        await n1.meta.add_ref(h, "a")
-        await n1.meta.del_ref(h, "a")
+        await add_ref(n1.meta, h, "a")
+        await del_ref(n1.meta, h, "a")
         cluster.down.add("n3")
         r = resync_of(cluster, "n1")
         cluster.clock.advance(GC_MS / 1000 + 11)
@@ -179,7 +181,7 @@ async def test_layout_change_block_offloaded_to_write_nodes_then_deleted(tmp_pat
             stranger = next(n for n in c.nodes if n not in owners)
             await c[stranger].blocks.write(h, data)
             for o in owners:
-                await c[o].meta.add_ref(h, "obj")
+                await add_ref(c[o].meta, h, "obj")
             await c[stranger].meta.resync_put(h, 0)
             r = Resync(c[stranger].manager, need_block_timeout=1.0)
             await r.run_once()
@@ -196,7 +198,7 @@ async def test_workers_process_each_block_once_and_settings_persist(cluster, tmp
         blocks = [block(2000) for _ in range(12)]
         for h, data in blocks:
             await cluster["n2"].blocks.write(h, data)
-            await n1.meta.add_ref(h, "x")
+            await add_ref(n1.meta, h, "x")
         r = resync_of(cluster, "n1", workers=1, tranquility=0)
         active: set[bytes] = set()
         overlaps = []
@@ -241,7 +243,8 @@ async def test_worker_sleeps_until_due_time_with_mock_clock(tmp_path, mock_clock
         # called from LMDB worker threads too: read the mock clock itself
         return base + int(mock_clock.current_time() * 1000)
 
-    meta = MetaStore(str(tmp_path / "m"), map_size=1 << 24, sync=False, now_ms=now_ms)
+    meta = MetadataStore(str(tmp_path / "m"), map_size=1 << 24, sync=False,
+                         ctx=NodeContext(now_ms=now_ms))
     try:
         c = FakeCluster(str(tmp_path / "c"), n=1, rf=1)
         c["n1"].manager.meta = meta
@@ -281,7 +284,7 @@ async def test_repair_queues_referenced_and_local_blocks(cluster):
         missing, mdata = block(3000)
         stray, sdata = block(3000)
         await cluster["n2"].blocks.write(missing, mdata)
-        await n1.meta.add_ref(missing, "m")
+        await add_ref(n1.meta, missing, "m")
         await n1.blocks.write(stray, sdata)  # held, never referenced
         await n1.meta.resync_complete(n1.meta.resync_due(now_ms=2**62)[0][0])  # lose the queue entry
         assert n1.meta.counts()["resync_queue"] == 0
@@ -296,21 +299,21 @@ async def test_repair_queues_referenced_and_local_blocks(cluster):
 
 async def test_repair_rc_recalculates_from_refs(cluster):
     from blocknode import fastpath
-    from blocknode.meta import RcEntry, RefEntry
-    from blocknode.repair import Repair, referenced_hashes
+    from blocknode.repair import Repair
+    from blocknode.storage import RcEntry, RefEntry
 
     with trio.fail_after(10):
         m = cluster["n1"].meta
         hs = sorted(block(10)[0] for _ in range(7))
         for x in hs[:4]:
-            await m.add_ref(x, "a")
-            await m.add_ref(x, "b")
-        await m.incref(hs[0])  # drifted: 3 instead of 2
-        await m.incref(hs[5])  # an RC with no reference at all
-        await m.apply_ref(RefEntry(hs[6], "gone", True, 5))
+            await add_ref(m, x, "a")
+            await add_ref(m, x, "b")
+        await incref(m, hs[0])  # drifted: 3 instead of 2
+        await incref(m, hs[5])  # an RC with no reference at all
+        await m.apply_refs([RefEntry(hs[6], "gone", True, 5)])
         got = []
         after = None
-        while batch := referenced_hashes(m, after, 2, only_nonzero=False):
+        while batch := m.referenced_hashes(after, 2, only_nonzero=False):
             got += batch
             after = batch[-1]
         assert got == sorted([*hs[:4], hs[5], hs[6]])

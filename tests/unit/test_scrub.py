@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 from bg_helpers import FakeCluster, block
+from storage_helpers import add_ref
 
 from blocknode.resync import Resync
 from blocknode.scrub import IDLE, PAUSED, RUNNING, Scrub
@@ -24,7 +25,7 @@ async def fill(cluster: FakeCluster, nid: str, n: int, size: int = 2000) -> list
     out = [block(size) for _ in range(n)]
     for h, data in out:
         await cluster[nid].blocks.write(h, data)
-        await cluster[nid].meta.add_ref(h, "r")
+        await add_ref(cluster[nid].meta, h, "r")
     return out
 
 
@@ -42,7 +43,7 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
         for h, data in shared:
             for nid in ("n1", "n2", "n3"):
                 await cluster[nid].blocks.write(h, data)
-                await cluster[nid].meta.add_ref(h, "r")
+                await add_ref(cluster[nid].meta, h, "r")
         n1 = cluster["n1"]
         victim, good = shared[2]
         path = n1.store.path(victim)
