@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import trio
 
 from blocknode import fastpath
-from blocknode.blocks import LocalBlocks
 from blocknode.errors import (
     BlockCorrupted,
     BlocknodeError,
@@ -35,7 +34,7 @@ from blocknode.errors import (
 )
 from blocknode.layout import Layout
 from blocknode.rpc.wire import PRIO_BACKGROUND, PRIO_HIGH, PRIO_NORMAL
-from blocknode.storage import MetadataStore, RefEntry
+from blocknode.storage import LocalBlocks, MetadataStore, RefEntry
 
 Reply = tuple[dict[str, Any], bytes | None]
 Handler = Callable[[str, dict[str, Any], bytes | None], Awaitable[Reply]]

@@ -21,7 +21,6 @@ from typing import Any
 import trio
 
 from blocknode import __version__, fastpath
-from blocknode.blocks import LocalBlocks
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
 from blocknode.context import NodeContext
@@ -29,8 +28,7 @@ from blocknode.errors import ConfigError, ProtocolError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.rpc.network import RpcNetwork
-from blocknode.storage import MetadataStore
-from blocknode.store import BlockStore
+from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
 from blocknode.workers import install_workers
 
 Worker = Callable[..., Awaitable[None]]
@@ -55,8 +53,8 @@ class Node:
         self.cluster = cluster_of(cfg)
         self.layout = Layout(self.cluster)
         self.secret = load_or_create_secret(cfg, create=True)
-        self.store = BlockStore(cfg.data_dir, fsync=cfg.data_fsync)
         self.ctx = NodeContext(now_ms=now_ms)
+        self.files = BlockFiles(cfg.data_dir, fsync=cfg.data_fsync, run_sync=self.ctx.run_sync)
         self.meta = MetadataStore(
             cfg.metadata_dir,
             map_size=cfg.lmdb_map_size,
@@ -66,7 +64,7 @@ class Node:
             incref_resync_delay_ms=int(2 * cfg.rpc_timeout * 1000),
             ctx=self.ctx,
         )
-        self.blocks = LocalBlocks(self.store, self.meta, cfg.inline_threshold)
+        self.blocks = LocalBlocks(self.files, self.meta, cfg.inline_threshold)
         peers = {n.id: n.addr for n in self.cluster.nodes if n.id != cfg.node_id}
         self.net = RpcNetwork(
             cfg.node_id,
@@ -139,7 +137,7 @@ class Node:
                 await trio.to_thread.run_sync(self.meta.close)
 
     def _startup_sweep(self) -> None:
-        self.store.sweep_tmp()
+        self.files.sweep_tmp()
         self.blocks.recount()
 
     # ---- status ----

@@ -26,9 +26,8 @@ from typing import Any
 
 import trio
 
-from blocknode.blocks import LocalBlocks
 from blocknode.errors import BlocknodeError
-from blocknode.storage import MetadataStore
+from blocknode.storage import LocalBlocks, MetadataStore
 
 log = logging.getLogger(__name__)
 

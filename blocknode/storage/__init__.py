@@ -9,8 +9,12 @@ transaction or touches a table):
 - `worker_state`: `WorkerState` (table `state`).
 - `inline`: `InlineTable`, small blocks (table `blocks`).
 - `metadata`: `MetadataStore`, which composes the above (`node.meta`).
+- `block_files`: `BlockFiles`, the block files on disk.
+- `local_blocks`: `LocalBlocks`, files + inline blocks + references under each block's lock.
 """
 
+from blocknode.storage.block_files import BlockFiles
+from blocknode.storage.local_blocks import LocalBlocks
 from blocknode.storage.metadata import MetadataStore
 from blocknode.storage.refs import ABSENT, GC_CHECK_MARGIN_MS, RcEntry, RefEntry
 from blocknode.storage.resync_queue import ErrorEntry
@@ -18,7 +22,9 @@ from blocknode.storage.resync_queue import ErrorEntry
 __all__ = [
     "ABSENT",
     "GC_CHECK_MARGIN_MS",
+    "BlockFiles",
     "ErrorEntry",
+    "LocalBlocks",
     "MetadataStore",
     "RcEntry",
     "RefEntry",

@@ -82,7 +82,7 @@ async def test_corrupted_block_found_by_scrub_and_restored_from_peer(tmp_path):
                 h = bytes.fromhex(await c.put(data, "obj"))
             await settled(cl, [h])
             n2 = cl.nodes["node2"]
-            path = n2.store.path(h)
+            path = n2.files.path(h)
             with open(path, "r+b") as f:
                 f.seek(1234)
                 byte = f.read(1)

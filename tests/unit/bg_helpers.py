@@ -1,6 +1,6 @@
 """In-process clusters for the background-worker unit tests: no sockets, a fake clock.
 
-`FakeCluster` builds, per node, the real BlockStore / MetadataStore / LocalBlocks /
+`FakeCluster` builds, per node, the real BlockFiles / MetadataStore / LocalBlocks /
 BlockManager, and a `FakeNet` that dispatches calls straight to the other
 nodes' handlers (errors cross it the way they cross the real RPC layer:
 through `error_reply` / `remote_error`). A node in `cluster.down` is
@@ -15,15 +15,13 @@ from typing import Any
 import trio
 
 from blocknode import fastpath
-from blocknode.blocks import LocalBlocks
 from blocknode.cluster_config import ClusterConfig, ClusterNode
 from blocknode.context import NodeContext
 from blocknode.errors import NodeUnreachable, QuorumError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager
 from blocknode.rpc.errors import error_reply, remote_error
-from blocknode.storage import MetadataStore
-from blocknode.store import BlockStore
+from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
 
 
 class FakeClock:
@@ -92,11 +90,11 @@ class FakeNode:
     def __init__(self, cluster: FakeCluster, node_id: str, root: str) -> None:
         self.node_id = node_id
         self.root = root
-        self.store = BlockStore(os.path.join(root, "data"), fsync=False)
+        self.files = BlockFiles(os.path.join(root, "data"), fsync=False)
         self.meta = MetadataStore(os.path.join(root, "meta"), map_size=1 << 26, sync=False,
                                   gc_delay_ms=cluster.gc_delay_ms, incref_resync_delay_ms=60_000,
                                   ctx=NodeContext(now_ms=cluster.clock))
-        self.blocks = LocalBlocks(self.store, self.meta, cluster.inline_threshold)
+        self.blocks = LocalBlocks(self.files, self.meta, cluster.inline_threshold)
         self.net = FakeNet(cluster, node_id)
         self.manager = BlockManager(node_id=node_id, layout=cluster.layout, net=self.net,
                                     blocks=self.blocks, meta=self.meta, rpc_timeout=5.0,

@@ -7,14 +7,12 @@ import os
 from storage_helpers import add_ref
 
 from blocknode import fastpath
-from blocknode.blocks import LocalBlocks
-from blocknode.storage import MetadataStore, RefEntry
-from blocknode.store import BlockStore
+from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore, RefEntry
 
 
 def _blocks(tmp_path) -> LocalBlocks:
     meta = MetadataStore(str(tmp_path / "meta"), map_size=1 << 26, sync=False)
-    return LocalBlocks(BlockStore(str(tmp_path / "data"), fsync=False), meta, 4096)
+    return LocalBlocks(BlockFiles(str(tmp_path / "data"), fsync=False), meta, 4096)
 
 
 async def test_small_blocks_inline_large_ones_as_files(tmp_path):
@@ -22,8 +20,8 @@ async def test_small_blocks_inline_large_ones_as_files(tmp_path):
     small, large = os.urandom(4096), os.urandom(4097)
     hs, hl = fastpath.block_hash(small), fastpath.block_hash(large)
     assert await b.write(hs, small) and await b.write(hl, large)
-    assert b.meta.inline.get(hs) == small and not b.store.exists(hs)
-    assert b.store.exists(hl) and b.meta.inline.get(hl) is None
+    assert b.meta.inline.get(hs) == small and not b.files.exists(hs)
+    assert b.files.exists(hl) and b.meta.inline.get(hl) is None
     assert await b.read(hs) == small and await b.read(hl) == large
     assert list(b.walk()) == sorted([hs, hl]) and b.count() == 2
 

@@ -46,7 +46,7 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
                 await add_ref(cluster[nid].meta, h, "r")
         n1 = cluster["n1"]
         victim, good = shared[2]
-        path = n1.store.path(victim)
+        path = n1.files.path(victim)
         flip_byte(path)
         s = Scrub(n1.manager, tranquility=0)
         await s.start()

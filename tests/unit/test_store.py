@@ -1,4 +1,4 @@
-"""The local block store: durable writes, verify on read, quarantine, walk, tmp sweep."""
+"""Block files (`blocknode.storage.BlockFiles`): durable writes, verify on read, quarantine, walk, tmp sweep."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from blocknode import fastpath
 from blocknode.errors import BlockCorrupted, BlockNotFound, HashMismatch
-from blocknode.store import BlockStore
+from blocknode.storage import BlockFiles
 
 
 def _block(n: int) -> tuple[bytes, bytes]:
@@ -17,7 +17,7 @@ def _block(n: int) -> tuple[bytes, bytes]:
 
 
 def test_write_read_round_trip(tmp_path):
-    store = BlockStore(str(tmp_path))
+    store = BlockFiles(str(tmp_path))
     h, data = _block(5000)
     assert store.write(h, data) is True
     assert store.read(h) == data
@@ -26,7 +26,7 @@ def test_write_read_round_trip(tmp_path):
 
 
 def test_write_existing_is_noop(tmp_path):
-    store = BlockStore(str(tmp_path))
+    store = BlockFiles(str(tmp_path))
     h, data = _block(100)
     store.write(h, data)
     mtime = os.stat(store.path(h)).st_mtime_ns
@@ -35,7 +35,7 @@ def test_write_existing_is_noop(tmp_path):
 
 
 def test_write_rejects_mismatched_data(tmp_path):
-    store = BlockStore(str(tmp_path))
+    store = BlockFiles(str(tmp_path))
     h, _ = _block(100)
     with pytest.raises(HashMismatch):
         store.write(h, b"other bytes")
@@ -43,14 +43,14 @@ def test_write_rejects_mismatched_data(tmp_path):
 
 
 def test_missing_block(tmp_path):
-    store = BlockStore(str(tmp_path))
+    store = BlockFiles(str(tmp_path))
     h, _ = _block(10)
     with pytest.raises(BlockNotFound):
         store.read(h)
 
 
 def test_flipped_byte_is_quarantined_and_never_returned(tmp_path):
-    store = BlockStore(str(tmp_path))
+    store = BlockFiles(str(tmp_path))
     h, data = _block(4096)
     store.write(h, data)
     path = store.path(h)
@@ -69,7 +69,7 @@ def test_flipped_byte_is_quarantined_and_never_returned(tmp_path):
 
 
 def test_crash_between_tmp_write_and_rename(tmp_path, monkeypatch):
-    store = BlockStore(str(tmp_path))
+    store = BlockFiles(str(tmp_path))
     h, data = _block(2048)
 
     def crash(src, dst):
@@ -83,7 +83,7 @@ def test_crash_between_tmp_write_and_rename(tmp_path, monkeypatch):
     assert os.path.exists(store.path(h) + ".tmp")
     assert list(store.walk()) == []
     # a restart sweeps the tmp
-    store2 = BlockStore(str(tmp_path))
+    store2 = BlockFiles(str(tmp_path))
     assert store2.sweep_tmp() == 1
     assert not os.path.exists(store.path(h) + ".tmp")
     assert store2.write(h, data) is True
@@ -91,7 +91,7 @@ def test_crash_between_tmp_write_and_rename(tmp_path, monkeypatch):
 
 
 def test_walk_yields_only_blocks_in_order(tmp_path):
-    store = BlockStore(str(tmp_path))
+    store = BlockFiles(str(tmp_path))
     hashes = []
     for _ in range(20):
         h, data = _block(64)
@@ -111,7 +111,7 @@ def test_walk_yields_only_blocks_in_order(tmp_path):
 
 
 def test_delete(tmp_path):
-    store = BlockStore(str(tmp_path))
+    store = BlockFiles(str(tmp_path))
     h, data = _block(64)
     store.write(h, data)
     assert store.delete(h) is True
@@ -120,7 +120,7 @@ def test_delete(tmp_path):
 
 
 async def test_async_wrappers(tmp_path):
-    store = BlockStore(str(tmp_path))
+    store = BlockFiles(str(tmp_path))
     h, data = _block(100_000)
     assert await store.awrite(h, data) is True
     assert await store.aread(h) == data

@@ -1,10 +1,10 @@
-"""The blocks this node holds: small ones inline in LMDB, the rest as files.
+"""`LocalBlocks`: the blocks this node holds, small ones inline in LMDB, the rest as files.
 
 Blocks of at most `inline_threshold` bytes live in the metadata store's `blocks`
-database: they are committed in the same group commit as their reference, so a
-4 KiB put costs a share of one LMDB commit instead of a file fsync plus a
-directory fsync (see README, "Small blocks"). Larger blocks are files
-(`blocknode.store`). Every read is verified against the hash.
+table (`InlineTable`): they are committed in the same group commit as their
+reference, so a 4 KiB put costs a share of one LMDB commit instead of a file
+fsync plus a directory fsync (see README, "Small blocks"). Larger blocks are
+files (`BlockFiles`). Every read is verified against the hash.
 
 Writes and deletes of one block are serialised by a striped lock, so a delete
 that checked "still deletable" cannot race a concurrent put + reference of the
@@ -19,11 +19,11 @@ from collections.abc import Iterator
 import trio
 
 from blocknode import fastpath
-from blocknode.errors import BlockCorrupted, BlockNotFound, HashMismatch
+from blocknode.errors import BlockCorrupted, HashMismatch
+from blocknode.storage.block_files import BlockFiles
 from blocknode.storage.env import Txn
 from blocknode.storage.metadata import MetadataStore
 from blocknode.storage.refs import RefEntry
-from blocknode.store import BlockStore
 
 _STRIPES = 256
 
@@ -31,8 +31,8 @@ _STRIPES = 256
 class LocalBlocks:
     """Unified access to the local blocks, inline and on disk."""
 
-    def __init__(self, store: BlockStore, meta: MetadataStore, inline_threshold: int) -> None:
-        self.store = store
+    def __init__(self, files: BlockFiles, meta: MetadataStore, inline_threshold: int) -> None:
+        self.files = files
         self.meta = meta
         self.inline_threshold = inline_threshold
         self._locks = [trio.Lock() for _ in range(_STRIPES)]
@@ -72,7 +72,7 @@ class LocalBlocks:
             # Shielded: once the file is written, its reference must be committed too, or a
             # cancelled put would leave a block that nothing references or queues for GC.
             with trio.CancelScope(shield=True):
-                stored = await self.store.awrite(hash, data, verify=verify)
+                stored = await self.files.awrite(hash, data, verify=verify)
                 self._file_count += stored
                 if ref is not None:
                     await self.meta.env.submit(
@@ -107,21 +107,21 @@ class LocalBlocks:
             await self.meta.env.submit(lambda txn: self.meta.inline.tx_delete(txn, hash))
             raise BlockCorrupted(fastpath.hash_to_hex(hash))
         try:
-            return await self.store.aread(hash)
+            return await self.files.aread(hash)
         except BlockCorrupted:
             self._file_count -= 1  # the store quarantined it
             raise
 
     def exists(self, hash: bytes) -> bool:
         """True when the block is held here (content not checked; blocking: a stat)."""
-        return self.meta.inline.exists(hash) or self.store.exists(hash)
+        return self.meta.inline.exists(hash) or self.files.exists(hash)
 
     async def aexists(self, hash: bytes) -> bool:
         """`exists` for async code: the file check (a stat, which may touch the disk)
         runs in a worker thread; the inline check is an mmap read."""
         if self.meta.inline.exists(hash):
             return True
-        return await trio.to_thread.run_sync(self.store.exists, hash, limiter=self.store.limiter)
+        return await self.files.aexists(hash)
 
     async def delete_if_deletable(self, hash: bytes) -> bool:
         """Delete the block if its RC is still deletable; True if something was deleted.
@@ -138,7 +138,7 @@ class LocalBlocks:
         async with self.lock(hash):
             if not self.meta.rc_get(hash).is_deletable(self.meta.now_ms()):
                 return removed
-            if await self.store.adelete(hash):
+            if await self.files.adelete(hash):
                 self._file_count -= 1
                 return True
             return removed
@@ -148,7 +148,7 @@ class LocalBlocks:
         async with self.lock(hash):
             if self.meta.inline.exists(hash):
                 return await self.meta.env.submit(lambda txn: self.meta.inline.tx_delete(txn, hash))
-            if await self.store.aquarantine(hash):
+            if await self.files.aquarantine(hash):
                 self._file_count -= 1
                 return True
             return False
@@ -156,14 +156,14 @@ class LocalBlocks:
     def walk(self, start_after: bytes | None = None) -> Iterator[bytes]:
         """Every block hash held here, in hash order (blocking: run in a thread)."""
         last = None
-        for h in heapq.merge(self.store.walk(start_after), self.meta.inline.iter_hashes(start_after)):
+        for h in heapq.merge(self.files.walk(start_after), self.meta.inline.iter_hashes(start_after)):
             if h != last:
                 yield h
                 last = h
 
     def recount(self) -> int:
         """Count the block files on disk (blocking walk; done once at start)."""
-        self._file_count = sum(1 for _ in self.store.walk())
+        self._file_count = sum(1 for _ in self.files.walk())
         return self._file_count
 
     def count(self) -> int:
@@ -178,4 +178,4 @@ def _mismatch(hash: bytes, data: bytes) -> HashMismatch:
     )
 
 
-__all__ = ["LocalBlocks", "BlockNotFound", "BlockCorrupted"]
+__all__ = ["LocalBlocks"]

@@ -9,9 +9,10 @@ A block whose bytes no longer match its hash is renamed ``<name>.corrupted``
 (quarantine by rename, never delete: an operator can still look at it) and
 reported as `BlockCorrupted`; it is never returned.
 
-Every method here is blocking. The `a*` methods run them in a worker thread, one
-hop per whole operation (a thread round trip costs ~110 µs here, so the hash,
-write and both fsyncs share one hop).
+Every method here is blocking. The `a*` methods run them through `run_sync`
+(the node context's way to run blocking calls: a worker thread), one hop per
+whole operation (a thread round trip costs ~110 µs here, so the hash, write and
+both fsyncs share one hop).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 import trio
 
 from blocknode import fastpath
+from blocknode.context import RunSync, run_in_thread
 from blocknode.errors import BlockCorrupted, BlockNotFound, HashMismatch, StoreError
 
 TMP_SUFFIX = ".tmp"
@@ -42,17 +44,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class BlockStore:
+class BlockFiles:
     """The block files of one node.
 
     `fsync=False` (config `data_fsync = false`) skips the fsyncs: faster, but a
-    machine crash may lose recently acknowledged blocks.
+    machine crash may lose recently acknowledged blocks. At most `threads`
+    blocking operations run at once.
     """
 
-    def __init__(self, data_dir: str, *, fsync: bool = True, threads: int = 8) -> None:
+    def __init__(self, data_dir: str, *, fsync: bool = True, threads: int = 8,
+                 run_sync: RunSync = run_in_thread) -> None:
         self.data_dir = os.path.abspath(data_dir)
         self.fsync = fsync
         self.limiter = trio.CapacityLimiter(threads)
+        self._run_sync = run_sync
         os.makedirs(self.data_dir, exist_ok=True)
 
     # ---- paths ----
@@ -129,13 +134,6 @@ class BlockStore:
         """True when the block file is present (its content is not checked)."""
         return os.path.exists(self.path(hash))
 
-    def size(self, hash: bytes) -> int | None:
-        """The block file's size in bytes, or None when absent."""
-        try:
-            return os.stat(self.path(hash)).st_size
-        except FileNotFoundError:
-            return None
-
     def quarantine(self, hash: bytes) -> bool:
         """Rename a block to ``.corrupted``; False when it was not there."""
         path = self.path(hash)
@@ -201,25 +199,28 @@ class BlockStore:
                             pass
         return removed
 
-    # ---- async wrappers (worker threads) ----
+    # ---- async wrappers (run_sync: worker threads) ----
 
     async def awrite(self, hash: bytes, data: bytes, *, verify: bool = True) -> bool:
-        """`write` in a worker thread."""
-        return await trio.to_thread.run_sync(
-            lambda: self.write(hash, data, verify=verify), limiter=self.limiter
-        )
+        """`write` off the event loop."""
+        return await self._run_sync(lambda: self.write(hash, data, verify=verify),
+                                    limiter=self.limiter)
 
     async def aread(self, hash: bytes) -> bytes:
-        """`read` in a worker thread."""
-        return await trio.to_thread.run_sync(self.read, hash, limiter=self.limiter)
+        """`read` off the event loop."""
+        return await self._run_sync(self.read, hash, limiter=self.limiter)
+
+    async def aexists(self, hash: bytes) -> bool:
+        """`exists` off the event loop (a stat may touch the disk)."""
+        return await self._run_sync(self.exists, hash, limiter=self.limiter)
 
     async def adelete(self, hash: bytes) -> bool:
-        """`delete` in a worker thread."""
-        return await trio.to_thread.run_sync(self.delete, hash, limiter=self.limiter)
+        """`delete` off the event loop."""
+        return await self._run_sync(self.delete, hash, limiter=self.limiter)
 
     async def aquarantine(self, hash: bytes) -> bool:
-        """`quarantine` in a worker thread."""
-        return await trio.to_thread.run_sync(self.quarantine, hash, limiter=self.limiter)
+        """`quarantine` off the event loop."""
+        return await self._run_sync(self.quarantine, hash, limiter=self.limiter)
 
 
 def _sorted_hex_dirs(path: str) -> list[str]:
