@@ -88,6 +88,7 @@ class Node:
             rpc_timeout=cfg.rpc_timeout,
             hedge_delay=cfg.hedge_delay,
             block_size=cfg.block_size,
+            run_sync=self.ctx.run_sync,
         )
         self._handlers: dict[str, Handler] = dict(self.manager.handlers())
         self._handlers["status"] = self.handle_status

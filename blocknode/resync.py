@@ -319,7 +319,7 @@ class Resync:
             data = await self.manager.get(h, priority=PRIO_BACKGROUND, nodes=nodes)
         except RpcError as exc:
             raise ResyncError(f"fetch failed: {exc}") from None
-        await self.blocks.write(h, data)
+        await self.blocks.write(data)
 
     # ------------------------------------------------------------ admin
 

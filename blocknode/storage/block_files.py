@@ -5,6 +5,8 @@ over the final name, fsync the directory. A crash before the rename leaves only 
 ``.tmp``, which is invisible to readers and swept at start; after the directory
 fsync the block survives a crash of the process or the machine.
 
+A file holds a block's file form (`blocknode.block.file_bytes`) and every read
+verifies it (`blocknode.block.from_file_bytes`).
 A block whose bytes no longer match its hash is renamed ``<name>.corrupted``
 (quarantine by rename, never delete: an operator can still look at it) and
 reported as `BlockCorrupted`; it is never returned.
@@ -23,9 +25,10 @@ from collections.abc import Callable, Iterator
 
 import trio
 
-from blocknode import fastpath
+from blocknode import block, fastpath
+from blocknode.block import VerifiedBlock
 from blocknode.context import RunSync, run_in_thread
-from blocknode.errors import BlockCorrupted, BlockNotFound, HashMismatch, StoreError
+from blocknode.errors import BlockCorrupted, BlockNotFound, StoreError
 
 TMP_SUFFIX = ".tmp"
 CORRUPTED_SUFFIX = ".corrupted"
@@ -68,17 +71,10 @@ class BlockFiles:
 
     # ---- blocking operations ----
 
-    def write(self, hash: bytes, data: bytes, *, verify: bool = True) -> bool:
-        """Store a block durably. Returns False when it was already present (a no-op).
-
-        With `verify` the data is hashed first and `HashMismatch` raised if it does
-        not match `hash` (nothing is written).
-        """
-        if verify and not fastpath.verify(data, hash):
-            raise HashMismatch(
-                f"data does not hash to {fastpath.hash_to_hex(hash)} "
-                f"(it hashes to {fastpath.hash_to_hex(fastpath.block_hash(data))})"
-            )
+    def write(self, blk: VerifiedBlock) -> bool:
+        """Store a block durably. Returns False when it was already present (a no-op)."""
+        hash = blk.hash
+        data = block.file_bytes(blk)
         final = self.path(hash)
         if os.path.exists(final):
             return False
@@ -115,7 +111,7 @@ class BlockFiles:
             if new_parent:
                 _fsync_dir(self.data_dir)
 
-    def read(self, hash: bytes) -> bytes:
+    def read(self, hash: bytes) -> VerifiedBlock:
         """Read and verify a block; `BlockNotFound`, or `BlockCorrupted` after quarantine."""
         path = self.path(hash)
         try:
@@ -125,10 +121,11 @@ class BlockFiles:
             raise BlockNotFound(fastpath.hash_to_hex(hash)) from None
         except OSError as exc:
             raise _store_error("read", hash, exc) from exc
-        if not fastpath.verify(data, hash):
+        try:
+            return block.from_file_bytes(data, hash)
+        except BlockCorrupted:
             self.quarantine(hash)
-            raise BlockCorrupted(fastpath.hash_to_hex(hash))
-        return data
+            raise
 
     def exists(self, hash: bytes) -> bool:
         """True when the block file is present (its content is not checked)."""
@@ -201,12 +198,11 @@ class BlockFiles:
 
     # ---- async wrappers (run_sync: worker threads) ----
 
-    async def awrite(self, hash: bytes, data: bytes, *, verify: bool = True) -> bool:
+    async def awrite(self, blk: VerifiedBlock) -> bool:
         """`write` off the event loop."""
-        return await self._run_sync(lambda: self.write(hash, data, verify=verify),
-                                    limiter=self.limiter)
+        return await self._run_sync(self.write, blk, limiter=self.limiter)
 
-    async def aread(self, hash: bytes) -> bytes:
+    async def aread(self, hash: bytes) -> VerifiedBlock:
         """`read` off the event loop."""
         return await self._run_sync(self.read, hash, limiter=self.limiter)
 

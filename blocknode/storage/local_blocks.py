@@ -18,8 +18,9 @@ from collections.abc import Iterator
 
 import trio
 
-from blocknode import fastpath
-from blocknode.errors import BlockCorrupted, HashMismatch
+from blocknode import block
+from blocknode.block import VerifiedBlock
+from blocknode.errors import BlockCorrupted
 from blocknode.storage.block_files import BlockFiles
 from blocknode.storage.env import Txn
 from blocknode.storage.metadata import MetadataStore
@@ -46,20 +47,18 @@ class LocalBlocks:
         """True when a block of `size` bytes is stored inline."""
         return size <= self.inline_threshold
 
-    async def write(self, hash: bytes, data: bytes, *, ref: RefEntry | None = None,
-                    verify: bool = True) -> bool:
-        """Verify and store a block, and apply `ref` with it; True if newly stored.
+    async def write(self, blk: VerifiedBlock, *, ref: RefEntry | None = None) -> bool:
+        """Store a block, and apply `ref` with it; True if newly stored.
 
         Inline blocks and their reference commit in one transaction. For a file
         block, the file is durable before the reference is committed: a reference
-        never points at a block this node has not got. `verify=False` only for
-        bytes this process has just hashed itself.
+        never points at a block this node has not got.
         """
-        if self.is_inline_size(len(data)):
+        hash = blk.hash
+        if self.is_inline_size(len(blk)):
             # No lock needed: the block and its reference commit in one transaction,
             # and `delete_if_deletable` checks and deletes an inline block in one too.
-            if verify and not fastpath.verify(data, hash):
-                raise _mismatch(hash, data)
+            data = block.inline_bytes(blk)
 
             def txn_fn(txn: Txn) -> bool:
                 stored = self.meta.inline.tx_put(txn, hash, data)
@@ -72,40 +71,37 @@ class LocalBlocks:
             # Shielded: once the file is written, its reference must be committed too, or a
             # cancelled put would leave a block that nothing references or queues for GC.
             with trio.CancelScope(shield=True):
-                stored = await self.files.awrite(hash, data, verify=verify)
+                stored = await self.files.awrite(blk)
                 self._file_count += stored
                 if ref is not None:
                     await self.meta.env.submit(
                         lambda txn: self.meta.refs.tx_apply(txn, ref, block_present=True))
             return stored
 
-    async def write_inline_many(self, blocks: list[tuple[bytes, bytes, RefEntry]],
-                                *, verify: bool = True) -> int:
+    async def write_inline_many(self, items: list[tuple[VerifiedBlock, RefEntry]]) -> int:
         """Store small blocks with their references in one commit; returns how many were new."""
-        if verify:
-            for h, data, _ in blocks:
-                if not self.is_inline_size(len(data)):
-                    raise ValueError("write_inline_many takes inline-size blocks only")
-                if not fastpath.verify(data, h):
-                    raise _mismatch(h, data)
+        for blk, _ in items:
+            if not self.is_inline_size(len(blk)):
+                raise ValueError("write_inline_many takes inline-size blocks only")
 
         def txn_fn(txn: Txn) -> int:
             stored = 0
-            for h, data, ref in blocks:
-                stored += self.meta.inline.tx_put(txn, h, data)
+            for blk, ref in items:
+                stored += self.meta.inline.tx_put(txn, blk.hash, block.inline_bytes(blk))
                 self.meta.refs.tx_apply(txn, ref, block_present=True)
             return stored
 
         return await self.meta.env.submit(txn_fn)
 
-    async def read(self, hash: bytes) -> bytes:
+    async def read(self, hash: bytes) -> VerifiedBlock:
         """The verified bytes of a block; `BlockNotFound` or `BlockCorrupted`."""
-        data = self.meta.inline.get(hash)
-        if data is not None:
-            if fastpath.verify(data, hash):
-                return data
-            await self.meta.env.submit(lambda txn: self.meta.inline.tx_delete(txn, hash))
-            raise BlockCorrupted(fastpath.hash_to_hex(hash))
+        raw = self.meta.inline.get(hash)
+        if raw is not None:
+            try:
+                return block.from_inline_bytes(raw, hash)
+            except BlockCorrupted:
+                await self.meta.env.submit(lambda txn: self.meta.inline.tx_delete(txn, hash))
+                raise
         try:
             return await self.files.aread(hash)
         except BlockCorrupted:
@@ -169,13 +165,6 @@ class LocalBlocks:
     def count(self) -> int:
         """How many blocks are held here: files (kept up to date) + inline blocks."""
         return self._file_count + self.meta.inline.count()
-
-
-def _mismatch(hash: bytes, data: bytes) -> HashMismatch:
-    return HashMismatch(
-        f"data does not hash to {fastpath.hash_to_hex(hash)} "
-        f"(it hashes to {fastpath.hash_to_hex(fastpath.block_hash(data))})"
-    )
 
 
 __all__ = ["LocalBlocks"]

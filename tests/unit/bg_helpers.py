@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from blocknode import fastpath
+from blocknode.block import VerifiedBlock, hashed
 from blocknode.cluster_config import ClusterConfig, ClusterNode
 from blocknode.context import NodeContext
 from blocknode.errors import NodeUnreachable, QuorumError
@@ -131,7 +131,7 @@ class FakeCluster:
             n.meta.close()
 
 
-def block(n: int = 1000, seed: bytes | None = None) -> tuple[bytes, bytes]:
-    """A random block of `n` bytes and its hash."""
-    data = (seed or b"") + os.urandom(max(0, n - len(seed or b"")))
-    return fastpath.block_hash(data), data
+def block(n: int = 1000, seed: bytes | None = None) -> tuple[bytes, VerifiedBlock]:
+    """A random block of `n` bytes: its hash and its (verified) bytes."""
+    blk = hashed((seed or b"") + os.urandom(max(0, n - len(seed or b""))))
+    return blk.hash, blk

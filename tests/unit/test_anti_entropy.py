@@ -79,7 +79,7 @@ async def test_catching_up_node_fetches_newly_referenced_block(cluster):
     with trio.fail_after(10):
         n1, n2 = cluster["n1"], cluster["n2"]
         h, data = block(3000)
-        await n2.blocks.write(h, data)
+        await n2.blocks.write(data)
         await add_ref(n2.meta, h, "obj")  # n1 was down while this happened
         await n1.ae.run_round()
         assert n1.meta.rc_get(h).count == 1

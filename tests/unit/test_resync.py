@@ -31,7 +31,7 @@ async def test_absent_and_needed_block_is_fetched(cluster):
     with trio.fail_after(10):
         h, data = block(3000)
         for nid in ("n2", "n3"):
-            await cluster[nid].blocks.write(h, data)
+            await cluster[nid].blocks.write(data)
         await add_ref(cluster["n1"].meta, h, "obj")  # queued for a check at +60 s
         r = resync_of(cluster, "n1")
         assert await r.run_once() == 0  # not due yet
@@ -54,7 +54,7 @@ async def test_deletable_block_offloaded_then_deleted_after_gc_delay_only(tmp_pa
                     break
             n1 = cluster["n1"]
             needy, *others = cluster.layout.write_nodes(h)
-            await n1.blocks.write(h, data)
+            await n1.blocks.write(data)
             await add_ref(n1.meta, h, "obj")
             await del_ref(n1.meta, h, "obj")
             await add_ref(cluster[needy].meta, h, "obj2")  # needs it, lacks it
@@ -85,7 +85,7 @@ async def test_write_node_behind_on_references_merges_them_instead_of_deleting(c
                 cluster[nid].register(kind, handler)
         h, data = block(3000)
         n1, n2 = cluster["n1"], cluster["n2"]
-        await n1.blocks.write(h, data)
+        await n1.blocks.write(data)
         await add_ref(n1.meta, h, "obj")
         await del_ref(n1.meta, h, "obj")
         await add_ref(n2.meta, h, "obj2")
@@ -102,7 +102,7 @@ async def test_incref_during_gc_delay_saves_the_block(cluster):
     with trio.fail_after(10):
         h, data = block(3000)
         n1 = cluster["n1"]
-        await n1.blocks.write(h, data)
+        await n1.blocks.write(data)
         await add_ref(n1.meta, h, "a")
         await del_ref(n1.meta, h, "a")
         cluster.clock.advance(100)
@@ -118,7 +118,7 @@ async def test_unreachable_peer_blocks_deletion_and_backoff_doubles(cluster):
     with trio.fail_after(10):
         h, data = block(3000)
         n1 = cluster["n1"]
-        await n1.blocks.write(h, data)
+        await n1.blocks.write(data)
         await add_ref(n1.meta, h, "a")
         await del_ref(n1.meta, h, "a")
         cluster.down.add("n3")
@@ -179,7 +179,7 @@ async def test_layout_change_block_offloaded_to_write_nodes_then_deleted(tmp_pat
             h, data = block(3000)
             owners = c.layout.write_nodes(h)
             stranger = next(n for n in c.nodes if n not in owners)
-            await c[stranger].blocks.write(h, data)
+            await c[stranger].blocks.write(data)
             for o in owners:
                 await add_ref(c[o].meta, h, "obj")
             await c[stranger].meta.resync_put(h, 0)
@@ -197,7 +197,7 @@ async def test_workers_process_each_block_once_and_settings_persist(cluster, tmp
         n1 = cluster["n1"]
         blocks = [block(2000) for _ in range(12)]
         for h, data in blocks:
-            await cluster["n2"].blocks.write(h, data)
+            await cluster["n2"].blocks.write(data)
             await add_ref(n1.meta, h, "x")
         r = resync_of(cluster, "n1", workers=1, tranquility=0)
         active: set[bytes] = set()
@@ -283,9 +283,9 @@ async def test_repair_queues_referenced_and_local_blocks(cluster):
         n1 = cluster["n1"]
         missing, mdata = block(3000)
         stray, sdata = block(3000)
-        await cluster["n2"].blocks.write(missing, mdata)
+        await cluster["n2"].blocks.write(mdata)
         await add_ref(n1.meta, missing, "m")
-        await n1.blocks.write(stray, sdata)  # held, never referenced
+        await n1.blocks.write(sdata)  # held, never referenced
         await n1.meta.resync_complete(n1.meta.resync_due(now_ms=2**62)[0][0])  # lose the queue entry
         assert n1.meta.counts()["resync_queue"] == 0
         rep = Repair(n1.meta, n1.blocks, batch=1)

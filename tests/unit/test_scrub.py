@@ -24,7 +24,7 @@ def cluster(tmp_path):
 async def fill(cluster: FakeCluster, nid: str, n: int, size: int = 2000) -> list[tuple[bytes, bytes]]:
     out = [block(size) for _ in range(n)]
     for h, data in out:
-        await cluster[nid].blocks.write(h, data)
+        await cluster[nid].blocks.write(data)
         await add_ref(cluster[nid].meta, h, "r")
     return out
 
@@ -42,7 +42,7 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
         shared = [block(3000) for _ in range(5)]
         for h, data in shared:
             for nid in ("n1", "n2", "n3"):
-                await cluster[nid].blocks.write(h, data)
+                await cluster[nid].blocks.write(data)
                 await add_ref(cluster[nid].meta, h, "r")
         n1 = cluster["n1"]
         victim, good = shared[2]

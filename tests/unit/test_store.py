@@ -6,20 +6,20 @@ import os
 
 import pytest
 
-from blocknode import fastpath
-from blocknode.errors import BlockCorrupted, BlockNotFound, HashMismatch
+from blocknode.block import VerifiedBlock, hashed
+from blocknode.errors import BlockCorrupted, BlockNotFound
 from blocknode.storage import BlockFiles
 
 
-def _block(n: int) -> tuple[bytes, bytes]:
-    data = os.urandom(n)
-    return fastpath.block_hash(data), data
+def _block(n: int) -> tuple[bytes, VerifiedBlock]:
+    blk = hashed(os.urandom(n))
+    return blk.hash, blk
 
 
 def test_write_read_round_trip(tmp_path):
     store = BlockFiles(str(tmp_path))
     h, data = _block(5000)
-    assert store.write(h, data) is True
+    assert store.write(data) is True
     assert store.read(h) == data
     hh = h.hex()
     assert os.path.exists(tmp_path / hh[0:2] / hh[2:4] / hh)
@@ -28,18 +28,10 @@ def test_write_read_round_trip(tmp_path):
 def test_write_existing_is_noop(tmp_path):
     store = BlockFiles(str(tmp_path))
     h, data = _block(100)
-    store.write(h, data)
+    store.write(data)
     mtime = os.stat(store.path(h)).st_mtime_ns
-    assert store.write(h, data) is False
+    assert store.write(data) is False
     assert os.stat(store.path(h)).st_mtime_ns == mtime
-
-
-def test_write_rejects_mismatched_data(tmp_path):
-    store = BlockFiles(str(tmp_path))
-    h, _ = _block(100)
-    with pytest.raises(HashMismatch):
-        store.write(h, b"other bytes")
-    assert not store.exists(h)
 
 
 def test_missing_block(tmp_path):
@@ -52,7 +44,7 @@ def test_missing_block(tmp_path):
 def test_flipped_byte_is_quarantined_and_never_returned(tmp_path):
     store = BlockFiles(str(tmp_path))
     h, data = _block(4096)
-    store.write(h, data)
+    store.write(data)
     path = store.path(h)
     with open(path, "r+b") as f:
         f.seek(1234)
@@ -77,7 +69,7 @@ def test_crash_between_tmp_write_and_rename(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "rename", crash)
     with pytest.raises(KeyboardInterrupt):
-        store.write(h, data)
+        store.write(data)
     monkeypatch.undo()
     assert not store.exists(h)
     assert os.path.exists(store.path(h) + ".tmp")
@@ -86,7 +78,7 @@ def test_crash_between_tmp_write_and_rename(tmp_path, monkeypatch):
     store2 = BlockFiles(str(tmp_path))
     assert store2.sweep_tmp() == 1
     assert not os.path.exists(store.path(h) + ".tmp")
-    assert store2.write(h, data) is True
+    assert store2.write(data) is True
     assert store2.read(h) == data
 
 
@@ -95,7 +87,7 @@ def test_walk_yields_only_blocks_in_order(tmp_path):
     hashes = []
     for _ in range(20):
         h, data = _block(64)
-        store.write(h, data)
+        store.write(data)
         hashes.append(h)
     # junk that must be ignored
     (tmp_path / "zz").mkdir()
@@ -113,7 +105,7 @@ def test_walk_yields_only_blocks_in_order(tmp_path):
 def test_delete(tmp_path):
     store = BlockFiles(str(tmp_path))
     h, data = _block(64)
-    store.write(h, data)
+    store.write(data)
     assert store.delete(h) is True
     assert store.delete(h) is False
     assert not store.exists(h)
@@ -122,6 +114,6 @@ def test_delete(tmp_path):
 async def test_async_wrappers(tmp_path):
     store = BlockFiles(str(tmp_path))
     h, data = _block(100_000)
-    assert await store.awrite(h, data) is True
+    assert await store.awrite(data) is True
     assert await store.aread(h) == data
     assert await store.adelete(h) is True
