@@ -54,7 +54,6 @@ class MetadataStore:
     ) -> None:
         self.ctx = ctx or NodeContext()
         self.path = path
-        self.gc_delay_ms = gc_delay_ms
         self.env = MetadataEnv(path, map_size=map_size, max_readers=max_readers, sync=sync,
                                run_sync=self.ctx.run_sync)
         self.queue = ResyncQueue(self.env, now_ms=self.ctx.now_ms)
@@ -94,10 +93,6 @@ class MetadataStore:
     def iter_refs(self, prefix: bytes = b"") -> Iterator[RefEntry]:
         """Every reference whose hash starts with `prefix`."""
         return self.refs.iter_refs(prefix)
-
-    def iter_rc(self) -> Iterator[tuple[bytes, RcEntry]]:
-        """Every (hash, RC entry)."""
-        return self.refs.iter_rc()
 
     def ref_digests(self, prefixes: list[bytes]) -> list[bytes]:
         """The digest of the references under each prefix (blocking: `RefTable.digests`)."""

@@ -73,7 +73,7 @@ def test_kill_9_mid_write_storm_loses_no_acknowledged_block(tmp_path):
     assert tmps == []
     meta = MetadataStore(cfg.metadata_dir, map_size=cfg.lmdb_map_size)
     try:
-        for h, e in meta.iter_rc():
+        for h, e in meta.refs.iter_rc():
             live = [r for r in meta.refs_of(h) if not r.deleted]
             assert e.count == len(live)
         files = BlockFiles(cfg.data_dir)
