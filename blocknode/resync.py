@@ -41,6 +41,7 @@ from blocknode.anti_entropy import refs_from_wire
 from blocknode.errors import BlocknodeError, RpcError
 from blocknode.manager import PRIO_BACKGROUND, BlockManager
 from blocknode.notify import Notify
+from blocknode.storage.resync_queue import RETRY_MAX_MS
 from blocknode.tranquilizer import Tranquilizer
 
 log = logging.getLogger(__name__)
@@ -225,16 +226,30 @@ class Resync:
             raise
         except (BlocknodeError, OSError) as exc:
             self.failed += 1
-            rec = await self.meta.error_record(h, f"{type(exc).__name__}: {exc}")
-            delay = max(0, rec.next_try_ms - self.meta.now_ms()) / 1000
-            log.warning("resync of %s failed (%d times, next in %.0f s): %s",
-                        h.hex(), rec.count, delay, exc)
-            await self.meta.resync_requeue(key, delay)
+            await self._record_failure(key, h, exc)
             return
         self.done += 1
         if err is not None:
             await self.meta.error_clear(h)
         await self.meta.resync_complete(key)
+
+    async def _record_failure(self, key: bytes, h: bytes, exc: BaseException) -> None:
+        """Record a failed resync and push its entry to the next try.
+
+        Recording cannot fail on the record itself (`ResyncQueue.tx_error_record`);
+        should the metadata store fail, the entry still moves to the longest
+        backoff, so one block is never retried in a tight loop.
+        """
+        delay = RETRY_MAX_MS / 1000
+        try:
+            rec = await self.meta.error_record(h, f"{type(exc).__name__}: {exc}")
+            delay = max(0, rec.next_try_ms - self.meta.now_ms()) / 1000
+            log.warning("resync of %s failed (%d times, next in %.0f s): %s",
+                        h.hex(), rec.count, delay, exc)
+        except BlocknodeError as rec_exc:
+            log.error("resync of %s failed (%s); recording the failure failed too: %s",
+                      h.hex(), exc, rec_exc)
+        await self.meta.resync_requeue(key, delay)
 
     async def resync_block(self, h: bytes) -> None:
         """Make this node's copy of `h` match its RC (see module docstring); raises on failure."""

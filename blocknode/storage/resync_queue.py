@@ -8,7 +8,9 @@
 An entry leaves the queue only once its work is done (`complete`) or it has
 been replaced atomically by a later one (`requeue`), so a crash never loses
 one. Failures back off exponentially (`retry_delay_ms`: 1 min, 2, 4 … capped
-at 1 h). This module is the only codec of `errors` records.
+at 1 h); the exponent is clamped, the stored count capped and an unreadable
+record read as no failures, so nothing — however many failures — can make
+recording one more fail. This module is the only codec of `errors` records.
 
 Every change to the queue fires `changed` (a `Notify`) once committed, so
 waiting workers see new work.
@@ -26,6 +28,7 @@ from blocknode.notify import Notify
 from blocknode.storage.env import MetadataEnv, Txn
 
 __all__ = [
+    "ERROR_COUNT_MAX",
     "RETRY_BASE_MS",
     "RETRY_MAX_MS",
     "ErrorEntry",
@@ -37,13 +40,22 @@ RETRY_BASE_MS = 60_000
 """The delay after a block's first failure."""
 RETRY_MAX_MS = 3_600_000
 """The longest delay between two tries of a failing block."""
+_MAX_EXPONENT = (RETRY_MAX_MS // RETRY_BASE_MS).bit_length()
+"""Doublings past which the delay is capped anyway (2**6 minutes > 1 h)."""
+ERROR_COUNT_MAX = 1_000_000
+"""The stored failure count stops growing here (it only informs the operator)."""
 MESSAGE_MAX = 500
 """Characters of the last failure message kept."""
 
 
 def retry_delay_ms(count: int) -> int:
-    """The backoff after the `count`-th failure in a row: 1 min, 2, 4 … capped at 1 h."""
-    return int(min(RETRY_BASE_MS * 2.0 ** (count - 1), RETRY_MAX_MS))
+    """The backoff after the `count`-th failure in a row: 1 min, 2, 4 … capped at 1 h.
+
+    Defined for any count: the exponent is clamped before it is used (an
+    unclamped ``2 ** (count - 1)`` overflowed a float at the 1025th failure).
+    """
+    exponent = min(max(count, 1) - 1, _MAX_EXPONENT)
+    return min(RETRY_BASE_MS << exponent, RETRY_MAX_MS)
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,15 @@ def decode_error(hash: bytes, raw: bytes) -> ErrorEntry:
     """Decode a stored error record."""
     count, next_try, last, message = msgpack.unpackb(raw)
     return ErrorEntry(bytes(hash), count, next_try, last, message)
+
+
+def _lenient_count(hash: bytes, raw: bytes) -> int:
+    # The failure path must not fail: an unreadable record counts as no failures.
+    try:
+        count = decode_error(hash, raw).count
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return 0
+    return min(count, ERROR_COUNT_MAX) if isinstance(count, int) and count > 0 else 0
 
 
 class ResyncQueue:
@@ -91,7 +112,8 @@ class ResyncQueue:
     def tx_error_record(self, txn: Txn, hash: bytes, message: str) -> ErrorEntry:
         """Count one more failure and set the next try (`retry_delay_ms`)."""
         raw = txn.get(hash, db=self.errors_db)
-        count = (decode_error(hash, raw).count if raw is not None else 0) + 1
+        previous = _lenient_count(hash, raw) if raw is not None else 0
+        count = min(previous + 1, ERROR_COUNT_MAX)
         now = self.now_ms()
         entry = ErrorEntry(hash, count, now + retry_delay_ms(count), now, message[:MESSAGE_MAX])
         txn.put(hash, encode_error(entry), db=self.errors_db)

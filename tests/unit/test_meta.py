@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import msgpack
 import pytest
 import trio
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from blocknode import fastpath
 from blocknode.context import NodeContext
 from blocknode.errors import MetadataFull
 from blocknode.storage import ABSENT, MetadataStore, RcEntry, RefEntry
+from blocknode.storage.resync_queue import ERROR_COUNT_MAX, ErrorEntry, encode_error
 
 H1 = fastpath.block_hash(b"one")
 H2 = fastpath.block_hash(b"two")
@@ -199,6 +201,24 @@ async def test_error_backoff_doubles_and_caps(tmp_path):
     assert [e.hash for e in m.errors_list()] == [H1]
     await m.error_clear(H1)
     assert m.error_get(H1) is None
+
+
+async def test_backoff_survives_any_number_of_failures(tmp_path):
+    # issue 9 A.1: the 1025th failure of one block overflowed 2 ** (count - 1) as a float.
+    clock = FakeClock()
+    m = _meta(tmp_path, clock, sync=False)
+    for _ in range(1030):
+        e = await m.error_record(H1, "lost everywhere")
+    assert e.count == 1030 and e.next_try_ms - clock.t == 3_600_000
+    # the stored count stops growing at its cap
+    at_cap = ErrorEntry(H1, ERROR_COUNT_MAX, 0, 0, "x")
+    m.env.write_now(lambda txn: txn.put(H1, encode_error(at_cap), db=m.queue.errors_db))
+    assert (await m.error_record(H1, "again")).count == ERROR_COUNT_MAX
+    # an unreadable record does not stop the next failure from being recorded
+    for raw in (b"\xc1", msgpack.packb([1, 2]), msgpack.packb(["a", None, 3, "m"])):
+        m.env.write_now(lambda txn, r=raw: txn.put(H2, r, db=m.queue.errors_db))
+        e = await m.error_record(H2, "after a bad record")
+        assert e.count == 1 and e.next_try_ms - clock.t == 60_000
 
 
 async def test_state_persisted(tmp_path):

@@ -8,6 +8,7 @@ import trio.testing
 from bg_helpers import FakeCluster, block
 from storage_helpers import add_ref, del_ref, incref
 
+from blocknode import fastpath
 from blocknode.anti_entropy import AntiEntropy
 from blocknode.context import NodeContext
 from blocknode.resync import Resync
@@ -155,6 +156,28 @@ async def test_backoff_is_capped_at_one_hour(tmp_path):
         for _ in range(10):
             err = await c["n1"].meta.error_record(h, "x")
         assert err.next_try_ms - c.clock.t == 3_600_000
+    finally:
+        c.close()
+
+
+async def test_a_block_that_fails_for_ever_never_stops_the_worker(tmp_path):
+    # issue 9 A.1: a block failing for the 1025th time (~42 days, or seconds with `block
+    # retry-now` in a loop) raised OverflowError out of the worker, and again on every restart.
+    c = FakeCluster(str(tmp_path), n=1, rf=1)
+    try:
+        with trio.fail_after(10):
+            n1 = c["n1"]
+            h, _ = block(100)
+            await add_ref(n1.meta, h, "lost")  # referenced here, held nowhere: every resync fails
+            for _ in range(1024):
+                await n1.meta.error_record(h, "earlier failure")
+            await n1.meta.retry_now([h])
+            r = resync_of(c, "n1")
+            assert await r.run_once() >= 1
+            err = n1.meta.error_get(h)
+            assert err.count == 1025 and err.next_try_ms == c.clock.t + 3_600_000
+            due = [fastpath.queue_key_decode(k)[0] for k, _ in n1.meta.resync_due(now_ms=2**62)]
+            assert err.next_try_ms in due  # requeued at its next try
     finally:
         c.close()
 
