@@ -23,9 +23,10 @@ retry-now` clears the backoff).
 
 `n` worker tasks (`resync_workers`, changeable at runtime and persisted in the
 `state` table) sleep until the next due entry or until `meta.resync_notify`
-fires; they claim a block through an in-memory in-progress set, so two workers
-never handle the same block at once. A `Tranquilizer` rests between steps.
-`run_once` processes everything due now (tests, `admin_resync_run_once`).
+fires (sequence-numbered: a commit between a worker's look at the queue and
+its wait still wakes it); they claim a block through an in-memory in-progress
+set, so two workers never handle the same block at once. A `Tranquilizer`
+rests between steps. `run_once` processes everything due now (tests, `admin_resync_run_once`).
 """
 
 from __future__ import annotations
@@ -129,11 +130,12 @@ class Resync:
         tranquilizer = Tranquilizer(30, clock=self._clock, min_step=MIN_STEP_S)
         try:
             while i < self.workers:
+                seen = self._snapshot()  # before looking at the queue: no wake-up is lost
                 entry = self._claim()
                 if entry is None:
                     self.status[i] = "idle"
                     tranquilizer.reset()
-                    await self._wait_for_work()
+                    await self._wait_for_work(seen)
                     continue
                 key, h = entry
                 self.status[i] = f"busy {h.hex()[:16]}"
@@ -162,8 +164,11 @@ class Resync:
                 return key, h
         return None
 
-    async def _wait_for_work(self) -> None:
-        """Sleep until the next due entry, a queue change, or a settings change."""
+    def _snapshot(self) -> tuple[int, int]:
+        return self.meta.resync_notify.snapshot(), self._wake.snapshot()
+
+    async def _wait_for_work(self, seen: tuple[int, int]) -> None:
+        """Sleep until the next due entry, or a queue or settings change since `seen`."""
         next_due = self.meta.resync_next_due()
         if next_due is None:
             timeout = math.inf
@@ -173,11 +178,11 @@ class Resync:
             timeout = delta_ms / 1000 + 0.001 if delta_ms >= 0 else math.inf
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
-                async def waiter(wait: Callable[[], Any]) -> None:
-                    await wait()
+                async def waiter(notify: Notify, since: int) -> None:
+                    await notify.wait(since)
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(waiter, self.meta.resync_notify.wait)
-                nursery.start_soon(waiter, self._wake.wait)
+                nursery.start_soon(waiter, self.meta.resync_notify, seen[0])
+                nursery.start_soon(waiter, self._wake, seen[1])
 
     # ------------------------------------------------------------ steps
 
@@ -190,11 +195,12 @@ class Resync:
         """
         n = 0
         while limit is None or n < limit:
+            seen = self.progress.snapshot()
             entry = self._claim()
             if entry is None:
                 if self._due_in_progress():
                     # A worker holds a due entry: wait for it, so "done" means done.
-                    await self.progress.wait()
+                    await self.progress.wait(seen)
                     continue
                 break
             key, h = entry

@@ -15,6 +15,7 @@ from storage_helpers import add_ref, decref, del_ref, incref
 from blocknode import fastpath
 from blocknode.context import NodeContext
 from blocknode.errors import MetadataFull
+from blocknode.notify import Notify
 from blocknode.storage import ABSENT, MetadataStore, RcEntry, RefEntry
 from blocknode.storage.resync_queue import ERROR_COUNT_MAX, ErrorEntry, encode_error
 
@@ -185,6 +186,23 @@ async def test_resync_put_wakes_waiters(tmp_path):
         with trio.fail_after(2):
             await woke.wait()
         n.cancel_scope.cancel()
+
+
+def test_notify_wait_returns_at_once_when_notified_since_the_snapshot():
+    # issue 9 C.12: a notify between "check" and "wait" must not be lost.
+    n = Notify()
+
+    async def main() -> None:
+        seen = n.snapshot()
+        n.notify()  # lands after the check, before the wait
+        with trio.fail_after(1):
+            await n.wait(seen)
+        seen = n.snapshot()
+        with trio.move_on_after(0.05) as scope:
+            await n.wait(seen)  # nothing new: waits
+        assert scope.cancelled_caught
+
+    trio.run(main)
 
 
 # ---- errors and state ----

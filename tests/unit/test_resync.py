@@ -259,6 +259,41 @@ async def test_workers_process_each_block_once_and_settings_persist(cluster, tmp
         assert r2.workers == 4 and r2.tranquility == 0.5
 
 
+async def test_a_commit_between_the_queue_check_and_the_wait_wakes_the_worker(tmp_path):
+    # issue 9 C.12: the worker checked the queue, then started waiting; an entry committed
+    # in between fired a notify nobody was waiting for yet, and the worker slept on.
+    c = FakeCluster(str(tmp_path), n=1, rf=1)
+    try:
+        meta = c["n1"].meta
+        h, _ = block(10)
+        r = resync_of(c, "n1", tranquility=0)
+        handled = trio.Event()
+
+        async def record(x: bytes) -> None:
+            handled.set()
+
+        r.resync_block = record  # type: ignore[method-assign]
+        real_next_due = meta.resync_next_due
+        raced = []
+
+        def next_due_then_commit() -> int | None:
+            due = real_next_due()  # the worker has looked: nothing queued
+            if not raced:
+                raced.append(True)  # ... and now, before it waits, an entry is committed
+                meta.env.write_now(lambda txn: meta.queue.tx_put(txn, h, 0))
+            return due
+
+        meta.resync_next_due = next_due_then_commit  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.run)
+            with trio.fail_after(5):
+                await handled.wait()
+            nursery.cancel_scope.cancel()
+        assert raced
+    finally:
+        c.close()
+
+
 async def test_worker_sleeps_until_due_time_with_mock_clock(tmp_path, mock_clock):
     base = 1_700_000_000_000
 
