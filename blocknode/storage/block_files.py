@@ -6,10 +6,13 @@ over the final name, fsync the directory. A crash before the rename leaves only 
 fsync the block survives a crash of the process or the machine.
 
 A file holds a block's file form (`blocknode.block.file_bytes`) and every read
-verifies it (`blocknode.block.from_file_bytes`).
-A block whose bytes no longer match its hash is renamed ``<name>.corrupted``
-(quarantine by rename, never delete: an operator can still look at it) and
-reported as `BlockCorrupted`; it is never returned.
+verifies it (`blocknode.block.from_file_bytes`); corrupt bytes are never
+returned. A corrupt file is renamed ``<name>.corrupted`` (quarantine by rename,
+never delete: an operator can still look at it) by `read_or_quarantine`, or by
+a `write` of the same block, which then stores the good bytes: a copy already
+on disk counts as stored only once it is checked (size, then content). The
+caller (`LocalBlocks`) serialises both under the block's lock, so a read that
+saw old corrupt bytes cannot quarantine the copy a put has just repaired.
 
 Every method here is blocking. The `a*` methods run them through `run_sync`
 (the node context's way to run blocking calls: a worker thread), one hop per
@@ -19,7 +22,9 @@ both fsyncs share one hop).
 
 from __future__ import annotations
 
+import enum
 import errno
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -29,6 +34,8 @@ from blocknode import block, fastpath
 from blocknode.block import VerifiedBlock
 from blocknode.context import RunSync, run_in_thread
 from blocknode.errors import BlockCorrupted, BlockNotFound, StoreError
+
+log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 CORRUPTED_SUFFIX = ".corrupted"
@@ -45,6 +52,17 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Written(enum.Enum):
+    """What `BlockFiles.write` did."""
+
+    PRESENT = "present"
+    """An intact copy was there already: nothing written."""
+    STORED = "stored"
+    """The block was not there: written."""
+    REPLACED = "replaced"
+    """A corrupt copy was there: quarantined, and the block written."""
 
 
 class BlockFiles:
@@ -71,13 +89,24 @@ class BlockFiles:
 
     # ---- blocking operations ----
 
-    def write(self, blk: VerifiedBlock) -> bool:
-        """Store a block durably. Returns False when it was already present (a no-op)."""
+    def write(self, blk: VerifiedBlock) -> Written:
+        """Store a block durably (call under the block's lock).
+
+        An intact copy already there makes it a no-op; a corrupt one is
+        quarantined and replaced.
+        """
         hash = blk.hash
         data = block.file_bytes(blk)
         final = self.path(hash)
-        if os.path.exists(final):
-            return False
+        outcome = Written.STORED
+        intact = self._copy_is_intact(final, hash, data)
+        if intact is not None:
+            if intact:
+                return Written.PRESENT
+            log.warning("block %s: the copy here is corrupt; quarantined and replaced by the "
+                        "verified bytes being put", fastpath.hash_to_hex(hash))
+            self.quarantine(hash)
+            outcome = Written.REPLACED
         directory = os.path.dirname(final)
         try:
             self._ensure_dir(directory)
@@ -97,7 +126,19 @@ class BlockFiles:
                 _fsync_dir(directory)
         except OSError as exc:
             raise _store_error("write", hash, exc) from exc
-        return True
+        return outcome
+
+    def _copy_is_intact(self, final: str, hash: bytes, form: bytes) -> bool | None:
+        # None: no copy here. Size first (a file of the wrong size is not read), then content.
+        try:
+            with open(final, "rb") as f:
+                if os.fstat(f.fileno()).st_size != len(form):
+                    return False
+                return block.same_copy(f.read(), form)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _store_error("check", hash, exc) from exc
 
     def _ensure_dir(self, directory: str) -> None:
         if os.path.isdir(directory):
@@ -112,7 +153,7 @@ class BlockFiles:
                 _fsync_dir(self.data_dir)
 
     def read(self, hash: bytes) -> VerifiedBlock:
-        """Read and verify a block; `BlockNotFound`, or `BlockCorrupted` after quarantine."""
+        """Read and verify a block; `BlockNotFound` or `BlockCorrupted` (the file is left as it is)."""
         path = self.path(hash)
         try:
             with open(path, "rb") as f:
@@ -121,8 +162,13 @@ class BlockFiles:
             raise BlockNotFound(fastpath.hash_to_hex(hash)) from None
         except OSError as exc:
             raise _store_error("read", hash, exc) from exc
+        return block.from_file_bytes(data, hash)
+
+    def read_or_quarantine(self, hash: bytes) -> VerifiedBlock:
+        """`read`; a corrupt file is quarantined before `BlockCorrupted` is raised
+        (call under the block's lock)."""
         try:
-            return block.from_file_bytes(data, hash)
+            return self.read(hash)
         except BlockCorrupted:
             self.quarantine(hash)
             raise
@@ -198,7 +244,7 @@ class BlockFiles:
 
     # ---- async wrappers (run_sync: worker threads) ----
 
-    async def awrite(self, blk: VerifiedBlock) -> bool:
+    async def awrite(self, blk: VerifiedBlock) -> Written:
         """`write` off the event loop."""
         return await self._run_sync(self.write, blk, limiter=self.limiter)
 
@@ -214,9 +260,9 @@ class BlockFiles:
         """`delete` off the event loop."""
         return await self._run_sync(self.delete, hash, limiter=self.limiter)
 
-    async def aquarantine(self, hash: bytes) -> bool:
-        """`quarantine` off the event loop."""
-        return await self._run_sync(self.quarantine, hash, limiter=self.limiter)
+    async def aread_or_quarantine(self, hash: bytes) -> VerifiedBlock:
+        """`read_or_quarantine` off the event loop."""
+        return await self._run_sync(self.read_or_quarantine, hash, limiter=self.limiter)
 
 
 def _sorted_hex_dirs(path: str) -> list[str]:

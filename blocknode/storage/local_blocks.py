@@ -6,9 +6,16 @@ reference, so a 4 KiB put costs a share of one LMDB commit instead of a file
 fsync plus a directory fsync (see README, "Small blocks"). Larger blocks are
 files (`BlockFiles`). Every read is verified against the hash.
 
-Writes and deletes of one block are serialised by a striped lock, so a delete
-that checked "still deletable" cannot race a concurrent put + reference of the
-same block (the seed's `mutation_lock`, per stripe rather than global).
+A copy already held counts as stored only once it is checked (size, then
+content): a put over a corrupt copy replaces it, so a corrupt copy never counts
+toward a write quorum.
+
+Writes, quarantines and deletes of one block file are serialised by a striped
+lock, so a delete that checked "still deletable" cannot race a concurrent put +
+reference of the same block (the seed's `mutation_lock`, per stripe rather than
+global), and a read that saw corrupt bytes re-checks under the lock before it
+quarantines (a put may have repaired the copy meanwhile). Inline blocks get the
+same guarantees from LMDB: each check-and-change is one transaction.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import trio
 from blocknode import block
 from blocknode.block import VerifiedBlock
 from blocknode.errors import BlockCorrupted
-from blocknode.storage.block_files import BlockFiles
+from blocknode.storage.block_files import BlockFiles, Written
 from blocknode.storage.env import Txn
 from blocknode.storage.metadata import MetadataStore
 from blocknode.storage.refs import RefEntry
@@ -58,10 +65,8 @@ class LocalBlocks:
         if self.is_inline_size(len(blk)):
             # No lock needed: the block and its reference commit in one transaction,
             # and `delete_if_deletable` checks and deletes an inline block in one too.
-            data = block.inline_bytes(blk)
-
             def txn_fn(txn: Txn) -> bool:
-                stored = self.meta.inline.tx_put(txn, hash, data)
+                stored = self._tx_put_inline(txn, blk)
                 if ref is not None:
                     self.meta.refs.tx_apply(txn, ref, block_present=True)
                 return stored
@@ -71,12 +76,21 @@ class LocalBlocks:
             # Shielded: once the file is written, its reference must be committed too, or a
             # cancelled put would leave a block that nothing references or queues for GC.
             with trio.CancelScope(shield=True):
-                stored = await self.files.awrite(blk)
-                self._file_count += stored
+                written = await self.files.awrite(blk)
+                self._file_count += written is Written.STORED
                 if ref is not None:
                     await self.meta.env.submit(
                         lambda txn: self.meta.refs.tx_apply(txn, ref, block_present=True))
-            return stored
+            return written is not Written.PRESENT
+
+    def _tx_put_inline(self, txn: Txn, blk: VerifiedBlock) -> bool:
+        # Store a small block unless an intact copy is there; a corrupt copy is replaced.
+        form = block.inline_bytes(blk)
+        existing = self.meta.inline.tx_get(txn, blk.hash)
+        if existing is not None and block.same_copy(existing, form):
+            return False
+        self.meta.inline.tx_put(txn, blk.hash, form, overwrite=True)
+        return True
 
     async def write_inline_many(self, items: list[tuple[VerifiedBlock, RefEntry]]) -> int:
         """Store small blocks with their references in one commit; returns how many were new."""
@@ -87,26 +101,46 @@ class LocalBlocks:
         def txn_fn(txn: Txn) -> int:
             stored = 0
             for blk, ref in items:
-                stored += self.meta.inline.tx_put(txn, blk.hash, block.inline_bytes(blk))
+                stored += self._tx_put_inline(txn, blk)
                 self.meta.refs.tx_apply(txn, ref, block_present=True)
             return stored
 
         return await self.meta.env.submit(txn_fn)
 
     async def read(self, hash: bytes) -> VerifiedBlock:
-        """The verified bytes of a block; `BlockNotFound` or `BlockCorrupted`."""
+        """The verified bytes of a block; `BlockNotFound`, or `BlockCorrupted` once the
+        corrupt copy is out of service (file renamed `.corrupted`, inline entry dropped)."""
         raw = self.meta.inline.get(hash)
         if raw is not None:
             try:
                 return block.from_inline_bytes(raw, hash)
             except BlockCorrupted:
-                await self.meta.env.submit(lambda txn: self.meta.inline.tx_delete(txn, hash))
-                raise
+                repaired = await self.meta.env.submit(lambda txn: self._tx_drop_corrupt(txn, hash))
+                if repaired is None:
+                    raise
+                return block.from_inline_bytes(repaired, hash)
         try:
             return await self.files.aread(hash)
         except BlockCorrupted:
-            self._file_count -= 1  # the store quarantined it
-            raise
+            pass
+        async with self.lock(hash):
+            try:
+                return await self.files.aread_or_quarantine(hash)
+            except BlockCorrupted:
+                self._file_count -= 1  # quarantined
+                raise
+
+    def _tx_drop_corrupt(self, txn: Txn, hash: bytes) -> bytes | None:
+        # Drop an inline entry that is still corrupt; the bytes if a put repaired it meanwhile.
+        raw = self.meta.inline.tx_get(txn, hash)
+        if raw is None:
+            return None
+        try:
+            block.from_inline_bytes(raw, hash)
+        except BlockCorrupted:
+            self.meta.inline.tx_delete(txn, hash)
+            return None
+        return raw
 
     def exists(self, hash: bytes) -> bool:
         """True when the block is held here (content not checked; blocking: a stat)."""
@@ -138,16 +172,6 @@ class LocalBlocks:
                 self._file_count -= 1
                 return True
             return removed
-
-    async def quarantine(self, hash: bytes) -> bool:
-        """Take a corrupt block out of service (file renamed `.corrupted`, inline dropped)."""
-        async with self.lock(hash):
-            if self.meta.inline.exists(hash):
-                return await self.meta.env.submit(lambda txn: self.meta.inline.tx_delete(txn, hash))
-            if await self.files.aquarantine(hash):
-                self._file_count -= 1
-                return True
-            return False
 
     def walk(self, start_after: bytes | None = None) -> Iterator[bytes]:
         """Every block hash held here, in hash order (blocking: run in a thread)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from bg_helpers import FakeCluster
 from storage_helpers import add_ref
 
 from blocknode import fastpath
@@ -38,3 +39,83 @@ async def test_a_put_with_its_reference_queues_no_arrival_check(tmp_path):
     # a reference without the block: the block must arrive, so a check is queued
     await add_ref(b.meta, fastpath.block_hash(b"elsewhere"), "r", 1)
     assert b.meta.counts()["resync_queue"] == 1
+
+
+def _flip_bit(path: str, offset: int = 100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+async def test_reput_over_a_corrupt_file_replaces_it(tmp_path):
+    # issue 9 C.10: a re-put answered "already stored" over a corrupt copy, so a corrupt
+    # copy counted toward the write quorum and the next get failed.
+    b = _blocks(tmp_path)
+    blk = hashed(os.urandom(10_000))
+    assert await b.write(blk) is True
+    path = b.files.path(blk.hash)
+    _flip_bit(path)
+    assert await b.write(blk, ref=RefEntry(blk.hash, "r", False, 1)) is True  # stored again
+    assert await b.read(blk.hash) == blk
+    assert os.path.exists(path + ".corrupted")  # the bad copy kept for the operator
+    assert b.count() == 1 and b.meta.rc_get(blk.hash).count == 1
+    with open(path, "r+b") as f:  # a truncated copy: caught by its size alone
+        f.truncate(5000)
+    assert await b.write(blk) is True
+    assert await b.read(blk.hash) == blk
+    assert await b.write(blk) is False  # an intact copy is left alone
+
+
+async def test_reput_over_a_corrupt_inline_block_replaces_it(tmp_path):
+    b = _blocks(tmp_path)
+    blk = hashed(os.urandom(1000))
+    assert await b.write(blk) is True
+    bad = bytes(blk[:-1]) + bytes([blk[-1] ^ 1])
+    b.meta.env.write_now(lambda txn: b.meta.inline.tx_put(txn, blk.hash, bad, overwrite=True))
+    assert await b.write(blk) is True
+    assert b.meta.inline.get(blk.hash) == blk
+    assert await b.write(blk) is False
+    b.meta.env.write_now(lambda txn: b.meta.inline.tx_put(txn, blk.hash, bad, overwrite=True))
+    assert await b.write_inline_many([(blk, RefEntry(blk.hash, "r", False, 1))]) == 1
+    assert await b.read(blk.hash) == blk
+
+
+async def test_a_read_never_quarantines_a_copy_a_put_has_just_repaired(tmp_path):
+    # A read that found the old corrupt bytes re-checks under the block's lock: the
+    # put that replaced them meanwhile keeps its good copy.
+    b = _blocks(tmp_path)
+    blk = hashed(os.urandom(10_000))
+    await b.write(blk)
+    _flip_bit(b.files.path(blk.hash))
+    real_aread = b.files.aread
+
+    async def read_then_repair(h: bytes):
+        try:
+            return await real_aread(h)
+        finally:
+            await b.write(blk)  # a put lands between the read and its verdict
+
+    b.files.aread = read_then_repair  # type: ignore[method-assign]
+    assert await b.read(blk.hash) == blk
+    b.files.aread = real_aread  # type: ignore[method-assign]
+    assert await b.read(blk.hash) == blk
+
+
+async def test_put_again_over_a_corrupt_copy_then_get(tmp_path):
+    # The issue's scenario through the coordinator: put, flip a bit, put again, get.
+    c = FakeCluster(str(tmp_path), n=1, rf=1, inline_threshold=1024)
+    try:
+        m, meta = c["n1"].manager, c["n1"].meta
+        for data in (os.urandom(100), os.urandom(5000)):  # inline and file
+            h = await m.put(data, "obj")
+            if c["n1"].files.exists(h):
+                _flip_bit(c["n1"].files.path(h), 10)
+            else:
+                bad = b"x" + data[1:]
+                meta.env.write_now(lambda txn, h=h, bad=bad: meta.inline.tx_put(txn, h, bad, overwrite=True))
+            assert await m.put(data, "obj") == h
+            assert await m.get(h) == data
+    finally:
+        c.close()

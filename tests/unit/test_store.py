@@ -9,6 +9,7 @@ import pytest
 from blocknode.block import VerifiedBlock, hashed
 from blocknode.errors import BlockCorrupted, BlockNotFound
 from blocknode.storage import BlockFiles
+from blocknode.storage.block_files import Written
 
 
 def _block(n: int) -> tuple[bytes, VerifiedBlock]:
@@ -19,7 +20,7 @@ def _block(n: int) -> tuple[bytes, VerifiedBlock]:
 def test_write_read_round_trip(tmp_path):
     store = BlockFiles(str(tmp_path))
     h, data = _block(5000)
-    assert store.write(data) is True
+    assert store.write(data) is Written.STORED
     assert store.read(h) == data
     hh = h.hex()
     assert os.path.exists(tmp_path / hh[0:2] / hh[2:4] / hh)
@@ -30,7 +31,7 @@ def test_write_existing_is_noop(tmp_path):
     h, data = _block(100)
     store.write(data)
     mtime = os.stat(store.path(h)).st_mtime_ns
-    assert store.write(data) is False
+    assert store.write(data) is Written.PRESENT
     assert os.stat(store.path(h)).st_mtime_ns == mtime
 
 
@@ -52,12 +53,31 @@ def test_flipped_byte_is_quarantined_and_never_returned(tmp_path):
         f.seek(1234)
         f.write(bytes([b[0] ^ 0x01]))
     with pytest.raises(BlockCorrupted):
-        store.read(h)
+        store.read(h)  # a plain read reports it and leaves it
+    assert os.path.exists(path)
+    with pytest.raises(BlockCorrupted):
+        store.read_or_quarantine(h)
     assert not os.path.exists(path)
     assert os.path.exists(path + ".corrupted")
     with pytest.raises(BlockNotFound):
         store.read(h)
     assert list(store.walk()) == []
+    assert store.write(data) is Written.STORED and store.read(h) == data
+
+
+def test_write_over_a_corrupt_copy_quarantines_and_replaces_it(tmp_path):
+    store = BlockFiles(str(tmp_path))
+    h, data = _block(4096)
+    store.write(data)
+    path = store.path(h)
+    with open(path, "r+b") as f:
+        f.write(b"\0")  # same size, other bytes
+    assert store.write(data) is Written.REPLACED
+    assert store.read(h) == data and os.path.exists(path + ".corrupted")
+    with open(path, "ab") as f:
+        f.write(b"tail")  # wrong size
+    assert store.write(data) is Written.REPLACED
+    assert store.read(h) == data
 
 
 def test_crash_between_tmp_write_and_rename(tmp_path, monkeypatch):
@@ -78,7 +98,7 @@ def test_crash_between_tmp_write_and_rename(tmp_path, monkeypatch):
     store2 = BlockFiles(str(tmp_path))
     assert store2.sweep_tmp() == 1
     assert not os.path.exists(store.path(h) + ".tmp")
-    assert store2.write(data) is True
+    assert store2.write(data) is Written.STORED
     assert store2.read(h) == data
 
 
@@ -114,6 +134,6 @@ def test_delete(tmp_path):
 async def test_async_wrappers(tmp_path):
     store = BlockFiles(str(tmp_path))
     h, data = _block(100_000)
-    assert await store.awrite(data) is True
+    assert await store.awrite(data) is Written.STORED
     assert await store.aread(h) == data
     assert await store.adelete(h) is True
