@@ -9,7 +9,7 @@ For each partition this node holds and each other node of that partition:
    few hundred bytes, not the whole partition;
 3. for each differing sub-range, one `ae_exchange` call sends our entries
    and gets the peer's back; each side merges the other's by last writer wins
-   (`MetadataStore.apply_refs`), so after the call both hold the same versions.
+   (`LocalBlocks.apply_refs`), so after the call both hold the same versions.
 
 Merging goes through `RefTable.tx_apply`, which updates the RC and queues the
 resyncs that follow (a newly referenced block gets fetched, a released one
@@ -102,7 +102,7 @@ class AntiEntropy:
         if any(not r.hash.startswith(prefix) for r in theirs):
             raise ProtocolError("refs: entry outside the prefix")
         ours = await trio.to_thread.run_sync(refs_under, self.meta, prefix)
-        changed = await self.meta.apply_refs(theirs) if theirs else 0
+        changed = await self.manager.blocks.apply_refs(theirs)
         return {"refs": ours, "changed": changed}, None
 
     # ------------------------------------------------------------ rounds
@@ -172,7 +172,7 @@ class AntiEntropy:
         stats["ranges_exchanged"] += 1
         stats["merged_there"] += int(reply.get("changed", 0) or 0)
         if theirs:
-            stats["merged_here"] += await self.meta.apply_refs(theirs)
+            stats["merged_here"] += await self.manager.blocks.apply_refs(theirs)
 
     async def run(self, *, first_delay: float | None = None) -> None:
         """The worker task: a round shortly after start, then every `interval` (jittered)."""

@@ -184,12 +184,12 @@ class BlockManager:
     async def handle_add_ref(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Apply a live reference version (idempotent, last writer wins)."""
         h = get_hash(fields)
-        return {"changed": await self.meta.apply_ref(ref_from_fields(h, fields, deleted=False))}, None
+        return {"changed": await self.blocks.apply_ref(ref_from_fields(h, fields, deleted=False))}, None
 
     async def handle_del_ref(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Apply a deleted reference version (idempotent, last writer wins)."""
         h = get_hash(fields)
-        return {"changed": await self.meta.apply_ref(ref_from_fields(h, fields, deleted=True))}, None
+        return {"changed": await self.blocks.apply_ref(ref_from_fields(h, fields, deleted=True))}, None
 
     async def read_local(self, h: bytes) -> VerifiedBlock:
         """Read a local block; on corruption quarantine it and queue a resync at once."""

@@ -9,8 +9,9 @@ Two sweeps, each listed in a worker thread in batches and queued with delay 0
    offloaded if someone needs them, then deleted.
 
 With ``rc=True`` it first recalculates the RC of every block from its
-references (`MetadataStore.recalculate_rc_many`, a batch per commit), which fixes any RC that
-drifted from the references (e.g. after a restore of the LMDB).
+references (`LocalBlocks.recalculate_rc_many`, a batch per commit, under the
+blocks' locks), which fixes any RC that drifted from the references (e.g.
+after a restore of the LMDB).
 
 Progress is persisted under ``"repair"`` in the `state` table (``state``
 running / idle, ``phase``, ``queued``, ``rc_recalculated``, ``started``,
@@ -108,7 +109,7 @@ class Repair:
             if not hashes:
                 return
             if recalculate:
-                await self.meta.recalculate_rc_many(hashes)
+                await self.blocks.recalculate_rc_many(hashes)
                 self.st["rc_recalculated"] += len(hashes)
             else:
                 await self.meta.resync_put_many(hashes, 0)

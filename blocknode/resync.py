@@ -262,7 +262,7 @@ class Resync:
         exists = await self.blocks.aexists(h)
         rc = self.meta.rc_get(h)
         if exists and rc.is_deletable(self.meta.now_ms()):
-            rc = await self.meta.recalculate_rc(h)
+            rc = await self.blocks.recalculate_rc(h)
             if rc.is_deletable(self.meta.now_ms()):
                 await self._offload_and_delete(h)
                 return
@@ -330,7 +330,7 @@ class Resync:
         if any(r.hash != h for r in theirs):
             raise ResyncError(f"{peer} answered with references of other blocks")
         if theirs:
-            await self.meta.apply_refs(theirs)
+            await self.blocks.apply_refs(theirs)
 
     async def _fetch(self, h: bytes) -> None:
         nodes = [n for n in self.manager.read_order(h) if n != self.node_id]

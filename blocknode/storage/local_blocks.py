@@ -10,18 +10,25 @@ A copy already held counts as stored only once it is checked (size, then
 content): a put over a corrupt copy replaces it, so a corrupt copy never counts
 toward a write quorum.
 
-Writes, quarantines and deletes of one block file are serialised by a striped
-lock, so a delete that checked "still deletable" cannot race a concurrent put +
-reference of the same block (the seed's `mutation_lock`, per stripe rather than
-global), and a read that saw corrupt bytes re-checks under the lock before it
-quarantines (a put may have repaired the copy meanwhile). Inline blocks get the
-same guarantees from LMDB: each check-and-change is one transaction.
+Writes, quarantines and deletes of one block file, and every change that can
+make a block live again (a live reference, an RC recalculation), are
+serialised by a striped lock (the seed's `mutation_lock`, per stripe rather
+than global). So a delete that checked "still deletable" cannot race a put, or
+a reference from a peer or from anti-entropy: a reference either lands before
+the check (the copy stays) or after the file is gone (its arrival check then
+fetches a copy). A read that saw corrupt bytes re-checks under the lock before
+it quarantines (a put may have repaired the copy meanwhile). Inline blocks get
+the same guarantees from LMDB: each check-and-change is one transaction.
+
+References are applied here (`apply_refs`), not on `MetadataStore`, so that
+nothing outside the storage package can apply one without the lock.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 
@@ -31,7 +38,7 @@ from blocknode.errors import BlockCorrupted
 from blocknode.storage.block_files import BlockFiles, Written
 from blocknode.storage.env import Txn
 from blocknode.storage.metadata import MetadataStore
-from blocknode.storage.refs import RefEntry
+from blocknode.storage.refs import RcEntry, RefEntry
 
 _STRIPES = 256
 
@@ -48,7 +55,47 @@ class LocalBlocks:
 
     def lock(self, hash: bytes) -> trio.Lock:
         """The lock that serialises mutations of `hash`."""
-        return self._locks[hash[1] if len(hash) > 1 else 0]
+        return self._locks[_stripe(hash)]
+
+    @asynccontextmanager
+    async def _locked(self, hashes: Iterable[bytes]) -> AsyncIterator[None]:
+        # The locks of several blocks, taken in stripe order (no deadlock between two callers).
+        async with AsyncExitStack() as stack:
+            for s in sorted({_stripe(h) for h in hashes}):
+                await stack.enter_async_context(self._locks[s])
+            yield
+
+    # ------------------------------------------------------------ references
+
+    async def apply_refs(self, refs: list[RefEntry]) -> int:
+        """Merge reference versions (last writer wins) in one commit; how many changed.
+
+        Live references are applied under their blocks' locks (see module docstring).
+        """
+        if not refs:
+            return 0
+        async with self._locked(r.hash for r in refs if not r.deleted):
+            return await self.meta.env.submit(lambda txn: self.meta.refs.tx_apply_many(txn, refs))
+
+    async def apply_ref(self, ref: RefEntry) -> bool:
+        """Merge one reference version; True if the stored version changed."""
+        return await self.apply_refs([ref]) > 0
+
+    async def recalculate_rc(self, hash: bytes) -> RcEntry:
+        """Recompute the RC of one block from its references (under its lock)."""
+        async with self.lock(hash):
+            return await self.meta.env.submit(lambda txn: self.meta.refs.tx_recalculate(txn, hash))
+
+    async def recalculate_rc_many(self, hashes: list[bytes]) -> None:
+        """Recompute the RC of many blocks in one commit (under their locks)."""
+        def fn(txn: Txn) -> None:
+            for h in hashes:
+                self.meta.refs.tx_recalculate(txn, h)
+
+        async with self._locked(hashes):
+            await self.meta.env.submit(fn)
+
+    # ------------------------------------------------------------ blocks
 
     def is_inline_size(self, size: int) -> bool:
         """True when a block of `size` bytes is stored inline."""
@@ -189,6 +236,10 @@ class LocalBlocks:
     def count(self) -> int:
         """How many blocks are held here: files (kept up to date) + inline blocks."""
         return self._file_count + self.meta.inline.count()
+
+
+def _stripe(hash: bytes) -> int:
+    return hash[1] if len(hash) > 1 else 0
 
 
 __all__ = ["LocalBlocks"]

@@ -9,7 +9,9 @@
 | `inline` (`InlineTable`)      | `blocks`           | small blocks                               |
 
 The rest of the node holds one `MetadataStore` (`node.meta`) and calls the named
-methods below; it never sees a transaction. Code inside `blocknode.storage`
+methods below; it never sees a transaction. Changes that can make a block live
+(applying references, recalculating an RC) are on `LocalBlocks`, which makes
+them under the block's lock. Code inside `blocknode.storage`
 (`LocalBlocks`) composes the parts' ``tx_*`` building blocks into one commit
 (`env.submit`) where a block and its reference must commit together.
 """
@@ -23,7 +25,7 @@ import trio
 
 from blocknode.context import NodeContext
 from blocknode.notify import Notify
-from blocknode.storage.env import MetadataEnv, Txn
+from blocknode.storage.env import MetadataEnv
 from blocknode.storage.inline import InlineTable
 from blocknode.storage.refs import RcEntry, RefEntry, RefTable
 from blocknode.storage.resync_queue import ErrorEntry, ResyncQueue
@@ -102,27 +104,6 @@ class MetadataStore:
                           only_nonzero: bool) -> list[bytes]:
         """Hashes known to `rc` or `refs`, in order, in pages (blocking; see `RefTable`)."""
         return self.refs.referenced_hashes(after, limit, only_nonzero=only_nonzero)
-
-    async def apply_ref(self, ref: RefEntry) -> bool:
-        """Merge a reference version durably (last writer wins); True if it changed."""
-        return await self.env.submit(lambda txn: self.refs.tx_apply(txn, ref))
-
-    async def apply_refs(self, refs: list[RefEntry]) -> int:
-        """Merge many reference versions in one commit; returns how many changed."""
-        return await self.env.submit(lambda txn: self.refs.tx_apply_many(txn, refs))
-
-    async def recalculate_rc(self, hash: bytes) -> RcEntry:
-        """Recompute the RC of one block from its references."""
-        return await self.env.submit(lambda txn: self.refs.tx_recalculate(txn, hash))
-
-    async def recalculate_rc_many(self, hashes: Iterable[bytes]) -> None:
-        """Recompute the RC of many blocks in one commit."""
-        hs = list(hashes)
-
-        def fn(txn: Txn) -> None:
-            for h in hs:
-                self.refs.tx_recalculate(txn, h)
-        await self.env.submit(fn)
 
     async def clear_deleted(self, hash: bytes) -> bool:
         """Drop the RC entry if Deletable and past its time."""

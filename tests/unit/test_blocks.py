@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
+import trio
 from bg_helpers import FakeCluster
-from storage_helpers import add_ref
+from storage_helpers import add_ref, del_ref
 
 from blocknode import fastpath
 from blocknode.block import hashed
@@ -117,5 +118,48 @@ async def test_put_again_over_a_corrupt_copy_then_get(tmp_path):
                 meta.env.write_now(lambda txn, h=h, bad=bad: meta.inline.tx_put(txn, h, bad, overwrite=True))
             assert await m.put(data, "obj") == h
             assert await m.get(h) == data
+    finally:
+        c.close()
+
+
+async def test_a_reference_never_lands_between_the_deletion_check_and_the_unlink(tmp_path):
+    # issue 9 C.11: delete_if_deletable checked the RC under the block's lock, then
+    # unlinked; add_ref committed without the lock, in between, and ended live with no
+    # copy. References are now applied under the lock: one arriving mid-deletion waits,
+    # and lands on a block that is gone (so it queues the fetch of a copy).
+    c = FakeCluster(str(tmp_path), n=1, rf=1, gc_delay_ms=1000)
+    try:
+        with trio.fail_after(10):
+            n1 = c["n1"]
+            blk = hashed(os.urandom(5000))
+            h = blk.hash
+            await n1.blocks.write(blk, ref=RefEntry(h, "old", False, c.clock.t))
+            c.clock.advance(1)
+            await del_ref(n1.meta, h, "old")
+            c.clock.advance(2)
+            checked: list[bool] = []
+            ref_done = trio.Event()
+            real_adelete = n1.files.adelete
+
+            async def add_ref_from_a_peer() -> None:
+                fields = {"hash": h, "ref_id": "new", "ts": c.clock.t}
+                await n1.manager.handle_add_ref("n2", fields, None)
+                ref_done.set()
+
+            async with trio.open_nursery() as nursery:
+                async def adelete_while_a_reference_arrives(x: bytes) -> bool:
+                    nursery.start_soon(add_ref_from_a_peer)
+                    with trio.move_on_after(0.5):
+                        await ref_done.wait()
+                    # the RC this deletion checked still holds while the file goes
+                    checked.append(n1.meta.rc_get(x).is_deletable(c.clock.t))
+                    return await real_adelete(x)
+
+                n1.files.adelete = adelete_while_a_reference_arrives  # type: ignore[method-assign]
+                assert await n1.blocks.delete_if_deletable(h) is True
+            assert checked == [True]
+            assert n1.meta.rc_get(h).count == 1 and not n1.blocks.exists(h)
+            due = [x for _, x in n1.meta.resync_due(now_ms=2**62)]
+            assert h in due  # the node will fetch the block its new reference needs
     finally:
         c.close()

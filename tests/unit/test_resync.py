@@ -368,7 +368,7 @@ async def test_repair_rc_recalculates_from_refs(cluster):
             await add_ref(m, x, "b")
         await incref(m, hs[0])  # drifted: 3 instead of 2
         await incref(m, hs[5])  # an RC with no reference at all
-        await m.apply_refs([RefEntry(hs[6], "gone", True, 5)])
+        await cluster["n1"].blocks.apply_refs([RefEntry(hs[6], "gone", True, 5)])
         got = []
         after = None
         while batch := m.referenced_hashes(after, 2, only_nonzero=False):
