@@ -138,8 +138,7 @@ class Node:
                 await trio.to_thread.run_sync(self.meta.close)
 
     def _startup_sweep(self) -> None:
-        self.files.sweep_tmp()
-        self.blocks.recount()
+        self.blocks.startup()
 
     # ---- status ----
 

@@ -5,14 +5,22 @@ entry leaves it only once its work is done (`resync_complete`) or it has been
 requeued atomically (`resync_requeue`), so a crash never loses one. For each
 due block (`resync_block`, the seed's logic):
 
-- held here and deletable (rc zero and past the GC delay, or absent — e.g. a
-  block left here by a layout change): recalculate the RC from the references
-  first; if still deletable, ask every *other* write node of the block whether
-  it needs it (`need_block`, timeout `need_block_timeout`), send it to those
-  that do, then delete it locally if it is still deletable under the block's
-  lock, and drop the Deletable RC entry. Any failed query fails the resync:
-  we never delete without having reached every other write node (hence never
-  with fewer than the write quorum reachable).
+- held here with no RC record at all (the metadata was lost, or a layout
+  change left it here), even after recalculating it from the references: it
+  gets a grace period, Deletable after the GC delay, for its references to
+  come back (anti-entropy) before anything may delete it.
+- held here and deletable (rc zero and past the GC delay): recalculate the RC
+  from the references first; if still deletable, ask every *other* write node
+  of the block whether it needs it and whether it references it
+  (`need_block`, timeout `need_block_timeout`), send it to those that need it,
+  then delete it locally if it is still deletable under the block's lock, and
+  drop the Deletable RC entry. Any failed query fails the resync: we never
+  delete without having reached every other write node (hence never with
+  fewer than the write quorum reachable). A write node deletes only what
+  another write node confirmed it does not reference, or — as the only write
+  node of the block — what its own references say was released here (a
+  tombstone); a block it has no record of is kept (a lost metadata store must
+  never cost the only copy).
 - needed here (rc > 0) and absent: fetch it from the other nodes of the block
   and store it.
 
@@ -263,6 +271,11 @@ class Resync:
         rc = self.meta.rc_get(h)
         if exists and rc.is_deletable(self.meta.now_ms()):
             rc = await self.blocks.recalculate_rc(h)
+            if rc.is_absent():
+                rc = await self.meta.start_grace(h)
+                log.info("block %s is held here with no reference record: kept until %d "
+                         "(its references may still come back)", h.hex(), rc.value)
+                return
             if rc.is_deletable(self.meta.now_ms()):
                 await self._offload_and_delete(h)
                 return
@@ -283,8 +296,10 @@ class Resync:
                     node, "need_block", {"hash": h},
                     timeout=self.need_block_timeout, priority=PRIO_BACKGROUND,
                 )
+                if not isinstance(reply.get("referenced"), bool):
+                    raise ResyncError(f"{node} did not say whether it references the block")
                 answers[node] = bool(reply.get("needed", False))
-                if reply.get("referenced"):
+                if reply["referenced"]:
                     referenced.append(node)
             except (BlocknodeError, OSError) as exc:
                 answers[node] = exc
@@ -307,6 +322,13 @@ class Resync:
             raise ResyncError(
                 f"not deleting: {', '.join(sorted(referenced))} still reference it"
             )
+        if not others and not self.meta.refs_of(h):
+            # The only write node, and nothing here says the block was ever referenced
+            # and released: its references may have been lost with the metadata, and no
+            # other node can confirm it is garbage. Keep it (the entry is done).
+            log.warning("keeping block %s: no record that it was ever referenced here, and "
+                        "no other write node to confirm it is unreferenced", h.hex())
+            return
         need = [n for n in others if answers.get(n) is True]
         if need:
             data = await self.manager.read_local(h)

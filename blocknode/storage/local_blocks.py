@@ -27,6 +27,7 @@ nothing outside the storage package can apply one without the lock.
 from __future__ import annotations
 
 import heapq
+import logging
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -39,6 +40,8 @@ from blocknode.storage.block_files import BlockFiles, Written
 from blocknode.storage.env import Txn
 from blocknode.storage.metadata import MetadataStore
 from blocknode.storage.refs import RcEntry, RefEntry
+
+log = logging.getLogger(__name__)
 
 _STRIPES = 256
 
@@ -228,9 +231,23 @@ class LocalBlocks:
                 yield h
                 last = h
 
-    def recount(self) -> int:
-        """Count the block files on disk (blocking walk; done once at start)."""
+    def startup(self) -> int:
+        """At node start (blocking): sweep stray ``.tmp`` files and count the block
+        files; returns the count.
+
+        Warns loudly when the metadata store is empty while block files are held:
+        the metadata was probably lost (or the data dir belongs to another node).
+        """
+        self.files.sweep_tmp()
         self._file_count = sum(1 for _ in self.files.walk())
+        if self._file_count and self.meta.is_empty():
+            log.warning(
+                "WARNING: the metadata store %s is empty, but the data dir %s holds %d block "
+                "files. If the metadata was lost, these blocks are kept: references come back "
+                "from the other nodes (anti-entropy), a block with no reference record gets a "
+                "grace period of gc_delay, and none is deleted unless another write node "
+                "confirms it is unreferenced. Check metadata_dir and data_dir in the config.",
+                self.meta.path, self.files.data_dir, self._file_count)
         return self._file_count
 
     def count(self) -> int:

@@ -105,6 +105,14 @@ class MetadataStore:
         """Hashes known to `rc` or `refs`, in order, in pages (blocking; see `RefTable`)."""
         return self.refs.referenced_hashes(after, limit, only_nonzero=only_nonzero)
 
+    async def start_grace(self, hash: bytes) -> RcEntry:
+        """A block held here with no RC record: Deletable after the GC delay (`RefTable.tx_start_grace`)."""
+        return await self.env.submit(lambda txn: self.refs.tx_start_grace(txn, hash))
+
+    def is_empty(self) -> bool:
+        """No RC entry and no reference at all (a new node, or lost metadata)."""
+        return self.refs.rc_count() == 0 and self.refs.refs_count() == 0
+
     async def clear_deleted(self, hash: bytes) -> bool:
         """Drop the RC entry if Deletable and past its time."""
         return await self.env.submit(lambda txn: self.refs.tx_clear_deleted(txn, hash))

@@ -208,6 +208,9 @@ async def test_layout_change_block_offloaded_to_write_nodes_then_deleted(tmp_pat
             await c[stranger].meta.resync_put(h, 0)
             r = Resync(c[stranger].manager, need_block_timeout=1.0)
             await r.run_once()
+            assert c[stranger].blocks.exists(h)  # no RC record here: a grace period first
+            c.clock.advance(GC_MS / 1000 + 11)
+            await r.run_once()
             assert not c[stranger].blocks.exists(h)
             for o in owners:
                 assert await c[o].blocks.read(h) == data
@@ -352,7 +355,10 @@ async def test_repair_queues_referenced_and_local_blocks(cluster):
         assert n1.meta.state_get("repair")["queued"] == 2
         await resync_of(cluster, "n1").run_once()
         assert await n1.blocks.read(missing) == mdata
-        assert not n1.blocks.exists(stray)
+        assert n1.blocks.exists(stray)  # no RC record: a grace period first
+        cluster.clock.advance(GC_MS / 1000 + 11)
+        await resync_of(cluster, "n1").run_once()
+        assert not n1.blocks.exists(stray)  # n2 and n3 confirmed nobody references it
 
 
 async def test_repair_rc_recalculates_from_refs(cluster):
