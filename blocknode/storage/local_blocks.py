@@ -62,11 +62,14 @@ class LocalBlocks:
 
     @asynccontextmanager
     async def _locked(self, hashes: Iterable[bytes]) -> AsyncIterator[None]:
-        # The locks of several blocks, taken in stripe order (no deadlock between two callers).
+        # The locks of several blocks, taken in stripe order (no deadlock between two
+        # callers). The body is shielded: a commit submitted under the locks is waited
+        # for under them, even by a cancelled caller, or it could land after they are gone.
         async with AsyncExitStack() as stack:
             for s in sorted({_stripe(h) for h in hashes}):
                 await stack.enter_async_context(self._locks[s])
-            yield
+            with trio.CancelScope(shield=True):
+                yield
 
     # ------------------------------------------------------------ references
 
@@ -86,7 +89,7 @@ class LocalBlocks:
 
     async def recalculate_rc(self, hash: bytes) -> RcEntry:
         """Recompute the RC of one block from its references (under its lock)."""
-        async with self.lock(hash):
+        async with self._locked([hash]):
             return await self.meta.env.submit(lambda txn: self.meta.refs.tx_recalculate(txn, hash))
 
     async def recalculate_rc_many(self, hashes: list[bytes]) -> None:
@@ -206,8 +209,9 @@ class LocalBlocks:
     async def delete_if_deletable(self, hash: bytes) -> bool:
         """Delete the block if its RC is still deletable; True if something was deleted.
 
-        The check and the deletion are atomic with respect to puts of the same
-        block: one LMDB transaction for an inline block, the block's lock for a file.
+        The check and the deletion are atomic with respect to puts and live
+        references of the same block: one LMDB transaction for an inline block,
+        the block's lock for a file.
         """
         def inline_fn(txn: Txn) -> bool:
             if not self.meta.refs.tx_rc_get(txn, hash).is_deletable(self.meta.now_ms()):
