@@ -16,8 +16,8 @@ saw old corrupt bytes cannot quarantine the copy a put has just repaired.
 
 Every method here is blocking. The `a*` methods run them through `run_sync`
 (the node context's way to run blocking calls: a worker thread), one hop per
-whole operation (a thread round trip costs ~110 µs here, so the hash, write and
-both fsyncs share one hop).
+whole operation (a thread round trip costs ~110 µs here, so the check of a copy
+already there, the write and both fsyncs share one hop).
 """
 
 from __future__ import annotations
