@@ -8,15 +8,7 @@ blocks, so the RC and the queue follow exactly as in the node.
 
 from __future__ import annotations
 
-from blocknode.context import NodeContext
 from blocknode.storage import MetadataStore, RcEntry, RefEntry
-
-
-def open_meta(path: str, clock=None, **kw) -> MetadataStore:
-    """A metadata store for tests (small map, no fsync unless asked), on `clock` if given."""
-    kw.setdefault("map_size", 1 << 26)
-    kw.setdefault("sync", False)
-    return MetadataStore(path, ctx=NodeContext(now_ms=clock) if clock else None, **kw)
 
 
 async def add_ref(meta: MetadataStore, h: bytes, ref_id: str, ts_ms: int | None = None) -> bool:
