@@ -2,16 +2,16 @@
 
 For each partition this node holds and each other node of that partition:
 
-1. one `ae_digests` call compares a digest per partition (BLAKE2b over the
-   sorted (key, value) of the refs whose hash starts with the partition byte);
+1. one `ae_digests` call compares a digest per partition (`MetadataStore.ref_digests`:
+   BLAKE2b over the refs whose hash starts with the partition byte);
 2. for each partition that differs, a second `ae_digests` call compares the
    256 sub-ranges (two-byte prefixes), so a single missed reference costs a
    few hundred bytes, not the whole partition;
 3. for each differing sub-range, one `ae_exchange` call sends our entries
    and gets the peer's back; each side merges the other's by last writer wins
-   (`MetaStore.apply_refs`), so after the call both hold the same versions.
+   (`LocalBlocks.apply_refs`), so after the call both hold the same versions.
 
-Merging goes through `tx_apply_ref`, which updates the RC and queues the
+Merging goes through `RefTable.tx_apply`, which updates the RC and queues the
 resyncs that follow (a newly referenced block gets fetched, a released one
 collected after the GC delay). Digests and listings read LMDB in a worker
 thread. Rounds run every `interval` seconds (±25 % jitter), first shortly after
@@ -20,7 +20,6 @@ start (a node that was down catches up), and on demand (`run_round`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections import defaultdict
@@ -30,9 +29,9 @@ import trio
 
 from blocknode.errors import BlocknodeError, RemoteProtocolError
 from blocknode.manager import BlockManager, Reply
-from blocknode.meta import MetaStore, RefEntry
 from blocknode.protocol import AE_DIGESTS, AE_EXCHANGE, get_hash, get_int, get_str
 from blocknode.rpc.wire import PRIO_BACKGROUND
+from blocknode.storage import MetadataStore, RefEntry
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +39,7 @@ MAX_PREFIXES = 1024
 MAX_REFS = 100_000
 
 
-def prefix_digests(meta: MetaStore, prefixes: list[bytes]) -> list[bytes]:
-    """The digest of the refs under each prefix (blocking: run in a thread)."""
-    out = []
-    for p in prefixes:
-        d = hashlib.blake2b(digest_size=16)
-        for r in meta.iter_refs(p):
-            rid = r.ref_id.encode()
-            d.update(r.hash + len(rid).to_bytes(1, "big") + rid
-                     + bytes([r.deleted]) + r.ts_ms.to_bytes(8, "big"))
-        out.append(d.digest())
-    return out
-
-
-def refs_under(meta: MetaStore, prefix: bytes) -> list[list[Any]]:
+def refs_under(meta: MetadataStore, prefix: bytes) -> list[list[Any]]:
     """The refs under `prefix` as wire tuples [hash, ref_id, deleted, ts] (blocking)."""
     return [[r.hash, r.ref_id, r.deleted, r.ts_ms] for r in meta.iter_refs(prefix)]
 
@@ -107,7 +93,7 @@ class AntiEntropy:
     async def handle_digests(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Digests of the refs under each requested prefix."""
         ps = _prefixes(fields)
-        return {"digests": await trio.to_thread.run_sync(prefix_digests, self.meta, ps)}, None
+        return {"digests": await trio.to_thread.run_sync(self.meta.ref_digests, ps)}, None
 
     async def handle_exchange(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Merge the peer's refs under `prefix` and answer with ours (as they were before)."""
@@ -118,7 +104,7 @@ class AntiEntropy:
         if any(not r.hash.startswith(prefix) for r in theirs):
             raise RemoteProtocolError("refs: entry outside the prefix")
         ours = await trio.to_thread.run_sync(refs_under, self.meta, prefix)
-        changed = await self.meta.apply_refs(theirs) if theirs else 0
+        changed = await self.manager.blocks.apply_refs(theirs)
         return {"refs": ours, "changed": changed}, None
 
     # ------------------------------------------------------------ rounds
@@ -151,7 +137,7 @@ class AntiEntropy:
             return stats
 
     async def _digests(self, peer: str, prefixes: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-        mine = await trio.to_thread.run_sync(prefix_digests, self.meta, prefixes)
+        mine = await trio.to_thread.run_sync(self.meta.ref_digests, prefixes)
         theirs: list[bytes] = []
         for i in range(0, len(prefixes), MAX_PREFIXES):
             reply, _ = await self.manager.net.call(
@@ -188,7 +174,7 @@ class AntiEntropy:
         stats["ranges_exchanged"] += 1
         stats["merged_there"] += int(reply.get("changed", 0) or 0)
         if theirs:
-            stats["merged_here"] += await self.meta.apply_refs(theirs)
+            stats["merged_here"] += await self.manager.blocks.apply_refs(theirs)
 
     async def run(self, *, first_delay: float | None = None) -> None:
         """The worker task: a round shortly after start, then every `interval` (jittered)."""
@@ -206,4 +192,4 @@ class AntiEntropy:
         return {"interval": self.interval, "rounds": self.rounds, "last_round": self.last_round}
 
 
-__all__ = ["AntiEntropy", "prefix_digests"]
+__all__ = ["AntiEntropy", "refs_from_wire"]

@@ -25,10 +25,17 @@ from typing import Any
 import msgpack
 import trio
 
-from blocknode import fastpath
+from blocknode import block, fastpath
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, load_or_create_secret
-from blocknode.errors import BlocknodeError, InvalidHash, RemoteError, RemoteProtocolError, RpcError
+from blocknode.errors import (
+    BlocknodeError,
+    HashMismatch,
+    InvalidHash,
+    RemoteError,
+    RemoteProtocolError,
+    RpcError,
+)
 from blocknode.protocol import CLIENT_GET, CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_REF, STATUS
 from blocknode.rpc.client import open_client as _open_connection
 
@@ -186,9 +193,10 @@ class Client:
     async def get_block(self, h: bytes) -> bytes:
         """Get one block's verified bytes."""
         _, data = await self.call(CLIENT_GET, {"hash": h})
-        if data is None or not fastpath.verify(data, h):
-            raise RemoteProtocolError(f"node returned bad data for block {h.hex()}")
-        return data
+        try:
+            return block.verify(data or b"", h, block_size=self.block_size)
+        except HashMismatch:
+            raise RemoteProtocolError(f"node returned bad data for block {h.hex()}") from None
 
     async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool) -> None:
         """Add or delete one block's reference."""

@@ -25,17 +25,17 @@ from typing import Any, Protocol
 
 import trio
 
-from blocknode import fastpath
-from blocknode.blocks import LocalBlocks
+from blocknode import block, fastpath
+from blocknode.block import VerifiedBlock
+from blocknode.context import RunSync, run_in_thread
 from blocknode.errors import (
     BlockCorrupted,
     BlocknodeError,
     BlockNotFound,
-    LocalProtocolError,
+    HashMismatch,
     QuorumError,
 )
 from blocknode.layout import Layout
-from blocknode.meta import MetaStore, RefEntry
 from blocknode.protocol import (
     ADD_REF,
     CLIENT_GET,
@@ -48,7 +48,6 @@ from blocknode.protocol import (
     NEED_BLOCK,
     PUT_BLOCK,
     PUT_BLOCKS,
-    THREAD_HASH_MIN,
     get_data,
     get_hash,
     get_opt_int,
@@ -57,6 +56,7 @@ from blocknode.protocol import (
     parse_batch_items,
 )
 from blocknode.rpc.wire import PRIO_HIGH, PRIO_NORMAL
+from blocknode.storage import LocalBlocks, MetadataStore, RefEntry
 
 Reply = tuple[dict[str, Any], bytes | None]
 Handler = Callable[[str, dict[str, Any], bytes | None], Awaitable[Reply]]
@@ -98,10 +98,11 @@ class BlockManager:
         layout: Layout,
         net: Network,
         blocks: LocalBlocks,
-        meta: MetaStore,
+        meta: MetadataStore,
         rpc_timeout: float = 30.0,
         hedge_delay: float = 0.05,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        run_sync: RunSync = run_in_thread,
     ) -> None:
         self.node_id = node_id
         self.layout = layout
@@ -111,12 +112,8 @@ class BlockManager:
         self.rpc_timeout = rpc_timeout
         self.hedge_delay = hedge_delay
         self.block_size = block_size
+        self.run_sync = run_sync
         self.zone = layout.node(node_id).zone
-        # Payloads this coordinator has just hashed, by object id, while its put is in
-        # flight: the local replica then skips hashing the same bytes again. Only an
-        # in-process call can hand over the very same object; bytes from the wire
-        # are always verified.
-        self._hashed_here: dict[int, bytes] = {}
 
     def handlers(self) -> dict[str, Handler]:
         """The RPC handlers this manager serves, by message kind."""
@@ -136,13 +133,16 @@ class BlockManager:
     # ------------------------------------------------------------ replica side
 
     async def handle_put_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
-        """Store a block (the receiver verifies the hash: the seed did not)."""
+        """Store a block (the receiver verifies the hash: the seed did not).
+
+        Bytes from the wire are verified; the `VerifiedBlock` this node's own
+        coordinator hands over in process is taken as it is (`block.accept`).
+        """
         h = get_hash(fields)
         data = get_data(data, PUT_BLOCK, block_size=self.block_size)
         ref = ref_from_fields(h, fields, deleted=False) if "ref_id" in fields else None
-        verified = self._hashed_here.get(id(data)) == h
-        stored = await self.blocks.write(h, data, ref=ref, verify=not verified)
-        return {"stored": stored}, None
+        blk = await block.accept(data, h, block_size=self.block_size, run_sync=self.run_sync)
+        return {"stored": await self.blocks.write(blk, ref=ref)}, None
 
     async def handle_put_blocks(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Store a batch of blocks with their references (all verified; inline ones in one commit).
@@ -151,16 +151,17 @@ class BlockManager:
         bytes back to back. The batch succeeds or fails as a whole.
         """
         items = parse_batch_items(fields, data, with_hash=True, block_size=self.block_size)
-        verified = self._hashed_here.get(id(data)) is not None
-        small: list[tuple[bytes, bytes, RefEntry]] = []
-        for h, ref_id, ts, chunk in items:
+        blks = await block.accept_batch(data, [(h, chunk) for h, _, _, chunk in items],
+                                        block_size=self.block_size, run_sync=self.run_sync)
+        small: list[tuple[VerifiedBlock, RefEntry]] = []
+        for blk, (h, ref_id, ts, _) in zip(blks, items, strict=True):
             ref = RefEntry(h, ref_id, False, ts)
-            if self.blocks.is_inline_size(len(chunk)):
-                small.append((h, chunk, ref))
+            if self.blocks.is_inline_size(len(blk)):
+                small.append((blk, ref))
             else:
-                await self.blocks.write(h, chunk, ref=ref, verify=not verified)
+                await self.blocks.write(blk, ref=ref)
         if small:
-            await self.blocks.write_inline_many(small, verify=not verified)
+            await self.blocks.write_inline_many(small)
         return {"stored": len(items)}, None
 
     async def handle_get_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
@@ -178,14 +179,14 @@ class BlockManager:
     async def handle_add_ref(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Apply a live reference version (idempotent, last writer wins)."""
         h = get_hash(fields)
-        return {"changed": await self.meta.apply_ref(ref_from_fields(h, fields, deleted=False))}, None
+        return {"changed": await self.blocks.apply_ref(ref_from_fields(h, fields, deleted=False))}, None
 
     async def handle_del_ref(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Apply a deleted reference version (idempotent, last writer wins)."""
         h = get_hash(fields)
-        return {"changed": await self.meta.apply_ref(ref_from_fields(h, fields, deleted=True))}, None
+        return {"changed": await self.blocks.apply_ref(ref_from_fields(h, fields, deleted=True))}, None
 
-    async def read_local(self, h: bytes) -> bytes:
+    async def read_local(self, h: bytes) -> VerifiedBlock:
         """Read a local block; on corruption quarantine it and queue a resync at once."""
         try:
             return await self.blocks.read(h)
@@ -206,25 +207,19 @@ class BlockManager:
 
     async def put(self, data: bytes, ref_id: str, ts_ms: int | None = None,
                   *, priority: int = PRIO_NORMAL) -> bytes:
-        """Store `data` as a block with reference `ref_id` on a write quorum; returns its hash."""
-        if len(data) > self.block_size:
-            raise LocalProtocolError(f"block of {len(data)} bytes exceeds block_size {self.block_size}")
-        h = await self._hash(data)
+        """Store `data` as a block with reference `ref_id` on a write quorum; returns its hash.
+
+        The local replica gets the `VerifiedBlock` itself and does not hash it again.
+        """
+        blk = await block.ahashed(data, block_size=self.block_size, run_sync=self.run_sync)
         ts = self.meta.now_ms() if ts_ms is None else ts_ms
-        key = id(data)
-        self._hashed_here[key] = h
-        try:
-            await self.net.call_many(
-                list(self.layout.write_nodes(h)), PUT_BLOCK,
-                {"hash": h, "ref_id": ref_id, "ts": ts}, data,
-                quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
-                interrupt_after_quorum=False, priority=priority,
-            )
-        finally:
-            # The local replica's call may still be running (quorum reached without it);
-            # it then verifies normally, which is only slower.
-            self._hashed_here.pop(key, None)
-        return h
+        await self.net.call_many(
+            list(self.layout.write_nodes(blk.hash)), PUT_BLOCK,
+            {"hash": blk.hash, "ref_id": ref_id, "ts": ts}, blk,
+            quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
+            interrupt_after_quorum=False, priority=priority,
+        )
+        return blk.hash
 
     async def put_many(self, blocks: list[tuple[bytes, str, int]]) -> list[bytes | BlocknodeError]:
         """Store many (data, ref_id, ts) at once; per block its hash or its error.
@@ -233,24 +228,22 @@ class BlockManager:
         one `put_blocks` message with the group's quorum, so a batch of small puts
         costs one RPC and one commit per node instead of one per block.
         """
-        total = sum(len(d) for d, _, _ in blocks)
         for d, _, _ in blocks:
-            if len(d) > self.block_size:
-                raise LocalProtocolError(f"block of {len(d)} bytes exceeds block_size {self.block_size}")
-        if total > THREAD_HASH_MIN:
-            hashes = await trio.to_thread.run_sync(lambda: [fastpath.block_hash(d) for d, _, _ in blocks])
-        else:
-            hashes = [fastpath.block_hash(d) for d, _, _ in blocks]
+            block.check_size(len(d), self.block_size)
+
+        def hash_all() -> list[VerifiedBlock]:
+            return [block.hashed(d) for d, _, _ in blocks]
+
+        total = sum(len(d) for d, _, _ in blocks)
+        blks = await self.run_sync(hash_all) if total > block.HASH_IN_THREAD_MIN else hash_all()
         groups: dict[tuple[str, ...], list[int]] = {}
-        for i, h in enumerate(hashes):
-            groups.setdefault(tuple(self.layout.write_nodes(h)), []).append(i)
-        results: list[bytes | BlocknodeError] = list(hashes)
+        for i, blk in enumerate(blks):
+            groups.setdefault(tuple(self.layout.write_nodes(blk.hash)), []).append(i)
+        results: list[bytes | BlocknodeError] = [blk.hash for blk in blks]
 
         async def send(nodes: tuple[str, ...], idx: list[int]) -> None:
-            payload = b"".join(blocks[i][0] for i in idx)
-            items = [[hashes[i], blocks[i][1], blocks[i][2], len(blocks[i][0])] for i in idx]
-            key = id(payload)
-            self._hashed_here[key] = b""
+            payload = block.join([blks[i] for i in idx])
+            items = [[blks[i].hash, blocks[i][1], blocks[i][2], len(blks[i])] for i in idx]
             try:
                 await self.net.call_many(
                     list(nodes), PUT_BLOCKS, {"items": items}, payload,
@@ -260,8 +253,6 @@ class BlockManager:
             except BlocknodeError as exc:
                 for i in idx:
                     results[i] = exc
-            finally:
-                self._hashed_here.pop(key, None)
 
         if len(groups) == 1:
             ((nodes, idx),) = groups.items()
@@ -289,7 +280,7 @@ class BlockManager:
         )
 
     async def get(self, h: bytes, *, priority: int = PRIO_NORMAL,
-                  nodes: list[str] | None = None) -> bytes:
+                  nodes: list[str] | None = None) -> VerifiedBlock:
         """Read a block from the first node with a valid copy (hedged; verified end to end).
 
         Nodes are asked in `read_order`. When a node fails, the next is asked at
@@ -301,23 +292,29 @@ class BlockManager:
         order = nodes if nodes is not None else self.read_order(h)
         failures: dict[str, str] = {}
         not_found = 0
-        outcomes_send, outcomes = trio.open_memory_channel[tuple[str, bytes | BaseException]](len(order))
+        outcomes_send, outcomes = trio.open_memory_channel[
+            tuple[str, VerifiedBlock | BaseException]](len(order))
 
         async def ask(node: str) -> None:
             try:
                 if node == self.node_id:
-                    data = await self.read_local(h)
+                    blk = await self.read_local(h)
                 else:
                     _, data = await self.net.call(
                         node, GET_BLOCK, {"hash": h}, timeout=self.rpc_timeout, priority=priority
                     )
-                    if data is None or not await self._verify(data, h):
+                    if data is None:
                         raise BlockCorrupted(fastpath.hash_to_hex(h))
-                outcomes_send.send_nowait((node, data))
+                    try:
+                        blk = await block.averify(data, h, block_size=self.block_size,
+                                                  run_sync=self.run_sync)
+                    except HashMismatch:
+                        raise BlockCorrupted(fastpath.hash_to_hex(h)) from None
+                outcomes_send.send_nowait((node, blk))
             except (BlocknodeError, OSError) as exc:
                 outcomes_send.send_nowait((node, exc))
 
-        data: bytes | None = None
+        data: VerifiedBlock | None = None
         async with trio.open_nursery() as nursery:
             started = pending = 0
             while started < len(order) or pending:
@@ -347,16 +344,6 @@ class BlockManager:
         if not_found == len(order):
             raise BlockNotFound(hex_h, f"no copy on {', '.join(order)}")
         raise QuorumError(f"get {hex_h}", 1, 0, failures)
-
-    async def _hash(self, data: bytes) -> bytes:
-        if len(data) > THREAD_HASH_MIN:
-            return await trio.to_thread.run_sync(fastpath.block_hash, data)
-        return fastpath.block_hash(data)
-
-    async def _verify(self, data: bytes, h: bytes) -> bool:
-        if len(data) > THREAD_HASH_MIN:
-            return await trio.to_thread.run_sync(fastpath.verify, data, h)
-        return fastpath.verify(data, h)
 
     # ------------------------------------------------- client-facing handlers
 

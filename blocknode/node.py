@@ -21,16 +21,15 @@ from typing import Any
 import trio
 
 from blocknode import __version__, fastpath
-from blocknode.blocks import LocalBlocks
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
+from blocknode.context import NodeContext
 from blocknode.errors import ConfigError, RemoteProtocolError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
-from blocknode.meta import MetaStore
 from blocknode.protocol import STATUS, max_message_size
 from blocknode.rpc.network import RpcNetwork
-from blocknode.store import BlockStore
+from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
 from blocknode.workers import install_workers
 
 Worker = Callable[..., Awaitable[None]]
@@ -55,17 +54,18 @@ class Node:
         self.cluster = cluster_of(cfg)
         self.layout = Layout(self.cluster)
         self.secret = load_or_create_secret(cfg, create=True)
-        self.store = BlockStore(cfg.data_dir, fsync=cfg.data_fsync)
-        self.meta = MetaStore(
+        self.ctx = NodeContext(now_ms=now_ms)
+        self.files = BlockFiles(cfg.data_dir, fsync=cfg.data_fsync, run_sync=self.ctx.run_sync)
+        self.meta = MetadataStore(
             cfg.metadata_dir,
             map_size=cfg.lmdb_map_size,
             max_readers=cfg.lmdb_max_readers,
             sync=cfg.metadata_fsync,
             gc_delay_ms=int(cfg.gc_delay * 1000),
             incref_resync_delay_ms=int(2 * cfg.rpc_timeout * 1000),
-            now_ms=now_ms,
+            ctx=self.ctx,
         )
-        self.blocks = LocalBlocks(self.store, self.meta, cfg.inline_threshold)
+        self.blocks = LocalBlocks(self.files, self.meta, cfg.inline_threshold)
         peers = {n.id: n.addr for n in self.cluster.nodes if n.id != cfg.node_id}
         self.net = RpcNetwork(
             cfg.node_id,
@@ -89,6 +89,7 @@ class Node:
             rpc_timeout=cfg.rpc_timeout,
             hedge_delay=cfg.hedge_delay,
             block_size=cfg.block_size,
+            run_sync=self.ctx.run_sync,
         )
         self._handlers: dict[str, Handler] = dict(self.manager.handlers())
         self._handlers[STATUS] = self.handle_status
@@ -138,8 +139,7 @@ class Node:
                 await trio.to_thread.run_sync(self.meta.close)
 
     def _startup_sweep(self) -> None:
-        self.store.sweep_tmp()
-        self.blocks.recount()
+        self.blocks.startup()
 
     # ---- status ----
 

@@ -1,7 +1,7 @@
 """Repair: put every block this node should know about through resync (the seed's `repair_data_store`).
 
 Two sweeps, each listed in a worker thread in batches and queued with delay 0
-(`MetaStore.resync_put_many`, one commit per batch):
+(`MetadataStore.resync_put_many`, one commit per batch):
 
 1. every referenced block: RC entries with rc > 0 and every hash in `refs`
    (a block needed here but missing gets fetched);
@@ -9,8 +9,9 @@ Two sweeps, each listed in a worker thread in batches and queued with delay 0
    offloaded if someone needs them, then deleted.
 
 With ``rc=True`` it first recalculates the RC of every block from its
-references (`tx_recalculate_rc`, a batch per commit), which fixes any RC that
-drifted from the references (e.g. after a restore of the LMDB).
+references (`LocalBlocks.recalculate_rc_many`, a batch per commit, under the
+blocks' locks), which fixes any RC that drifted from the references (e.g.
+after a restore of the LMDB).
 
 Progress is persisted under ``"repair"`` in the `state` table (``state``
 running / idle, ``phase``, ``queued``, ``rc_recalculated``, ``started``,
@@ -26,9 +27,8 @@ from typing import Any
 
 import trio
 
-from blocknode.blocks import LocalBlocks
 from blocknode.errors import BlocknodeError
-from blocknode.meta import MetaStore, RcEntry, Txn
+from blocknode.storage import LocalBlocks, MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -36,42 +36,10 @@ STATE_KEY = "repair"
 BATCH = 1000
 
 
-def referenced_hashes(meta: MetaStore, after: bytes | None, limit: int, *,
-                      only_nonzero: bool) -> list[bytes]:
-    """Up to `limit` distinct hashes > `after` found in `rc` or `refs`, ascending (blocking).
-
-    With `only_nonzero`, RC entries that are not Present are skipped (refs
-    still count: a live reference with a lost RC must be seen).
-    """
-    out: set[bytes] = set()
-    start = after + b"\xff" * 256 if after is not None else b""
-    with meta.env.begin(write=False, buffers=False) as txn:
-        cur = txn.cursor(db=meta.rc)
-        if cur.set_range(start):
-            for key, value in cur:
-                if len(out) >= limit:
-                    break
-                if only_nonzero and not RcEntry.decode(value).is_nonzero():
-                    continue
-                out.add(bytes(key))
-        # The largest rc hash bounds the refs scan so the merge stays ordered.
-        bound = max(out) if len(out) >= limit else None
-        cur = txn.cursor(db=meta.refs)
-        if cur.set_range(start):
-            for key in cur.iternext(keys=True, values=False):
-                h = bytes(key[:32])
-                if bound is not None and h > bound:
-                    break
-                out.add(h)
-                if bound is None and len(out) >= limit:
-                    bound = max(out)
-    return sorted(out)[:limit]
-
-
 class Repair:
     """The repair procedure of one node (see module docstring)."""
 
-    def __init__(self, meta: MetaStore, blocks: LocalBlocks, *, batch: int = BATCH) -> None:
+    def __init__(self, meta: MetadataStore, blocks: LocalBlocks, *, batch: int = BATCH) -> None:
         self.meta = meta
         self.blocks = blocks
         self.batch = batch
@@ -135,16 +103,13 @@ class Repair:
         after: bytes | None = None
         while True:
             hashes = await trio.to_thread.run_sync(
-                lambda a=after: referenced_hashes(self.meta, a, self.batch,
-                                                  only_nonzero=not recalculate)
+                lambda a=after: self.meta.referenced_hashes(a, self.batch,
+                                                            only_nonzero=not recalculate)
             )
             if not hashes:
                 return
             if recalculate:
-                def fn(txn: Txn, hs: list[bytes] = hashes) -> None:
-                    for h in hs:
-                        self.meta.tx_recalculate_rc(txn, h)
-                await self.meta.submit(fn)
+                await self.blocks.recalculate_rc_many(hashes)
                 self.st["rc_recalculated"] += len(hashes)
             else:
                 await self.meta.resync_put_many(hashes, 0)
@@ -169,4 +134,4 @@ class Repair:
             await self._save()
 
 
-__all__ = ["Repair", "referenced_hashes"]
+__all__ = ["Repair"]

@@ -1,18 +1,26 @@
 """Resync: the workers that make each block's presence here match its reference count.
 
-The queue is the LMDB `resync` table, ordered by due time (`MetaStore`); an
+The queue is the LMDB `resync` table, ordered by due time (`ResyncQueue`); an
 entry leaves it only once its work is done (`resync_complete`) or it has been
 requeued atomically (`resync_requeue`), so a crash never loses one. For each
 due block (`resync_block`, the seed's logic):
 
-- held here and deletable (rc zero and past the GC delay, or absent — e.g. a
-  block left here by a layout change): recalculate the RC from the references
-  first; if still deletable, ask every *other* write node of the block whether
-  it needs it (`need_block`, timeout `need_block_timeout`), send it to those
-  that do, then delete it locally if it is still deletable under the block's
-  lock, and drop the Deletable RC entry. Any failed query fails the resync:
-  we never delete without having reached every other write node (hence never
-  with fewer than the write quorum reachable).
+- held here with no RC record at all (the metadata was lost, or a layout
+  change left it here), even after recalculating it from the references: it
+  gets a grace period, Deletable after the GC delay, for its references to
+  come back (anti-entropy) before anything may delete it.
+- held here and deletable (rc zero and past the GC delay): recalculate the RC
+  from the references first; if still deletable, ask every *other* write node
+  of the block whether it needs it and whether it references it
+  (`need_block`, timeout `need_block_timeout`), send it to those that need it,
+  then delete it locally if it is still deletable under the block's lock, and
+  drop the Deletable RC entry. Any failed query fails the resync: we never
+  delete without having reached every other write node (hence never with
+  fewer than the write quorum reachable). A write node deletes only what
+  another write node confirmed it does not reference, or — as the only write
+  node of the block — what its own references say was released here (a
+  tombstone); a block it has no record of is kept (a lost metadata store must
+  never cost the only copy).
 - needed here (rc > 0) and absent: fetch it from the other nodes of the block
   and store it.
 
@@ -23,9 +31,10 @@ retry-now` clears the backoff).
 
 `n` worker tasks (`resync_workers`, changeable at runtime and persisted in the
 `state` table) sleep until the next due entry or until `meta.resync_notify`
-fires; they claim a block through an in-memory in-progress set, so two workers
-never handle the same block at once. A `Tranquilizer` rests between steps.
-`run_once` processes everything due now (tests, `admin_resync_run_once`).
+fires (sequence-numbered: a commit between a worker's look at the queue and
+its wait still wakes it); they claim a block through an in-memory in-progress
+set, so two workers never handle the same block at once. A `Tranquilizer`
+rests between steps. `run_once` processes everything due now (tests, `admin_resync_run_once`).
 """
 
 from __future__ import annotations
@@ -35,15 +44,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import trio
 
 from blocknode.anti_entropy import refs_from_wire
 from blocknode.errors import BlocknodeError, RpcError
 from blocknode.manager import BlockManager
-from blocknode.meta import Txn
 from blocknode.notify import Notify
 from blocknode.rpc.wire import PRIO_BACKGROUND
+from blocknode.storage.resync_queue import RETRY_MAX_MS
 from blocknode.tranquilizer import Tranquilizer
 
 log = logging.getLogger(__name__)
@@ -134,11 +142,12 @@ class Resync:
         tranquilizer = Tranquilizer(30, clock=self._clock, min_step=MIN_STEP_S)
         try:
             while i < self.workers:
+                seen = self._snapshot()  # before looking at the queue: no wake-up is lost
                 entry = self._claim()
                 if entry is None:
                     self.status[i] = "idle"
                     tranquilizer.reset()
-                    await self._wait_for_work()
+                    await self._wait_for_work(seen)
                     continue
                 key, h = entry
                 self.status[i] = f"busy {h.hex()[:16]}"
@@ -167,8 +176,11 @@ class Resync:
                 return key, h
         return None
 
-    async def _wait_for_work(self) -> None:
-        """Sleep until the next due entry, a queue change, or a settings change."""
+    def _snapshot(self) -> tuple[int, int]:
+        return self.meta.resync_notify.snapshot(), self._wake.snapshot()
+
+    async def _wait_for_work(self, seen: tuple[int, int]) -> None:
+        """Sleep until the next due entry, or a queue or settings change since `seen`."""
         next_due = self.meta.resync_next_due()
         if next_due is None:
             timeout = math.inf
@@ -178,11 +190,11 @@ class Resync:
             timeout = delta_ms / 1000 + 0.001 if delta_ms >= 0 else math.inf
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
-                async def waiter(wait: Callable[[], Any]) -> None:
-                    await wait()
+                async def waiter(notify: Notify, since: int) -> None:
+                    await notify.wait(since)
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(waiter, self.meta.resync_notify.wait)
-                nursery.start_soon(waiter, self._wake.wait)
+                nursery.start_soon(waiter, self.meta.resync_notify, seen[0])
+                nursery.start_soon(waiter, self._wake, seen[1])
 
     # ------------------------------------------------------------ steps
 
@@ -195,11 +207,12 @@ class Resync:
         """
         n = 0
         while limit is None or n < limit:
+            seen = self.progress.snapshot()
             entry = self._claim()
             if entry is None:
                 if self._due_in_progress():
                     # A worker holds a due entry: wait for it, so "done" means done.
-                    await self.progress.wait()
+                    await self.progress.wait(seen)
                     continue
                 break
             key, h = entry
@@ -231,23 +244,42 @@ class Resync:
             raise
         except (BlocknodeError, OSError) as exc:
             self.failed += 1
-            rec = await self.meta.error_record(h, f"{type(exc).__name__}: {exc}")
-            delay = max(0, rec.next_try_ms - self.meta.now_ms()) / 1000
-            log.warning("resync of %s failed (%d times, next in %.0f s): %s",
-                        h.hex(), rec.count, delay, exc)
-            await self.meta.resync_requeue(key, delay)
+            await self._record_failure(key, h, exc)
             return
         self.done += 1
         if err is not None:
             await self.meta.error_clear(h)
         await self.meta.resync_complete(key)
 
+    async def _record_failure(self, key: bytes, h: bytes, exc: BaseException) -> None:
+        """Record a failed resync and push its entry to the next try.
+
+        Recording cannot fail on the record itself (`ResyncQueue.tx_error_record`);
+        should the metadata store fail, the entry still moves to the longest
+        backoff, so one block is never retried in a tight loop.
+        """
+        delay = RETRY_MAX_MS / 1000
+        try:
+            rec = await self.meta.error_record(h, f"{type(exc).__name__}: {exc}")
+            delay = max(0, rec.next_try_ms - self.meta.now_ms()) / 1000
+            log.warning("resync of %s failed (%d times, next in %.0f s): %s",
+                        h.hex(), rec.count, delay, exc)
+        except BlocknodeError as rec_exc:
+            log.error("resync of %s failed (%s); recording the failure failed too: %s",
+                      h.hex(), exc, rec_exc)
+        await self.meta.resync_requeue(key, delay)
+
     async def resync_block(self, h: bytes) -> None:
         """Make this node's copy of `h` match its RC (see module docstring); raises on failure."""
         exists = await self.blocks.aexists(h)
         rc = self.meta.rc_get(h)
         if exists and rc.is_deletable(self.meta.now_ms()):
-            rc = await self.meta.recalculate_rc(h)
+            rc = await self.blocks.recalculate_rc(h)
+            if rc.is_absent():
+                rc = await self.meta.start_grace(h)
+                log.info("block %s is held here with no reference record: kept until %d "
+                         "(its references may still come back)", h.hex(), rc.value)
+                return
             if rc.is_deletable(self.meta.now_ms()):
                 await self._offload_and_delete(h)
                 return
@@ -268,8 +300,10 @@ class Resync:
                     node, "need_block", {"hash": h},
                     timeout=self.need_block_timeout, priority=PRIO_BACKGROUND,
                 )
+                if not isinstance(reply.get("referenced"), bool):
+                    raise ResyncError(f"{node} did not say whether it references the block")
                 answers[node] = bool(reply.get("needed", False))
-                if reply.get("referenced"):
+                if reply["referenced"]:
                     referenced.append(node)
             except (BlocknodeError, OSError) as exc:
                 answers[node] = exc
@@ -292,6 +326,13 @@ class Resync:
             raise ResyncError(
                 f"not deleting: {', '.join(sorted(referenced))} still reference it"
             )
+        if not others and not self.meta.refs_of(h):
+            # The only write node, and nothing here says the block was ever referenced
+            # and released: its references may have been lost with the metadata, and no
+            # other node can confirm it is garbage. Keep it (the entry is done).
+            log.warning("keeping block %s: no record that it was ever referenced here, and "
+                        "no other write node to confirm it is unreferenced", h.hex())
+            return
         need = [n for n in others if answers.get(n) is True]
         if need:
             data = await self.manager.read_local(h)
@@ -315,7 +356,7 @@ class Resync:
         if any(r.hash != h for r in theirs):
             raise ResyncError(f"{peer} answered with references of other blocks")
         if theirs:
-            await self.meta.apply_refs(theirs)
+            await self.blocks.apply_refs(theirs)
 
     async def _fetch(self, h: bytes) -> None:
         nodes = [n for n in self.manager.read_order(h) if n != self.node_id]
@@ -325,7 +366,7 @@ class Resync:
             data = await self.manager.get(h, priority=PRIO_BACKGROUND, nodes=nodes)
         except RpcError as exc:
             raise ResyncError(f"fetch failed: {exc}") from None
-        await self.blocks.write(h, data)
+        await self.blocks.write(data)
 
     # ------------------------------------------------------------ admin
 
@@ -335,21 +376,7 @@ class Resync:
         The failure count is kept (the next failure backs off from there).
         Returns how many blocks were queued.
         """
-        hashes = [h] if h is not None else [e.hash for e in self.meta.errors_list()]
-        if not hashes:
-            return 0
-        now = self.meta.now_ms()
-
-        def fn(txn: Txn) -> None:
-            for x in hashes:
-                raw = txn.get(x, db=self.meta.errors)
-                if raw is not None:
-                    count, _next, last, msg = msgpack.unpackb(raw)
-                    txn.put(x, msgpack.packb([count, now, last, msg]), db=self.meta.errors)
-                self.meta.tx_resync_put(txn, x, 0)
-
-        await self.meta.submit(fn)
-        return len(hashes)
+        return await self.meta.retry_now([h] if h is not None else None)
 
     def info(self) -> dict[str, Any]:
         """Settings, queue length and worker states (for `worker list`)."""

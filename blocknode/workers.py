@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 from blocknode.anti_entropy import AntiEntropy
 from blocknode.errors import BlocknodeError, RemoteProtocolError
 from blocknode.manager import Reply
-from blocknode.meta import ErrorEntry
 from blocknode.protocol import (
     ADMIN_ANTI_ENTROPY,
     ADMIN_BLOCK_ERRORS,
@@ -49,6 +48,7 @@ from blocknode.protocol import (
 from blocknode.repair import Repair
 from blocknode.resync import Resync
 from blocknode.scrub import Scrub
+from blocknode.storage import ErrorEntry
 
 if TYPE_CHECKING:
     from blocknode.node import Node

@@ -7,6 +7,7 @@ entry points instead of waiting for their timers.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from typing import Any
 import trio
 
 from blocknode import fastpath
+from blocknode.block import hashed
 from blocknode.clock import wall_ms
 from tests.cluster.harness import InProcessCluster, in_process_cluster
 
@@ -82,7 +84,7 @@ async def test_corrupted_block_found_by_scrub_and_restored_from_peer(tmp_path):
                 h = bytes.fromhex(await c.put(data, "obj"))
             await settled(cl, [h])
             n2 = cl.nodes["node2"]
-            path = n2.store.path(h)
+            path = n2.files.path(h)
             with open(path, "r+b") as f:
                 f.seek(1234)
                 byte = f.read(1)
@@ -151,3 +153,51 @@ async def test_peer_unreachable_deletable_block_is_not_deleted(tmp_path):
             for nid, n in cl.nodes.items():
                 assert not n.blocks.exists(h), nid
                 assert n.meta.errors_list() == [], nid
+
+
+async def test_repair_after_losing_the_metadata_keeps_every_block(tmp_path, caplog):
+    # issue 9 C.9: single node, put a 3 MB file, stop, move meta/ away, start, repair: the
+    # three block files were deleted within seconds (an absent RC counted as deletable).
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 1, rf=1, clock=Clock(), gc_delay=GC_DELAY,
+                                      inline_threshold=1024, resync_tranquility=0) as cl:
+            async with cl.client("node1") as c:
+                await c.put(os.urandom(3 * 1024 * 1024), "big-file")
+            node = cl.nodes["node1"]
+            held = [h for h in list(node.blocks.walk()) if node.files.exists(h)]
+            assert len(held) == 3
+            await cl.stop("node1")
+            meta_dir = cl.cfg("node1").metadata_dir
+            os.rename(meta_dir, meta_dir + ".lost")
+            with caplog.at_level(logging.WARNING, logger="blocknode"):
+                node = await cl.start("node1")
+            warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert any("metadata" in w and "empty" in w and "3 block files" in w for w in warnings)
+            await node.background.repair.repair()
+            await node.background.resync.run_once()
+            for h in held:  # each got the grace period, not a deletion
+                assert node.blocks.exists(h)
+                assert node.meta.rc_get(h).state == fastpath.RC_DELETABLE
+            cl.clock.advance(GC_DELAY + 11)
+            await node.background.repair.repair()
+            await node.background.resync.run_once()
+            for h in held:  # no other write node can confirm it is unreferenced: kept
+                assert node.blocks.exists(h)
+                assert fastpath.block_hash(await node.manager.get(h)) == h
+
+
+async def test_a_write_node_deletes_a_block_without_records_only_once_its_peers_confirm(tmp_path):
+    # The other side of C.9: a block with no RC anywhere (garbage) is still collected in a
+    # cluster, after the grace period, because the other write nodes confirm no reference.
+    with trio.fail_after(30):
+        async with cluster3(tmp_path) as cl:
+            n1 = cl.nodes["node1"]
+            blk = hashed(os.urandom(50_000))
+            await n1.blocks.write(blk)  # held, never referenced anywhere (e.g. an old leftover)
+            await n1.meta.resync_put(blk.hash, 0)
+            await n1.background.resync.run_once()
+            assert n1.blocks.exists(blk.hash)  # grace
+            cl.clock.advance(GC_DELAY + 11)
+            await n1.background.resync.run_once()
+            assert not n1.blocks.exists(blk.hash)
+            assert n1.meta.errors_list() == []

@@ -10,8 +10,7 @@ import trio
 
 from blocknode.client import open_client
 from blocknode.config import load_config
-from blocknode.meta import MetaStore
-from blocknode.store import BlockStore
+from blocknode.storage import BlockFiles, MetadataStore
 from tests.cluster.harness import ServeProcesses, write_cluster
 
 pytestmark = pytest.mark.slow
@@ -72,14 +71,14 @@ def test_kill_9_mid_write_storm_loses_no_acknowledged_block(tmp_path):
 
     tmps = [p for p in (tmp_path / "node1" / "data").rglob("*.tmp")]
     assert tmps == []
-    meta = MetaStore(cfg.metadata_dir, map_size=cfg.lmdb_map_size)
+    meta = MetadataStore(cfg.metadata_dir, map_size=cfg.lmdb_map_size)
     try:
-        for h, e in meta.iter_rc():
+        for h, e in meta.refs.iter_rc():
             live = [r for r in meta.refs_of(h) if not r.deleted]
             assert e.count == len(live)
-        store = BlockStore(cfg.data_dir)
+        files = BlockFiles(cfg.data_dir)
         for h, _ in acked:
             hb = bytes.fromhex(h)
-            assert store.exists(hb) or meta.inline_exists(hb)
+            assert files.exists(hb) or meta.inline.exists(hb)
     finally:
         meta.close()

@@ -301,6 +301,8 @@ async def test_lost_lmdb_refs_rebuilt_by_anti_entropy_never_below_quorum(tmp_pat
         meta_dir = probe.cfgs[1].metadata_dir
         os.rename(meta_dir, f"{meta_dir}.lost")
         probe.start(1)
+        log = (probe.node_dir(1) / "serve.log").read_text()
+        assert "WARNING: the metadata store" in log and "is empty" in log, "serve: no lost-metadata warning"
 
         history: list[dict[str, int]] = []
 

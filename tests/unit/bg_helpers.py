@@ -1,6 +1,6 @@
 """In-process clusters for the background-worker unit tests: no sockets, a fake clock.
 
-`FakeCluster` builds, per node, the real BlockStore / MetaStore / LocalBlocks /
+`FakeCluster` builds, per node, the real BlockFiles / MetadataStore / LocalBlocks /
 BlockManager, and a `FakeNet` that dispatches calls straight to the other
 nodes' handlers (errors cross it the way they cross the real RPC layer:
 through `error_reply` / `remote_error`). A node in `cluster.down` is
@@ -14,15 +14,14 @@ from typing import Any
 
 import trio
 
-from blocknode import fastpath
-from blocknode.blocks import LocalBlocks
+from blocknode.block import VerifiedBlock, hashed
 from blocknode.cluster_config import ClusterConfig, ClusterNode
+from blocknode.context import NodeContext
 from blocknode.errors import NodeUnreachable, QuorumError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager
-from blocknode.meta import MetaStore
 from blocknode.rpc.errors import error_reply, remote_error
-from blocknode.store import BlockStore
+from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
 
 
 class FakeClock:
@@ -91,11 +90,11 @@ class FakeNode:
     def __init__(self, cluster: FakeCluster, node_id: str, root: str) -> None:
         self.node_id = node_id
         self.root = root
-        self.store = BlockStore(os.path.join(root, "data"), fsync=False)
-        self.meta = MetaStore(os.path.join(root, "meta"), map_size=1 << 26, sync=False,
-                              gc_delay_ms=cluster.gc_delay_ms, incref_resync_delay_ms=60_000,
-                              now_ms=cluster.clock)
-        self.blocks = LocalBlocks(self.store, self.meta, cluster.inline_threshold)
+        self.files = BlockFiles(os.path.join(root, "data"), fsync=False)
+        self.meta = MetadataStore(os.path.join(root, "meta"), map_size=1 << 26, sync=False,
+                                  gc_delay_ms=cluster.gc_delay_ms, incref_resync_delay_ms=60_000,
+                                  ctx=NodeContext(now_ms=cluster.clock))
+        self.blocks = LocalBlocks(self.files, self.meta, cluster.inline_threshold)
         self.net = FakeNet(cluster, node_id)
         self.manager = BlockManager(node_id=node_id, layout=cluster.layout, net=self.net,
                                     blocks=self.blocks, meta=self.meta, rpc_timeout=5.0,
@@ -132,7 +131,7 @@ class FakeCluster:
             n.meta.close()
 
 
-def block(n: int = 1000, seed: bytes | None = None) -> tuple[bytes, bytes]:
-    """A random block of `n` bytes and its hash."""
-    data = (seed or b"") + os.urandom(max(0, n - len(seed or b"")))
-    return fastpath.block_hash(data), data
+def block(n: int = 1000, seed: bytes | None = None) -> tuple[bytes, VerifiedBlock]:
+    """A random block of `n` bytes: its hash and its (verified) bytes."""
+    blk = hashed((seed or b"") + os.urandom(max(0, n - len(seed or b""))))
+    return blk.hash, blk

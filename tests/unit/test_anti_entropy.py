@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 from bg_helpers import FakeCluster, block
+from storage_helpers import add_ref, del_ref
 
-from blocknode.anti_entropy import AntiEntropy, prefix_digests
+from blocknode.anti_entropy import AntiEntropy
 from blocknode.errors import ProtocolError
 from blocknode.resync import Resync
 
@@ -32,16 +33,16 @@ async def test_diverged_metas_converge_to_lww_merge(cluster):
         m1, m2 = cluster["n1"].meta, cluster["n2"].meta
         h = [block(100)[0] for _ in range(6)]
         for m in (m1, m2):  # common history
-            await m.add_ref(h[0], "a", 100)
-            await m.add_ref(h[1], "b", 100)
-        await m1.add_ref(h[2], "only-on-1", 200)
-        await m2.add_ref(h[3], "only-on-2", 200)
-        await m1.del_ref(h[0], "a", 300)  # deletion newer than the add on n2
-        await m2.add_ref(h[1], "b", 150)  # newer version on n2 (still live)
-        await m2.del_ref(h[1], "b", 400)  # ... then deleted on n2
-        await m1.add_ref(h[4], "x", 500)
-        await m2.del_ref(h[4], "x", 500)  # tie: the deletion wins
-        await m2.add_ref(h[5], "y", 600)
+            await add_ref(m, h[0], "a", 100)
+            await add_ref(m, h[1], "b", 100)
+        await add_ref(m1, h[2], "only-on-1", 200)
+        await add_ref(m2, h[3], "only-on-2", 200)
+        await del_ref(m1, h[0], "a", 300)  # deletion newer than the add on n2
+        await add_ref(m2, h[1], "b", 150)  # newer version on n2 (still live)
+        await del_ref(m2, h[1], "b", 400)  # ... then deleted on n2
+        await add_ref(m1, h[4], "x", 500)
+        await del_ref(m2, h[4], "x", 500)  # tie: the deletion wins
+        await add_ref(m2, h[5], "y", 600)
         expected = {
             (h[0], "a"): (True, 300), (h[1], "b"): (True, 400), (h[2], "only-on-1"): (False, 200),
             (h[3], "only-on-2"): (False, 200), (h[4], "x"): (True, 500), (h[5], "y"): (False, 600),
@@ -65,21 +66,21 @@ async def test_only_differing_sub_ranges_are_exchanged(cluster):
         common = [block(50)[0] for _ in range(300)]
         for m in (m1, m2):
             for x in common:
-                await m.add_ref(x, "c", 10)
+                await add_ref(m, x, "c", 10)
         extra = block(50)[0]
-        await m2.add_ref(extra, "late", 20)
+        await add_ref(m2, extra, "late", 20)
         stats = await cluster["n1"].ae.run_round()
         assert stats["partitions_differing"] == 1 and stats["ranges_exchanged"] == 1
         assert stats["merged_here"] == 1
-        assert prefix_digests(m1, [extra[:1]]) == prefix_digests(m2, [extra[:1]])
+        assert m1.ref_digests([extra[:1]]) == m2.ref_digests([extra[:1]])
 
 
 async def test_catching_up_node_fetches_newly_referenced_block(cluster):
     with trio.fail_after(10):
         n1, n2 = cluster["n1"], cluster["n2"]
         h, data = block(3000)
-        await n2.blocks.write(h, data)
-        await n2.meta.add_ref(h, "obj")  # n1 was down while this happened
+        await n2.blocks.write(data)
+        await add_ref(n2.meta, h, "obj")  # n1 was down while this happened
         await n1.ae.run_round()
         assert n1.meta.rc_get(h).count == 1
         cluster.clock.advance(61)  # the incref check is due

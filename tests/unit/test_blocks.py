@@ -4,37 +4,162 @@ from __future__ import annotations
 
 import os
 
+import trio
+from bg_helpers import FakeCluster
+from storage_helpers import add_ref, del_ref
+
 from blocknode import fastpath
-from blocknode.blocks import LocalBlocks
-from blocknode.meta import MetaStore, RefEntry
-from blocknode.store import BlockStore
+from blocknode.block import hashed
+from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore, RefEntry
 
 
 def _blocks(tmp_path) -> LocalBlocks:
-    meta = MetaStore(str(tmp_path / "meta"), map_size=1 << 26, sync=False)
-    return LocalBlocks(BlockStore(str(tmp_path / "data"), fsync=False), meta, 4096)
+    meta = MetadataStore(str(tmp_path / "meta"), map_size=1 << 26, sync=False)
+    return LocalBlocks(BlockFiles(str(tmp_path / "data"), fsync=False), meta, 4096)
 
 
 async def test_small_blocks_inline_large_ones_as_files(tmp_path):
     b = _blocks(tmp_path)
-    small, large = os.urandom(4096), os.urandom(4097)
-    hs, hl = fastpath.block_hash(small), fastpath.block_hash(large)
-    assert await b.write(hs, small) and await b.write(hl, large)
-    assert b.meta.inline_get(hs) == small and not b.store.exists(hs)
-    assert b.store.exists(hl) and b.meta.inline_get(hl) is None
+    small, large = hashed(os.urandom(4096)), hashed(os.urandom(4097))
+    hs, hl = small.hash, large.hash
+    assert await b.write(small) and await b.write(large)
+    assert b.meta.inline.get(hs) == small and not b.files.exists(hs)
+    assert b.files.exists(hl) and b.meta.inline.get(hl) is None
     assert await b.read(hs) == small and await b.read(hl) == large
     assert list(b.walk()) == sorted([hs, hl]) and b.count() == 2
 
 
 async def test_a_put_with_its_reference_queues_no_arrival_check(tmp_path):
     b = _blocks(tmp_path)
-    for data in (os.urandom(100), os.urandom(10_000)):  # inline and file
-        h = fastpath.block_hash(data)
-        await b.write(h, data, ref=RefEntry(h, "r", False, 1))
-        assert b.meta.rc_get(h).count == 1
-    await b.write_inline_many([(fastpath.block_hash(d), d, RefEntry(fastpath.block_hash(d), "r", False, 1))
-                               for d in (b"x", b"y")])
+    for blk in (hashed(os.urandom(100)), hashed(os.urandom(10_000))):  # inline and file
+        await b.write(blk, ref=RefEntry(blk.hash, "r", False, 1))
+        assert b.meta.rc_get(blk.hash).count == 1
+    await b.write_inline_many([(blk, RefEntry(blk.hash, "r", False, 1))
+                               for blk in (hashed(b"x"), hashed(b"y"))])
     assert b.meta.counts()["resync_queue"] == 0
     # a reference without the block: the block must arrive, so a check is queued
-    await b.meta.add_ref(fastpath.block_hash(b"elsewhere"), "r", 1)
+    await add_ref(b.meta, fastpath.block_hash(b"elsewhere"), "r", 1)
     assert b.meta.counts()["resync_queue"] == 1
+
+
+def _flip_bit(path: str, offset: int = 100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+async def test_reput_over_a_corrupt_file_replaces_it(tmp_path):
+    # issue 9 C.10: a re-put answered "already stored" over a corrupt copy, so a corrupt
+    # copy counted toward the write quorum and the next get failed.
+    b = _blocks(tmp_path)
+    blk = hashed(os.urandom(10_000))
+    assert await b.write(blk) is True
+    path = b.files.path(blk.hash)
+    _flip_bit(path)
+    assert await b.write(blk, ref=RefEntry(blk.hash, "r", False, 1)) is True  # stored again
+    assert await b.read(blk.hash) == blk
+    assert os.path.exists(path + ".corrupted")  # the bad copy kept for the operator
+    assert b.count() == 1 and b.meta.rc_get(blk.hash).count == 1
+    with open(path, "r+b") as f:  # a truncated copy: caught by its size alone
+        f.truncate(5000)
+    assert await b.write(blk) is True
+    assert await b.read(blk.hash) == blk
+    assert await b.write(blk) is False  # an intact copy is left alone
+
+
+async def test_reput_over_a_corrupt_inline_block_replaces_it(tmp_path):
+    b = _blocks(tmp_path)
+    blk = hashed(os.urandom(1000))
+    assert await b.write(blk) is True
+    bad = bytes(blk[:-1]) + bytes([blk[-1] ^ 1])
+    b.meta.env.write_now(lambda txn: b.meta.inline.tx_put(txn, blk.hash, bad, overwrite=True))
+    assert await b.write(blk) is True
+    assert b.meta.inline.get(blk.hash) == blk
+    assert await b.write(blk) is False
+    b.meta.env.write_now(lambda txn: b.meta.inline.tx_put(txn, blk.hash, bad, overwrite=True))
+    assert await b.write_inline_many([(blk, RefEntry(blk.hash, "r", False, 1))]) == 1
+    assert await b.read(blk.hash) == blk
+
+
+async def test_a_read_never_quarantines_a_copy_a_put_has_just_repaired(tmp_path):
+    # A read that found the old corrupt bytes re-checks under the block's lock: the
+    # put that replaced them meanwhile keeps its good copy.
+    b = _blocks(tmp_path)
+    blk = hashed(os.urandom(10_000))
+    await b.write(blk)
+    _flip_bit(b.files.path(blk.hash))
+    real_aread = b.files.aread
+
+    async def read_then_repair(h: bytes):
+        try:
+            return await real_aread(h)
+        finally:
+            await b.write(blk)  # a put lands between the read and its verdict
+
+    b.files.aread = read_then_repair  # type: ignore[method-assign]
+    assert await b.read(blk.hash) == blk
+    b.files.aread = real_aread  # type: ignore[method-assign]
+    assert await b.read(blk.hash) == blk
+
+
+async def test_put_again_over_a_corrupt_copy_then_get(tmp_path):
+    # The issue's scenario through the coordinator: put, flip a bit, put again, get.
+    c = FakeCluster(str(tmp_path), n=1, rf=1, inline_threshold=1024)
+    try:
+        m, meta = c["n1"].manager, c["n1"].meta
+        for data in (os.urandom(100), os.urandom(5000)):  # inline and file
+            h = await m.put(data, "obj")
+            if c["n1"].files.exists(h):
+                _flip_bit(c["n1"].files.path(h), 10)
+            else:
+                bad = b"x" + data[1:]
+                meta.env.write_now(lambda txn, h=h, bad=bad: meta.inline.tx_put(txn, h, bad, overwrite=True))
+            assert await m.put(data, "obj") == h
+            assert await m.get(h) == data
+    finally:
+        c.close()
+
+
+async def test_a_reference_never_lands_between_the_deletion_check_and_the_unlink(tmp_path):
+    # issue 9 C.11: delete_if_deletable checked the RC under the block's lock, then
+    # unlinked; add_ref committed without the lock, in between, and ended live with no
+    # copy. References are now applied under the lock: one arriving mid-deletion waits,
+    # and lands on a block that is gone (so it queues the fetch of a copy).
+    c = FakeCluster(str(tmp_path), n=1, rf=1, gc_delay_ms=1000)
+    try:
+        with trio.fail_after(10):
+            n1 = c["n1"]
+            blk = hashed(os.urandom(5000))
+            h = blk.hash
+            await n1.blocks.write(blk, ref=RefEntry(h, "old", False, c.clock.t))
+            c.clock.advance(1)
+            await del_ref(n1.meta, h, "old")
+            c.clock.advance(2)
+            checked: list[bool] = []
+            ref_done = trio.Event()
+            real_adelete = n1.files.adelete
+
+            async def add_ref_from_a_peer() -> None:
+                fields = {"hash": h, "ref_id": "new", "ts": c.clock.t}
+                await n1.manager.handle_add_ref("n2", fields, None)
+                ref_done.set()
+
+            async with trio.open_nursery() as nursery:
+                async def adelete_while_a_reference_arrives(x: bytes) -> bool:
+                    nursery.start_soon(add_ref_from_a_peer)
+                    with trio.move_on_after(0.5):
+                        await ref_done.wait()
+                    # the RC this deletion checked still holds while the file goes
+                    checked.append(n1.meta.rc_get(x).is_deletable(c.clock.t))
+                    return await real_adelete(x)
+
+                n1.files.adelete = adelete_while_a_reference_arrives  # type: ignore[method-assign]
+                assert await n1.blocks.delete_if_deletable(h) is True
+            assert checked == [True]
+            assert n1.meta.rc_get(h).count == 1 and not n1.blocks.exists(h)
+            due = [x for _, x in n1.meta.resync_due(now_ms=2**62)]
+            assert h in due  # the node will fetch the block its new reference needs
+    finally:
+        c.close()

@@ -6,10 +6,13 @@ import pytest
 import trio
 import trio.testing
 from bg_helpers import FakeCluster, block
+from storage_helpers import add_ref, del_ref, incref
 
+from blocknode import fastpath
 from blocknode.anti_entropy import AntiEntropy
-from blocknode.meta import MetaStore
+from blocknode.context import NodeContext
 from blocknode.resync import Resync
+from blocknode.storage import MetadataStore
 
 GC_MS = 600_000
 
@@ -29,8 +32,8 @@ async def test_absent_and_needed_block_is_fetched(cluster):
     with trio.fail_after(10):
         h, data = block(3000)
         for nid in ("n2", "n3"):
-            await cluster[nid].blocks.write(h, data)
-        await cluster["n1"].meta.add_ref(h, "obj")  # queued for a check at +60 s
+            await cluster[nid].blocks.write(data)
+        await add_ref(cluster["n1"].meta, h, "obj")  # queued for a check at +60 s
         r = resync_of(cluster, "n1")
         assert await r.run_once() == 0  # not due yet
         cluster.clock.advance(61)
@@ -52,10 +55,10 @@ async def test_deletable_block_offloaded_then_deleted_after_gc_delay_only(tmp_pa
                     break
             n1 = cluster["n1"]
             needy, *others = cluster.layout.write_nodes(h)
-            await n1.blocks.write(h, data)
-            await n1.meta.add_ref(h, "obj")
-            await n1.meta.del_ref(h, "obj")
-            await cluster[needy].meta.add_ref(h, "obj2")  # needs it, lacks it
+            await n1.blocks.write(data)
+            await add_ref(n1.meta, h, "obj")
+            await del_ref(n1.meta, h, "obj")
+            await add_ref(cluster[needy].meta, h, "obj2")  # needs it, lacks it
             r = resync_of(cluster, "n1")
             cluster.clock.advance(61)
             await r.run_once()
@@ -83,10 +86,10 @@ async def test_write_node_behind_on_references_merges_them_instead_of_deleting(c
                 cluster[nid].register(kind, handler)
         h, data = block(3000)
         n1, n2 = cluster["n1"], cluster["n2"]
-        await n1.blocks.write(h, data)
-        await n1.meta.add_ref(h, "obj")
-        await n1.meta.del_ref(h, "obj")
-        await n2.meta.add_ref(h, "obj2")
+        await n1.blocks.write(data)
+        await add_ref(n1.meta, h, "obj")
+        await del_ref(n1.meta, h, "obj")
+        await add_ref(n2.meta, h, "obj2")
         r = resync_of(cluster, "n1")
         cluster.clock.advance(GC_MS / 1000 + 11)
         assert await r.run_once() >= 1
@@ -100,11 +103,11 @@ async def test_incref_during_gc_delay_saves_the_block(cluster):
     with trio.fail_after(10):
         h, data = block(3000)
         n1 = cluster["n1"]
-        await n1.blocks.write(h, data)
-        await n1.meta.add_ref(h, "a")
-        await n1.meta.del_ref(h, "a")
+        await n1.blocks.write(data)
+        await add_ref(n1.meta, h, "a")
+        await del_ref(n1.meta, h, "a")
         cluster.clock.advance(100)
-        await n1.meta.add_ref(h, "b")
+        await add_ref(n1.meta, h, "b")
         cluster.clock.advance(GC_MS / 1000 + 20)
         r = resync_of(cluster, "n1")
         assert await r.run_once() >= 1
@@ -116,9 +119,9 @@ async def test_unreachable_peer_blocks_deletion_and_backoff_doubles(cluster):
     with trio.fail_after(10):
         h, data = block(3000)
         n1 = cluster["n1"]
-        await n1.blocks.write(h, data)
-        await n1.meta.add_ref(h, "a")
-        await n1.meta.del_ref(h, "a")
+        await n1.blocks.write(data)
+        await add_ref(n1.meta, h, "a")
+        await del_ref(n1.meta, h, "a")
         cluster.down.add("n3")
         r = resync_of(cluster, "n1")
         cluster.clock.advance(GC_MS / 1000 + 11)
@@ -157,6 +160,28 @@ async def test_backoff_is_capped_at_one_hour(tmp_path):
         c.close()
 
 
+async def test_a_block_that_fails_for_ever_never_stops_the_worker(tmp_path):
+    # issue 9 A.1: a block failing for the 1025th time (~42 days, or seconds with `block
+    # retry-now` in a loop) raised OverflowError out of the worker, and again on every restart.
+    c = FakeCluster(str(tmp_path), n=1, rf=1)
+    try:
+        with trio.fail_after(10):
+            n1 = c["n1"]
+            h, _ = block(100)
+            await add_ref(n1.meta, h, "lost")  # referenced here, held nowhere: every resync fails
+            for _ in range(1024):
+                await n1.meta.error_record(h, "earlier failure")
+            await n1.meta.retry_now([h])
+            r = resync_of(c, "n1")
+            assert await r.run_once() >= 1
+            err = n1.meta.error_get(h)
+            assert err.count == 1025 and err.next_try_ms == c.clock.t + 3_600_000
+            due = [fastpath.queue_key_decode(k)[0] for k, _ in n1.meta.resync_due(now_ms=2**62)]
+            assert err.next_try_ms in due  # requeued at its next try
+    finally:
+        c.close()
+
+
 async def test_entry_of_a_backing_off_block_waits_for_its_next_try(cluster):
     with trio.fail_after(10):
         h, _ = block(100)
@@ -177,11 +202,14 @@ async def test_layout_change_block_offloaded_to_write_nodes_then_deleted(tmp_pat
             h, data = block(3000)
             owners = c.layout.write_nodes(h)
             stranger = next(n for n in c.nodes if n not in owners)
-            await c[stranger].blocks.write(h, data)
+            await c[stranger].blocks.write(data)
             for o in owners:
-                await c[o].meta.add_ref(h, "obj")
+                await add_ref(c[o].meta, h, "obj")
             await c[stranger].meta.resync_put(h, 0)
             r = Resync(c[stranger].manager, need_block_timeout=1.0)
+            await r.run_once()
+            assert c[stranger].blocks.exists(h)  # no RC record here: a grace period first
+            c.clock.advance(GC_MS / 1000 + 11)
             await r.run_once()
             assert not c[stranger].blocks.exists(h)
             for o in owners:
@@ -195,8 +223,8 @@ async def test_workers_process_each_block_once_and_settings_persist(cluster, tmp
         n1 = cluster["n1"]
         blocks = [block(2000) for _ in range(12)]
         for h, data in blocks:
-            await cluster["n2"].blocks.write(h, data)
-            await n1.meta.add_ref(h, "x")
+            await cluster["n2"].blocks.write(data)
+            await add_ref(n1.meta, h, "x")
         r = resync_of(cluster, "n1", workers=1, tranquility=0)
         active: set[bytes] = set()
         overlaps = []
@@ -234,6 +262,41 @@ async def test_workers_process_each_block_once_and_settings_persist(cluster, tmp
         assert r2.workers == 4 and r2.tranquility == 0.5
 
 
+async def test_a_commit_between_the_queue_check_and_the_wait_wakes_the_worker(tmp_path):
+    # issue 9 C.12: the worker checked the queue, then started waiting; an entry committed
+    # in between fired a notify nobody was waiting for yet, and the worker slept on.
+    c = FakeCluster(str(tmp_path), n=1, rf=1)
+    try:
+        meta = c["n1"].meta
+        h, _ = block(10)
+        r = resync_of(c, "n1", tranquility=0)
+        handled = trio.Event()
+
+        async def record(x: bytes) -> None:
+            handled.set()
+
+        r.resync_block = record  # type: ignore[method-assign]
+        real_next_due = meta.resync_next_due
+        raced = []
+
+        def next_due_then_commit() -> int | None:
+            due = real_next_due()  # the worker has looked: nothing queued
+            if not raced:
+                raced.append(True)  # ... and now, before it waits, an entry is committed
+                meta.env.write_now(lambda txn: meta.queue.tx_put(txn, h, 0))
+            return due
+
+        meta.resync_next_due = next_due_then_commit  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.run)
+            with trio.fail_after(5):
+                await handled.wait()
+            nursery.cancel_scope.cancel()
+        assert raced
+    finally:
+        c.close()
+
+
 async def test_worker_sleeps_until_due_time_with_mock_clock(tmp_path, mock_clock):
     base = 1_700_000_000_000
 
@@ -241,7 +304,8 @@ async def test_worker_sleeps_until_due_time_with_mock_clock(tmp_path, mock_clock
         # called from LMDB worker threads too: read the mock clock itself
         return base + int(mock_clock.current_time() * 1000)
 
-    meta = MetaStore(str(tmp_path / "m"), map_size=1 << 24, sync=False, now_ms=now_ms)
+    meta = MetadataStore(str(tmp_path / "m"), map_size=1 << 24, sync=False,
+                         ctx=NodeContext(now_ms=now_ms))
     try:
         c = FakeCluster(str(tmp_path / "c"), n=1, rf=1)
         c["n1"].manager.meta = meta
@@ -280,9 +344,9 @@ async def test_repair_queues_referenced_and_local_blocks(cluster):
         n1 = cluster["n1"]
         missing, mdata = block(3000)
         stray, sdata = block(3000)
-        await cluster["n2"].blocks.write(missing, mdata)
-        await n1.meta.add_ref(missing, "m")
-        await n1.blocks.write(stray, sdata)  # held, never referenced
+        await cluster["n2"].blocks.write(mdata)
+        await add_ref(n1.meta, missing, "m")
+        await n1.blocks.write(sdata)  # held, never referenced
         await n1.meta.resync_complete(n1.meta.resync_due(now_ms=2**62)[0][0])  # lose the queue entry
         assert n1.meta.counts()["resync_queue"] == 0
         rep = Repair(n1.meta, n1.blocks, batch=1)
@@ -291,26 +355,29 @@ async def test_repair_queues_referenced_and_local_blocks(cluster):
         assert n1.meta.state_get("repair")["queued"] == 2
         await resync_of(cluster, "n1").run_once()
         assert await n1.blocks.read(missing) == mdata
-        assert not n1.blocks.exists(stray)
+        assert n1.blocks.exists(stray)  # no RC record: a grace period first
+        cluster.clock.advance(GC_MS / 1000 + 11)
+        await resync_of(cluster, "n1").run_once()
+        assert not n1.blocks.exists(stray)  # n2 and n3 confirmed nobody references it
 
 
 async def test_repair_rc_recalculates_from_refs(cluster):
     from blocknode import fastpath
-    from blocknode.meta import RcEntry, RefEntry
-    from blocknode.repair import Repair, referenced_hashes
+    from blocknode.repair import Repair
+    from blocknode.storage import RcEntry, RefEntry
 
     with trio.fail_after(10):
         m = cluster["n1"].meta
         hs = sorted(block(10)[0] for _ in range(7))
         for x in hs[:4]:
-            await m.add_ref(x, "a")
-            await m.add_ref(x, "b")
-        await m.incref(hs[0])  # drifted: 3 instead of 2
-        await m.incref(hs[5])  # an RC with no reference at all
-        await m.apply_ref(RefEntry(hs[6], "gone", True, 5))
+            await add_ref(m, x, "a")
+            await add_ref(m, x, "b")
+        await incref(m, hs[0])  # drifted: 3 instead of 2
+        await incref(m, hs[5])  # an RC with no reference at all
+        await cluster["n1"].blocks.apply_refs([RefEntry(hs[6], "gone", True, 5)])
         got = []
         after = None
-        while batch := referenced_hashes(m, after, 2, only_nonzero=False):
+        while batch := m.referenced_hashes(after, 2, only_nonzero=False):
             got += batch
             after = batch[-1]
         assert got == sorted([*hs[:4], hs[5], hs[6]])

@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 from bg_helpers import FakeCluster, block
+from storage_helpers import add_ref
 
 from blocknode.resync import Resync
 from blocknode.scrub import IDLE, PAUSED, RUNNING, Scrub
@@ -23,8 +24,8 @@ def cluster(tmp_path):
 async def fill(cluster: FakeCluster, nid: str, n: int, size: int = 2000) -> list[tuple[bytes, bytes]]:
     out = [block(size) for _ in range(n)]
     for h, data in out:
-        await cluster[nid].blocks.write(h, data)
-        await cluster[nid].meta.add_ref(h, "r")
+        await cluster[nid].blocks.write(data)
+        await add_ref(cluster[nid].meta, h, "r")
     return out
 
 
@@ -41,11 +42,11 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
         shared = [block(3000) for _ in range(5)]
         for h, data in shared:
             for nid in ("n1", "n2", "n3"):
-                await cluster[nid].blocks.write(h, data)
-                await cluster[nid].meta.add_ref(h, "r")
+                await cluster[nid].blocks.write(data)
+                await add_ref(cluster[nid].meta, h, "r")
         n1 = cluster["n1"]
         victim, good = shared[2]
-        path = n1.store.path(victim)
+        path = n1.files.path(victim)
         flip_byte(path)
         s = Scrub(n1.manager, tranquility=0)
         await s.start()

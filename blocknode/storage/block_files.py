@@ -5,25 +5,37 @@ over the final name, fsync the directory. A crash before the rename leaves only 
 ``.tmp``, which is invisible to readers and swept at start; after the directory
 fsync the block survives a crash of the process or the machine.
 
-A block whose bytes no longer match its hash is renamed ``<name>.corrupted``
-(quarantine by rename, never delete: an operator can still look at it) and
-reported as `BlockCorrupted`; it is never returned.
+A file holds a block's file form (`blocknode.block.file_bytes`) and every read
+verifies it (`blocknode.block.from_file_bytes`); corrupt bytes are never
+returned. A corrupt file is renamed ``<name>.corrupted`` (quarantine by rename,
+never delete: an operator can still look at it) by `read_or_quarantine`, or by
+a `write` of the same block, which then stores the good bytes: a copy already
+on disk counts as stored only once it is checked (size, then content). The
+caller (`LocalBlocks`) serialises both under the block's lock, so a read that
+saw old corrupt bytes cannot quarantine the copy a put has just repaired.
 
-Every method here is blocking. The `a*` methods run them in a worker thread, one
-hop per whole operation (a thread round trip costs ~110 µs here, so the hash,
-write and both fsyncs share one hop).
+Every method here is blocking. The `a*` methods run them through `run_sync`
+(the node context's way to run blocking calls: a worker thread), one hop per
+whole operation (a thread round trip costs ~110 µs here, so the check of a copy
+already there, the write and both fsyncs share one hop).
 """
 
 from __future__ import annotations
 
+import enum
 import errno
+import logging
 import os
 from collections.abc import Callable, Iterator
 
 import trio
 
-from blocknode import fastpath
-from blocknode.errors import BlockCorrupted, BlockNotFound, HashMismatch, StoreError
+from blocknode import block, fastpath
+from blocknode.block import VerifiedBlock
+from blocknode.context import RunSync, run_in_thread
+from blocknode.errors import BlockCorrupted, BlockNotFound, StoreError
+
+log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 CORRUPTED_SUFFIX = ".corrupted"
@@ -42,17 +54,31 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class BlockStore:
+class Written(enum.Enum):
+    """What `BlockFiles.write` did."""
+
+    PRESENT = "present"
+    """An intact copy was there already: nothing written."""
+    STORED = "stored"
+    """The block was not there: written."""
+    REPLACED = "replaced"
+    """A corrupt copy was there: quarantined, and the block written."""
+
+
+class BlockFiles:
     """The block files of one node.
 
     `fsync=False` (config `data_fsync = false`) skips the fsyncs: faster, but a
-    machine crash may lose recently acknowledged blocks.
+    machine crash may lose recently acknowledged blocks. At most `threads`
+    blocking operations run at once.
     """
 
-    def __init__(self, data_dir: str, *, fsync: bool = True, threads: int = 8) -> None:
+    def __init__(self, data_dir: str, *, fsync: bool = True, threads: int = 8,
+                 run_sync: RunSync = run_in_thread) -> None:
         self.data_dir = os.path.abspath(data_dir)
         self.fsync = fsync
         self.limiter = trio.CapacityLimiter(threads)
+        self._run_sync = run_sync
         os.makedirs(self.data_dir, exist_ok=True)
 
     # ---- paths ----
@@ -63,20 +89,24 @@ class BlockStore:
 
     # ---- blocking operations ----
 
-    def write(self, hash: bytes, data: bytes, *, verify: bool = True) -> bool:
-        """Store a block durably. Returns False when it was already present (a no-op).
+    def write(self, blk: VerifiedBlock) -> Written:
+        """Store a block durably (call under the block's lock).
 
-        With `verify` the data is hashed first and `HashMismatch` raised if it does
-        not match `hash` (nothing is written).
+        An intact copy already there makes it a no-op; a corrupt one is
+        quarantined and replaced.
         """
-        if verify and not fastpath.verify(data, hash):
-            raise HashMismatch(
-                f"data does not hash to {fastpath.hash_to_hex(hash)} "
-                f"(it hashes to {fastpath.hash_to_hex(fastpath.block_hash(data))})"
-            )
+        hash = blk.hash
+        data = block.file_bytes(blk)
         final = self.path(hash)
-        if os.path.exists(final):
-            return False
+        outcome = Written.STORED
+        intact = self._copy_is_intact(final, hash, data)
+        if intact is not None:
+            if intact:
+                return Written.PRESENT
+            log.warning("block %s: the copy here is corrupt; quarantined and replaced by the "
+                        "verified bytes being put", fastpath.hash_to_hex(hash))
+            self.quarantine(hash)
+            outcome = Written.REPLACED
         directory = os.path.dirname(final)
         try:
             self._ensure_dir(directory)
@@ -96,7 +126,19 @@ class BlockStore:
                 _fsync_dir(directory)
         except OSError as exc:
             raise _store_error("write", hash, exc) from exc
-        return True
+        return outcome
+
+    def _copy_is_intact(self, final: str, hash: bytes, form: bytes) -> bool | None:
+        # None: no copy here. Size first (a file of the wrong size is not read), then content.
+        try:
+            with open(final, "rb") as f:
+                if os.fstat(f.fileno()).st_size != len(form):
+                    return False
+                return block.same_copy(f.read(), form)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _store_error("check", hash, exc) from exc
 
     def _ensure_dir(self, directory: str) -> None:
         if os.path.isdir(directory):
@@ -110,8 +152,8 @@ class BlockStore:
             if new_parent:
                 _fsync_dir(self.data_dir)
 
-    def read(self, hash: bytes) -> bytes:
-        """Read and verify a block; `BlockNotFound`, or `BlockCorrupted` after quarantine."""
+    def read(self, hash: bytes) -> VerifiedBlock:
+        """Read and verify a block; `BlockNotFound` or `BlockCorrupted` (the file is left as it is)."""
         path = self.path(hash)
         try:
             with open(path, "rb") as f:
@@ -120,21 +162,20 @@ class BlockStore:
             raise BlockNotFound(fastpath.hash_to_hex(hash)) from None
         except OSError as exc:
             raise _store_error("read", hash, exc) from exc
-        if not fastpath.verify(data, hash):
+        return block.from_file_bytes(data, hash)
+
+    def read_or_quarantine(self, hash: bytes) -> VerifiedBlock:
+        """`read`; a corrupt file is quarantined before `BlockCorrupted` is raised
+        (call under the block's lock)."""
+        try:
+            return self.read(hash)
+        except BlockCorrupted:
             self.quarantine(hash)
-            raise BlockCorrupted(fastpath.hash_to_hex(hash))
-        return data
+            raise
 
     def exists(self, hash: bytes) -> bool:
         """True when the block file is present (its content is not checked)."""
         return os.path.exists(self.path(hash))
-
-    def size(self, hash: bytes) -> int | None:
-        """The block file's size in bytes, or None when absent."""
-        try:
-            return os.stat(self.path(hash)).st_size
-        except FileNotFoundError:
-            return None
 
     def quarantine(self, hash: bytes) -> bool:
         """Rename a block to ``.corrupted``; False when it was not there."""
@@ -201,25 +242,27 @@ class BlockStore:
                             pass
         return removed
 
-    # ---- async wrappers (worker threads) ----
+    # ---- async wrappers (run_sync: worker threads) ----
 
-    async def awrite(self, hash: bytes, data: bytes, *, verify: bool = True) -> bool:
-        """`write` in a worker thread."""
-        return await trio.to_thread.run_sync(
-            lambda: self.write(hash, data, verify=verify), limiter=self.limiter
-        )
+    async def awrite(self, blk: VerifiedBlock) -> Written:
+        """`write` off the event loop."""
+        return await self._run_sync(self.write, blk, limiter=self.limiter)
 
-    async def aread(self, hash: bytes) -> bytes:
-        """`read` in a worker thread."""
-        return await trio.to_thread.run_sync(self.read, hash, limiter=self.limiter)
+    async def aread(self, hash: bytes) -> VerifiedBlock:
+        """`read` off the event loop."""
+        return await self._run_sync(self.read, hash, limiter=self.limiter)
+
+    async def aexists(self, hash: bytes) -> bool:
+        """`exists` off the event loop (a stat may touch the disk)."""
+        return await self._run_sync(self.exists, hash, limiter=self.limiter)
 
     async def adelete(self, hash: bytes) -> bool:
-        """`delete` in a worker thread."""
-        return await trio.to_thread.run_sync(self.delete, hash, limiter=self.limiter)
+        """`delete` off the event loop."""
+        return await self._run_sync(self.delete, hash, limiter=self.limiter)
 
-    async def aquarantine(self, hash: bytes) -> bool:
-        """`quarantine` in a worker thread."""
-        return await trio.to_thread.run_sync(self.quarantine, hash, limiter=self.limiter)
+    async def aread_or_quarantine(self, hash: bytes) -> VerifiedBlock:
+        """`read_or_quarantine` off the event loop."""
+        return await self._run_sync(self.read_or_quarantine, hash, limiter=self.limiter)
 
 
 def _sorted_hex_dirs(path: str) -> list[str]:
