@@ -8,7 +8,9 @@ import pytest
 import trio
 
 from blocknode import fastpath
-from blocknode.errors import BlockNotFound, HashMismatch, QuorumError
+from blocknode.client import BATCH_MAX_BLOCK
+from blocknode.errors import BlocknodeError, BlockNotFound, HashMismatch, QuorumError
+from blocknode.protocol import ADMIN_BLOCK_INFO
 from tests.cluster.harness import in_process_cluster
 
 
@@ -73,6 +75,96 @@ async def test_two_of_three_down_put_fails_naming_them(tmp_path):
                     await c.put(b"data", "r")
             msg = str(info.value)
             assert "quorum" in msg and "node2" in msg and "node3" in msg
+
+
+SINGLE = 100_000
+"""Over the client's batching size: `client_put` -> coordinator `put` -> `put_block`."""
+BATCHED = 1_000
+"""Batched: `client_put_many` -> coordinator `put_many` -> `put_blocks`."""
+PUT_KIND = {SINGLE: "put_block", BATCHED: "put_blocks"}
+QUORUM_HOLD = 1.0
+"""How long the test waits for a put to return while only one replica has stored the
+block. A correct put cannot return before the test releases the second replica,
+whatever this value; one that counts a single acknowledgement returns within
+milliseconds."""
+
+
+async def _block_info(cl, node_id: str, h: bytes) -> dict:
+    async with cl.client(node_id) as c:
+        reply, _ = await c.call(ADMIN_BLOCK_INFO, {"hash": h})
+    return reply
+
+
+@pytest.mark.parametrize("size", [SINGLE, BATCHED], ids=["single", "batched"])
+@pytest.mark.parametrize("fault", ["down", "failing"])
+async def test_put_fails_when_two_of_three_replicas_cannot_store(tmp_path, size, fault):
+    """rf 3, write quorum 2: with only the coordinator's own replica able to store the
+    block, the put must fail (for a single large block as for a batch of small ones)."""
+    assert SINGLE > BATCH_MAX_BLOCK >= BATCHED
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3, rf=3, write_quorum=2) as cl:
+            if fault == "down":
+                await cl.stop("node2")
+                await cl.stop("node3")
+            else:
+                async def disk_full(peer, fields, data):
+                    raise BlocknodeError("cannot write block: [Errno 28] No space left on device")
+
+                for nid in ("node2", "node3"):
+                    cl.nodes[nid]._handlers[PUT_KIND[size]] = disk_full
+            data = os.urandom(size)
+            async with cl.client("node1") as c:
+                with pytest.raises(BlocknodeError) as info:
+                    await c.put(data, "r")
+            msg = str(info.value)
+            assert "quorum" in msg and "node2" in msg and "node3" in msg, msg
+
+
+@pytest.mark.parametrize("size", [SINGLE, BATCHED], ids=["single", "batched"])
+async def test_put_with_exactly_a_quorum_reachable_returns_once_both_replicas_hold_it(tmp_path, size):
+    """node3 down: the put needs node1 *and* node2. node2's store is held back until the
+    test releases it; the put must not return in the meantime, although node1 (the
+    coordinator's own replica) has acknowledged. Once it returns, both hold the block
+    and its reference."""
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3, rf=3, write_quorum=2) as cl:
+            await cl.stop("node3")
+            kind = PUT_KIND[size]
+            n1, n2 = cl.nodes["node1"], cl.nodes["node2"]
+            inner1, inner2 = n1._handlers[kind], n2._handlers[kind]
+            node1_stored, release, returned = trio.Event(), trio.Event(), trio.Event()
+
+            async def store_then_tell(peer, fields, data):
+                reply = await inner1(peer, fields, data)
+                node1_stored.set()
+                return reply
+
+            async def held_back(peer, fields, data):
+                await release.wait()
+                return await inner2(peer, fields, data)
+
+            n1._handlers[kind] = store_then_tell
+            n2._handlers[kind] = held_back
+            data = os.urandom(size)
+            h = fastpath.block_hash(data)
+            async with cl.client("node1") as c:
+                async def put() -> None:
+                    assert await c.put(data, "r") == h.hex()
+                    returned.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(put)
+                    await node1_stored.wait()
+                    # One acknowledgement is in: a put that does not wait for the write
+                    # quorum returns now (within milliseconds); a correct one cannot.
+                    with trio.move_on_after(QUORUM_HOLD):
+                        await returned.wait()
+                    assert not returned.is_set(), "put acknowledged before the write quorum stored it"
+                    release.set()
+            assert returned.is_set()
+            for nid in ("node1", "node2"):
+                info = await _block_info(cl, nid, h)
+                assert info["present"] and info["rc"] == 1, (nid, info)
 
 
 async def test_five_nodes_rf3(tmp_path):
