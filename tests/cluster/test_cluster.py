@@ -13,6 +13,9 @@ from blocknode.errors import BlocknodeError, BlockNotFound, HashMismatch, Quorum
 from blocknode.protocol import ADMIN_BLOCK_INFO
 from tests.cluster.harness import in_process_cluster
 
+HEDGE_MARGIN = 3.0
+"""Slack over the hedge delays for a hedged read on loaded cores (no hedge: >= 10 s)."""
+
 
 async def test_three_nodes_put_get_everywhere(tmp_path):
     with trio.fail_after(30):
@@ -201,8 +204,19 @@ def _block_not_on(cl, node_id: str) -> bytes:
 
 
 async def test_hedged_read_and_corrupt_replica_skipped(tmp_path):
-    with trio.fail_after(30):
-        async with in_process_cluster(tmp_path, 5, hedge_delay=0.05) as cl:
+    """Whichever replica the coordinator asks first never answers: only the hedge saves the read.
+
+    Reads go in order of measured latency, so the test does not pick the stuck
+    replica by name: every replica's `get_block` handler shares one counter, and
+    the first one asked stalls, the second answers with corrupt bytes, the third
+    with the block. Without hedging the read would wait out `rpc_timeout` (30 s,
+    beyond the client's own 10 s) on the first replica; with it, the read ends
+    about two hedge delays later (one to ask the liar, one more to ask the good
+    replica while the first is still pending).
+    """
+    hedge = 0.1
+    with trio.fail_after(60):
+        async with in_process_cluster(tmp_path, 5, hedge_delay=hedge, rpc_timeout=30.0) as cl:
             data = _block_not_on(cl, "node1")
             h = fastpath.block_hash(data)
             async with cl.client("node1") as c:
@@ -211,21 +225,28 @@ async def test_hedged_read_and_corrupt_replica_skipped(tmp_path):
                 # the put returned at the write quorum: let the third copy land too
                 while not all(cl.nodes[n].blocks.exists(h) for n in replicas):
                     await trio.sleep(0.01)
-                # one replica never answers, one answers with corrupt bytes
-                stuck, liar, good = replicas
+                asked: list[str] = []
 
-                async def never(peer, fields, data):
-                    await trio.sleep_forever()
+                def misbehave(nid, inner):
+                    async def get_block(peer, fields, d):
+                        if fields.get("hash") != h:
+                            return await inner(peer, fields, d)
+                        asked.append(nid)
+                        if len(asked) == 1:
+                            await trio.sleep_forever()  # the first replica asked is stuck
+                        if len(asked) == 2:
+                            return {}, b"not the block"  # the second one lies
+                        return await inner(peer, fields, d)
+                    return get_block
 
-                async def lie(peer, fields, data):
-                    return {}, b"not the block"
-
-                cl.nodes[stuck]._handlers["get_block"] = never
-                cl.nodes[liar]._handlers["get_block"] = lie
+                for nid in replicas:
+                    node = cl.nodes[nid]
+                    node._handlers["get_block"] = misbehave(nid, node._handlers["get_block"])
                 start = trio.current_time()
-                assert await c.get_block(h) == data
-                # the stuck node would have held us for rpc_timeout (5 s); the hedge did not
-                assert trio.current_time() - start < 2.0
+                with trio.fail_after(2 * hedge + HEDGE_MARGIN):
+                    assert await c.get_block(h) == data
+                assert trio.current_time() - start >= hedge  # it did wait for the stuck one first
+                assert sorted(asked) == sorted(replicas)
 
 
 async def test_call_to_silent_node_ends_at_its_timeout(tmp_path):
