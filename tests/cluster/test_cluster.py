@@ -8,8 +8,13 @@ import pytest
 import trio
 
 from blocknode import fastpath
-from blocknode.errors import BlockNotFound, HashMismatch, QuorumError
+from blocknode.client import BATCH_MAX_BLOCK
+from blocknode.errors import BlocknodeError, BlockNotFound, HashMismatch, QuorumError, RpcTimeout
+from blocknode.protocol import ADMIN_BLOCK_INFO
 from tests.cluster.harness import in_process_cluster
+
+HEDGE_MARGIN = 3.0
+"""Slack over the hedge delays for a hedged read on loaded cores (no hedge: >= 10 s)."""
 
 
 async def test_three_nodes_put_get_everywhere(tmp_path):
@@ -75,6 +80,96 @@ async def test_two_of_three_down_put_fails_naming_them(tmp_path):
             assert "quorum" in msg and "node2" in msg and "node3" in msg
 
 
+SINGLE = 100_000
+"""Over the client's batching size: `client_put` -> coordinator `put` -> `put_block`."""
+BATCHED = 1_000
+"""Batched: `client_put_many` -> coordinator `put_many` -> `put_blocks`."""
+PUT_KIND = {SINGLE: "put_block", BATCHED: "put_blocks"}
+QUORUM_HOLD = 1.0
+"""How long the test waits for a put to return while only one replica has stored the
+block. A correct put cannot return before the test releases the second replica,
+whatever this value; one that counts a single acknowledgement returns within
+milliseconds."""
+
+
+async def _block_info(cl, node_id: str, h: bytes) -> dict:
+    async with cl.client(node_id) as c:
+        reply, _ = await c.call(ADMIN_BLOCK_INFO, {"hash": h})
+    return reply
+
+
+@pytest.mark.parametrize("size", [SINGLE, BATCHED], ids=["single", "batched"])
+@pytest.mark.parametrize("fault", ["down", "failing"])
+async def test_put_fails_when_two_of_three_replicas_cannot_store(tmp_path, size, fault):
+    """rf 3, write quorum 2: with only the coordinator's own replica able to store the
+    block, the put must fail (for a single large block as for a batch of small ones)."""
+    assert SINGLE > BATCH_MAX_BLOCK >= BATCHED
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3, rf=3, write_quorum=2) as cl:
+            if fault == "down":
+                await cl.stop("node2")
+                await cl.stop("node3")
+            else:
+                async def disk_full(peer, fields, data):
+                    raise BlocknodeError("cannot write block: [Errno 28] No space left on device")
+
+                for nid in ("node2", "node3"):
+                    cl.nodes[nid]._handlers[PUT_KIND[size]] = disk_full
+            data = os.urandom(size)
+            async with cl.client("node1") as c:
+                with pytest.raises(BlocknodeError) as info:
+                    await c.put(data, "r")
+            msg = str(info.value)
+            assert "quorum" in msg and "node2" in msg and "node3" in msg, msg
+
+
+@pytest.mark.parametrize("size", [SINGLE, BATCHED], ids=["single", "batched"])
+async def test_put_with_exactly_a_quorum_reachable_returns_once_both_replicas_hold_it(tmp_path, size):
+    """node3 down: the put needs node1 *and* node2. node2's store is held back until the
+    test releases it; the put must not return in the meantime, although node1 (the
+    coordinator's own replica) has acknowledged. Once it returns, both hold the block
+    and its reference."""
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3, rf=3, write_quorum=2) as cl:
+            await cl.stop("node3")
+            kind = PUT_KIND[size]
+            n1, n2 = cl.nodes["node1"], cl.nodes["node2"]
+            inner1, inner2 = n1._handlers[kind], n2._handlers[kind]
+            node1_stored, release, returned = trio.Event(), trio.Event(), trio.Event()
+
+            async def store_then_tell(peer, fields, data):
+                reply = await inner1(peer, fields, data)
+                node1_stored.set()
+                return reply
+
+            async def held_back(peer, fields, data):
+                await release.wait()
+                return await inner2(peer, fields, data)
+
+            n1._handlers[kind] = store_then_tell
+            n2._handlers[kind] = held_back
+            data = os.urandom(size)
+            h = fastpath.block_hash(data)
+            async with cl.client("node1") as c:
+                async def put() -> None:
+                    assert await c.put(data, "r") == h.hex()
+                    returned.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(put)
+                    await node1_stored.wait()
+                    # One acknowledgement is in: a put that does not wait for the write
+                    # quorum returns now (within milliseconds); a correct one cannot.
+                    with trio.move_on_after(QUORUM_HOLD):
+                        await returned.wait()
+                    assert not returned.is_set(), "put acknowledged before the write quorum stored it"
+                    release.set()
+            assert returned.is_set()
+            for nid in ("node1", "node2"):
+                info = await _block_info(cl, nid, h)
+                assert info["present"] and info["rc"] == 1, (nid, info)
+
+
 async def test_five_nodes_rf3(tmp_path):
     with trio.fail_after(40):
         async with in_process_cluster(tmp_path, 5) as cl:
@@ -109,8 +204,19 @@ def _block_not_on(cl, node_id: str) -> bytes:
 
 
 async def test_hedged_read_and_corrupt_replica_skipped(tmp_path):
-    with trio.fail_after(30):
-        async with in_process_cluster(tmp_path, 5, hedge_delay=0.05) as cl:
+    """Whichever replica the coordinator asks first never answers: only the hedge saves the read.
+
+    Reads go in order of measured latency, so the test does not pick the stuck
+    replica by name: every replica's `get_block` handler shares one counter, and
+    the first one asked stalls, the second answers with corrupt bytes, the third
+    with the block. Without hedging the read would wait out `rpc_timeout` (30 s,
+    beyond the client's own 10 s) on the first replica; with it, the read ends
+    about two hedge delays later (one to ask the liar, one more to ask the good
+    replica while the first is still pending).
+    """
+    hedge = 0.1
+    with trio.fail_after(60):
+        async with in_process_cluster(tmp_path, 5, hedge_delay=hedge, rpc_timeout=30.0) as cl:
             data = _block_not_on(cl, "node1")
             h = fastpath.block_hash(data)
             async with cl.client("node1") as c:
@@ -119,37 +225,50 @@ async def test_hedged_read_and_corrupt_replica_skipped(tmp_path):
                 # the put returned at the write quorum: let the third copy land too
                 while not all(cl.nodes[n].blocks.exists(h) for n in replicas):
                     await trio.sleep(0.01)
-                # one replica never answers, one answers with corrupt bytes
-                stuck, liar, good = replicas
+                asked: list[str] = []
 
-                async def never(peer, fields, data):
-                    await trio.sleep_forever()
+                def misbehave(nid, inner):
+                    async def get_block(peer, fields, d):
+                        if fields.get("hash") != h:
+                            return await inner(peer, fields, d)
+                        asked.append(nid)
+                        if len(asked) == 1:
+                            await trio.sleep_forever()  # the first replica asked is stuck
+                        if len(asked) == 2:
+                            return {}, b"not the block"  # the second one lies
+                        return await inner(peer, fields, d)
+                    return get_block
 
-                async def lie(peer, fields, data):
-                    return {}, b"not the block"
-
-                cl.nodes[stuck]._handlers["get_block"] = never
-                cl.nodes[liar]._handlers["get_block"] = lie
+                for nid in replicas:
+                    node = cl.nodes[nid]
+                    node._handlers["get_block"] = misbehave(nid, node._handlers["get_block"])
                 start = trio.current_time()
-                assert await c.get_block(h) == data
-                # the stuck node would have held us for rpc_timeout (5 s); the hedge did not
-                assert trio.current_time() - start < 2.0
+                with trio.fail_after(2 * hedge + HEDGE_MARGIN):
+                    assert await c.get_block(h) == data
+                assert trio.current_time() - start >= hedge  # it did wait for the stuck one first
+                assert sorted(asked) == sorted(replicas)
 
 
 async def test_call_to_silent_node_ends_at_its_timeout(tmp_path):
-    with trio.fail_after(30):
-        async with in_process_cluster(tmp_path, 3) as cl:
+    """A call's own timeout ends it, not `rpc_timeout` (30 s here) nor the silent handler (never).
+
+    The bound is a generous multiple of the timeout: on two shared cores a
+    scheduling hiccup must not fail the test, and 5 s still tells a call that
+    honours its 0.5 s timeout from one that waits for `rpc_timeout` or forever.
+    """
+    with trio.fail_after(60):
+        async with in_process_cluster(tmp_path, 3, rpc_timeout=30.0) as cl:
             async def never(peer, fields, data):
                 await trio.sleep_forever()
 
             cl.nodes["node2"]._handlers["need_block"] = never
             net = cl.nodes["node1"].net
             start = trio.current_time()
-            with pytest.raises(Exception) as info:
+            with pytest.raises(RpcTimeout) as info:
                 await net.call("node2", "need_block", {"hash": b"\0" * 32}, timeout=0.5)
             elapsed = trio.current_time() - start
             assert "node2" in str(info.value)
-            assert 0.5 <= elapsed < 0.8
+            assert 0.5 <= elapsed < 0.5 * 10
 
 
 async def test_quorum_error_lists_each_failure(tmp_path):

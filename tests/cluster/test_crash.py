@@ -10,29 +10,54 @@ import trio
 
 from blocknode.client import open_client
 from blocknode.config import load_config
+from blocknode.errors import AuthenticationError, NodeUnreachable
 from blocknode.storage import BlockFiles, MetadataStore
 from tests.cluster.harness import ServeProcesses, write_cluster
 
 pytestmark = pytest.mark.slow
 
 
-async def _storm(cfg, acked: list[tuple[str, bytes]], stop: trio.Event) -> None:
-    async def writer(i: int) -> None:
+class Storm:
+    """Four writers putting until told to stop; the node is SIGKILLed under them.
+
+    Only the errors a killed node causes, and only once it has been killed, end
+    a writer quietly: the connection broke or was refused (`NodeUnreachable`),
+    or a reply was cut in the middle of a frame (an `AuthenticationError` saying
+    the stream was truncated). Any other error, or any error before the kill,
+    propagates and fails the test at once with its own message.
+    """
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.acked: list[tuple[str, bytes]] = []
+        self.killed = False
+        self.stop = trio.Event()
+
+    def expected(self, exc: Exception) -> bool:
+        if not self.killed:
+            return False
+        if isinstance(exc, NodeUnreachable):
+            return True
+        return isinstance(exc, AuthenticationError) and "truncated" in str(exc)
+
+    async def writer(self, i: int) -> None:
         try:
-            async with open_client(cfg, timeout=5) as c:
+            async with open_client(self.cfg, timeout=5) as c:
                 n = 0
-                while not stop.is_set():
+                while not self.stop.is_set():
                     size = (4096, 100_000, 700_000)[n % 3]
                     data = os.urandom(size)
                     h = await c.put(data, f"w{i}")
-                    acked.append((h, data))
+                    self.acked.append((h, data))
                     n += 1
-        except Exception:  # noqa: BLE001 - the server dies under us: expected
-            return
+        except Exception as exc:
+            if not self.expected(exc):
+                raise
 
-    async with trio.open_nursery() as n:
-        for i in range(4):
-            n.start_soon(writer, i)
+    async def run(self) -> None:
+        async with trio.open_nursery() as n:
+            for i in range(4):
+                n.start_soon(self.writer, i)
 
 
 def test_kill_9_mid_write_storm_loses_no_acknowledged_block(tmp_path):
@@ -40,18 +65,20 @@ def test_kill_9_mid_write_storm_loses_no_acknowledged_block(tmp_path):
     configs = write_cluster(tmp_path, 1, rf=1, data_fsync=True, metadata_fsync=True)
     cfg = load_config(configs[0])
     procs = ServeProcesses(configs)
-    acked: list[tuple[str, bytes]] = []
+    storm = Storm(cfg)
+    acked = storm.acked
     try:
         procs.start_all()
 
         async def main() -> None:
-            stop = trio.Event()
             async with trio.open_nursery() as n:
-                n.start_soon(_storm, cfg, acked, stop)
-                while len(acked) < 80:
-                    await trio.sleep(0.01)
+                n.start_soon(storm.run)
+                with trio.fail_after(60):  # a writer's error fails at once, through the nursery
+                    while len(acked) < 80:
+                        await trio.sleep(0.01)
+                storm.killed = True
                 procs.signal(0, signal.SIGKILL)  # mid-storm: writes are in flight
-                stop.set()
+                storm.stop.set()
 
         trio.run(main)
         procs.kill(0)
