@@ -22,6 +22,8 @@ from typing import Any
 
 from blocknode.cluster_config import DEFAULT_REPLICATION_FACTOR, ClusterConfig, ClusterNode
 from blocknode.errors import ConfigError, UnknownNode
+from blocknode.logs import FORMATS as LOG_FORMATS
+from blocknode.logs import LEVELS as LOG_LEVELS
 from blocknode.protocol import DEFAULT_BLOCK_SIZE
 
 DEFAULT_ROOT = "blocknode-data"
@@ -60,6 +62,8 @@ class NodeConfig:
     scrub_tranquility: float = 4.0
     scrub_interval: float = 30 * 24 * 3600.0
     anti_entropy_interval: float = 600.0
+    log_level: str = "info"  # debug, info, warning, error (`serve --log-level` overrides)
+    log_format: str = "text"  # text, or json: one object per line (`serve --log-format` overrides)
     source: str = field(default="<embedded default>", compare=False)
 
     @property
@@ -151,6 +155,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "scrub_tranquility": (_is_nonneg_num, "a number >= 0"),
     "scrub_interval": (_is_pos_num, "a number of seconds > 0"),
     "anti_entropy_interval": (_is_pos_num, "a number of seconds > 0"),
+    "log_level": (lambda v: v in LOG_LEVELS, " or ".join(f'"{x}"' for x in LOG_LEVELS)),
+    "log_format": (lambda v: v in LOG_FORMATS, " or ".join(f'"{x}"' for x in LOG_FORMATS)),
 }
 _PATH_FIELDS = ("data_dir", "metadata_dir", "rpc_secret_file", "cluster_file")
 # Fields whose values no message may show, however malformed they are.
