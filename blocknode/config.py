@@ -22,7 +22,10 @@ from typing import Any
 
 from blocknode.cluster_config import DEFAULT_REPLICATION_FACTOR, ClusterConfig, ClusterNode
 from blocknode.errors import ConfigError, UnknownNode
+from blocknode.logs import FORMATS as LOG_FORMATS
+from blocknode.logs import LEVELS as LOG_LEVELS
 from blocknode.protocol import DEFAULT_BLOCK_SIZE
+from blocknode.sizes import SIZE_FORMS, parse_size
 
 DEFAULT_ROOT = "blocknode-data"
 DEFAULT_PORT = 3901
@@ -60,6 +63,8 @@ class NodeConfig:
     scrub_tranquility: float = 4.0
     scrub_interval: float = 30 * 24 * 3600.0
     anti_entropy_interval: float = 600.0
+    log_level: str = "info"  # debug, info, warning, error (`serve --log-level` overrides)
+    log_format: str = "text"  # text, or json: one object per line (`serve --log-format` overrides)
     source: str = field(default="<embedded default>", compare=False)
 
     @property
@@ -134,25 +139,31 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "cluster_file": (_is_opt_str, "a file path"),
     "zone": (_is_str, "a non-empty string"),
     "replication_factor": (_is_pos_int, "an integer >= 1"),
-    "block_size": (_is_pos_int, "a size in bytes (integer > 0)"),
-    "inline_threshold": (lambda v: _is_pos_int(v) or v == 0, "a size in bytes (integer >= 0)"),
+    "block_size": (_is_pos_int, f"a size > 0: a number of bytes, or a string such as {SIZE_FORMS}"),
+    "inline_threshold": (lambda v: _is_pos_int(v) or v == 0,
+                         f"a size >= 0: a number of bytes, or a string such as {SIZE_FORMS}"),
     "data_fsync": (_is_bool, "true or false"),
     "metadata_fsync": (_is_bool, "true or false"),
-    "lmdb_map_size": (_is_pos_int, "a size in bytes (integer > 0)"),
+    "lmdb_map_size": (_is_pos_int, f"a size > 0: a number of bytes, or a string such as {SIZE_FORMS}"),
     "lmdb_max_readers": (_is_pos_int, "an integer >= 1"),
     "gc_delay": (_is_nonneg_num, "a number of seconds >= 0"),
     "rpc_timeout": (_is_pos_num, "a number of seconds > 0"),
     "need_block_timeout": (_is_pos_num, "a number of seconds > 0"),
     "connect_timeout": (_is_pos_num, "a number of seconds > 0"),
     "hedge_delay": (_is_nonneg_num, "a number of seconds >= 0"),
-    "block_ram_buffer_max": (_is_pos_int, "a size in bytes (integer > 0)"),
+    "block_ram_buffer_max": (_is_pos_int,
+                             f"a size > 0: a number of bytes, or a string such as {SIZE_FORMS}"),
     "resync_workers": (_is_pos_int, "an integer >= 1"),
     "resync_tranquility": (_is_nonneg_num, "a number >= 0"),
     "scrub_tranquility": (_is_nonneg_num, "a number >= 0"),
     "scrub_interval": (_is_pos_num, "a number of seconds > 0"),
     "anti_entropy_interval": (_is_pos_num, "a number of seconds > 0"),
+    "log_level": (lambda v: v in LOG_LEVELS, " or ".join(f'"{x}"' for x in LOG_LEVELS)),
+    "log_format": (lambda v: v in LOG_FORMATS, " or ".join(f'"{x}"' for x in LOG_FORMATS)),
 }
 _PATH_FIELDS = ("data_dir", "metadata_dir", "rpc_secret_file", "cluster_file")
+# Byte sizes: an integer, or a string such as "256M" or "1MiB" (`blocknode.sizes`), as in Garage.
+SIZE_FIELDS = frozenset({"block_size", "inline_threshold", "lmdb_map_size", "block_ram_buffer_max"})
 # Fields whose values no message may show, however malformed they are.
 _SECRET_FIELDS = frozenset({"rpc_secret"})
 
@@ -175,8 +186,12 @@ def config_from_dict(raw: dict[str, Any], *, source: str, base_dir: Path | None 
         if key not in _FIELDS:
             raise ConfigError(f"{source}: unknown field {key!r} (known fields: {', '.join(sorted(_FIELDS))})")
         check, expected = _FIELDS[key]
+        given = value
+        if key in SIZE_FIELDS and isinstance(value, str):
+            size = parse_size(value)
+            value = size if size is not None else value
         if not check(value):
-            got = _describe_secret(value) if key in _SECRET_FIELDS else repr(value)
+            got = _describe_secret(value) if key in _SECRET_FIELDS else repr(given)
             raise ConfigError(f"{source}: field {key!r}: expected {expected}, got {got}")
         if key == "rpc_secret_file" and isinstance(value, str) and _is_secret(value.strip()):
             raise ConfigError(f"{source}: field 'rpc_secret_file': expected a file path, got what "

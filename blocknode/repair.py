@@ -82,6 +82,7 @@ class Repair:
         self.st.update(state="running", phase=None, rc=rc, queued=0, rc_recalculated=0,
                        started=self.meta.now_ms(), finished=None, error=None)
         await self._save()
+        log.info("repair started%s", " (with rc recalculation)" if rc else "")
         try:
             if rc:
                 self.st["phase"] = "rc"

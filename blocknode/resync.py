@@ -248,6 +248,7 @@ class Resync:
             return
         self.done += 1
         if err is not None:
+            log.info("resync of %s succeeded after %d failed attempt(s)", h.hex(), err.count)
             await self.meta.error_clear(h)
         await self.meta.resync_complete(key)
 
@@ -367,6 +368,7 @@ class Resync:
         except RpcError as exc:
             raise ResyncError(f"fetch failed: {exc}") from None
         await self.blocks.write(data)
+        log.info("block %s was missing or corrupt here: restored from another node", h.hex())
 
     # ------------------------------------------------------------ admin
 

@@ -124,6 +124,7 @@ class Scrub:
         if self.st["state"] == IDLE:
             self.st.update(state=RUNNING, position=None, blocks_checked=0, corruptions=0,
                            progress=0.0, started=self.meta.now_ms())
+            log.info("scrub started (tranquility %g)", self.st["tranquility"])
         else:
             self.st["state"] = RUNNING
         await self._save()
@@ -147,6 +148,8 @@ class Scrub:
         """Stop the scrub and forget its position (the next one starts from the beginning)."""
         if self.st["state"] != IDLE:
             self.st.update(state=IDLE, position=None, progress=progress_of(self.st["position"]))
+            log.info("scrub cancelled: %d blocks checked, %d corrupt", self.st["blocks_checked"],
+                     self.st["corruptions"])
             await self._save()
         return self.status()
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,37 @@ from blocknode.config import cluster_from_dict, config_from_dict
 from blocknode.errors import ConfigError
 
 MAX_PORT = 65535
+# A DNS name (RFC 1123): dot-separated labels of letters, digits and inner hyphens.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def address_host(host: str) -> str:
+    """`host` as the host part of a "host:port" address the other nodes can dial.
+
+    Accepted: an IPv4 address, an IPv6 address (returned in brackets: ``[::1]``)
+    or a DNS name. Refused (`ConfigError`): an unspecified address (``0.0.0.0``,
+    ``::``), which only means "every interface" to a listener and is no address
+    to dial; a multicast address; and any other string (spaces, quotes, ``@``,
+    ``/``, a port, ...), which no resolver would take and which would end up in
+    every node's config.
+    """
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if ip.is_unspecified or ip.is_multicast:
+            kind = "unspecified (every interface)" if ip.is_unspecified else "multicast"
+            raise ConfigError(f"--host {host!r}: an {kind} address is no address the nodes "
+                              "can dial; give this machine's address or name (e.g. 127.0.0.1)")
+        return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if (len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels)
+            or all(label.isdigit() for label in labels)):
+        raise ConfigError(f"--host {host!r}: expected an IPv4 or IPv6 address or a DNS name "
+                          "(letters, digits, hyphens and dots)")
+    return host
 
 
 def init_cluster(root: Path, *, nodes: int, replication: int, base_port: int = 3901,
@@ -28,6 +61,7 @@ def init_cluster(root: Path, *, nodes: int, replication: int, base_port: int = 3
     """
     if not 1 <= base_port <= MAX_PORT - nodes + 1:
         raise ConfigError(f"ports {base_port}..{base_port + nodes - 1}: a port is 1..{MAX_PORT}")
+    host = address_host(host)
     cluster_doc: dict[str, Any] = {"replication_factor": replication, "nodes": []}
     node_docs: list[dict[str, Any]] = []
     for i in range(1, nodes + 1):
@@ -88,5 +122,7 @@ def add_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     s.add_argument("--nodes", type=int, required=True)
     s.add_argument("--replication", type=int, default=None, help="default: min(3, nodes)")
     s.add_argument("--base-port", type=int, default=3901)
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="the address (IPv4, IPv6 or DNS name) the nodes listen on and dial; "
+                   "not 0.0.0.0 or :: (default: 127.0.0.1)")
     s.set_defaults(func=cmd_init_cluster)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import logging
 import os
 import signal
-import sys
 
 import trio
 
-from blocknode import fastpath
+from blocknode import __version__, fastpath
 from blocknode.cli.base import CliError, node_config
 from blocknode.config import NodeConfig
 from blocknode.errors import single_error
+from blocknode.logs import FORMATS, LEVELS, configure_logging
 
 LOCK_NAME = "blocknode.lock"
+log = logging.getLogger("blocknode.serve")
 
 
 async def serve_async(cfg: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -27,14 +29,13 @@ async def serve_async(cfg: NodeConfig, *, task_status: trio.TaskStatus[str] = tr
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             addr = await nursery.start(node.run)
-            print(
-                f"blocknode: node {cfg.node_id} listening on {addr} "
-                f"(data {cfg.data_dir}, metadata {cfg.metadata_dir}, fast path {fastpath.IMPLEMENTATION})",
-                file=sys.stderr, flush=True,
-            )
+            log.info("blocknode %s: node %s listening on %s (public address %s), data %s, "
+                     "metadata %s, cluster %s, fast path %s", __version__, cfg.node_id, addr,
+                     cfg.public_addr, cfg.data_dir, cfg.metadata_dir,
+                     cfg.cluster_file or "single node", fastpath.IMPLEMENTATION)
             task_status.started(addr)
             async for signum in signals:
-                print(f"blocknode: {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
+                log.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
 
@@ -52,7 +53,7 @@ def serve(cfg: NodeConfig) -> int:
             trio.run(serve_async, cfg)
         except BaseExceptionGroup as group:
             raise single_error(group) from None
-    print("blocknode: stopped", file=sys.stderr, flush=True)
+    log.info("stopped")
     return 0
 
 
@@ -117,11 +118,19 @@ class DirLocks:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run a node until SIGINT/SIGTERM."""
-    return serve(node_config(args, serving=True))
+    """Run a node until SIGINT/SIGTERM, logging to stderr (`blocknode.logs`)."""
+    cfg = node_config(args, serving=True)
+    configure_logging(cfg.node_id, level=args.log_level or cfg.log_level,
+                      fmt=args.log_format or cfg.log_format)
+    return serve(cfg)
 
 
 def add_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add `serve`."""
     s = sub.add_parser("serve", parents=[common], help="run a node")
+    s.add_argument("--log-level", choices=LEVELS, default=None, type=str.lower,
+                   help="lowest level logged to stderr (default: log_level in the config, else info)")
+    s.add_argument("--log-format", choices=FORMATS, default=None,
+                   help="text lines, or one JSON object per line for log shippers "
+                   "(default: log_format in the config, else text)")
     s.set_defaults(func=cmd_serve)

@@ -39,16 +39,33 @@ def test_data_commands_do_not_load_the_node():
     assert r.stdout.split() == [b"False", b"False"], r.stderr
 
 
-def test_init_cluster_writes_valid_toml_for_any_host(tmp_path, capsys):
-    """Issue 8 point 7: `--host '"x'` wrote invalid TOML (f-strings); tomli-w quotes it."""
+@pytest.mark.parametrize("host, addr", [("node-a.example.org", "node-a.example.org:4000"),
+                                        ("10.1.2.3", "10.1.2.3:4000"), ("::1", "[::1]:4000"),
+                                        ("[fd00::1]", "[fd00::1]:4000"), ("localhost", "localhost:4000")])
+def test_init_cluster_writes_valid_toml_for_any_host(tmp_path, capsys, host, addr):
+    """Issue 8 point 7: `--host` went into TOML through f-strings; tomli-w writes it now,
+    and an IPv6 address is bracketed so that "host:port" splits right."""
     root = tmp_path / "c"
-    assert main(["init-cluster", str(root), "--nodes", "2", "--host", '"x', "--base-port", "4000"]) == 0
+    assert main(["init-cluster", str(root), "--nodes", "2", "--host", host, "--base-port", "4000"]) == 0
     assert "blocknode serve --config" in capsys.readouterr().out
     cluster = load_cluster_file(root / "cluster.toml")
-    assert [n.addr for n in cluster.nodes] == ['"x:4000', '"x:4001']
-    cfg = load_config(root / "node2" / "config.toml")
-    assert cfg.rpc_bind_addr == '"x:4001' and cfg.node_id == "node2"
+    assert cluster.nodes[0].addr == addr
+    cfg = load_config(root / "node1" / "config.toml")
+    assert cfg.rpc_bind_addr == addr and cfg.node_id == "node1"
     assert cfg.secret_file == str(root / "rpc_secret")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]", "0", "224.0.0.1", '"x', "a b", "x\ny",
+                                  "user@host", "host:80", "a/b", "-a", "a..b", "", "1.2.3",
+                                  "a" * 64, "é.example"])
+def test_init_cluster_refuses_an_unspecified_or_unsafe_host(tmp_path, capsys, host):
+    """Issue 13 part 5: 0.0.0.0 / :: (every interface, not an address to dial) and strings
+    no resolver takes are refused (exit 2, one line), and nothing is written."""
+    root = tmp_path / "c"
+    rc = main(["init-cluster", str(root), "--nodes", "2", f"--host={host}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --host") and err.count("\n") == 1, err
+    assert not root.exists()
 
 
 @pytest.mark.parametrize("base_port, nodes", [(65535, 2), (70000, 1), (0, 1)])

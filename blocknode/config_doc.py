@@ -1,0 +1,212 @@
+"""The configuration reference, generated from the config code so that it cannot drift.
+
+Every field of `NodeConfig` has an entry in `FIELD_DOCS` (what it means); its
+default comes from the dataclass and its accepted form from the validator's
+own description in `blocknode.config`. `config_reference()` renders them as
+Markdown; the committed ``deploy/CONFIG.md`` is its output, and a test checks
+that they are equal. After changing a field, regenerate the file:
+
+    python -m blocknode.config_doc > deploy/CONFIG.md
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from typing import Any
+
+from blocknode.cluster_config import ClusterConfig, ClusterNode
+from blocknode.config import _FIELDS, DEFAULT_ROOT, SIZE_FIELDS, NodeConfig
+from blocknode.scrub import JITTER as SCRUB_JITTER
+from blocknode.sizes import format_size
+
+# field -> (section, meaning[, default as text when the value alone would mislead])
+FIELD_DOCS: dict[str, tuple[str, ...]] = {
+    "node_id": ("Identity and paths",
+                "This node's id; with a cluster file it must be one of its `[[nodes]]` ids."),
+    "data_dir": ("Identity and paths",
+                 "Where block files live (`<hh>/<hh>/<hash>`); the bulk of the bytes: size its disk "
+                 "for your data. A relative path is relative to the config file's directory."),
+    "metadata_dir": ("Identity and paths",
+                     "The LMDB environment (references, RCs, resync queue, small blocks). Best on an "
+                     "SSD. A relative path is relative to the config file's directory."),
+    "cluster_file": ("Identity and paths",
+                     "The cluster file shared by every node (see below). Unset: a cluster of this one "
+                     "node, with `zone` and `replication_factor` from this file.", "unset (single node)"),
+    "zone": ("Identity and paths",
+             "This node's zone when it runs without a cluster file (a cluster file gives each "
+             "node's zone itself)."),
+    "rpc_bind_addr": ("Network",
+                      'Address the node listens on, `"host:port"` (`"[v6]:port"` for IPv6); '
+                      '`"0.0.0.0:3901"` listens on every interface.'),
+    "rpc_public_addr": ("Network",
+                        "Address other nodes and clients dial to reach this node, when it differs "
+                        "from `rpc_bind_addr` (which must then not be 0.0.0.0). With a cluster file "
+                        "the file's `addr` is what others dial.", "= `rpc_bind_addr`"),
+    "rpc_secret": ("Network",
+                   "The 32-byte cluster secret as 64 hex characters, the same on every node. Prefer "
+                   "`rpc_secret_file`: a config file is often more readable than a secret should be.",
+                   "unset"),
+    "rpc_secret_file": ("Network",
+                        "File holding the cluster secret (64 hex characters), mode 0600. The default "
+                        "file is created on first start; a named file must exist.",
+                        "`<metadata_dir>/../rpc_secret`"),
+    "rpc_timeout": ("Network", "Deadline of one RPC to another node (a put, a get, a batch)."),
+    "connect_timeout": ("Network", "Deadline to open a connection to a peer and finish the handshake."),
+    "need_block_timeout": ("Network",
+                           "Deadline of the `need_block` question the GC asks the other replicas "
+                           "before deleting a block (no answer: the block is kept)."),
+    "hedge_delay": ("Network",
+                    "A read that has no answer from the first replica after this long also asks "
+                    "the next one; the first valid copy wins."),
+    "block_ram_buffer_max": ("Network",
+                             "Cap on block bytes held in RAM by RPCs: half for payloads this node "
+                             "sends, half for client requests it is handling (past it the node stops "
+                             "reading from clients and TCP pushes back)."),
+    "replication_factor": ("Storage",
+                           "Copies of each block, when there is no cluster file or the cluster file "
+                           "does not say."),
+    "block_size": ("Storage",
+                   "Largest block. Larger data is split into blocks plus a manifest; every node "
+                   "and client of a cluster must use the same value."),
+    "inline_threshold": ("Storage",
+                         "Blocks up to this size are stored in LMDB, committed with their reference "
+                         "(no file, no file fsync); 0 keeps every block in a file. At most "
+                         "`block_size`."),
+    "data_fsync": ("Storage",
+                   "fsync each block file and its directory before acknowledging a write. Off trades "
+                   "crash safety for speed."),
+    "metadata_fsync": ("Storage",
+                       "fsync each LMDB commit. Off trades crash safety (the last commits) for speed."),
+    "lmdb_map_size": ("Storage",
+                      "Largest size the LMDB environment may grow to (a sparse file: only what is "
+                      "used takes disk). Raise it before the metadata outgrows it."),
+    "lmdb_max_readers": ("Storage", "LMDB's reader slots (concurrent read transactions)."),
+    "gc_delay": ("Background work",
+                 "How long a block whose last reference was deleted waits before it is deleted "
+                 "(a re-reference within the delay keeps it)."),
+    "resync_workers": ("Background work",
+                       "Concurrent resync tasks (fetching missing blocks, offloading and deleting "
+                       "unneeded ones). `worker set resync-workers N` changes it at run time."),
+    "resync_tranquility": ("Background work",
+                           "Resync throttle: after each step rest this many times the step's "
+                           "duration (0: full speed). `worker set resync-tranquility N`."),
+    "scrub_tranquility": ("Background work",
+                          "Scrub throttle, as above: tranquility T uses about 1/(T+1) of the disk's "
+                          "read speed. `scrub set-tranquility N`."),
+    "scrub_interval": ("Background work",
+                       "Period of the automatic scrub (every block read and verified), with "
+                       f"±{SCRUB_JITTER:.0%} random jitter so that nodes do not scrub together."),
+    "anti_entropy_interval": ("Background work",
+                              "Period of the reference anti-entropy round with the other replicas."),
+    "log_level": ("Logging",
+                  "Lowest level `serve` logs to stderr (`--log-level` overrides). INFO: life cycle "
+                  "and background outcomes; WARNING: what needs a look; nothing per request at INFO."),
+    "log_format": ("Logging",
+                   '`"text"`: `TIME LEVEL NODE LOGGER: MESSAGE` lines; `"json"`: one JSON object per '
+                   "line (`time`, `level`, `node`, `logger`, `message`) for log shippers "
+                   "(`--log-format` overrides)."),
+}
+
+SECTIONS = ("Identity and paths", "Network", "Storage", "Background work", "Logging")
+
+# The cluster file: ClusterConfig / ClusterNode field -> meaning (default from the dataclass).
+CLUSTER_DOCS: dict[str, str] = {
+    "replication_factor": "Copies of each block (on distinct zones where possible).",
+    "write_quorum": "Replicas that must hold a block and its reference before a write returns.",
+    "nodes": "One `[[nodes]]` table per node, with the fields below.",
+}
+CLUSTER_NODE_DOCS: dict[str, str] = {
+    "id": "The node's id (its config's `node_id`).",
+    "addr": 'The `"host:port"` the other nodes and the clients dial (not 0.0.0.0).',
+    "zone": "Failure domain (rack, room, site): copies go to distinct zones where possible.",
+    "capacity": "Relative weight in the layout (e.g. terabytes); a node with twice the capacity "
+                "holds about twice the partitions.",
+}
+_CLUSTER_DEFAULT_TEXT = {"replication_factor": "the node config's `replication_factor`",
+                         "write_quorum": "`replication_factor // 2 + 1`", "nodes": "required",
+                         "id": "required", "addr": "required"}
+
+
+def _seconds(v: float) -> str:
+    for unit, n in (("days", 86400), ("h", 3600), ("min", 60)):
+        if v >= n and v % n == 0:
+            return f"`{v:.0f}` ({v / n:g} {unit})"
+    return f"`{v:g}` s"
+
+
+def _default_text(name: str, value: Any) -> str:
+    doc = FIELD_DOCS[name]
+    if len(doc) > 2:
+        return doc[2]
+    if name in SIZE_FIELDS:
+        return f'`"{format_size(value)}"` ({value:,} bytes)'
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, float):
+        return f"`{value:g}`" if "tranquility" in name else _seconds(value)
+    return f"`{value!r}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def config_reference() -> str:
+    """The Markdown reference of the node config and the cluster file (deploy/CONFIG.md)."""
+    names = [f.name for f in fields(NodeConfig) if f.name != "source"]
+    defaults = NodeConfig()
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m blocknode.config_doc > deploy/CONFIG.md` from",
+        "     blocknode/config.py and blocknode/config_doc.py; edit those, not this file",
+        "     (tests/unit/test_config_doc.py checks that this file is up to date). -->",
+        "",
+        "A node reads one TOML file (`serve --config PATH`, or `$BLOCKNODE_CONFIG`). Every field",
+        "is optional; with no file at all the node is the embedded default (a single node",
+        f"under `./{DEFAULT_ROOT}`, on 127.0.0.1:3901). Unknown fields are refused, and a bad value",
+        "is refused with the file, the field and the expected form named. Durations are seconds",
+        "(decimals allowed). Sizes are a number of bytes or a string as in Garage:",
+        '`"256MiB"`, `"64KiB"`, `"1T"`, `"256M"` — K, M, G, T, P are powers of 1000 (`"1M"` is',
+        "1,000,000 bytes) and KiB, MiB, GiB, TiB, PiB powers of 1024 (`\"1MiB\"` is 1,048,576).",
+        "",
+    ]
+    for section in SECTIONS:
+        out += [f"## {section}", "", "| field | default | accepts | meaning |", "| --- | --- | --- | --- |"]
+        for name in names:
+            if FIELD_DOCS[name][0] != section:
+                continue
+            default = _default_text(name, getattr(defaults, name))
+            accepts = _FIELDS[name][1]
+            out.append(f"| `{name}` | {_cell(default)} | {_cell(accepts)} | {_cell(FIELD_DOCS[name][1])} |")
+        out.append("")
+    out += [
+        "## The cluster file",
+        "",
+        "One TOML file, the same on every node (`cluster_file`); every node computes the same",
+        "layout from it.",
+        "",
+        "| field | default | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for f in fields(ClusterConfig):
+        default = _CLUSTER_DEFAULT_TEXT.get(f.name) or f"`{f.default!r}`"
+        out.append(f"| `{f.name}` | {default} | {_cell(CLUSTER_DOCS[f.name])} |")
+    out += ["", "In each `[[nodes]]` table:", "", "| field | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(ClusterNode):
+        default = _CLUSTER_DEFAULT_TEXT.get(f.name) or (
+            f"`{f.default!r}`".replace("'", '"') if f.default is not MISSING else "required")
+        out.append(f"| `{f.name}` | {default} | {_cell(CLUSTER_NODE_DOCS[f.name])} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    """Print the reference (``python -m blocknode.config_doc > deploy/CONFIG.md``)."""
+    print(config_reference(), end="")
+
+
+if __name__ == "__main__":
+    main()
