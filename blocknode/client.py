@@ -29,7 +29,8 @@ from blocknode import fastpath
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, load_or_create_secret
 from blocknode.errors import BlocknodeError, InvalidHash, ProtocolError, RemoteError, RpcError
-from blocknode.rpc.client import open_client as _open_connection
+from blocknode.rpc.connect import open_client as _open_connection
+from blocknode.rpc.connection import RpcConnection
 
 MANIFEST_MAGIC = b"BLOCKNODE-MANIFEST-1\n"
 _PARALLEL_BLOCKS = 8
@@ -152,7 +153,7 @@ class _PutBatcher:
 class Client:
     """A connection to one node, with the cluster operations on top (see module docstring)."""
 
-    def __init__(self, conn: Any, *, block_size: int, timeout: float) -> None:
+    def __init__(self, conn: RpcConnection, *, block_size: int, timeout: float) -> None:
         self._conn = conn
         self.block_size = block_size
         self.timeout = timeout
@@ -307,15 +308,19 @@ def _split(data: bytes, block_size: int) -> list[bytes]:
 
 @asynccontextmanager
 async def open_client(cfg: NodeConfig, *, timeout: float | None = None) -> AsyncIterator[Client]:
-    """Connect to the node `cfg` describes (its public address, its cluster secret)."""
+    """Connect to the node `cfg` describes (its public address, its cluster secret).
+
+    The connection's engine runs in a nursery this context manager holds; an
+    error raised by the body comes out as itself.
+    """
     secret = load_or_create_secret(cfg, create=False)
-    conn = await _open_connection(cfg.public_addr, secret, timeout=cfg.connect_timeout)
-    client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2)
-    try:
-        yield client
-    finally:
-        with trio.CancelScope(shield=True):
-            await client.aclose()
+    async with _open_connection(cfg.public_addr, secret, timeout=cfg.connect_timeout) as conn:
+        client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2)
+        try:
+            yield client
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
 
 
 __all__ = ["Client", "open_client", "new_ref_id", "parse_hash", "InvalidHash", "MANIFEST_MAGIC"]

@@ -1,7 +1,8 @@
 """One authenticated RPC connection over any `trio.abc.Stream`.
 
-`handshake(stream, hs)` drives a sans-io handshake over a stream (the caller
-puts a deadline around it). `RpcConnection` then runs the session:
+A connection is made by `blocknode.rpc.connect` (connect + handshake);
+`RpcConnection` then runs the session. A client connection is the case with
+no request handler.
 
 - `run()` owns three kinds of tasks in one nursery: one **reader** (decrypts
   frames, hands responses to waiting callers by request id, starts one task
@@ -11,9 +12,10 @@ puts a deadline around it). `RpcConnection` then runs the session:
   authentication failure, `aclose()`); it never raises for those, it records
   `close_reason`, fails every waiting call with `NodeUnreachable` and closes
   the stream. Whoever calls `run()` owns the connection.
-- `call()` may be used from any task while `run()` runs. It has no timeout of
-  its own: put a cancel scope around it (cancelling drops or aborts the unsent
-  rest of the request; a late response is ignored).
+- `call()` may be used from any task while `run()` runs. With `timeout=` it
+  raises `RpcTimeout` after that many seconds; without, put a cancel scope
+  around it (cancelling drops or aborts the unsent rest of the request; a late
+  response is ignored).
 - Handlers: ``async def handler(peer_id, kind, fields, data) -> (fields, data)``.
   Exceptions become error replies (`errors.error_reply`) and come back to the
   caller as `RemoteCallError` subclasses. ``"_ping"`` is answered here.
@@ -27,9 +29,8 @@ from typing import Any, Protocol
 
 import trio
 
-from blocknode.errors import NodeUnreachable, ProtocolError
+from blocknode.errors import NodeUnreachable, ProtocolError, RpcTimeout
 from blocknode.rpc.errors import error_reply, remote_error
-from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import (
     MSG_ERROR,
@@ -43,7 +44,7 @@ from blocknode.rpc.wire import (
     encode_head,
 )
 
-__all__ = ["PING_KIND", "Handler", "RpcConnection", "handshake"]
+__all__ = ["PING_KIND", "TRANSPORT_ERRORS", "Handler", "RpcConnection"]
 
 log = logging.getLogger("blocknode.rpc")
 
@@ -62,39 +63,8 @@ class RequestBudget(Protocol):
 
 
 _RECV_SIZE = 256 * 1024
-_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-async def handshake(stream: trio.abc.Stream, hs: ClientHandshake | ServerHandshake) -> None:
-    """Run `hs` over `stream` until done. No deadline here: the caller sets one.
-
-    Raises `AuthenticationError` / `ProtocolError` from the handshake, or
-    `NodeUnreachable` if the transport breaks. On a handshake error a reject
-    frame, if any, is sent best effort before raising.
-    """
-    try:
-        out = hs.data_to_send()
-        if out:
-            await stream.send_all(out)
-        while not hs.done:
-            data = await stream.receive_some(4096)
-            hs.receive_data(data)
-            try:
-                hs.process()
-            except ProtocolError:
-                out = hs.data_to_send()
-                if out:
-                    with trio.move_on_after(1):
-                        try:
-                            await stream.send_all(out)
-                        except _TRANSPORT_ERRORS:
-                            pass
-                raise
-            out = hs.data_to_send()
-            if out:
-                await stream.send_all(out)
-    except _TRANSPORT_ERRORS as exc:
-        raise NodeUnreachable(f"connection broke during the handshake: {exc!r}") from exc
+TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+"""What a broken transport raises (each becomes `NodeUnreachable`)."""
 
 
 class _Waiter:
@@ -127,8 +97,11 @@ class RpcConnection:
         *,
         max_inflight: int = 256,
         request_budget: RequestBudget | None = None,
+        addr: str = "",
     ) -> None:
         self.stream = stream
+        self.addr = addr
+        """The remote address, when known (for messages and logs)."""
         self._request_budget = request_budget
         self.session = session
         self.peer_id = peer_id
@@ -226,7 +199,7 @@ class RpcConnection:
         except ProtocolError as exc:  # includes AuthenticationError
             log.warning("connection with %s closed: %s", self.peer_id, exc)
             self.close_reason = exc
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSPORT_ERRORS as exc:
             self.close_reason = NodeUnreachable(f"connection to {self.peer_id} broke: {exc!r}")
 
     async def _writer(self) -> None:
@@ -238,7 +211,7 @@ class RpcConnection:
                 while session.pending:
                     view, _finished = session.data_to_send()
                     await self.stream.send_all(view)
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSPORT_ERRORS as exc:
             self._fail(NodeUnreachable(f"connection to {self.peer_id} broke: {exc!r}"))
 
     def _queue(self, msg: OutgoingMessage) -> None:
@@ -324,13 +297,30 @@ class RpcConnection:
         data: bytes | bytearray | memoryview | None = None,
         *,
         priority: int = PRIO_NORMAL,
+        timeout: float | None = None,
     ) -> tuple[dict[str, Any], bytes | None]:
-        """Send a request and wait for its answer (no deadline: wrap it).
+        """Send a request and wait for its answer.
 
-        Raises `NodeUnreachable` if the connection is or becomes closed,
-        `RemoteCallError` (a `RemoteError`) if the peer answered with an error,
-        `ProtocolError` if `fields` are not msgpack-able.
+        With `timeout`, raises `RpcTimeout` after that many seconds; without,
+        there is no deadline (wrap it). Raises `NodeUnreachable` if the
+        connection is or becomes closed, `RemoteCallError` (a `RemoteError`) if
+        the peer answered with an error, `ProtocolError` if `fields` are not
+        msgpack-able.
         """
+        if timeout is None:
+            return await self._call(kind, fields, data, priority)
+        with trio.move_on_after(timeout):
+            return await self._call(kind, fields, data, priority)
+        where = f" at {self.addr}" if self.addr else ""
+        raise RpcTimeout(f"node {self.peer_id}{where} did not answer {kind!r} within {timeout}s")
+
+    async def _call(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        data: bytes | bytearray | memoryview | None,
+        priority: int,
+    ) -> tuple[dict[str, Any], bytes | None]:
         if self._closed:
             raise NodeUnreachable(f"connection to {self.peer_id} is closed: {self.close_reason}")
         head = encode_head(MSG_REQUEST, kind, fields, data is not None, priority)

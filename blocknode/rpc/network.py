@@ -37,9 +37,10 @@ from typing import Any
 import trio
 
 from blocknode.errors import NodeUnreachable, ProtocolError, QuorumError, RpcTimeout
-from blocknode.rpc.connection import Handler, RpcConnection, handshake
+from blocknode.rpc.connect import handshake, open_connection
+from blocknode.rpc.connection import Handler, RpcConnection
 from blocknode.rpc.errors import error_reply, remote_error
-from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
+from blocknode.rpc.handshake import ServerHandshake
 from blocknode.rpc.session import Session
 from blocknode.rpc.transport import Connector, split_addr, tcp_connect
 from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE, PRIO_NORMAL
@@ -299,27 +300,19 @@ class RpcNetwork:
 
     async def _open(self, peer: _Peer) -> RpcConnection:
         try:
-            with trio.fail_after(self.connect_timeout):
-                stream = await self._connect(peer.addr)
-        except trio.TooSlowError:
-            raise NodeUnreachable(
-                f"node {peer.id} at {peer.addr}: connect timed out after {self.connect_timeout}s"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise NodeUnreachable(f"node {peer.id} at {peer.addr}: cannot connect: {exc}") from exc
-        hs = ClientHandshake(self.node_id, self._secret, expected_peer_id=peer.id, rng=self._rng)
-        try:
-            with trio.fail_after(self.handshake_timeout):
-                await handshake(stream, hs)
-        except BaseException as exc:
-            await trio.aclose_forcefully(stream)
-            if isinstance(exc, trio.TooSlowError):
-                raise NodeUnreachable(f"node {peer.id} at {peer.addr}: handshake timed out") from None
-            if isinstance(exc, ProtocolError):
-                raise NodeUnreachable(f"node {peer.id} at {peer.addr}: {exc}") from exc
-            raise
-        session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size)
-        return RpcConnection(stream, session, peer.id, self._handler)
+            return await open_connection(
+                peer.addr, self._secret,
+                local_id=self.node_id,
+                expected_peer_id=peer.id,
+                connect=self._connect,
+                connect_timeout=self.connect_timeout,
+                handshake_timeout=self.handshake_timeout,
+                max_message_size=self.max_message_size,
+                handler=self._handler,
+                rng=self._rng,
+            )
+        except ProtocolError as exc:  # refused: to the caller, the node is unreachable
+            raise NodeUnreachable(str(exc)) from exc
 
     async def _connection(self, peer: _Peer) -> RpcConnection:
         """The live connection to `peer`, connecting if needed (fails fast in backoff)."""

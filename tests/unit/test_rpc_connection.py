@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from blocknode.errors import NodeUnreachable
-from blocknode.rpc.connection import handshake
+from blocknode.rpc.connect import handshake
 from blocknode.rpc.handshake import ClientHandshake
 from blocknode.rpc.network import ByteBudget, RpcNetwork
 from blocknode.rpc.session import Session

@@ -18,7 +18,7 @@ from blocknode.errors import (
     RemoteError,
     RpcTimeout,
 )
-from blocknode.rpc.client import open_client
+from blocknode.rpc.connect import open_client
 from blocknode.rpc.errors import RemoteCallError, RemoteNotFound
 from blocknode.rpc.network import RpcNetwork
 from blocknode.rpc.wire import PRIO_BACKGROUND
@@ -168,8 +168,7 @@ async def test_node_keeps_serving_after_garbage_and_silent_clients() -> None:
 
 async def test_client_connection_calls_and_wrong_secret() -> None:
     async with cluster("ab") as (_, addrs):
-        client = await open_client(addrs["b"], SECRET, timeout=5)
-        async with client:
+        async with open_client(addrs["b"], SECRET, timeout=5) as client:
             assert client.peer_id == "b"
             async with trio.open_nursery() as nursery:  # concurrent calls share the connection
                 results: dict[int, Any] = {}
@@ -186,9 +185,11 @@ async def test_client_connection_calls_and_wrong_secret() -> None:
             with pytest.raises(RemoteNotFound):
                 await client.call("missing", {}, timeout=5)
         with pytest.raises(AuthenticationError, match="cluster secret"):
-            await open_client(addrs["b"], bytes(32), timeout=5)
+            async with open_client(addrs["b"], bytes(32), timeout=5):
+                pass
         with pytest.raises(NodeUnreachable):
-            await open_client("127.0.0.1:1", SECRET, timeout=5)
+            async with open_client("127.0.0.1:1", SECRET, timeout=5):
+                pass
 
 
 async def test_node_with_wrong_secret_is_refused() -> None:
