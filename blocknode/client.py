@@ -31,6 +31,7 @@ from blocknode.config import NodeConfig, load_or_create_secret
 from blocknode.errors import BlocknodeError, InvalidHash, ProtocolError, RemoteError, RpcError
 from blocknode.rpc.connect import open_client as _open_connection
 from blocknode.rpc.connection import RpcConnection
+from blocknode.rpc.wire import max_message_size
 
 MANIFEST_MAGIC = b"BLOCKNODE-MANIFEST-1\n"
 _PARALLEL_BLOCKS = 8
@@ -314,7 +315,8 @@ async def open_client(cfg: NodeConfig, *, timeout: float | None = None) -> Async
     error raised by the body comes out as itself.
     """
     secret = load_or_create_secret(cfg, create=False)
-    async with _open_connection(cfg.public_addr, secret, timeout=cfg.connect_timeout) as conn:
+    async with _open_connection(cfg.public_addr, secret, timeout=cfg.connect_timeout,
+                                max_message_size=max_message_size(cfg.block_size)) as conn:
         client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2)
         try:
             yield client

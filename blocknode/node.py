@@ -29,6 +29,7 @@ from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.meta import MetaStore
 from blocknode.rpc.network import RpcNetwork
+from blocknode.rpc.wire import max_message_size
 from blocknode.store import BlockStore
 from blocknode.workers import install_workers
 
@@ -77,7 +78,7 @@ class Node:
             ram_buffer_max=max(1, cfg.block_ram_buffer_max // 2),
             client_buffer_max=max(1, cfg.block_ram_buffer_max // 2),
             connect_timeout=cfg.connect_timeout,
-            max_message_size=cfg.block_size + 64 * 1024,
+            max_message_size=max_message_size(cfg.block_size),
         )
         self.manager = BlockManager(
             node_id=cfg.node_id,

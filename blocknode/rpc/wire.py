@@ -45,6 +45,7 @@ __all__ = [
     "FLAG_FIRST",
     "FLAG_LAST",
     "FLAG_RESPONSE",
+    "HEAD_MAX",
     "MSG_ERROR",
     "MSG_REQUEST",
     "MSG_RESPONSE",
@@ -59,6 +60,7 @@ __all__ = [
     "SendScheduler",
     "decode_message",
     "encode_head",
+    "max_message_size",
     "pack_frame_prefix",
 ]
 
@@ -82,8 +84,23 @@ _PRIORITIES = (PRIO_HIGH, PRIO_NORMAL, PRIO_BACKGROUND)
 
 CHUNK_SIZE: Final = 64 * 1024
 """Maximum plaintext bytes of one chunk."""
-DEFAULT_MAX_MESSAGE_SIZE: Final = 1024 * 1024 + 64 * 1024
-"""Default hard cap on a whole message: a 1 MiB block plus 64 KiB of overhead."""
+HEAD_MAX: Final = 64 * 1024
+"""Cap on the msgpack head of one message (kind + fields)."""
+
+
+def max_message_size(block_size: int) -> int:
+    """The hard cap on one message where blocks are at most `block_size` bytes.
+
+    The one place this limit is derived: a node (`RpcNetwork`) and a client
+    connection both take it from their config's `block_size`. A message is a
+    4-byte head length, a head of at most `HEAD_MAX`, and a payload of at most
+    one block (a batch of small blocks is kept within `block_size` too).
+    """
+    return 4 + HEAD_MAX + block_size
+
+
+DEFAULT_MAX_MESSAGE_SIZE: Final = max_message_size(1024 * 1024)
+"""The cap for the default `block_size` (1 MiB)."""
 
 MSG_REQUEST: Final = 0
 MSG_RESPONSE: Final = 1
@@ -100,8 +117,6 @@ _U32 = struct.Struct(">I")
 CHUNK_HEADER: Final = struct.Struct(">BII")
 """flags, stream (request) id, total message length."""
 
-_MAX_HEAD = 64 * 1024
-"""Cap on the msgpack head of one message (kind + fields)."""
 _MAX_KIND = 128
 
 
@@ -203,8 +218,8 @@ def encode_head(
         head = msgpack.packb([msg_type, kind, fields, has_data, priority], use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"message fields are not msgpack-encodable: {exc}") from None
-    if len(head) > _MAX_HEAD:
-        raise ProtocolError(f"message head of {len(head)} bytes exceeds {_MAX_HEAD}")
+    if len(head) > HEAD_MAX:
+        raise ProtocolError(f"message head of {len(head)} bytes exceeds {HEAD_MAX}")
     return _U32.pack(len(head)) + head
 
 
@@ -214,7 +229,7 @@ def decode_message(body: bytes | bytearray | memoryview) -> Message:
     if len(view) < 4:
         raise ProtocolError("message shorter than its head length")
     (head_len,) = _U32.unpack_from(view)
-    if head_len > _MAX_HEAD or 4 + head_len > len(view):
+    if head_len > HEAD_MAX or 4 + head_len > len(view):
         raise ProtocolError(f"bad message head length {head_len}")
     try:
         head = msgpack.unpackb(

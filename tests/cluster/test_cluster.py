@@ -251,3 +251,22 @@ async def test_batches_split_by_size_leave_no_put_behind(tmp_path):
                     for d in datas:
                         n.start_soon(put, d)
                 assert sorted(got) == sorted(fastpath.block_hash(d).hex() for d in datas)
+
+
+async def test_block_size_above_one_mib_round_trips_through_a_client(tmp_path):
+    # One message limit for nodes and clients, derived from block_size (issue 8 point 2):
+    # a client whose connection kept the 1 MiB default refused every full block it fetched.
+    mib = 1024 * 1024
+    with trio.fail_after(60):
+        async with in_process_cluster(tmp_path, 3, block_size=4 * mib) as cl:
+            block = os.urandom(4 * mib)
+            data = os.urandom(10 * mib)
+            src = tmp_path / "ten.bin"
+            src.write_bytes(data)
+            async with cl.client("node1") as c:
+                h_block = await c.put(block, "one-block")
+                assert h_block == fastpath.block_hash(block).hex()
+                h_file = await c.put_file(str(src), "ten-mib")
+            async with cl.client("node2") as c:
+                assert await c.get(h_block) == block
+                assert await c.get(h_file) == data
