@@ -195,24 +195,6 @@ class RpcNetwork:
         self.handshake_failures = 0
         """Incoming connections refused at the handshake (count)."""
 
-    def set_peers(self, peers: dict[str, str]) -> None:
-        """Replace the peer table (node id -> address); connections to removed
-        or re-addressed peers are closed by the connection owner's nursery."""
-        for nid, addr in peers.items():
-            if nid == self.node_id:
-                self._self_addr = addr
-                continue
-            old = self._peers.get(nid)
-            if old is None or old.addr != addr:
-                if old is not None and old.conn is not None and self._nursery is not None:
-                    self._nursery.start_soon(old.conn.aclose)
-                self._peers[nid] = _Peer(nid, addr)
-        for nid in list(self._peers):
-            if nid not in peers:
-                old = self._peers.pop(nid)
-                if old.conn is not None and self._nursery is not None:
-                    self._nursery.start_soon(old.conn.aclose)
-
     # -- serving -----------------------------------------------------------------
 
     async def serve(

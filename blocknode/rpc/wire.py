@@ -488,14 +488,6 @@ class MessageAssembler:
         self._partial_bytes -= len(entry[0])
         return key[0], key[1], entry[0]
 
-    def feed_plain(self, frame: bytes | memoryview) -> tuple[bool, int, bytearray] | None:
-        """Unencrypted helper (tests, benchmarks): header + plaintext body in one frame."""
-        flags, sid, total = self.parse_header(frame)
-        body = memoryview(frame)[CHUNK_HEADER.size :]
-        target = self.begin_chunk(flags, sid, total, len(body))
-        target[:] = body
-        return self.end_chunk()
-
     @property
     def partial_bytes(self) -> int:
         """Bytes preallocated for incomplete messages."""
