@@ -9,9 +9,13 @@ no request handler.
   per incoming request), one **writer** (the only task that sends; it drains
   the priority scheduler), and the **handler tasks**. `run()` returns when the
   connection ends for any reason (peer closed, broken transport, protocol or
-  authentication failure, `aclose()`); it never raises for those, it records
-  `close_reason`, fails every waiting call with `NodeUnreachable` and closes
-  the stream. Whoever calls `run()` owns the connection.
+  authentication failure, an error in this connection's own code, `aclose()`);
+  it never raises (except for cancellation): it records `close_reason` (and
+  `fault` for the last two kinds, logged with the peer), fails every waiting
+  call with `NodeUnreachable` and closes the stream. Whoever calls `run()` owns
+  the connection; nothing that happens on it reaches the owner's nursery.
+- A request id is the peer's to choose, but reusing one while its request is
+  still being answered is a protocol error (it closes the connection).
 - `call()` may be used from any task while `run()` runs. With `timeout=` it
   raises `RpcTimeout` after that many seconds; without, put a cancel scope
   around it (cancelling drops or aborts the unsent rest of the request; a late
@@ -109,6 +113,7 @@ class RpcConnection:
         self._max_inflight = max_inflight
         self._inflight = 0
         self._waiters: dict[int, _Waiter] = {}
+        self._serving: set[int] = set()  # ids of the peer's requests not yet fully answered
         self._next_id = 1
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
@@ -116,6 +121,8 @@ class RpcConnection:
         self._closed = False
         self._done = trio.Event()
         self.close_reason: BaseException | None = None
+        self.fault: Exception | None = None
+        """What closed the connection if the peer broke the protocol or our code failed."""
         self._rbuf = bytearray(_RECV_SIZE)
 
     @property
@@ -126,22 +133,53 @@ class RpcConnection:
     # -- running -----------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve the connection until it ends; see the module docstring."""
+        """Serve the connection until it ends; see the module docstring.
+
+        Never raises except for cancellation: a protocol violation by the peer
+        or an error in this connection's own code is logged with the peer,
+        recorded in `fault`, and closes this connection only.
+        """
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._scope = nursery.cancel_scope
-                if self._closed:
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._scope = nursery.cancel_scope
+                    if self._closed:
+                        nursery.cancel_scope.cancel()
+                    nursery.start_soon(self._guard, self._writer)
+                    task_status.started()
+                    await self._guard(self._reader)
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(self._writer)
-                task_status.started()
-                await self._reader()
-                nursery.cancel_scope.cancel()
+            except Exception as exc:  # the guards catch everything; this is a last line
+                self._on_fault(exc)
         finally:
             self._shutdown(self.close_reason or NodeUnreachable("connection closed"))
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
             self._done.set()
+
+    async def _guard(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run one of this connection's tasks; whatever it raises ends this connection only."""
+        try:
+            await fn(*args)
+        except TRANSPORT_ERRORS as exc:
+            self._fail(NodeUnreachable(f"connection to {self._who} broke: {exc!r}"))
+        except Exception as exc:
+            self._on_fault(exc)
+
+    def _on_fault(self, exc: Exception) -> None:
+        """The peer broke the protocol (`ProtocolError`) or our own code failed: close."""
+        if self.fault is None and not self._closed:
+            self.fault = exc
+            if isinstance(exc, ProtocolError):  # includes AuthenticationError
+                log.warning("connection with %s closed: %s", self._who, exc)
+            else:
+                log.error("connection with %s failed; closing it", self._who, exc_info=exc)
+        self._fail(exc)
+
+    @property
+    def _who(self) -> str:
+        return f"{self.peer_id} ({self.addr})" if self.addr else self.peer_id
 
     def _fail(self, exc: BaseException) -> None:
         if self.close_reason is None:
@@ -180,39 +218,33 @@ class RpcConnection:
 
     async def _reader(self) -> None:
         session = self.session
-        try:
-            while True:
-                while (item := session.next_message()) is not NEED_DATA:
-                    is_response, sid, msg = item  # type: ignore[misc]
-                    taken = 0
-                    if (not is_response and self._request_budget is not None
-                            and msg.data is not None and msg.type == MSG_REQUEST):
-                        taken = await self._request_budget.acquire(len(msg.data))
-                    self._dispatch(is_response, sid, msg, taken)
-                if session.decoder.at_eof:
-                    self.close_reason = self.close_reason or NodeUnreachable(
-                        f"{self.peer_id} closed the connection"
-                    )
-                    return
-                data = await self._receive()
-                session.receive_data(data)
-        except ProtocolError as exc:  # includes AuthenticationError
-            log.warning("connection with %s closed: %s", self.peer_id, exc)
-            self.close_reason = exc
-        except TRANSPORT_ERRORS as exc:
-            self.close_reason = NodeUnreachable(f"connection to {self.peer_id} broke: {exc!r}")
+        while True:
+            while (item := session.next_message()) is not NEED_DATA:
+                is_response, sid, msg = item  # type: ignore[misc]
+                taken = 0
+                if (not is_response and self._request_budget is not None
+                        and msg.data is not None and msg.type == MSG_REQUEST):
+                    taken = await self._request_budget.acquire(len(msg.data))
+                self._dispatch(is_response, sid, msg, taken)
+            if session.decoder.at_eof:
+                self.close_reason = self.close_reason or NodeUnreachable(
+                    f"{self._who} closed the connection"
+                )
+                return
+            data = await self._receive()
+            session.receive_data(data)
 
     async def _writer(self) -> None:
         session = self.session
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                while session.pending:
-                    view, _finished = session.data_to_send()
-                    await self.stream.send_all(view)
-        except TRANSPORT_ERRORS as exc:
-            self._fail(NodeUnreachable(f"connection to {self.peer_id} broke: {exc!r}"))
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while session.pending:
+                view, finished = session.data_to_send()
+                await self.stream.send_all(view)
+                for msg in finished:
+                    if msg.is_response:
+                        self._serving.discard(msg.stream_id)
 
     def _queue(self, msg: OutgoingMessage) -> None:
         self.session.queue(msg)
@@ -236,6 +268,9 @@ class RpcConnection:
             return
         if msg.type != MSG_REQUEST:
             raise ProtocolError("response sent without the response flag")
+        if sid in self._serving:
+            raise ProtocolError(f"request id {sid} reused while that request is in flight")
+        self._serving.add(sid)  # until its answer has been sent
         if msg.kind == PING_KIND:
             self._reply(sid, msg, MSG_RESPONSE, {}, None)
         elif self._handler is None:
@@ -245,7 +280,7 @@ class RpcConnection:
         else:
             assert self._nursery is not None
             self._inflight += 1
-            self._nursery.start_soon(self._handle, sid, msg, taken)
+            self._nursery.start_soon(self._guard, self._handle, sid, msg, taken)
 
     def _reply(
         self, sid: int, req: Message, msg_type: int, fields: dict[str, Any], data: bytes | None
@@ -255,7 +290,7 @@ class RpcConnection:
         try:
             head = encode_head(msg_type, req.kind, fields, data is not None, req.priority)
         except ProtocolError as exc:
-            log.error("reply to %r from %s is not encodable: %s", req.kind, self.peer_id, exc)
+            log.error("reply to %r from %s is not encodable: %s", req.kind, self._who, exc)
             fields = {"code": "internal", "message": "reply not encodable"}
             head = encode_head(MSG_ERROR, req.kind, fields, False, req.priority)
             data = None
@@ -272,7 +307,7 @@ class RpcConnection:
                 if not isinstance(fields, dict) or not (out is None or isinstance(out, bytes | bytearray | memoryview)):
                     raise TypeError(f"handler for {req.kind!r} returned {type(result).__name__}, not (dict, bytes | None)")
             except Exception as exc:
-                self._reply(sid, req, MSG_ERROR, error_reply(exc, peer=self.peer_id, kind=req.kind), None)
+                self._reply(sid, req, MSG_ERROR, error_reply(exc, peer=self._who, kind=req.kind), None)
             else:
                 self._reply(sid, req, MSG_RESPONSE, fields, out)
         finally:

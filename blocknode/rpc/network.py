@@ -53,6 +53,7 @@ Outcome = tuple[str, tuple[dict[str, Any], bytes | None]]
 """One successful `call_many` answer: (node id, (fields, data))."""
 
 _EWMA_ALPHA = 0.3
+_MAX_FAULT_ROWS = 1024
 
 
 class ByteBudget:
@@ -194,6 +195,8 @@ class RpcNetwork:
         self._incoming: set[RpcConnection] = set()
         self.handshake_failures = 0
         """Incoming connections refused at the handshake (count)."""
+        self.connection_faults: dict[str, int] = {}
+        """Per peer id: connections closed for a protocol violation or an internal error."""
 
     # -- serving -----------------------------------------------------------------
 
@@ -249,8 +252,17 @@ class RpcNetwork:
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         """One accepted connection: handshake with a deadline, then serve it.
 
-        Any failure closes this connection only.
+        Any failure closes this connection only: nothing escapes into the
+        network's nursery (an unexpected error is logged and counted).
         """
+        try:
+            await self._serve_accepted(stream)
+        except Exception as exc:
+            log.error("incoming connection failed", exc_info=exc)
+            self._count_fault("?")
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_accepted(self, stream: trio.abc.Stream) -> None:
         hs = ServerHandshake(self.node_id, self._secret, rng=self._rng)
         try:
             with trio.fail_after(self.handshake_timeout):
@@ -277,6 +289,14 @@ class RpcNetwork:
             await conn.run()
         finally:
             self._incoming.discard(conn)
+            if conn.fault is not None:
+                self._count_fault(conn.peer_id)
+
+    def _count_fault(self, peer_id: str) -> None:
+        faults = self.connection_faults
+        if peer_id not in faults and len(faults) >= _MAX_FAULT_ROWS:
+            del faults[next(iter(faults))]  # bounded: client ids are fresh per connection
+        faults[peer_id] = faults.get(peer_id, 0) + 1
 
     # -- outgoing connections ------------------------------------------------------
 
@@ -333,12 +353,14 @@ class RpcNetwork:
 
     async def _run_outgoing(self, peer: _Peer, conn: RpcConnection) -> None:
         try:
-            await conn.run()
+            await conn.run()  # never raises but for cancellation
         finally:
             if peer.conn is conn:
                 peer.conn = None
                 peer.up = False
                 peer.last_error = str(conn.close_reason)
+            if conn.fault is not None:
+                self._count_fault(conn.peer_id)
 
     # -- maintenance ---------------------------------------------------------------
 

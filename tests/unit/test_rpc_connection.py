@@ -198,3 +198,58 @@ async def test_payload_sizes_round_trip_in_memory(size: int) -> None:
             data = os.urandom(size)
             assert await a.call("b", "echo", {}, data, timeout=5) == ({"peer": "a"}, data)
             nursery.cancel_scope.cancel()
+
+
+async def test_duplicate_request_id_closes_only_that_connection() -> None:
+    # Issue 9 A.2: two requests with one id made SendScheduler.push raise inside the
+    # connection, which escaped into the network's nursery and stopped the node.
+    mem = MemoryNet()
+    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve_listener, mem.listener("mem-b"))
+            bad_stream, bad = await raw_client(mem, "mem-b")
+            for _ in range(2):
+                bad.queue(OutgoingMessage(7, False, encode_head(MSG_REQUEST, "echo", {}, False), None))
+                await bad_stream.send_all(bad.data_to_send()[0])
+            while await bad_stream.receive_some(65536):  # at most one answer, then closed
+                pass
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.incoming_connections == 0
+            assert b.connection_faults == {"client-raw": 1}
+            good_stream, good = await raw_client(mem, "mem-b")
+            good.queue(OutgoingMessage(7, False, encode_head(MSG_REQUEST, "echo", {"v": 1}, False), None))
+            await good_stream.send_all(good.data_to_send()[0])
+            while (item := good.next_message()) is NEED_DATA:
+                good.receive_data(await good_stream.receive_some(65536))
+            assert item[2].fields == {"peer": "client-raw", "v": 1}  # type: ignore[index]
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_exception_inside_a_connection_closes_only_that_connection(monkeypatch) -> None:
+    # Issue 9 A.2/A.3: nothing a connection does may escape into the node's nursery.
+    from blocknode.rpc.connection import RpcConnection
+
+    mem = MemoryNet()
+    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    real_dispatch = RpcConnection._dispatch
+
+    def dispatch(self: RpcConnection, is_response: bool, sid: int, msg: Any, taken: int = 0) -> None:
+        if msg.kind == "boom":
+            raise RuntimeError("injected")
+        real_dispatch(self, is_response, sid, msg, taken)
+
+    monkeypatch.setattr(RpcConnection, "_dispatch", dispatch)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve_listener, mem.listener("mem-b"))
+            stream, sess = await raw_client(mem, "mem-b")
+            sess.queue(OutgoingMessage(1, False, encode_head(MSG_REQUEST, "boom", {}, False), None))
+            await stream.send_all(sess.data_to_send()[0])
+            assert await stream.receive_some(65536) == b""
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.connection_faults == {"client-raw": 1}
+            a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
+            await nursery.start(a.run)
+            assert (await a.call("b", "echo", {"ok": 1}, timeout=5))[0] == {"peer": "a", "ok": 1}
+            nursery.cancel_scope.cancel()
