@@ -31,13 +31,15 @@ from blocknode.config import NodeConfig, load_or_create_secret
 from blocknode.errors import BlocknodeError, InvalidHash, ProtocolError, RemoteError, RpcError
 from blocknode.rpc.connect import open_client as _open_connection
 from blocknode.rpc.connection import RpcConnection
-from blocknode.rpc.wire import max_message_size
+from blocknode.rpc.wire import HEAD_MAX, MAX_BATCH_ROWS, max_message_size
 
 MANIFEST_MAGIC = b"BLOCKNODE-MANIFEST-1\n"
 _PARALLEL_BLOCKS = 8
 BATCH_MAX_BLOCK = 64 * 1024  # puts up to this size may share one RPC with concurrent ones
 BATCH_MAX_BYTES = 1024 * 1024
-BATCH_MAX_ITEMS = 256
+BATCH_MAX_ITEMS = MAX_BATCH_ROWS  # a node refuses larger batches
+_BATCH_HEAD_ROOM = HEAD_MAX - 1024  # the rows of one batch must fit in its message head
+_ROW_HEAD_BYTES = 20  # msgpack cost of a row besides its ref id: [str hdr, u64 ts, u32 length]
 
 
 def new_ref_id() -> str:
@@ -115,14 +117,17 @@ class _PutBatcher:
 
     def _take(self) -> list[_PendingPut]:
         batch: list[_PendingPut] = []
-        size = 0
+        size = head = 0
         while self._pending and len(batch) < BATCH_MAX_ITEMS:
             n = len(self._pending[0].data)
+            row = len(self._pending[0].ref_id.encode()) + _ROW_HEAD_BYTES
             # The whole batch is one message: keep it within the node's message cap.
-            if batch and size + n > min(BATCH_MAX_BYTES, self._client.block_size):
+            if batch and (size + n > min(BATCH_MAX_BYTES, self._client.block_size)
+                          or head + row > _BATCH_HEAD_ROOM):
                 break
             batch.append(self._pending.pop(0))
             size += n
+            head += row
         return batch
 
     async def _send(self, batch: list[_PendingPut]) -> None:

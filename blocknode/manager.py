@@ -35,7 +35,7 @@ from blocknode.errors import (
 )
 from blocknode.layout import Layout
 from blocknode.meta import MetaStore, RefEntry
-from blocknode.rpc.wire import PRIO_BACKGROUND, PRIO_HIGH, PRIO_NORMAL
+from blocknode.rpc.wire import MAX_BATCH_ROWS, PRIO_BACKGROUND, PRIO_HIGH, PRIO_NORMAL, fit_texts
 
 Reply = tuple[dict[str, Any], bytes | None]
 Handler = Callable[[str, dict[str, Any], bytes | None], Awaitable[Reply]]
@@ -381,7 +381,7 @@ class BlockManager:
         results = await self.put_many([(chunk, ref_id, ts) for _, ref_id, ts, chunk in items])
         return {
             "hashes": [r if isinstance(r, bytes) else None for r in results],
-            "errors": [None if isinstance(r, bytes) else str(r) for r in results],
+            "errors": fit_texts([None if isinstance(r, bytes) else str(r) for r in results]),
         }, None
 
     async def handle_client_get(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
@@ -405,8 +405,8 @@ def _parse_items(fields: dict[str, Any], data: bytes | None,
     Rows are ``[hash, ref_id, ts, length]`` (`with_hash`) or ``[ref_id, ts, length]``.
     """
     rows = fields.get("items")
-    if not isinstance(rows, list) or not rows or len(rows) > 4096:
-        raise ProtocolError("field 'items': expected a list of 1 to 4096 rows")
+    if not isinstance(rows, list) or not rows or len(rows) > MAX_BATCH_ROWS:
+        raise ProtocolError(f"field 'items': expected a list of 1 to {MAX_BATCH_ROWS} rows")
     payload = data or b""
     view = memoryview(payload)
     out = []

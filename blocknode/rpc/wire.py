@@ -46,6 +46,7 @@ __all__ = [
     "FLAG_LAST",
     "FLAG_RESPONSE",
     "HEAD_MAX",
+    "MAX_BATCH_ROWS",
     "MSG_ERROR",
     "MSG_REQUEST",
     "MSG_RESPONSE",
@@ -60,6 +61,7 @@ __all__ = [
     "SendScheduler",
     "decode_message",
     "encode_head",
+    "fit_texts",
     "max_message_size",
     "pack_frame_prefix",
 ]
@@ -101,6 +103,29 @@ def max_message_size(block_size: int) -> int:
 
 DEFAULT_MAX_MESSAGE_SIZE: Final = max_message_size(1024 * 1024)
 """The cap for the default `block_size` (1 MiB)."""
+
+MAX_BATCH_ROWS: Final = 256
+"""Most rows in one batch message (`client_put_many`, `put_blocks`).
+
+Chosen so that every reply fits in `HEAD_MAX`: a reply row is a hash (34 bytes)
+or an error string, and error strings are cut to share what is left (see
+`fit_texts`). A larger batch is refused before any of it is done.
+"""
+
+
+def fit_texts(texts: list[str | None], room: int = HEAD_MAX - 1024) -> list[str | None]:
+    """Cut each text so that the list takes at most `room` bytes in a msgpack head.
+
+    Every text gets an equal share of `room` (long ones end with "..."), so a
+    reply of at most `MAX_BATCH_ROWS` rows always encodes.
+    """
+    share = max(16, room // max(1, len(texts)) - 40)
+    out: list[str | None] = []
+    for t in texts:
+        if t is not None and len(t.encode()) > share:
+            t = t.encode()[: share - 3].decode(errors="ignore") + "..."
+        out.append(t)
+    return out
 
 MSG_REQUEST: Final = 0
 MSG_RESPONSE: Final = 1

@@ -199,3 +199,17 @@ def test_assembler_limits() -> None:
         asm.begin_chunk(FLAG_FIRST | FLAG_LAST, 3, 10, 11)
     with pytest.raises(ProtocolError, match="unknown chunk flags"):
         asm.parse_header(CHUNK_HEADER.pack(0x80, 1, 1))
+
+
+def test_the_largest_batch_reply_always_fits_in_a_head() -> None:
+    # Issue 9 B.7: every reply to a batch of MAX_BATCH_ROWS rows must encode.
+    from blocknode.rpc.wire import HEAD_MAX, MAX_BATCH_ROWS, MSG_RESPONSE, fit_texts
+
+    long_error = "quorum not reached; failed: " + "node9: NodeUnreachable é " * 400
+    for n_ok in (0, 1, MAX_BATCH_ROWS // 2, MAX_BATCH_ROWS):
+        hashes = [b"\xab" * 32] * n_ok + [None] * (MAX_BATCH_ROWS - n_ok)
+        errors = fit_texts([None] * n_ok + [long_error] * (MAX_BATCH_ROWS - n_ok))
+        head = encode_head(MSG_RESPONSE, "client_put_many", {"hashes": hashes, "errors": errors}, False)
+        assert len(head) <= 4 + HEAD_MAX
+        assert all(e is None or e.startswith("quorum not reached") for e in errors)
+    assert fit_texts(["short", None]) == ["short", None]
