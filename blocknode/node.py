@@ -73,10 +73,12 @@ class Node:
             peers,
             self.dispatch,
             connect=connect,
-            # block_ram_buffer_max bounds block bytes in RAM: half for payloads this node
-            # sends, half for client requests it is handling.
-            ram_buffer_max=max(1, cfg.block_ram_buffer_max // 2),
-            client_buffer_max=max(1, cfg.block_ram_buffer_max // 2),
+            # block_ram_buffer_max bounds block bytes in RAM, a quarter each for: payloads
+            # this node sends, client requests it is handling, messages being received,
+            # replies waiting to be sent.
+            ram_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
+            client_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
+            receive_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
             connect_timeout=cfg.connect_timeout,
             max_message_size=max_message_size(cfg.block_size),
         )

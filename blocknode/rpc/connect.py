@@ -26,7 +26,7 @@ from blocknode.rpc.connection import TRANSPORT_ERRORS, Handler, RpcConnection
 from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
 from blocknode.rpc.session import Session
 from blocknode.rpc.transport import Connector, tcp_connect
-from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE
+from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE, ReceiveBudget
 
 __all__ = ["handshake", "open_client", "open_connection"]
 
@@ -75,12 +75,14 @@ async def open_connection(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     handler: Handler | None = None,
     rng: Callable[[int], bytes] = os.urandom,
+    receive_budget: ReceiveBudget | None = None,
     **conn_kw: Any,
 ) -> RpcConnection:
     """Connect to `addr`, authenticate as `local_id`, return the connection (not running).
 
     `connect_timeout` bounds the transport connect, `handshake_timeout` the
-    handshake. `conn_kw` go to `RpcConnection` (limits, budgets, timeouts).
+    handshake. `receive_budget` is the node's budget for incoming messages in
+    progress; `conn_kw` go to `RpcConnection` (limits, budgets, timeouts).
     """
     who = f"node {expected_peer_id} at {addr}" if expected_peer_id else f"node at {addr}"
     try:
@@ -103,7 +105,8 @@ async def open_connection(
         if isinstance(exc, NodeUnreachable | ProtocolError):
             raise type(exc)(f"{who}: {exc}") from None
         raise
-    session = Session(hs.keys, decoder=hs.decoder, max_message_size=max_message_size)
+    session = Session(hs.keys, decoder=hs.decoder, max_message_size=max_message_size,
+                      receive_budget=receive_budget)
     return RpcConnection(stream, session, hs.keys.peer_id, handler, addr=addr, **conn_kw)
 
 

@@ -221,6 +221,9 @@ class RpcConnection:
         while True:
             while (item := session.next_message()) is not NEED_DATA:
                 is_response, sid, msg = item  # type: ignore[misc]
+                if msg is None:
+                    self._refused(is_response, sid)
+                    continue
                 taken = 0
                 if (not is_response and self._request_budget is not None
                         and msg.data is not None and msg.type == MSG_REQUEST):
@@ -282,6 +285,21 @@ class RpcConnection:
             self._inflight += 1
             self._nursery.start_soon(self._guard, self._handle, sid, msg, taken)
 
+    def _refused(self, is_response: bool, sid: int) -> None:
+        """A message dropped for want of the node's receive budget: answer ``busy``."""
+        if is_response:
+            waiter = self._waiters.pop(sid, None)
+            if waiter is not None:
+                waiter.message = Message(MSG_ERROR, "", {
+                    "code": "busy", "message": "reply dropped: the receive buffer budget was full"})
+                waiter.event.set()
+            return
+        if sid in self._serving:
+            raise ProtocolError(f"request id {sid} reused while that request is in flight")
+        self._serving.add(sid)
+        self._reply(sid, Message(MSG_REQUEST, "", {}), MSG_ERROR, {
+            "code": "busy", "message": "request dropped: the receive buffer budget is full"}, None)
+
     def _reply(
         self, sid: int, req: Message, msg_type: int, fields: dict[str, Any], data: bytes | None
     ) -> None:
@@ -301,6 +319,7 @@ class RpcConnection:
         assert self._handler is not None
         try:
             data = bytes(req.data) if req.data is not None else None
+            req.data = None  # the reassembly buffer goes now, not when the handler is done
             try:
                 result = await self._handler(self.peer_id, req.kind, req.fields, data)
                 fields, out = result

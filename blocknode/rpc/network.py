@@ -43,7 +43,7 @@ from blocknode.rpc.errors import error_reply, remote_error
 from blocknode.rpc.handshake import ServerHandshake
 from blocknode.rpc.session import Session
 from blocknode.rpc.transport import Connector, split_addr, tcp_connect
-from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE, PRIO_NORMAL
+from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE, PRIO_NORMAL, ReceiveBudget
 
 __all__ = ["ByteBudget", "Connector", "RpcNetwork", "Outcome", "split_addr", "tcp_connect"]
 
@@ -145,9 +145,11 @@ class RpcNetwork:
     Reconnect backoff doubles from `backoff_initial` to `backoff_max` (with
     ±20 % jitter); while a node that failed `fail_fast_after` connects in a row is
     in backoff, calls to it fail at once with `NodeUnreachable` (before that, a
-    call tries to connect). `client_buffer_max` (default: `ram_buffer_max`) bounds
-    payload bytes of client requests being handled. `ram_buffer_max` bounds payload bytes held by outgoing
-    calls (see `ByteBudget`).
+    call tries to connect). Memory: `ram_buffer_max` bounds payload bytes held
+    by outgoing calls (see `ByteBudget`); `client_buffer_max` payload bytes of
+    client requests being handled; `receive_buffer_max` bytes of incoming
+    messages still being reassembled, on every connection (see
+    `ReceiveBudget`). Each defaults to `ram_buffer_max`.
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class RpcNetwork:
         connect: Connector | None = None,
         ram_buffer_max: int = 256 * 1024 * 1024,
         client_buffer_max: int | None = None,
+        receive_buffer_max: int | None = None,
         connect_timeout: float = 5.0,
         handshake_timeout: float = 5.0,
         ping_interval: float = 10.0,
@@ -179,6 +182,7 @@ class RpcNetwork:
         self._connect = connect or tcp_connect
         self.budget = ByteBudget(ram_buffer_max)
         self.client_budget = ByteBudget(client_buffer_max or ram_buffer_max)
+        self.receive_budget = ReceiveBudget(receive_buffer_max or ram_buffer_max)
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
@@ -272,7 +276,8 @@ class RpcNetwork:
             log.info("refused an incoming connection: %s", exc or "handshake timed out")
             await trio.aclose_forcefully(stream)
             return
-        session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size)
+        session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size,
+                          receive_budget=self.receive_budget)
         peer = self._peers.get(hs.keys.peer_id)
         # Requests from clients fan out to other nodes, so their payloads are bounded
         # here; requests from nodes are leaves, bounded by the sender's own budget
@@ -312,6 +317,7 @@ class RpcNetwork:
                 max_message_size=self.max_message_size,
                 handler=self._handler,
                 rng=self._rng,
+                receive_budget=self.receive_budget,
             )
         except ProtocolError as exc:  # refused: to the caller, the node is unreachable
             raise NodeUnreachable(str(exc)) from exc

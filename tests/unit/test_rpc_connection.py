@@ -253,3 +253,34 @@ async def test_an_exception_inside_a_connection_closes_only_that_connection(monk
             await nursery.start(a.run)
             assert (await a.call("b", "echo", {"ok": 1}, timeout=5))[0] == {"peer": "a", "ok": 1}
             nursery.cancel_scope.cancel()
+
+
+async def test_messages_beyond_the_receive_budget_are_answered_busy() -> None:
+    # Issue 9 B.5: incomplete incoming messages count against the node's budget; past it a
+    # message is refused (answered busy) and the connection goes on.
+    from blocknode.rpc.errors import RemoteCallError
+
+    mem = MemoryNet()
+    a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect, receive_buffer_max=2 * MiB + MiB // 2)
+    outcomes: list[str] = []
+
+    async def put(i: int) -> None:
+        try:
+            await a.call("b", "echo", {"i": i}, os.urandom(MiB), timeout=5)
+            outcomes.append("ok")
+        except RemoteCallError as exc:
+            outcomes.append(exc.code)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve_listener, mem.listener("mem-b"))
+            await nursery.start(a.run)
+            await a.call("b", "echo", {}, timeout=5)
+            async with trio.open_nursery() as calls:
+                for i in range(3):  # interleaved: all three are in progress at once
+                    calls.start_soon(put, i)
+            assert sorted(outcomes) == ["busy", "ok", "ok"]
+            assert b.receive_budget.committed == 0 and b.receive_budget.refused == 1
+            assert (await a.call("b", "echo", {"z": 1}, b"ok", timeout=5)) == ({"peer": "a", "z": 1}, b"ok")
+            nursery.cancel_scope.cancel()
