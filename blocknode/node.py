@@ -35,6 +35,9 @@ from blocknode.workers import install_workers
 
 Worker = Callable[..., Awaitable[None]]
 
+BLOCK_REPLY_KINDS = frozenset({"get_block", "client_get"})
+"""Request kinds whose reply carries a block (the rest answer with a head only)."""
+
 
 class Node:
     """One blocknode node (see module docstring).
@@ -79,6 +82,8 @@ class Node:
             ram_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
             client_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
             receive_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
+            reply_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
+            reply_size=lambda kind: cfg.block_size if kind in BLOCK_REPLY_KINDS else 0,
             connect_timeout=cfg.connect_timeout,
             max_message_size=max_message_size(cfg.block_size),
         )

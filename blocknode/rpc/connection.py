@@ -66,6 +66,15 @@ class RequestBudget(Protocol):
     def release(self, n: int) -> None: ...
 
 
+class ReplyBudget(RequestBudget, Protocol):
+    """A byte semaphore that can also be overdrawn (`blocknode.rpc.network.ByteBudget`)."""
+
+    def take(self, n: int) -> None: ...
+
+
+_NO_REQUEST = Message(MSG_REQUEST, "", {})
+"""Stands for a request that was dropped before it could be read."""
+
 _RECV_SIZE = 256 * 1024
 TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 """What a broken transport raises (each becomes `NodeUnreachable`)."""
@@ -90,6 +99,14 @@ class RpcConnection:
     payload bytes of requests being handled count against it: the reader stops
     reading (TCP pushes back on the peer) until the budget has room, so a flood
     of large requests cannot grow memory without bound.
+
+    Replies: with `reply_budget`, the payload of every reply takes from it from
+    when it is queued until it is sent; with `reply_size` too, a request is not
+    handed to its handler before ``reply_size(kind)`` bytes (the largest reply
+    its kind may carry) are reserved there. And while more than `reply_share`
+    reply bytes of this connection are reserved or unsent, the reader stops
+    reading: a peer that does not read its answers stops being served instead
+    of growing the send queue.
     """
 
     def __init__(
@@ -101,12 +118,22 @@ class RpcConnection:
         *,
         max_inflight: int = 256,
         request_budget: RequestBudget | None = None,
+        reply_budget: ReplyBudget | None = None,
+        reply_share: int | None = None,
+        reply_size: Callable[[str], int] | None = None,
         addr: str = "",
     ) -> None:
         self.stream = stream
         self.addr = addr
         """The remote address, when known (for messages and logs)."""
         self._request_budget = request_budget
+        self._reply_budget = reply_budget
+        self._reply_share = reply_share
+        self._reply_size = reply_size
+        self._reply_taken: dict[int, int] = {}  # request id -> reply bytes held for it
+        self.reply_bytes = 0
+        """Reply bytes this connection holds: reserved for running handlers, or queued."""
+        self._reply_room = trio.Event()
         self.session = session
         self.peer_id = peer_id
         self._handler = handler
@@ -193,6 +220,8 @@ class RpcConnection:
             waiter.event.set()  # message None -> NodeUnreachable
         self._waiters.clear()
         self.session.scheduler.drain()
+        for sid in list(self._reply_taken):
+            self._release_reply(sid)
         if self.close_reason is None:
             self.close_reason = reason
 
@@ -221,14 +250,17 @@ class RpcConnection:
         while True:
             while (item := session.next_message()) is not NEED_DATA:
                 is_response, sid, msg = item  # type: ignore[misc]
-                if msg is None:
-                    self._refused(is_response, sid)
+                if is_response:
+                    self._on_response(sid, msg)
                     continue
-                taken = 0
-                if (not is_response and self._request_budget is not None
-                        and msg.data is not None and msg.type == MSG_REQUEST):
-                    taken = await self._request_budget.acquire(len(msg.data))
-                self._dispatch(is_response, sid, msg, taken)
+                self._check_request(sid, msg)
+                if msg is None:  # dropped for want of the receive budget
+                    self._reply(sid, _NO_REQUEST, MSG_ERROR, {
+                        "code": "busy", "message": "request dropped: the receive buffer budget is full"},
+                        None)
+                    continue
+                taken = await self._admit(sid, msg)
+                self._dispatch(sid, msg, taken)
             if session.decoder.at_eof:
                 self.close_reason = self.close_reason or NodeUnreachable(
                     f"{self._who} closed the connection"
@@ -248,6 +280,7 @@ class RpcConnection:
                 for msg in finished:
                     if msg.is_response:
                         self._serving.discard(msg.stream_id)
+                        self._release_reply(msg.stream_id)
 
     def _queue(self, msg: OutgoingMessage) -> None:
         self.session.queue(msg)
@@ -255,55 +288,81 @@ class RpcConnection:
 
     # -- incoming ---------------------------------------------------------------
 
-    def _dispatch(self, is_response: bool, sid: int, msg: Message, taken: int = 0) -> None:
-        if taken and (is_response or msg.kind == PING_KIND or self._handler is None
-                      or self._inflight >= self._max_inflight or msg.type != MSG_REQUEST):
-            assert self._request_budget is not None
-            self._request_budget.release(taken)  # not handled: nothing holds the bytes
-            taken = 0
-        if is_response:
-            if msg.type == MSG_REQUEST:
-                raise ProtocolError("request sent with the response flag")
-            waiter = self._waiters.pop(sid, None)
-            if waiter is not None:  # else: the caller gave up; drop it
-                waiter.message = msg
-                waiter.event.set()
-            return
-        if msg.type != MSG_REQUEST:
+    def _on_response(self, sid: int, msg: Message | None) -> None:
+        if msg is None:  # dropped for want of the receive budget
+            msg = Message(MSG_ERROR, "", {
+                "code": "busy", "message": "reply dropped: the receive buffer budget was full"})
+        elif msg.type == MSG_REQUEST:
+            raise ProtocolError("request sent with the response flag")
+        waiter = self._waiters.pop(sid, None)
+        if waiter is not None:  # else: the caller gave up; drop it
+            waiter.message = msg
+            waiter.event.set()
+
+    def _check_request(self, sid: int, msg: Message | None) -> None:
+        if msg is not None and msg.type != MSG_REQUEST:
             raise ProtocolError("response sent without the response flag")
         if sid in self._serving:
             raise ProtocolError(f"request id {sid} reused while that request is in flight")
         self._serving.add(sid)  # until its answer has been sent
+
+    def _handled(self, msg: Message) -> bool:
+        return (msg.kind != PING_KIND and self._handler is not None
+                and self._inflight < self._max_inflight)
+
+    async def _admit(self, sid: int, msg: Message) -> int:
+        """Wait (not reading meanwhile) until the request may be handled; its payload's share."""
+        if self._reply_share is not None:
+            while self.reply_bytes > self._reply_share:
+                await self._reply_room.wait()
+        if not self._handled(msg):
+            return 0
+        if self._reply_size is not None and self._reply_budget is not None:
+            size = self._reply_size(msg.kind)
+            if size:
+                self._hold_reply(sid, await self._reply_budget.acquire(size))
+        if self._request_budget is not None and msg.data is not None:
+            return await self._request_budget.acquire(len(msg.data))
+        return 0
+
+    def _dispatch(self, sid: int, msg: Message, taken: int = 0) -> None:
+        if self._handled(msg):
+            assert self._nursery is not None
+            self._inflight += 1
+            self._nursery.start_soon(self._guard, self._handle, sid, msg, taken)
+            return
+        if taken:  # not handled after all: nothing holds the bytes
+            assert self._request_budget is not None
+            self._request_budget.release(taken)
         if msg.kind == PING_KIND:
             self._reply(sid, msg, MSG_RESPONSE, {}, None)
         elif self._handler is None:
             self._reply(sid, msg, MSG_ERROR, {"code": "bad_request", "message": "no handler"}, None)
-        elif self._inflight >= self._max_inflight:
-            self._reply(sid, msg, MSG_ERROR, {"code": "busy", "message": "too many requests"}, None)
         else:
-            assert self._nursery is not None
-            self._inflight += 1
-            self._nursery.start_soon(self._guard, self._handle, sid, msg, taken)
+            self._reply(sid, msg, MSG_ERROR, {"code": "busy", "message": "too many requests"}, None)
 
-    def _refused(self, is_response: bool, sid: int) -> None:
-        """A message dropped for want of the node's receive budget: answer ``busy``."""
-        if is_response:
-            waiter = self._waiters.pop(sid, None)
-            if waiter is not None:
-                waiter.message = Message(MSG_ERROR, "", {
-                    "code": "busy", "message": "reply dropped: the receive buffer budget was full"})
-                waiter.event.set()
-            return
-        if sid in self._serving:
-            raise ProtocolError(f"request id {sid} reused while that request is in flight")
-        self._serving.add(sid)
-        self._reply(sid, Message(MSG_REQUEST, "", {}), MSG_ERROR, {
-            "code": "busy", "message": "request dropped: the receive buffer budget is full"}, None)
+    def _hold_reply(self, sid: int, n: int) -> None:
+        """Count `n` more reply bytes for request `sid` (already taken from the budget)."""
+        if n:
+            self._reply_taken[sid] = self._reply_taken.get(sid, 0) + n
+            self.reply_bytes += n
+
+    def _release_reply(self, sid: int) -> None:
+        """Request `sid`'s reply is sent (or will never be): free what it held."""
+        n = self._reply_taken.pop(sid, 0)
+        if n:
+            self.reply_bytes -= n
+            if self._reply_budget is not None:
+                self._reply_budget.release(n)
+            if self._reply_share is None or self.reply_bytes <= self._reply_share:
+                self._reply_room.set()
+                self._reply_room = trio.Event()
 
     def _reply(
         self, sid: int, req: Message, msg_type: int, fields: dict[str, Any], data: bytes | None
     ) -> None:
         if self._closed:
+            self._release_reply(sid)
             return
         try:
             head = encode_head(msg_type, req.kind, fields, data is not None, req.priority)
@@ -313,6 +372,16 @@ class RpcConnection:
             head = encode_head(MSG_ERROR, req.kind, fields, False, req.priority)
             data = None
         view = memoryview(data) if data is not None else None
+        if self._reply_budget is not None:  # the reply holds exactly its own size until sent
+            held = self._reply_taken.get(sid, 0)
+            size = len(view) if view is not None else 0
+            if size > held:
+                self._reply_budget.take(size - held)
+                self._hold_reply(sid, size - held)
+            elif size < held:
+                self._reply_taken[sid] = size
+                self.reply_bytes -= held - size
+                self._reply_budget.release(held - size)
         self._queue(OutgoingMessage(sid, True, head, view, req.priority))
 
     async def _handle(self, sid: int, req: Message, taken: int = 0) -> None:

@@ -96,8 +96,13 @@ class ByteBudget:
             raise
         return n
 
+    def take(self, n: int) -> None:
+        """Take `n` bytes now, even past the budget (bytes that exist already must be
+        counted); later `acquire` calls wait until the budget is back under its cap."""
+        self.used += n
+
     def release(self, n: int) -> None:
-        """Return bytes taken by `acquire`."""
+        """Return bytes taken by `acquire` or `take`."""
         self.used -= n
         self._grant()
 
@@ -149,7 +154,10 @@ class RpcNetwork:
     by outgoing calls (see `ByteBudget`); `client_buffer_max` payload bytes of
     client requests being handled; `receive_buffer_max` bytes of incoming
     messages still being reassembled, on every connection (see
-    `ReceiveBudget`). Each defaults to `ram_buffer_max`.
+    `ReceiveBudget`); `reply_buffer_max` reply payloads until they are sent
+    (a client's request first reserves ``reply_size(kind)`` bytes there, the
+    largest reply its kind may carry; a connection holding more than
+    `reply_share` stops being read). Each defaults to `ram_buffer_max`.
     """
 
     def __init__(
@@ -163,6 +171,8 @@ class RpcNetwork:
         ram_buffer_max: int = 256 * 1024 * 1024,
         client_buffer_max: int | None = None,
         receive_buffer_max: int | None = None,
+        reply_buffer_max: int | None = None,
+        reply_size: Callable[[str], int] | None = None,
         connect_timeout: float = 5.0,
         handshake_timeout: float = 5.0,
         ping_interval: float = 10.0,
@@ -183,6 +193,10 @@ class RpcNetwork:
         self.budget = ByteBudget(ram_buffer_max)
         self.client_budget = ByteBudget(client_buffer_max or ram_buffer_max)
         self.receive_budget = ReceiveBudget(receive_buffer_max or ram_buffer_max)
+        self.reply_budget = ByteBudget(reply_buffer_max or ram_buffer_max)
+        self.reply_share = max(max_message_size, self.reply_budget.max_bytes // 4)
+        """Reply bytes one connection may hold before it stops being read."""
+        self._reply_size = reply_size
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
@@ -282,8 +296,13 @@ class RpcNetwork:
         # Requests from clients fan out to other nodes, so their payloads are bounded
         # here; requests from nodes are leaves, bounded by the sender's own budget
         # (and bounding them here too could deadlock two nodes waiting on each other).
+        # Likewise the largest reply a client's request may need is reserved before it
+        # is handled; every reply, to anyone, is counted until sent.
+        client = peer is None
         conn = RpcConnection(stream, session, hs.keys.peer_id, self._handler,
-                             request_budget=None if peer is not None else self.client_budget)
+                             request_budget=self.client_budget if client else None,
+                             reply_budget=self.reply_budget, reply_share=self.reply_share,
+                             reply_size=self._reply_size if client else None)
         if peer is not None and peer.live() is None:
             # The peer just proved it is alive: let our next call connect to it at once
             # instead of waiting out a backoff earned while it was down.
@@ -318,6 +337,8 @@ class RpcNetwork:
                 handler=self._handler,
                 rng=self._rng,
                 receive_budget=self.receive_budget,
+                reply_budget=self.reply_budget,
+                reply_share=self.reply_share,
             )
         except ProtocolError as exc:  # refused: to the caller, the node is unreachable
             raise NodeUnreachable(str(exc)) from exc

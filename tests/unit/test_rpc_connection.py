@@ -234,10 +234,10 @@ async def test_an_exception_inside_a_connection_closes_only_that_connection(monk
     b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
     real_dispatch = RpcConnection._dispatch
 
-    def dispatch(self: RpcConnection, is_response: bool, sid: int, msg: Any, taken: int = 0) -> None:
+    def dispatch(self: RpcConnection, sid: int, msg: Any, taken: int = 0) -> None:
         if msg.kind == "boom":
             raise RuntimeError("injected")
-        real_dispatch(self, is_response, sid, msg, taken)
+        real_dispatch(self, sid, msg, taken)
 
     monkeypatch.setattr(RpcConnection, "_dispatch", dispatch)
     with trio.fail_after(10):
@@ -283,4 +283,55 @@ async def test_messages_beyond_the_receive_budget_are_answered_busy() -> None:
             assert sorted(outcomes) == ["busy", "ok", "ok"]
             assert b.receive_budget.committed == 0 and b.receive_budget.refused == 1
             assert (await a.call("b", "echo", {"z": 1}, b"ok", timeout=5)) == ({"peer": "a", "z": 1}, b"ok")
+            nursery.cancel_scope.cancel()
+
+
+async def test_unread_replies_are_bounded_and_stop_the_reading() -> None:
+    # Issue 9 B.6: 256 client_get whose replies were never read grew a node by 256 MiB.
+    # Reply payloads now take from a budget (a client's request reserves its largest reply
+    # before it is handled), and a connection holding more than its share is not read.
+    from blocknode.rpc.connect import open_client
+
+    calls: list[int] = []
+
+    async def get(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        calls.append(fields.get("i", -1))
+        return {}, bytes(MiB)
+
+    streams: list[trio.abc.Stream] = []
+    listener = MemoryListener()
+
+    async def lockstep_connect(addr: str) -> trio.abc.Stream:  # send_all waits for the reader
+        client, server = trio.testing.lockstep_stream_pair()
+        streams.append(client)
+        await listener.send.send(server)
+        return client
+
+    node = RpcNetwork("n", SECRET, {}, get, reply_buffer_max=8 * MiB,
+                      reply_size=lambda kind: MiB if kind == "get" else 0)
+    assert node.reply_share == 2 * MiB
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.serve_listener, listener)
+            stream = await lockstep_connect("n")
+            hs = ClientHandshake("client-greedy", SECRET)
+            await handshake(stream, hs)
+            greedy = Session(hs.keys, decoder=hs.decoder)
+            for i in range(64):
+                greedy.queue(OutgoingMessage(i + 1, False, encode_head(MSG_REQUEST, "get", {"i": i}, False), None))
+            async def send_requests() -> None:
+                while greedy.pending:
+                    await stream.send_all(greedy.data_to_send()[0])
+            nursery.start_soon(send_requests)
+            await trio.testing.wait_all_tasks_blocked()
+            # never read: the node handled only what its share allows, then stopped reading
+            assert len(calls) <= 3
+            assert node.reply_budget.used <= node.reply_share + MiB
+            # another client is still served
+            async with open_client("n", SECRET, timeout=5, connect=lockstep_connect) as other:
+                fields, data = await other.call("get", {}, timeout=5)
+                assert data == bytes(MiB)
+            await stream.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert node.reply_budget.used == 0
             nursery.cancel_scope.cancel()
