@@ -28,7 +28,7 @@ from blocknode.errors import ConfigError, ProtocolError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.meta import MetaStore
-from blocknode.rpc.network import RpcNetwork
+from blocknode.rpc.network import ConnectionLimits, RpcNetwork
 from blocknode.rpc.wire import max_message_size
 from blocknode.store import BlockStore
 from blocknode.workers import install_workers
@@ -85,7 +85,15 @@ class Node:
             reply_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
             reply_size=lambda kind: cfg.block_size if kind in BLOCK_REPLY_KINDS else 0,
             connect_timeout=cfg.connect_timeout,
+            handshake_timeout=cfg.rpc_handshake_timeout,
             max_message_size=max_message_size(cfg.block_size),
+            limits=ConnectionLimits(
+                max_connections=cfg.rpc_max_connections,
+                max_per_addr=cfg.rpc_max_connections_per_addr,
+                max_handshakes=cfg.rpc_max_handshakes,
+                idle_timeout=cfg.rpc_idle_timeout,
+                stall_timeout=cfg.rpc_timeout,
+            ),
         )
         self.manager = BlockManager(
             node_id=cfg.node_id,

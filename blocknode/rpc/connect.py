@@ -44,6 +44,8 @@ async def handshake(stream: trio.abc.Stream, hs: ClientHandshake | ServerHandsha
             await stream.send_all(out)
         while not hs.done:
             data = await stream.receive_some(4096)
+            if not data:  # closed without a word: at a cap, shutting down, or not a node
+                raise NodeUnreachable("the peer closed the connection during the handshake")
             hs.receive_data(data)
             try:
                 hs.process()

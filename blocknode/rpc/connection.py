@@ -28,6 +28,7 @@ no request handler.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -72,6 +73,10 @@ class ReplyBudget(RequestBudget, Protocol):
     def take(self, n: int) -> None: ...
 
 
+class _Expired(Exception):
+    """The read deadline passed (idle or stalled connection)."""
+
+
 _NO_REQUEST = Message(MSG_REQUEST, "", {})
 """Stands for a request that was dropped before it could be read."""
 
@@ -107,6 +112,11 @@ class RpcConnection:
     reply bytes of this connection are reserved or unsent, the reader stops
     reading: a peer that does not read its answers stops being served instead
     of growing the send queue.
+
+    Timeouts (None: none): with nothing in flight either way for
+    `idle_timeout` seconds, the connection closes; when a message being
+    received gets no data, or a send cannot proceed, for `stall_timeout`
+    seconds, it closes too (the peer is gone, or holds our buffers hostage).
     """
 
     def __init__(
@@ -121,6 +131,8 @@ class RpcConnection:
         reply_budget: ReplyBudget | None = None,
         reply_share: int | None = None,
         reply_size: Callable[[str], int] | None = None,
+        idle_timeout: float | None = None,
+        stall_timeout: float | None = None,
         addr: str = "",
     ) -> None:
         self.stream = stream
@@ -134,6 +146,11 @@ class RpcConnection:
         self.reply_bytes = 0
         """Reply bytes this connection holds: reserved for running handlers, or queued."""
         self._reply_room = trio.Event()
+        self._idle_timeout = idle_timeout
+        self._stall_timeout = stall_timeout
+        self._last_active = trio.current_time()
+        self._read_since = self._last_active
+        self._recv_scope: trio.CancelScope | None = None
         self.session = session
         self.peer_id = peer_id
         self._handler = handler
@@ -220,6 +237,7 @@ class RpcConnection:
             waiter.event.set()  # message None -> NodeUnreachable
         self._waiters.clear()
         self.session.scheduler.drain()
+        self.session.assembler.close()
         for sid in list(self._reply_taken):
             self._release_reply(sid)
         if self.close_reason is None:
@@ -236,6 +254,38 @@ class RpcConnection:
             return
         self._scope.cancel()
         await self._done.wait()
+
+    def _idle(self) -> bool:
+        return not (self._waiters or self._inflight or self._serving or self.session.pending
+                    or self.session.assembler.partial_count)
+
+    def _read_deadline(self) -> float:
+        """When the read under way gives up: a stalled message, or an idle connection."""
+        if self._stall_timeout is not None and self.session.assembler.partial_count:
+            return self._read_since + self._stall_timeout
+        if self._idle_timeout is not None and self._idle():
+            return self._last_active + self._idle_timeout
+        return math.inf
+
+    def _touch(self) -> None:
+        """Something happened on the connection: move the read deadline."""
+        self._last_active = trio.current_time()
+        if self._recv_scope is not None:
+            self._recv_scope.deadline = self._read_deadline()
+
+    async def _receive_in_time(self) -> bytes | memoryview:
+        self._read_since = trio.current_time()  # time spent paused by budgets is not a stall
+        while True:
+            with trio.CancelScope(deadline=self._read_deadline()) as scope:
+                self._recv_scope = scope
+                try:
+                    return await self._receive()
+                finally:
+                    self._recv_scope = None
+            if trio.current_time() >= self._read_deadline():
+                if self.session.assembler.partial_count:
+                    raise _Expired(f"no data for a message in progress for {self._stall_timeout}s")
+                raise _Expired(f"idle for {self._idle_timeout}s")
 
     async def _receive(self) -> bytes | memoryview:
         stream = self.stream
@@ -266,8 +316,14 @@ class RpcConnection:
                     f"{self._who} closed the connection"
                 )
                 return
-            data = await self._receive()
+            try:
+                data = await self._receive_in_time()
+            except _Expired as exc:
+                self.close_reason = NodeUnreachable(f"closed the connection with {self._who}: {exc}")
+                log.info("%s", self.close_reason)
+                return
             session.receive_data(data)
+            self._touch()
 
     async def _writer(self) -> None:
         session = self.session
@@ -276,11 +332,20 @@ class RpcConnection:
             self._wake = trio.Event()
             while session.pending:
                 view, finished = session.data_to_send()
-                await self.stream.send_all(view)
+                if self._stall_timeout is None:
+                    await self.stream.send_all(view)
+                else:
+                    with trio.move_on_after(self._stall_timeout) as scope:
+                        await self.stream.send_all(view)
+                    if scope.cancelled_caught:
+                        self._fail(NodeUnreachable(
+                            f"{self._who} read nothing for {self._stall_timeout}s; connection closed"))
+                        return
                 for msg in finished:
                     if msg.is_response:
                         self._serving.discard(msg.stream_id)
                         self._release_reply(msg.stream_id)
+            self._touch()
 
     def _queue(self, msg: OutgoingMessage) -> None:
         self.session.queue(msg)
@@ -400,6 +465,7 @@ class RpcConnection:
                 self._reply(sid, req, MSG_RESPONSE, fields, out)
         finally:
             self._inflight -= 1
+            self._touch()
             if taken:
                 assert self._request_budget is not None
                 self._request_budget.release(taken)
@@ -459,6 +525,7 @@ class RpcConnection:
                 self._waiters.pop(sid, None)
                 self.session.cancel(msg.key)
                 self._wake.set()
+            self._touch()
         reply = waiter.message
         if reply is None:
             raise NodeUnreachable(

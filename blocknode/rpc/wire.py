@@ -690,6 +690,12 @@ class MessageAssembler:
             self._release(p)
         return p.key[0], p.key[1], None if p.refused else p.buf
 
+    def close(self) -> None:
+        """The connection ended: free every incomplete message and its budget share."""
+        for p in list(self._partial.values()):
+            self.drop(p)
+        self._partial.clear()
+
     def drop(self, p: _Partial) -> None:
         """Free an incomplete message's buffers; the rest of its chunks are discarded."""
         self._release(p)
