@@ -416,12 +416,15 @@ class RpcConnection:
         """Request `sid`'s reply is sent (or will never be): free what it held."""
         n = self._reply_taken.pop(sid, 0)
         if n:
-            self.reply_bytes -= n
-            if self._reply_budget is not None:
-                self._reply_budget.release(n)
-            if self._reply_share is None or self.reply_bytes <= self._reply_share:
-                self._reply_room.set()
-                self._reply_room = trio.Event()
+            self._unhold_reply(n)
+
+    def _unhold_reply(self, n: int) -> None:
+        self.reply_bytes -= n
+        if self._reply_budget is not None:
+            self._reply_budget.release(n)
+        if self._reply_share is None or self.reply_bytes <= self._reply_share:
+            self._reply_room.set()
+            self._reply_room = trio.Event()
 
     def _reply(
         self, sid: int, req: Message, msg_type: int, fields: dict[str, Any], data: bytes | None
@@ -445,8 +448,7 @@ class RpcConnection:
                 self._hold_reply(sid, size - held)
             elif size < held:
                 self._reply_taken[sid] = size
-                self.reply_bytes -= held - size
-                self._reply_budget.release(held - size)
+                self._unhold_reply(held - size)
         self._queue(OutgoingMessage(sid, True, head, view, req.priority))
 
     async def _handle(self, sid: int, req: Message, taken: int = 0) -> None:

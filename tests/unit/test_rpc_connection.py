@@ -335,3 +335,29 @@ async def test_unread_replies_are_bounded_and_stop_the_reading() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert node.reply_budget.used == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_reserved_replies_that_come_back_small_let_reading_go_on() -> None:
+    # A request kind that may answer a block reserves one; when the answer is small the
+    # reservation is given back at once, and a reader waiting for room goes on.
+    from blocknode.rpc.connect import open_client
+
+    mem = MemoryNet()
+    node = RpcNetwork("n", SECRET, {}, echo, connect=mem.connect, reply_buffer_max=8 * MiB,
+                      reply_size=lambda kind: MiB)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.serve_listener, mem.listener("mem-n"))
+            async with open_client("mem-n", SECRET, timeout=5, connect=mem.connect) as client:
+                got: list[int] = []
+
+                async def one(i: int) -> None:
+                    got.append((await client.call("echo", {"i": i}, timeout=5))[0]["i"])
+
+                async with trio.open_nursery() as calls:
+                    for i in range(20):
+                        calls.start_soon(one, i)
+                assert sorted(got) == list(range(20))
+            await trio.testing.wait_all_tasks_blocked()
+            assert node.reply_budget.used == 0
+            nursery.cancel_scope.cancel()
