@@ -178,6 +178,7 @@ class Node:
             "refs": counts["refs"],
             "resync_queue": counts["resync_queue"],
             "errors": counts["errors"],
+            "connections": self.net.connection_status(),
         }
 
     async def handle_status(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:

@@ -763,6 +763,17 @@ class RpcNetwork:
         p = self._peers.get(node_id)
         return p.latency if p is not None else None
 
+    def connection_status(self) -> dict[str, Any]:
+        """Incoming connections now, what the caps refused, and faults per peer."""
+        return {
+            "incoming": len(self._incoming),
+            "handshaking": len(self._handshaking),
+            "max_connections": self.max_connections,
+            "refused": self.connections_refused,
+            "handshake_failures": self.handshake_failures,
+            "faults": dict(self.connection_faults),
+        }
+
     @property
     def incoming_connections(self) -> int:
         """Number of authenticated incoming connections currently open."""

@@ -139,3 +139,16 @@ def test_the_soft_descriptor_limit_is_raised_and_a_reserve_kept() -> None:
     assert fd_connection_cap(256) == 8  # 256 descriptors: nearly all for the data path
     assert fd_connection_cap(1024) == 512
     assert fd_connection_cap(65536) == 32768
+
+
+async def test_connection_status_counts_refusals_and_faults() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            net, addr = await serving(nursery, max_handshakes=1)
+            a, b = await tcp(addr), await tcp(addr)
+            await trio.testing.wait_all_tasks_blocked()
+            st = net.connection_status()
+            assert st["handshaking"] == 1 and st["refused"] == 1 and st["faults"] == {}
+            await a.aclose()
+            await b.aclose()
+            nursery.cancel_scope.cancel()
