@@ -18,28 +18,35 @@ from blocknode.rpc.errors import (
     RemoteNotFound,
 )
 from blocknode.rpc.handshake import PROTOCOL_VERSION
-from blocknode.rpc.network import ByteBudget, RpcNetwork
+from blocknode.rpc.network import ByteBudget, ConnectionLimits, RpcNetwork
 from blocknode.rpc.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
+    MAX_BATCH_ROWS,
     PRIO_BACKGROUND,
     PRIO_HIGH,
     PRIO_NORMAL,
+    ReceiveBudget,
+    max_message_size,
 )
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "MAX_BATCH_ROWS",
     "PRIO_BACKGROUND",
     "PRIO_HIGH",
     "PRIO_NORMAL",
     "PROTOCOL_VERSION",
     "ByteBudget",
+    "ConnectionLimits",
     "Handler",
     "RemoteCallError",
     "RemoteCorrupted",
     "RemoteHashMismatch",
+    "ReceiveBudget",
     "RemoteNotFound",
     "RpcConnection",
     "RpcNetwork",
+    "max_message_size",
     "open_client",
     "open_connection",
 ]
