@@ -21,6 +21,7 @@ import random
 import resource
 import sys
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
 import trio
@@ -91,26 +92,18 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         return head + body[24:] if size >= 24 else (head * 2)[:size]
 
     out: dict[str, Any] = {"proc": args.proc, "size": size, "concurrency": args.concurrency}
-    async with trio.open_nursery() as nursery:
+    async with AsyncExitStack() as stack:  # clients own nurseries: closed in LIFO order
         clients: list[Any] = []
-        stack = []
         for j in range(args.conns):
             cfg = cfgs[(args.proc + j) % len(cfgs)]
-            cm = open_client(cfg, timeout=60)
-            clients.append(await cm.__aenter__())
-            stack.append(cm)
-        try:
-            if args.start_at:
-                await trio.sleep(max(0.0, args.start_at - time.time()))
-            hashes: list[bytes] = []
-            out["put"] = await _phase("put", clients, args.concurrency, args.duration, make, hashes)
-            random.Random(args.proc).shuffle(hashes)
-            if hashes and not args.no_get:
-                out["get"] = await _phase("get", clients, args.concurrency, args.duration, make, hashes)
-        finally:
-            for cm in stack:
-                await cm.__aexit__(None, None, None)
-        nursery.cancel_scope.cancel()
+            clients.append(await stack.enter_async_context(open_client(cfg, timeout=60)))
+        if args.start_at:
+            await trio.sleep(max(0.0, args.start_at - time.time()))
+        hashes: list[bytes] = []
+        out["put"] = await _phase("put", clients, args.concurrency, args.duration, make, hashes)
+        random.Random(args.proc).shuffle(hashes)
+        if hashes and not args.no_get:
+            out["get"] = await _phase("get", clients, args.concurrency, args.duration, make, hashes)
     return out
 
 

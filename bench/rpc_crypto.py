@@ -115,11 +115,10 @@ async def _loopback(quick: bool) -> list[dict[str, Any]]:
     rows = []
     secret = os.urandom(32)
     async with trio.open_nursery() as nursery:
-        a = RpcNetwork("a", secret, {}, handler)
         b = RpcNetwork("b", secret, {}, handler)
         addr_b = await nursery.start(b.serve, "127.0.0.1:0")
+        a = RpcNetwork("a", secret, {"b": addr_b}, handler)
         await nursery.start(a.run)
-        a.set_peers({"b": addr_b})
         await a.call("b", "put", {}, b"warmup", timeout=10)
         for kind, payload in (("put", data), ("get", None)):
             t = time.perf_counter()

@@ -36,14 +36,26 @@ from blocknode.errors import (
     RemoteProtocolError,
     RpcError,
 )
-from blocknode.protocol import CLIENT_GET, CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_REF, STATUS
-from blocknode.rpc.client import open_client as _open_connection
+from blocknode.protocol import (
+    CLIENT_GET,
+    CLIENT_PUT,
+    CLIENT_PUT_MANY,
+    CLIENT_REF,
+    HEAD_MAX,
+    MAX_BATCH_ROWS,
+    STATUS,
+    max_message_size,
+)
+from blocknode.rpc.connect import open_client as _open_connection
+from blocknode.rpc.connection import RpcConnection
 
 MANIFEST_MAGIC = b"BLOCKNODE-MANIFEST-1\n"
 _PARALLEL_BLOCKS = 8
 BATCH_MAX_BLOCK = 64 * 1024  # puts up to this size may share one RPC with concurrent ones
 BATCH_MAX_BYTES = 1024 * 1024
-BATCH_MAX_ITEMS = 256
+BATCH_MAX_ITEMS = MAX_BATCH_ROWS  # a node refuses larger batches
+_BATCH_HEAD_ROOM = HEAD_MAX - 1024  # the rows of one batch must fit in its message head
+_ROW_HEAD_BYTES = 20  # msgpack cost of a row besides its ref id: [str hdr, u64 ts, u32 length]
 
 
 def new_ref_id() -> str:
@@ -121,14 +133,17 @@ class _PutBatcher:
 
     def _take(self) -> list[_PendingPut]:
         batch: list[_PendingPut] = []
-        size = 0
+        size = head = 0
         while self._pending and len(batch) < BATCH_MAX_ITEMS:
             n = len(self._pending[0].data)
+            row = len(self._pending[0].ref_id.encode()) + _ROW_HEAD_BYTES
             # The whole batch is one message: keep it within the node's message cap.
-            if batch and size + n > min(BATCH_MAX_BYTES, self._client.block_size):
+            if batch and (size + n > min(BATCH_MAX_BYTES, self._client.block_size)
+                          or head + row > _BATCH_HEAD_ROOM):
                 break
             batch.append(self._pending.pop(0))
             size += n
+            head += row
         return batch
 
     async def _send(self, batch: list[_PendingPut]) -> None:
@@ -160,7 +175,7 @@ class _PutBatcher:
 class Client:
     """A connection to one node, with the cluster operations on top (see module docstring)."""
 
-    def __init__(self, conn: Any, *, block_size: int, timeout: float) -> None:
+    def __init__(self, conn: RpcConnection, *, block_size: int, timeout: float) -> None:
         self._conn = conn
         self.block_size = block_size
         self.timeout = timeout
@@ -329,15 +344,20 @@ def _split(data: bytes, block_size: int) -> list[bytes]:
 
 @asynccontextmanager
 async def open_client(cfg: NodeConfig, *, timeout: float | None = None) -> AsyncIterator[Client]:
-    """Connect to the node `cfg` describes (its public address, its cluster secret)."""
+    """Connect to the node `cfg` describes (its public address, its cluster secret).
+
+    The connection's engine runs in a nursery this context manager holds; an
+    error raised by the body comes out as itself.
+    """
     secret = load_or_create_secret(cfg, create=False)
-    conn = await _open_connection(cfg.public_addr, secret, timeout=cfg.connect_timeout)
-    client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2)
-    try:
-        yield client
-    finally:
-        with trio.CancelScope(shield=True):
-            await client.aclose()
+    async with _open_connection(cfg.public_addr, secret, timeout=cfg.connect_timeout,
+                                max_message_size=max_message_size(cfg.block_size)) as conn:
+        client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2)
+        try:
+            yield client
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
 
 
 __all__ = ["Client", "open_client", "new_ref_id", "parse_hash", "InvalidHash", "MANIFEST_MAGIC"]

@@ -58,6 +58,11 @@ class NodeConfig:
     connect_timeout: float = 5.0
     hedge_delay: float = 0.05
     block_ram_buffer_max: int = 256 * MiB
+    rpc_handshake_timeout: float = 2.0
+    rpc_idle_timeout: float = 300.0
+    rpc_max_connections: int = 1024
+    rpc_max_connections_per_addr: int = 128
+    rpc_max_handshakes: int = 64
     resync_workers: int = 1
     resync_tranquility: float = 2.0
     scrub_tranquility: float = 4.0
@@ -153,6 +158,11 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "hedge_delay": (_is_nonneg_num, "a number of seconds >= 0"),
     "block_ram_buffer_max": (_is_pos_int,
                              f"a size > 0: a number of bytes, or a string such as {SIZE_FORMS}"),
+    "rpc_handshake_timeout": (_is_pos_num, "a number of seconds > 0"),
+    "rpc_idle_timeout": (_is_pos_num, "a number of seconds > 0"),
+    "rpc_max_connections": (_is_pos_int, "an integer >= 1"),
+    "rpc_max_connections_per_addr": (_is_pos_int, "an integer >= 1"),
+    "rpc_max_handshakes": (_is_pos_int, "an integer >= 1"),
     "resync_workers": (_is_pos_int, "an integer >= 1"),
     "resync_tranquility": (_is_nonneg_num, "a number >= 0"),
     "scrub_tranquility": (_is_nonneg_num, "a number >= 0"),

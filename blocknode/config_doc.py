@@ -59,9 +59,22 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
                     "A read that has no answer from the first replica after this long also asks "
                     "the next one; the first valid copy wins."),
     "block_ram_buffer_max": ("Network",
-                             "Cap on block bytes held in RAM by RPCs: half for payloads this node "
-                             "sends, half for client requests it is handling (past it the node stops "
-                             "reading from clients and TCP pushes back)."),
+                             "Cap on block bytes held in RAM by RPCs, a quarter each for: payloads "
+                             "this node sends, client requests it is handling, messages being "
+                             "received, replies not yet sent (past it the node stops reading and "
+                             "TCP pushes back)."),
+    "rpc_handshake_timeout": ("Network", "Deadline of a connection's handshake (both directions)."),
+    "rpc_max_handshakes": ("Network",
+                           "Incoming connections not yet authenticated at once; a newcomer past "
+                           "it closes the oldest."),
+    "rpc_max_connections": ("Network",
+                            "Incoming connections at once in all (also kept under half the "
+                            "descriptor limit, whose soft value `serve` raises to the hard one)."),
+    "rpc_max_connections_per_addr": ("Network", "Incoming connections at once from one address."),
+    "rpc_idle_timeout": ("Network",
+                         "An authenticated incoming connection with nothing in flight this long "
+                         "is closed (a message that gets no data, or a reply the peer does not "
+                         "read, for `rpc_timeout` closes it too)."),
     "replication_factor": ("Storage",
                            "Copies of each block, when there is no cluster file or the cluster file "
                            "does not say."),

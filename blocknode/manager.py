@@ -55,7 +55,7 @@ from blocknode.protocol import (
     get_str,
     parse_batch_items,
 )
-from blocknode.rpc.wire import PRIO_HIGH, PRIO_NORMAL
+from blocknode.rpc.wire import PRIO_HIGH, PRIO_NORMAL, fit_texts
 from blocknode.storage import LocalBlocks, MetadataStore, RefEntry
 
 Reply = tuple[dict[str, Any], bytes | None]
@@ -359,7 +359,7 @@ class BlockManager:
         results = await self.put_many([(chunk, ref_id, ts) for _, ref_id, ts, chunk in items])
         return {
             "hashes": [r if isinstance(r, bytes) else None for r in results],
-            "errors": [None if isinstance(r, bytes) else str(r) for r in results],
+            "errors": fit_texts([None if isinstance(r, bytes) else str(r) for r in results]),
         }, None
 
     async def handle_client_get(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:

@@ -28,11 +28,14 @@ from blocknode.errors import ConfigError, RemoteProtocolError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.protocol import STATUS, max_message_size
-from blocknode.rpc.network import RpcNetwork
+from blocknode.rpc.network import ConnectionLimits, RpcNetwork
 from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
 from blocknode.workers import install_workers
 
 Worker = Callable[..., Awaitable[None]]
+
+BLOCK_REPLY_KINDS = frozenset({"get_block", "client_get"})
+"""Request kinds whose reply carries a block (the rest answer with a head only)."""
 
 
 class Node:
@@ -73,12 +76,24 @@ class Node:
             peers,
             self.dispatch,
             connect=connect,
-            # block_ram_buffer_max bounds block bytes in RAM: half for payloads this node
-            # sends, half for client requests it is handling.
-            ram_buffer_max=max(1, cfg.block_ram_buffer_max // 2),
-            client_buffer_max=max(1, cfg.block_ram_buffer_max // 2),
+            # block_ram_buffer_max bounds block bytes in RAM, a quarter each for: payloads
+            # this node sends, client requests it is handling, messages being received,
+            # replies waiting to be sent.
+            ram_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
+            client_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
+            receive_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
+            reply_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
+            reply_size=lambda kind: cfg.block_size if kind in BLOCK_REPLY_KINDS else 0,
             connect_timeout=cfg.connect_timeout,
+            handshake_timeout=cfg.rpc_handshake_timeout,
             max_message_size=max_message_size(cfg.block_size),
+            limits=ConnectionLimits(
+                max_connections=cfg.rpc_max_connections,
+                max_per_addr=cfg.rpc_max_connections_per_addr,
+                max_handshakes=cfg.rpc_max_handshakes,
+                idle_timeout=cfg.rpc_idle_timeout,
+                stall_timeout=cfg.rpc_timeout,
+            ),
         )
         self.manager = BlockManager(
             node_id=cfg.node_id,
@@ -163,6 +178,7 @@ class Node:
             "refs": counts["refs"],
             "resync_queue": counts["resync_queue"],
             "errors": counts["errors"],
+            "connections": self.net.connection_status(),
         }
 
     async def handle_status(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:

@@ -63,7 +63,6 @@ __all__ = [
     "MAX_BATCH_ROWS",
     "MAX_REF_ID_BYTES",
     "MAX_TS",
-    "MESSAGE_OVERHEAD",
     "NEED_BLOCK",
     "PUT_BLOCK",
     "PUT_BLOCKS",
@@ -134,17 +133,19 @@ DEFAULT_BLOCK_SIZE: Final = 1024 * 1024
 HEAD_MAX: Final = 64 * 1024
 """Largest msgpack head (kind + fields) of one message; the rest of a message is its data."""
 
-MESSAGE_OVERHEAD: Final = 64 * 1024
-"""Bytes a message may carry beyond one block: its head, a batch's rows."""
-
 MAX_REF_ID_BYTES: Final = 255
 """Longest reference id, in UTF-8 bytes (stored after the hash in the refs table key)."""
 
 MAX_TS: Final = 2**63 - 1
 """Largest timestamp (ms) or other integer field: a signed 64-bit integer, as stored."""
 
-MAX_BATCH_ROWS: Final = 4096
-"""Most blocks in one `put_blocks` / `client_put_many` message."""
+MAX_BATCH_ROWS: Final = 256
+"""Most rows in one batch message (`client_put_many`, `put_blocks`).
+
+Chosen so that every reply fits in `HEAD_MAX`: a reply row is a hash (34 bytes)
+or an error string, and error strings are cut to share what is left (see
+`blocknode.rpc.wire.fit_texts`). A larger batch is refused before any of it is done.
+"""
 
 THREAD_HASH_MIN: Final = 64 * 1024
 """Data larger than this (one block, or a batch in total) is hashed or verified in a
@@ -156,8 +157,14 @@ GC delay, so the check runs once the block is really deletable."""
 
 
 def max_message_size(block_size: int) -> int:
-    """The largest message a node (or a client of it) accepts: one block plus overhead."""
-    return block_size + MESSAGE_OVERHEAD
+    """The hard cap on one message where blocks are at most `block_size` bytes.
+
+    The one place this limit is derived: a node (`RpcNetwork`) and a client
+    connection both take it from their config's `block_size`. A message is a
+    4-byte head length, a head of at most `HEAD_MAX`, and a payload of at most
+    one block (a batch of small blocks is kept within `block_size` too).
+    """
+    return 4 + HEAD_MAX + block_size
 
 
 # --------------------------------------------------------------------- parsers

@@ -1,19 +1,25 @@
 """One authenticated RPC connection over any `trio.abc.Stream`.
 
-`handshake(stream, hs)` drives a sans-io handshake over a stream (the caller
-puts a deadline around it). `RpcConnection` then runs the session:
+A connection is made by `blocknode.rpc.connect` (connect + handshake);
+`RpcConnection` then runs the session. A client connection is the case with
+no request handler.
 
 - `run()` owns three kinds of tasks in one nursery: one **reader** (decrypts
   frames, hands responses to waiting callers by request id, starts one task
   per incoming request), one **writer** (the only task that sends; it drains
   the priority scheduler), and the **handler tasks**. `run()` returns when the
   connection ends for any reason (peer closed, broken transport, protocol or
-  authentication failure, `aclose()`); it never raises for those, it records
-  `close_reason`, fails every waiting call with `NodeUnreachable` and closes
-  the stream. Whoever calls `run()` owns the connection.
-- `call()` may be used from any task while `run()` runs. It has no timeout of
-  its own: put a cancel scope around it (cancelling drops or aborts the unsent
-  rest of the request; a late response is ignored).
+  authentication failure, an error in this connection's own code, `aclose()`);
+  it never raises (except for cancellation): it records `close_reason` (and
+  `fault` for the last two kinds, logged with the peer), fails every waiting
+  call with `NodeUnreachable` and closes the stream. Whoever calls `run()` owns
+  the connection; nothing that happens on it reaches the owner's nursery.
+- A request id is the peer's to choose, but reusing one while its request is
+  still being answered is a protocol error (it closes the connection).
+- `call()` may be used from any task while `run()` runs. With `timeout=` it
+  raises `RpcTimeout` after that many seconds; without, put a cancel scope
+  around it (cancelling drops or aborts the unsent rest of the request; a late
+  response is ignored).
 - Handlers: ``async def handler(peer_id, kind, fields, data) -> (fields, data)``.
   Exceptions become error replies (`errors.error_reply`) and come back to the
   caller as `RemoteCallError` subclasses. ``"_ping"`` is answered here.
@@ -22,14 +28,20 @@ puts a deadline around it). `RpcConnection` then runs the session:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
 
-from blocknode.errors import NodeUnreachable, ProtocolError
+from blocknode.errors import (
+    LocalProtocolError,
+    NodeUnreachable,
+    ProtocolError,
+    RemoteProtocolError,
+    RpcTimeout,
+)
 from blocknode.rpc.errors import error_reply, remote_error
-from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import (
     MSG_ERROR,
@@ -43,7 +55,7 @@ from blocknode.rpc.wire import (
     encode_head,
 )
 
-__all__ = ["PING_KIND", "Handler", "RpcConnection", "handshake"]
+__all__ = ["PING_KIND", "TRANSPORT_ERRORS", "Handler", "RpcConnection"]
 
 log = logging.getLogger("blocknode.rpc")
 
@@ -61,40 +73,22 @@ class RequestBudget(Protocol):
     def release(self, n: int) -> None: ...
 
 
+class ReplyBudget(RequestBudget, Protocol):
+    """A byte semaphore that can also be overdrawn (`blocknode.rpc.network.ByteBudget`)."""
+
+    def take(self, n: int) -> None: ...
+
+
+class _Expired(Exception):
+    """The read deadline passed (idle or stalled connection)."""
+
+
+_NO_REQUEST = Message(MSG_REQUEST, "", {})
+"""Stands for a request that was dropped before it could be read."""
+
 _RECV_SIZE = 256 * 1024
-_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-async def handshake(stream: trio.abc.Stream, hs: ClientHandshake | ServerHandshake) -> None:
-    """Run `hs` over `stream` until done. No deadline here: the caller sets one.
-
-    Raises `AuthenticationError` / `ProtocolError` from the handshake, or
-    `NodeUnreachable` if the transport breaks. On a handshake error a reject
-    frame, if any, is sent best effort before raising.
-    """
-    try:
-        out = hs.data_to_send()
-        if out:
-            await stream.send_all(out)
-        while not hs.done:
-            data = await stream.receive_some(4096)
-            hs.receive_data(data)
-            try:
-                hs.process()
-            except ProtocolError:
-                out = hs.data_to_send()
-                if out:
-                    with trio.move_on_after(1):
-                        try:
-                            await stream.send_all(out)
-                        except _TRANSPORT_ERRORS:
-                            pass
-                raise
-            out = hs.data_to_send()
-            if out:
-                await stream.send_all(out)
-    except _TRANSPORT_ERRORS as exc:
-        raise NodeUnreachable(f"connection broke during the handshake: {exc!r}") from exc
+TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+"""What a broken transport raises (each becomes `NodeUnreachable`)."""
 
 
 class _Waiter:
@@ -116,6 +110,19 @@ class RpcConnection:
     payload bytes of requests being handled count against it: the reader stops
     reading (TCP pushes back on the peer) until the budget has room, so a flood
     of large requests cannot grow memory without bound.
+
+    Replies: with `reply_budget`, the payload of every reply takes from it from
+    when it is queued until it is sent; with `reply_size` too, a request is not
+    handed to its handler before ``reply_size(kind)`` bytes (the largest reply
+    its kind may carry) are reserved there. And while more than `reply_share`
+    reply bytes of this connection are reserved or unsent, the reader stops
+    reading: a peer that does not read its answers stops being served instead
+    of growing the send queue.
+
+    Timeouts (None: none): with nothing in flight either way for
+    `idle_timeout` seconds, the connection closes; when a message being
+    received gets no data, or a send cannot proceed, for `stall_timeout`
+    seconds, it closes too (the peer is gone, or holds our buffers hostage).
     """
 
     def __init__(
@@ -127,15 +134,36 @@ class RpcConnection:
         *,
         max_inflight: int = 256,
         request_budget: RequestBudget | None = None,
+        reply_budget: ReplyBudget | None = None,
+        reply_share: int | None = None,
+        reply_size: Callable[[str], int] | None = None,
+        idle_timeout: float | None = None,
+        stall_timeout: float | None = None,
+        addr: str = "",
     ) -> None:
         self.stream = stream
+        self.addr = addr
+        """The remote address, when known (for messages and logs)."""
         self._request_budget = request_budget
+        self._reply_budget = reply_budget
+        self._reply_share = reply_share
+        self._reply_size = reply_size
+        self._reply_taken: dict[int, int] = {}  # request id -> reply bytes held for it
+        self.reply_bytes = 0
+        """Reply bytes this connection holds: reserved for running handlers, or queued."""
+        self._reply_room = trio.Event()
+        self._idle_timeout = idle_timeout
+        self._stall_timeout = stall_timeout
+        self._last_active = trio.current_time()
+        self._read_since = self._last_active
+        self._recv_scope: trio.CancelScope | None = None
         self.session = session
         self.peer_id = peer_id
         self._handler = handler
         self._max_inflight = max_inflight
         self._inflight = 0
         self._waiters: dict[int, _Waiter] = {}
+        self._serving: set[int] = set()  # ids of the peer's requests not yet fully answered
         self._next_id = 1
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
@@ -143,6 +171,8 @@ class RpcConnection:
         self._closed = False
         self._done = trio.Event()
         self.close_reason: BaseException | None = None
+        self.fault: Exception | None = None
+        """What closed the connection if the peer broke the protocol or our code failed."""
         self._rbuf = bytearray(_RECV_SIZE)
 
     @property
@@ -153,22 +183,53 @@ class RpcConnection:
     # -- running -----------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve the connection until it ends; see the module docstring."""
+        """Serve the connection until it ends; see the module docstring.
+
+        Never raises except for cancellation: a protocol violation by the peer
+        or an error in this connection's own code is logged with the peer,
+        recorded in `fault`, and closes this connection only.
+        """
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._scope = nursery.cancel_scope
-                if self._closed:
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._scope = nursery.cancel_scope
+                    if self._closed:
+                        nursery.cancel_scope.cancel()
+                    nursery.start_soon(self._guard, self._writer)
+                    task_status.started()
+                    await self._guard(self._reader)
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(self._writer)
-                task_status.started()
-                await self._reader()
-                nursery.cancel_scope.cancel()
+            except Exception as exc:  # the guards catch everything; this is a last line
+                self._on_fault(exc)
         finally:
             self._shutdown(self.close_reason or NodeUnreachable("connection closed"))
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
             self._done.set()
+
+    async def _guard(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run one of this connection's tasks; whatever it raises ends this connection only."""
+        try:
+            await fn(*args)
+        except TRANSPORT_ERRORS as exc:
+            self._fail(NodeUnreachable(f"connection to {self._who} broke: {exc!r}"))
+        except Exception as exc:
+            self._on_fault(exc)
+
+    def _on_fault(self, exc: Exception) -> None:
+        """The peer broke the protocol (`ProtocolError`) or our own code failed: close."""
+        if self.fault is None and not self._closed:
+            self.fault = exc
+            if isinstance(exc, ProtocolError):  # includes AuthenticationError
+                log.warning("connection with %s closed: %s", self._who, exc)
+            else:
+                log.error("connection with %s failed; closing it", self._who, exc_info=exc)
+        self._fail(exc)
+
+    @property
+    def _who(self) -> str:
+        return f"{self.peer_id} ({self.addr})" if self.addr else self.peer_id
 
     def _fail(self, exc: BaseException) -> None:
         if self.close_reason is None:
@@ -182,6 +243,9 @@ class RpcConnection:
             waiter.event.set()  # message None -> NodeUnreachable
         self._waiters.clear()
         self.session.scheduler.drain()
+        self.session.assembler.close()
+        for sid in list(self._reply_taken):
+            self._release_reply(sid)
         if self.close_reason is None:
             self.close_reason = reason
 
@@ -197,6 +261,38 @@ class RpcConnection:
         self._scope.cancel()
         await self._done.wait()
 
+    def _idle(self) -> bool:
+        return not (self._waiters or self._inflight or self._serving or self.session.pending
+                    or self.session.assembler.partial_count)
+
+    def _read_deadline(self) -> float:
+        """When the read under way gives up: a stalled message, or an idle connection."""
+        if self._stall_timeout is not None and self.session.assembler.partial_count:
+            return self._read_since + self._stall_timeout
+        if self._idle_timeout is not None and self._idle():
+            return self._last_active + self._idle_timeout
+        return math.inf
+
+    def _touch(self) -> None:
+        """Something happened on the connection: move the read deadline."""
+        self._last_active = trio.current_time()
+        if self._recv_scope is not None:
+            self._recv_scope.deadline = self._read_deadline()
+
+    async def _receive_in_time(self) -> bytes | memoryview:
+        self._read_since = trio.current_time()  # time spent paused by budgets is not a stall
+        while True:
+            with trio.CancelScope(deadline=self._read_deadline()) as scope:
+                self._recv_scope = scope
+                try:
+                    return await self._receive()
+                finally:
+                    self._recv_scope = None
+            if trio.current_time() >= self._read_deadline():
+                if self.session.assembler.partial_count:
+                    raise _Expired(f"no data for a message in progress for {self._stall_timeout}s")
+                raise _Expired(f"idle for {self._idle_timeout}s")
+
     async def _receive(self) -> bytes | memoryview:
         stream = self.stream
         if isinstance(stream, trio.SocketStream):
@@ -207,39 +303,55 @@ class RpcConnection:
 
     async def _reader(self) -> None:
         session = self.session
-        try:
-            while True:
-                while (item := session.next_message()) is not NEED_DATA:
-                    is_response, sid, msg = item  # type: ignore[misc]
-                    taken = 0
-                    if (not is_response and self._request_budget is not None
-                            and msg.data is not None and msg.type == MSG_REQUEST):
-                        taken = await self._request_budget.acquire(len(msg.data))
-                    self._dispatch(is_response, sid, msg, taken)
-                if session.decoder.at_eof:
-                    self.close_reason = self.close_reason or NodeUnreachable(
-                        f"{self.peer_id} closed the connection"
-                    )
-                    return
-                data = await self._receive()
-                session.receive_data(data)
-        except ProtocolError as exc:  # includes AuthenticationError
-            log.warning("connection with %s closed: %s", self.peer_id, exc)
-            self.close_reason = exc
-        except _TRANSPORT_ERRORS as exc:
-            self.close_reason = NodeUnreachable(f"connection to {self.peer_id} broke: {exc!r}")
+        while True:
+            while (item := session.next_message()) is not NEED_DATA:
+                is_response, sid, msg = item  # type: ignore[misc]
+                if is_response:
+                    self._on_response(sid, msg)
+                    continue
+                self._check_request(sid, msg)
+                if msg is None:  # dropped for want of the receive budget
+                    self._reply(sid, _NO_REQUEST, MSG_ERROR, {
+                        "code": "busy", "message": "request dropped: the receive buffer budget is full"},
+                        None)
+                    continue
+                taken = await self._admit(sid, msg)
+                self._dispatch(sid, msg, taken)
+            if session.decoder.at_eof:
+                self.close_reason = self.close_reason or NodeUnreachable(
+                    f"{self._who} closed the connection"
+                )
+                return
+            try:
+                data = await self._receive_in_time()
+            except _Expired as exc:
+                self.close_reason = NodeUnreachable(f"closed the connection with {self._who}: {exc}")
+                log.info("%s", self.close_reason)
+                return
+            session.receive_data(data)
+            self._touch()
 
     async def _writer(self) -> None:
         session = self.session
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                while session.pending:
-                    view, _finished = session.data_to_send()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while session.pending:
+                view, finished = session.data_to_send()
+                if self._stall_timeout is None:
                     await self.stream.send_all(view)
-        except _TRANSPORT_ERRORS as exc:
-            self._fail(NodeUnreachable(f"connection to {self.peer_id} broke: {exc!r}"))
+                else:
+                    with trio.move_on_after(self._stall_timeout) as scope:
+                        await self.stream.send_all(view)
+                    if scope.cancelled_caught:
+                        self._fail(NodeUnreachable(
+                            f"{self._who} read nothing for {self._stall_timeout}s; connection closed"))
+                        return
+                for msg in finished:
+                    if msg.is_response:
+                        self._serving.discard(msg.stream_id)
+                        self._release_reply(msg.stream_id)
+            self._touch()
 
     def _queue(self, msg: OutgoingMessage) -> None:
         self.session.queue(msg)
@@ -247,63 +359,121 @@ class RpcConnection:
 
     # -- incoming ---------------------------------------------------------------
 
-    def _dispatch(self, is_response: bool, sid: int, msg: Message, taken: int = 0) -> None:
-        if taken and (is_response or msg.kind == PING_KIND or self._handler is None
-                      or self._inflight >= self._max_inflight or msg.type != MSG_REQUEST):
-            assert self._request_budget is not None
-            self._request_budget.release(taken)  # not handled: nothing holds the bytes
-            taken = 0
-        if is_response:
-            if msg.type == MSG_REQUEST:
-                raise ProtocolError("request sent with the response flag")
-            waiter = self._waiters.pop(sid, None)
-            if waiter is not None:  # else: the caller gave up; drop it
-                waiter.message = msg
-                waiter.event.set()
+    def _on_response(self, sid: int, msg: Message | None) -> None:
+        if msg is None:  # dropped for want of the receive budget
+            msg = Message(MSG_ERROR, "", {
+                "code": "busy", "message": "reply dropped: the receive buffer budget was full"})
+        elif msg.type == MSG_REQUEST:
+            raise RemoteProtocolError("request sent with the response flag")
+        waiter = self._waiters.pop(sid, None)
+        if waiter is not None:  # else: the caller gave up; drop it
+            waiter.message = msg
+            waiter.event.set()
+
+    def _check_request(self, sid: int, msg: Message | None) -> None:
+        if msg is not None and msg.type != MSG_REQUEST:
+            raise RemoteProtocolError("response sent without the response flag")
+        if sid in self._serving:
+            raise RemoteProtocolError(f"request id {sid} reused while that request is in flight")
+        self._serving.add(sid)  # until its answer has been sent
+
+    def _handled(self, msg: Message) -> bool:
+        return (msg.kind != PING_KIND and self._handler is not None
+                and self._inflight < self._max_inflight)
+
+    async def _admit(self, sid: int, msg: Message) -> int:
+        """Wait (not reading meanwhile) until the request may be handled; its payload's share."""
+        if self._reply_share is not None:
+            while self.reply_bytes > self._reply_share:
+                await self._reply_room.wait()
+        if not self._handled(msg):
+            return 0
+        if self._reply_size is not None and self._reply_budget is not None:
+            size = self._reply_size(msg.kind)
+            if size:
+                self._hold_reply(sid, await self._reply_budget.acquire(size))
+        if self._request_budget is not None and msg.data is not None:
+            return await self._request_budget.acquire(len(msg.data))
+        return 0
+
+    def _dispatch(self, sid: int, msg: Message, taken: int = 0) -> None:
+        if self._handled(msg):
+            assert self._nursery is not None
+            self._inflight += 1
+            self._nursery.start_soon(self._guard, self._handle, sid, msg, taken)
             return
-        if msg.type != MSG_REQUEST:
-            raise ProtocolError("response sent without the response flag")
+        if taken:  # not handled after all: nothing holds the bytes
+            assert self._request_budget is not None
+            self._request_budget.release(taken)
         if msg.kind == PING_KIND:
             self._reply(sid, msg, MSG_RESPONSE, {}, None)
         elif self._handler is None:
             self._reply(sid, msg, MSG_ERROR, {"code": "bad_request", "message": "no handler"}, None)
-        elif self._inflight >= self._max_inflight:
-            self._reply(sid, msg, MSG_ERROR, {"code": "busy", "message": "too many requests"}, None)
         else:
-            assert self._nursery is not None
-            self._inflight += 1
-            self._nursery.start_soon(self._handle, sid, msg, taken)
+            self._reply(sid, msg, MSG_ERROR, {"code": "busy", "message": "too many requests"}, None)
+
+    def _hold_reply(self, sid: int, n: int) -> None:
+        """Count `n` more reply bytes for request `sid` (already taken from the budget)."""
+        if n:
+            self._reply_taken[sid] = self._reply_taken.get(sid, 0) + n
+            self.reply_bytes += n
+
+    def _release_reply(self, sid: int) -> None:
+        """Request `sid`'s reply is sent (or will never be): free what it held."""
+        n = self._reply_taken.pop(sid, 0)
+        if n:
+            self._unhold_reply(n)
+
+    def _unhold_reply(self, n: int) -> None:
+        self.reply_bytes -= n
+        if self._reply_budget is not None:
+            self._reply_budget.release(n)
+        if self._reply_share is None or self.reply_bytes <= self._reply_share:
+            self._reply_room.set()
+            self._reply_room = trio.Event()
 
     def _reply(
         self, sid: int, req: Message, msg_type: int, fields: dict[str, Any], data: bytes | None
     ) -> None:
         if self._closed:
+            self._release_reply(sid)
             return
         try:
             head = encode_head(msg_type, req.kind, fields, data is not None, req.priority)
-        except ProtocolError as exc:
-            log.error("reply to %r from %s is not encodable: %s", req.kind, self.peer_id, exc)
+        except LocalProtocolError as exc:
+            log.error("reply to %r from %s is not encodable: %s", req.kind, self._who, exc)
             fields = {"code": "internal", "message": "reply not encodable"}
             head = encode_head(MSG_ERROR, req.kind, fields, False, req.priority)
             data = None
         view = memoryview(data) if data is not None else None
+        if self._reply_budget is not None:  # the reply holds exactly its own size until sent
+            held = self._reply_taken.get(sid, 0)
+            size = len(view) if view is not None else 0
+            if size > held:
+                self._reply_budget.take(size - held)
+                self._hold_reply(sid, size - held)
+            elif size < held:
+                self._reply_taken[sid] = size
+                self._unhold_reply(held - size)
         self._queue(OutgoingMessage(sid, True, head, view, req.priority))
 
     async def _handle(self, sid: int, req: Message, taken: int = 0) -> None:
         assert self._handler is not None
         try:
             data = bytes(req.data) if req.data is not None else None
+            req.data = None  # the reassembly buffer goes now, not when the handler is done
             try:
                 result = await self._handler(self.peer_id, req.kind, req.fields, data)
                 fields, out = result
                 if not isinstance(fields, dict) or not (out is None or isinstance(out, bytes | bytearray | memoryview)):
                     raise TypeError(f"handler for {req.kind!r} returned {type(result).__name__}, not (dict, bytes | None)")
             except Exception as exc:
-                self._reply(sid, req, MSG_ERROR, error_reply(exc, peer=self.peer_id, kind=req.kind), None)
+                self._reply(sid, req, MSG_ERROR, error_reply(exc, peer=self._who, kind=req.kind), None)
             else:
                 self._reply(sid, req, MSG_RESPONSE, fields, out)
         finally:
             self._inflight -= 1
+            self._touch()
             if taken:
                 assert self._request_budget is not None
                 self._request_budget.release(taken)
@@ -324,13 +494,30 @@ class RpcConnection:
         data: bytes | bytearray | memoryview | None = None,
         *,
         priority: int = PRIO_NORMAL,
+        timeout: float | None = None,
     ) -> tuple[dict[str, Any], bytes | None]:
-        """Send a request and wait for its answer (no deadline: wrap it).
+        """Send a request and wait for its answer.
 
-        Raises `NodeUnreachable` if the connection is or becomes closed,
-        `RemoteCallError` (a `RemoteError`) if the peer answered with an error,
-        `ProtocolError` if `fields` are not msgpack-able.
+        With `timeout`, raises `RpcTimeout` after that many seconds; without,
+        there is no deadline (wrap it). Raises `NodeUnreachable` if the
+        connection is or becomes closed, `RemoteCallError` (a `RemoteError`) if
+        the peer answered with an error, `ProtocolError` if `fields` are not
+        msgpack-able.
         """
+        if timeout is None:
+            return await self._call(kind, fields, data, priority)
+        with trio.move_on_after(timeout):
+            return await self._call(kind, fields, data, priority)
+        where = f" at {self.addr}" if self.addr else ""
+        raise RpcTimeout(f"node {self.peer_id}{where} did not answer {kind!r} within {timeout}s")
+
+    async def _call(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        data: bytes | bytearray | memoryview | None,
+        priority: int,
+    ) -> tuple[dict[str, Any], bytes | None]:
         if self._closed:
             raise NodeUnreachable(f"connection to {self.peer_id} is closed: {self.close_reason}")
         head = encode_head(MSG_REQUEST, kind, fields, data is not None, priority)
@@ -346,6 +533,7 @@ class RpcConnection:
                 self._waiters.pop(sid, None)
                 self.session.cancel(msg.key)
                 self._wake.set()
+            self._touch()
         reply = waiter.message
         if reply is None:
             raise NodeUnreachable(

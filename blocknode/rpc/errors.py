@@ -36,7 +36,7 @@ __all__ = [
     "RemoteHashMismatch",
     "RemoteNotFound",
     "error_reply",
-    "raise_remote",
+    "remote_error",
 ]
 
 log = logging.getLogger("blocknode.rpc")
@@ -109,8 +109,3 @@ def remote_error(node: str, fields: dict[str, Any]) -> RemoteCallError:
     message = message if isinstance(message, str) else "(no message)"
     cls = _CODE_CLASSES.get(code, RemoteCallError)
     return cls(node, code, message, hash_hex if isinstance(hash_hex, str) else None)
-
-
-def raise_remote(node: str, fields: dict[str, Any]) -> None:
-    """Raise the exception for an error reply received from `node`."""
-    raise remote_error(node, fields)

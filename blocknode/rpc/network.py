@@ -5,7 +5,9 @@ Ownership (one nursery, the one `serve`/`serve_listener`/`run` opens):
     RpcNetwork.serve / serve_listener / run
     └── nursery (self._nursery)
         ├── listener accept loop(s) ── one task per accepted connection
-        │     (handshake under `handshake_timeout`, then `RpcConnection.run`)
+        │     (a slot under the `ConnectionLimits` caps, the handshake under
+        │     `handshake_timeout`, then `RpcConnection.run`; whatever happens
+        │     on it ends that connection only)
         ├── one task per outgoing peer connection (`RpcConnection.run`)
         ├── maintenance: every `ping_interval`, ping each connected peer
         │     (latency EWMA, down on failure) and reconnect the down ones
@@ -25,26 +27,37 @@ backoff), `RemoteCallError` and subclasses (the node answered with an error),
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 from collections.abc import Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import trio
 
 from blocknode.errors import NodeUnreachable, ProtocolError, QuorumError, RpcTimeout
-from blocknode.rpc.connection import Handler, RpcConnection, handshake
+from blocknode.rpc.connect import handshake, open_connection
+from blocknode.rpc.connection import Handler, RpcConnection
 from blocknode.rpc.errors import error_reply, remote_error
-from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
+from blocknode.rpc.handshake import ServerHandshake
 from blocknode.rpc.session import Session
 from blocknode.rpc.transport import Connector, split_addr, tcp_connect
-from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE, PRIO_NORMAL
+from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE, PRIO_NORMAL, ReceiveBudget
 
-__all__ = ["ByteBudget", "Connector", "RpcNetwork", "Outcome", "split_addr", "tcp_connect"]
+__all__ = [
+    "ByteBudget",
+    "ConnectionLimits",
+    "Connector",
+    "Outcome",
+    "RpcNetwork",
+    "fd_connection_cap",
+    "raise_nofile_limit",
+    "split_addr",
+    "tcp_connect",
+]
 
 log = logging.getLogger("blocknode.rpc")
 
@@ -52,6 +65,19 @@ Outcome = tuple[str, tuple[dict[str, Any], bytes | None]]
 """One successful `call_many` answer: (node id, (fields, data))."""
 
 _EWMA_ALPHA = 0.3
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY_S = 0.1
+
+
+def _remote_host(stream: trio.abc.Stream) -> str:
+    """The remote host of a TCP stream ("" for other streams)."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            return str(stream.socket.getpeername()[0])
+        except OSError:
+            return "?"
+    return ""
+_MAX_FAULT_ROWS = 1024
 
 
 class ByteBudget:
@@ -94,8 +120,13 @@ class ByteBudget:
             raise
         return n
 
+    def take(self, n: int) -> None:
+        """Take `n` bytes now, even past the budget (bytes that exist already must be
+        counted); later `acquire` calls wait until the budget is back under its cap."""
+        self.used += n
+
     def release(self, n: int) -> None:
-        """Return bytes taken by `acquire`."""
+        """Return bytes taken by `acquire` or `take`."""
         self.used -= n
         self._grant()
 
@@ -113,6 +144,66 @@ class ByteBudget:
             yield taken
         finally:
             self.release(taken)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Caps on the connections a node accepts (the config's ``rpc_*`` fields).
+
+    `max_connections` incoming connections at once (in handshake or
+    authenticated; also kept under the process's descriptor limit, see
+    `fd_connection_cap`), `max_per_addr` of them from one remote address,
+    `max_handshakes` of them not yet authenticated (a newcomer past a cap
+    displaces the oldest unauthenticated connection; when none is left to
+    displace it is closed at once). An authenticated incoming connection with
+    nothing in flight for `idle_timeout` seconds is closed; any connection that
+    makes no progress for `stall_timeout` seconds on a message it is receiving
+    or sending is closed (None: never).
+    """
+
+    max_connections: int = 1024
+    max_per_addr: int = 128
+    max_handshakes: int = 64
+    idle_timeout: float | None = 300.0
+    stall_timeout: float | None = 30.0
+
+
+FD_RESERVE = 256
+"""Descriptors always left to the data path (block files, LMDB, outgoing connections)."""
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit in force."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 1 << 16
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def fd_connection_cap(nofile: int) -> int:
+    """How many incoming connections a descriptor limit of `nofile` leaves room for.
+
+    Half the descriptors, and at least `FD_RESERVE`, stay with the data path.
+    """
+    return max(8, nofile - max(FD_RESERVE, nofile // 2))
+
+
+@dataclass(eq=False)
+class _Slot:
+    """An accepted connection's place under the caps."""
+
+    addr: str
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    released: bool = False
 
 
 @dataclass(eq=False)
@@ -140,12 +231,18 @@ class RpcNetwork:
 
     Timeouts: `connect_timeout` (transport connect), `handshake_timeout` (each
     handshake, both directions), `ping_interval`/`ping_timeout` (maintenance).
+    Incoming connections are capped by `limits` (see `ConnectionLimits`).
     Reconnect backoff doubles from `backoff_initial` to `backoff_max` (with
     ±20 % jitter); while a node that failed `fail_fast_after` connects in a row is
     in backoff, calls to it fail at once with `NodeUnreachable` (before that, a
-    call tries to connect). `client_buffer_max` (default: `ram_buffer_max`) bounds
-    payload bytes of client requests being handled. `ram_buffer_max` bounds payload bytes held by outgoing
-    calls (see `ByteBudget`).
+    call tries to connect). Memory: `ram_buffer_max` bounds payload bytes held
+    by outgoing calls (see `ByteBudget`); `client_buffer_max` payload bytes of
+    client requests being handled; `receive_buffer_max` bytes of incoming
+    messages still being reassembled, on every connection (see
+    `ReceiveBudget`); `reply_buffer_max` reply payloads until they are sent
+    (a client's request first reserves ``reply_size(kind)`` bytes there, the
+    largest reply its kind may carry; a connection holding more than
+    `reply_share` stops being read). Each defaults to `ram_buffer_max`.
     """
 
     def __init__(
@@ -158,6 +255,9 @@ class RpcNetwork:
         connect: Connector | None = None,
         ram_buffer_max: int = 256 * 1024 * 1024,
         client_buffer_max: int | None = None,
+        receive_buffer_max: int | None = None,
+        reply_buffer_max: int | None = None,
+        reply_size: Callable[[str], int] | None = None,
         connect_timeout: float = 5.0,
         handshake_timeout: float = 5.0,
         ping_interval: float = 10.0,
@@ -166,6 +266,7 @@ class RpcNetwork:
         backoff_max: float = 30.0,
         fail_fast_after: int = 3,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        limits: ConnectionLimits | None = None,
         rng: Callable[[int], bytes] = os.urandom,
         jitter: random.Random | None = None,
     ) -> None:
@@ -177,6 +278,11 @@ class RpcNetwork:
         self._connect = connect or tcp_connect
         self.budget = ByteBudget(ram_buffer_max)
         self.client_budget = ByteBudget(client_buffer_max or ram_buffer_max)
+        self.receive_budget = ReceiveBudget(receive_buffer_max or ram_buffer_max)
+        self.reply_budget = ByteBudget(reply_buffer_max or ram_buffer_max)
+        self.reply_share = max(max_message_size, self.reply_budget.max_bytes // 4)
+        """Reply bytes one connection may hold before it stops being read."""
+        self._reply_size = reply_size
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
@@ -185,6 +291,15 @@ class RpcNetwork:
         self.backoff_max = backoff_max
         self.fail_fast_after = fail_fast_after
         self.max_message_size = max_message_size
+        self.limits = limits or ConnectionLimits()
+        self.max_connections = self.limits.max_connections
+        """The cap on incoming connections in force (`serve` may lower it to fit the
+        descriptor limit)."""
+        self._handshaking: dict[_Slot, None] = {}  # oldest first
+        self._per_addr: dict[str, int] = {}
+        self._open_count = 0
+        self.connections_refused = 0
+        """Incoming connections closed at once or displaced by the caps (count)."""
         self._rng = rng
         self._jitter = jitter or random.Random()
         self._peers = {nid: _Peer(nid, addr) for nid, addr in peers.items() if nid != node_id}
@@ -193,24 +308,8 @@ class RpcNetwork:
         self._incoming: set[RpcConnection] = set()
         self.handshake_failures = 0
         """Incoming connections refused at the handshake (count)."""
-
-    def set_peers(self, peers: dict[str, str]) -> None:
-        """Replace the peer table (node id -> address); connections to removed
-        or re-addressed peers are closed by the connection owner's nursery."""
-        for nid, addr in peers.items():
-            if nid == self.node_id:
-                self._self_addr = addr
-                continue
-            old = self._peers.get(nid)
-            if old is None or old.addr != addr:
-                if old is not None and old.conn is not None and self._nursery is not None:
-                    self._nursery.start_soon(old.conn.aclose)
-                self._peers[nid] = _Peer(nid, addr)
-        for nid in list(self._peers):
-            if nid not in peers:
-                old = self._peers.pop(nid)
-                if old.conn is not None and self._nursery is not None:
-                    self._nursery.start_soon(old.conn.aclose)
+        self.connection_faults: dict[str, int] = {}
+        """Per peer id: connections closed for a protocol violation or an internal error."""
 
     # -- serving -----------------------------------------------------------------
 
@@ -219,9 +318,16 @@ class RpcNetwork:
     ) -> None:
         """Listen on TCP `bind_addr` (port 0 allowed) and run the network until cancelled.
 
-        `task_status.started("host:port")` reports the address really bound.
+        `task_status.started("host:port")` reports the address really bound. The
+        process's soft descriptor limit is raised to its hard limit first, and
+        the connection cap lowered if that leaves too few descriptors.
         """
         host, port = split_addr(bind_addr)
+        cap = fd_connection_cap(raise_nofile_limit())
+        if cap < self.max_connections:
+            log.warning("descriptor limit: at most %d incoming connections (not %d)",
+                        cap, self.max_connections)
+            self.max_connections = cap
         listeners = await trio.open_tcp_listeners(port, host=host)
         sockname = listeners[0].socket.getsockname()
         actual = f"[{sockname[0]}]:{sockname[1]}" if ":" in sockname[0] else f"{sockname[0]}:{sockname[1]}"
@@ -246,15 +352,8 @@ class RpcNetwork:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if listeners:
-                    await nursery.start(
-                        partial(
-                            trio.serve_listeners,
-                            self._serve_connection,
-                            listeners,
-                            handler_nursery=nursery,
-                        )
-                    )
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener)
                 nursery.start_soon(self._maintenance)
                 task_status.started(started)
         finally:
@@ -263,27 +362,110 @@ class RpcNetwork:
                 peer.up = False
                 peer.conn = None
 
-    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+    async def _accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
+        """Accept connections for as long as the network runs; each gets a slot or is closed."""
+        assert self._nursery is not None
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("accept failed: %s; retrying in %ss", os.strerror(exc.errno), _ACCEPT_RETRY_S)
+                    await trio.sleep(_ACCEPT_RETRY_S)
+                    continue
+                slot = self._admit(_remote_host(stream))
+                if slot is None:
+                    self.connections_refused += 1
+                    await trio.aclose_forcefully(stream)
+                    continue
+                self._nursery.start_soon(self._serve_connection, stream, slot)
+
+    def _admit(self, addr: str) -> _Slot | None:
+        """A slot for a new connection from `addr`, displacing the oldest unauthenticated
+        connections past a cap; None if every connection in the way is authenticated."""
+        if len(self._handshaking) >= self.limits.max_handshakes:
+            self._displace(None)
+        while self._open_count >= self.max_connections:
+            if not self._displace(None):
+                return None
+        while self._per_addr.get(addr, 0) >= self.limits.max_per_addr:
+            if not self._displace(addr):
+                return None
+        slot = _Slot(addr)
+        self._open_count += 1
+        self._per_addr[addr] = self._per_addr.get(addr, 0) + 1
+        self._handshaking[slot] = None
+        return slot
+
+    def _displace(self, addr: str | None) -> bool:
+        """Close the oldest connection still in its handshake (from `addr`, if given)."""
+        for slot in self._handshaking:
+            if addr is None or slot.addr == addr:
+                del self._handshaking[slot]
+                slot.scope.cancel()
+                self._release(slot)
+                self.connections_refused += 1
+                return True
+        return False
+
+    def _release(self, slot: _Slot) -> None:
+        if not slot.released:
+            slot.released = True
+            self._open_count -= 1
+            left = self._per_addr[slot.addr] - 1
+            if left:
+                self._per_addr[slot.addr] = left
+            else:
+                del self._per_addr[slot.addr]
+
+    async def _serve_connection(self, stream: trio.abc.Stream, slot: _Slot | None = None) -> None:
         """One accepted connection: handshake with a deadline, then serve it.
 
-        Any failure closes this connection only.
+        Any failure closes this connection only: nothing escapes into the
+        network's nursery (an unexpected error is logged and counted).
         """
+        slot = slot or _Slot("")
+        try:
+            await self._serve_accepted(stream, slot)
+        except Exception as exc:
+            log.error("incoming connection from %s failed", slot.addr or "?", exc_info=exc)
+            self._count_fault("?")
+        finally:
+            self._handshaking.pop(slot, None)
+            self._release(slot)
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_accepted(self, stream: trio.abc.Stream, slot: _Slot) -> None:
         hs = ServerHandshake(self.node_id, self._secret, rng=self._rng)
         try:
-            with trio.fail_after(self.handshake_timeout):
-                await handshake(stream, hs)
+            with slot.scope:  # cancelled when a newcomer displaces this connection
+                with trio.fail_after(self.handshake_timeout):
+                    await handshake(stream, hs)
         except (ProtocolError, NodeUnreachable, trio.TooSlowError) as exc:
             self.handshake_failures += 1
-            log.info("refused an incoming connection: %s", exc or "handshake timed out")
-            await trio.aclose_forcefully(stream)
+            log.info("refused an incoming connection from %s: %s", slot.addr or "?",
+                     exc or "handshake timed out")
             return
-        session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size)
+        if slot.scope.cancelled_caught:
+            return
+        self._handshaking.pop(slot, None)
+        session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size,
+                          receive_budget=self.receive_budget)
         peer = self._peers.get(hs.keys.peer_id)
         # Requests from clients fan out to other nodes, so their payloads are bounded
         # here; requests from nodes are leaves, bounded by the sender's own budget
         # (and bounding them here too could deadlock two nodes waiting on each other).
+        # Likewise the largest reply a client's request may need is reserved before it
+        # is handled; every reply, to anyone, is counted until sent.
+        client = peer is None
         conn = RpcConnection(stream, session, hs.keys.peer_id, self._handler,
-                             request_budget=None if peer is not None else self.client_budget)
+                             request_budget=self.client_budget if client else None,
+                             reply_budget=self.reply_budget, reply_share=self.reply_share,
+                             reply_size=self._reply_size if client else None,
+                             idle_timeout=self.limits.idle_timeout,
+                             stall_timeout=self.limits.stall_timeout, addr=slot.addr)
         if peer is not None and peer.live() is None:
             # The peer just proved it is alive: let our next call connect to it at once
             # instead of waiting out a backoff earned while it was down.
@@ -294,32 +476,36 @@ class RpcNetwork:
             await conn.run()
         finally:
             self._incoming.discard(conn)
+            if conn.fault is not None:
+                self._count_fault(conn.peer_id)
+
+    def _count_fault(self, peer_id: str) -> None:
+        faults = self.connection_faults
+        if peer_id not in faults and len(faults) >= _MAX_FAULT_ROWS:
+            del faults[next(iter(faults))]  # bounded: client ids are fresh per connection
+        faults[peer_id] = faults.get(peer_id, 0) + 1
 
     # -- outgoing connections ------------------------------------------------------
 
     async def _open(self, peer: _Peer) -> RpcConnection:
         try:
-            with trio.fail_after(self.connect_timeout):
-                stream = await self._connect(peer.addr)
-        except trio.TooSlowError:
-            raise NodeUnreachable(
-                f"node {peer.id} at {peer.addr}: connect timed out after {self.connect_timeout}s"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise NodeUnreachable(f"node {peer.id} at {peer.addr}: cannot connect: {exc}") from exc
-        hs = ClientHandshake(self.node_id, self._secret, expected_peer_id=peer.id, rng=self._rng)
-        try:
-            with trio.fail_after(self.handshake_timeout):
-                await handshake(stream, hs)
-        except BaseException as exc:
-            await trio.aclose_forcefully(stream)
-            if isinstance(exc, trio.TooSlowError):
-                raise NodeUnreachable(f"node {peer.id} at {peer.addr}: handshake timed out") from None
-            if isinstance(exc, ProtocolError):
-                raise NodeUnreachable(f"node {peer.id} at {peer.addr}: {exc}") from exc
-            raise
-        session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size)
-        return RpcConnection(stream, session, peer.id, self._handler)
+            return await open_connection(
+                peer.addr, self._secret,
+                local_id=self.node_id,
+                expected_peer_id=peer.id,
+                connect=self._connect,
+                connect_timeout=self.connect_timeout,
+                handshake_timeout=self.handshake_timeout,
+                max_message_size=self.max_message_size,
+                handler=self._handler,
+                rng=self._rng,
+                receive_budget=self.receive_budget,
+                reply_budget=self.reply_budget,
+                reply_share=self.reply_share,
+                stall_timeout=self.limits.stall_timeout,
+            )
+        except ProtocolError as exc:  # refused: to the caller, the node is unreachable
+            raise NodeUnreachable(str(exc)) from exc
 
     async def _connection(self, peer: _Peer) -> RpcConnection:
         """The live connection to `peer`, connecting if needed (fails fast in backoff)."""
@@ -358,12 +544,14 @@ class RpcNetwork:
 
     async def _run_outgoing(self, peer: _Peer, conn: RpcConnection) -> None:
         try:
-            await conn.run()
+            await conn.run()  # never raises but for cancellation
         finally:
             if peer.conn is conn:
                 peer.conn = None
                 peer.up = False
                 peer.last_error = str(conn.close_reason)
+            if conn.fault is not None:
+                self._count_fault(conn.peer_id)
 
     # -- maintenance ---------------------------------------------------------------
 
@@ -574,6 +762,17 @@ class RpcNetwork:
             return 0.0
         p = self._peers.get(node_id)
         return p.latency if p is not None else None
+
+    def connection_status(self) -> dict[str, Any]:
+        """Incoming connections now, what the caps refused, and faults per peer."""
+        return {
+            "incoming": len(self._incoming),
+            "handshaking": len(self._handshaking),
+            "max_connections": self.max_connections,
+            "refused": self.connections_refused,
+            "handshake_failures": self.handshake_failures,
+            "faults": dict(self.connection_faults),
+        }
 
     @property
     def incoming_connections(self) -> int:

@@ -4,7 +4,9 @@
 `SessionCipher.open_into` (decrypting straight into the message's preallocated
 buffer) -> `MessageAssembler` -> `decode_message`; and on the way out
 `SendScheduler` -> `SessionCipher.seal_into` (encrypting straight into one
-reusable output buffer). It never awaits; `connection.py` drives it.
+reusable output buffer). It never awaits; `connection.py` drives it. A
+message of several chunks takes its share of the node's `ReceiveBudget` (when
+one is given) while it is being reassembled.
 
 With ``keys=None`` frames are plaintext: only for tests and the benchmark
 baseline, never on a real connection.
@@ -23,6 +25,7 @@ from blocknode.rpc.wire import (
     Message,
     MessageAssembler,
     OutgoingMessage,
+    ReceiveBudget,
     SendScheduler,
     _NeedData,
     decode_message,
@@ -57,6 +60,7 @@ class Session:
         decoder: FrameDecoder | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         chunk_size: int = CHUNK_SIZE,
+        receive_budget: ReceiveBudget | None = None,
     ) -> None:
         self.keys = keys
         self._tag = TAG_SIZE if keys is not None else 0
@@ -65,7 +69,7 @@ class Session:
         self.max_frame_size = _HDR + chunk_size + self._tag
         self.decoder = decoder if decoder is not None else FrameDecoder(self.max_frame_size)
         self.decoder.max_frame_size = self.max_frame_size  # leftover handshake bytes kept
-        self.assembler = MessageAssembler(max_message_size, chunk_size=chunk_size)
+        self.assembler = MessageAssembler(max_message_size, chunk_size=chunk_size, budget=receive_budget)
         self.scheduler = SendScheduler(chunk_size)
         self._wbuf = bytearray(SEND_BATCH + _PREFIX + self.max_frame_size)
 
@@ -75,8 +79,12 @@ class Session:
         """Bytes from the peer; ``b""`` = the peer closed its side."""
         self.decoder.receive_data(data)
 
-    def next_message(self) -> tuple[bool, int, Message] | _NeedData:
-        """The next complete message, or `NEED_DATA`."""
+    def next_message(self) -> tuple[bool, int, Message | None] | _NeedData:
+        """The next complete message, or `NEED_DATA`.
+
+        The message is None when it was refused for want of the node's
+        `ReceiveBudget`: a request must then be answered ``busy``.
+        """
         while True:
             try:
                 frame = self.decoder.next_frame()
@@ -90,9 +98,9 @@ class Session:
             done = self._on_frame(frame)
             if done is not None:
                 is_resp, sid, body = done
-                return is_resp, sid, decode_message(body)
+                return is_resp, sid, decode_message(body) if body is not None else None
 
-    def _on_frame(self, frame: bytes) -> tuple[bool, int, bytearray] | None:
+    def _on_frame(self, frame: bytes) -> tuple[bool, int, bytearray | None] | None:
         view = memoryview(frame)
         header = view[:_HDR]
         payload = view[_HDR:]

@@ -4,8 +4,8 @@ Nothing here awaits or touches a socket (the h11 style): bytes go in with
 `receive_data`, frames/messages come out of `next_frame`/`end_chunk`, or
 `NEED_DATA`. Every malformed input raises `RemoteProtocolError` (a truncated
 stream: `StreamTruncated`) — never a raw `KeyError`, `TypeError`,
-`struct.error` or msgpack exception; misuse of this API (unencodable fields,
-bytes after the end of stream) raises `LocalProtocolError`.
+`struct.error` or msgpack exception. Misuse by the caller (an unencodable
+head, bytes after the end of stream) raises `LocalProtocolError`.
 
 Layers, outermost first:
 
@@ -31,14 +31,16 @@ a small control call queued behind it.
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgpack
 
 from blocknode.errors import LocalProtocolError, RemoteProtocolError, StreamTruncated
-from blocknode.protocol import DEFAULT_BLOCK_SIZE, HEAD_MAX, max_message_size
+from blocknode.protocol import DEFAULT_BLOCK_SIZE, HEAD_MAX, MAX_BATCH_ROWS, max_message_size
 
 __all__ = [
     "CHUNK_HEADER",
@@ -48,11 +50,12 @@ __all__ = [
     "FLAG_FIRST",
     "FLAG_LAST",
     "FLAG_RESPONSE",
+    "HEAD_MAX",
+    "MAX_BATCH_ROWS",
     "MSG_ERROR",
     "MSG_REQUEST",
     "MSG_RESPONSE",
     "NEED_DATA",
-    "PARTIAL_MESSAGES",
     "PRIO_BACKGROUND",
     "PRIO_HIGH",
     "PRIO_NORMAL",
@@ -60,9 +63,12 @@ __all__ = [
     "Message",
     "MessageAssembler",
     "OutgoingMessage",
+    "ReceiveBudget",
     "SendScheduler",
     "decode_message",
     "encode_head",
+    "fit_texts",
+    "max_message_size",
     "pack_frame_prefix",
 ]
 
@@ -87,9 +93,24 @@ _PRIORITIES = (PRIO_HIGH, PRIO_NORMAL, PRIO_BACKGROUND)
 CHUNK_SIZE: Final = 64 * 1024
 """Maximum plaintext bytes of one chunk."""
 DEFAULT_MAX_MESSAGE_SIZE: Final = max_message_size(DEFAULT_BLOCK_SIZE)
-"""Default hard cap on a whole message: a default-size block plus its overhead."""
+"""The cap for the default `block_size` (1 MiB)."""
 PARTIAL_MESSAGES: Final = 64
-"""Default cap on incomplete messages buffered at once, in maximum-size messages."""
+"""Default cap on bytes received into one connection's incomplete messages, in maximum-size messages."""
+
+
+def fit_texts(texts: list[str | None], room: int = HEAD_MAX - 1024) -> list[str | None]:
+    """Cut each text so that the list takes at most `room` bytes in a msgpack head.
+
+    Every text gets an equal share of `room` (long ones end with "..."), so a
+    reply of at most `MAX_BATCH_ROWS` rows always encodes.
+    """
+    share = max(16, room // max(1, len(texts)) - 40)
+    out: list[str | None] = []
+    for t in texts:
+        if t is not None and len(t.encode()) > share:
+            t = t.encode()[: share - 3].decode(errors="ignore") + "..."
+        out.append(t)
+    return out
 
 MSG_REQUEST: Final = 0
 MSG_RESPONSE: Final = 1
@@ -195,8 +216,7 @@ def encode_head(
 ) -> bytes:
     """Encode the prefix of a message body: ``u32 head length`` + msgpack head.
 
-    Raises `LocalProtocolError` if `fields` is not msgpack-able, or the head
-    exceeds `HEAD_MAX`.
+    Raises `LocalProtocolError` (a local misuse) if `fields` is not msgpack-able.
     """
     if msg_type not in _MSG_TYPES:
         raise LocalProtocolError(f"unknown message type {msg_type!r}")
@@ -323,11 +343,19 @@ class SendScheduler:
     `PRIO_BACKGROUND`), round robin between messages of the same class, one
     chunk at a time — so a small high-priority message queued behind a big
     background one goes out after at most one more chunk of the big one.
+
+    At most `max_started` messages of more than one chunk per class are in
+    progress at once (the others wait their turn, unstarted; one-chunk
+    messages never wait): the receiver buffers every message in progress, so
+    this bounds what one connection makes its peer hold.
     """
 
-    def __init__(self, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, chunk_size: int = CHUNK_SIZE, *, max_started: int = 4) -> None:
         self.chunk_size = chunk_size
+        self.max_started = max_started
         self._queues: tuple[deque[OutgoingMessage], ...] = tuple(deque() for _ in _PRIORITIES)
+        self._held: tuple[deque[OutgoingMessage], ...] = tuple(deque() for _ in _PRIORITIES)
+        self._multi = [0] * len(_PRIORITIES)  # multi-chunk messages in the round robin
         self._by_key: dict[tuple[bool, int], OutgoingMessage] = {}
 
     def __len__(self) -> int:
@@ -336,6 +364,9 @@ class SendScheduler:
     def __bool__(self) -> bool:
         return bool(self._by_key)
 
+    def _is_multi(self, msg: OutgoingMessage) -> bool:
+        return msg.total > self.chunk_size
+
     def push(self, msg: OutgoingMessage) -> None:
         """Queue a message; its stream key must not already be queued."""
         if msg.priority not in _PRIORITIES:
@@ -343,7 +374,13 @@ class SendScheduler:
         if msg.key in self._by_key:
             raise ValueError(f"stream {msg.key} already queued")
         self._by_key[msg.key] = msg
-        self._queues[msg.priority].append(msg)
+        p = msg.priority
+        if self._is_multi(msg):
+            if self._multi[p] >= self.max_started:
+                self._held[p].append(msg)
+                return
+            self._multi[p] += 1
+        self._queues[p].append(msg)
 
     def cancel(self, key: tuple[bool, int]) -> OutgoingMessage | None:
         """Drop a queued message. Not started: removed at once (returned).
@@ -356,10 +393,24 @@ class SendScheduler:
             return None
         if not msg.started:
             del self._by_key[key]
-            self._queues[msg.priority].remove(msg)
+            p = msg.priority
+            if msg in self._held[p]:
+                self._held[p].remove(msg)
+            else:
+                self._queues[p].remove(msg)
+                self._left(msg)
             return msg
         msg.aborted = True
         return None
+
+    def _left(self, msg: OutgoingMessage) -> None:
+        """`msg` left the round robin: let a held message of its class start."""
+        p = msg.priority
+        if self._is_multi(msg):
+            self._multi[p] -= 1
+            if self._held[p]:
+                self._multi[p] += 1
+                self._queues[p].append(self._held[p].popleft())
 
     def pop_chunk(self) -> tuple[OutgoingMessage, bytes, bytes | memoryview] | None:
         """The next chunk to send as (message, chunk header, body), or None if idle.
@@ -372,6 +423,7 @@ class SendScheduler:
                 header, body = msg.next_chunk(self.chunk_size)
                 if msg.offset >= msg.total:
                     del self._by_key[msg.key]
+                    self._left(msg)
                 else:
                     q.append(msg)
                 return msg, header, body
@@ -381,22 +433,125 @@ class SendScheduler:
         """Remove and return every queued message (connection closing)."""
         msgs = list(self._by_key.values())
         self._by_key.clear()
-        for q in self._queues:
+        for q in (*self._queues, *self._held):
             q.clear()
+        self._multi = [0] * len(_PRIORITIES)
         return msgs
 
 
+PARTIAL_ENTRY_COST: Final = 256
+"""Bytes counted for the bookkeeping of one incomplete message, besides its data."""
+
+
+class _Partial:
+    """One incoming message of several chunks, being reassembled."""
+
+    __slots__ = ("key", "total", "buf", "parts", "held", "refused", "received", "admitted",
+                 "last_progress", "owner")
+
+    def __init__(self, key: tuple[bool, int], total: int, owner: MessageAssembler) -> None:
+        self.key = key
+        self.total = total
+        self.buf: bytearray | None = None  # the whole message, once half of it arrived
+        self.parts: list[bytearray] = []  # before that, each chunk's bytes
+        self.held = 0  # bytes allocated for it
+        self.refused = False  # its chunks are read and discarded; answer busy
+        self.received = 0
+        self.admitted = False  # holds a share of the node's ReceiveBudget
+        self.last_progress = 0.0
+        self.owner = owner
+
+
+class ReceiveBudget:
+    """The node-wide cap on incoming messages in progress (shared by every connection).
+
+    A message of several chunks is admitted at its first chunk when its
+    declared size (plus `PARTIAL_ENTRY_COST`) fits in what the admitted
+    messages still in progress leave of `max_bytes`; its buffer then grows as
+    its chunks arrive (nothing is allocated ahead of the data). When it does
+    not fit, messages that made no progress for `stale_after` seconds (a
+    sender that stopped half-way) are dropped to make room, oldest first. A
+    message that still does not fit is refused: its chunks are read and
+    discarded, and when its last chunk arrives it is answered ``busy`` (see
+    `MessageAssembler.end_chunk`). So the bytes of incomplete messages never
+    exceed `max_bytes`, however many senders stop half-way, and a stalled
+    sender cannot keep the budget for more than `stale_after` seconds.
+
+    Sans-io: `clock` (seconds, monotonic) is injectable.
+    """
+
+    def __init__(
+        self, max_bytes: int, *, stale_after: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_bytes <= 0:
+            raise ValueError("receive budget must be positive")
+        self.max_bytes = max_bytes
+        self.stale_after = stale_after
+        self._clock = clock
+        self.committed = 0
+        """Declared bytes of the admitted messages in progress."""
+        self.refused = 0
+        """Messages refused for want of budget (count)."""
+        self.dropped = 0
+        """Stalled messages dropped to make room (count)."""
+        self._by_progress: dict[int, _Partial] = {}  # oldest progress first
+
+    def admit(self, p: _Partial) -> bool:
+        """Admit `p` (True) or refuse it (False), dropping stalled messages if that makes room."""
+        need = p.total + PARTIAL_ENTRY_COST
+        if self.committed + need > self.max_bytes:
+            self._drop_stalled(need)
+            if self.committed + need > self.max_bytes:
+                self.refused += 1
+                return False
+        self.committed += need
+        p.admitted = True
+        self.progress(p)
+        return True
+
+    def progress(self, p: _Partial) -> None:
+        """A chunk of `p` arrived."""
+        p.last_progress = self._clock()
+        self._by_progress.pop(id(p), None)
+        self._by_progress[id(p)] = p
+
+    def release(self, p: _Partial) -> None:
+        """`p` completed, was aborted or dropped: its share is free again."""
+        if p.admitted:
+            p.admitted = False
+            self.committed -= p.total + PARTIAL_ENTRY_COST
+            self._by_progress.pop(id(p), None)
+
+    def _drop_stalled(self, need: int) -> None:
+        now = self._clock()
+        while self._by_progress and self.committed + need > self.max_bytes:
+            p = next(iter(self._by_progress.values()))
+            if now - p.last_progress < self.stale_after:
+                return
+            p.owner.drop(p)
+            self.dropped += 1
+
+
+
+
 class MessageAssembler:
-    """Reassembles chunks into messages, each in one preallocated buffer.
+    """Reassembles chunks into messages; a buffer grows as its chunks arrive.
+
+    Until half of a message has arrived each chunk has its own buffer; then the
+    message gets its one buffer (and the chunks so far are copied in): never
+    more than twice the bytes received is allocated, never the declared total
+    up front, so a sender pays for what it makes the node hold.
 
     Use: ``target = asm.begin_chunk(header, body_len)`` gives the writable view
     where the chunk's plaintext belongs (the caller decrypts into it, or copies
     into it), then ``asm.end_chunk()`` returns ``(is_response, id, body)`` when
-    the message is complete, else None.
+    the message is complete, else None. ``body`` is None for a message that
+    was refused or dropped for want of `budget` (the node-wide
+    `ReceiveBudget`): it must be answered ``busy``.
 
     Limits: a message's declared total above `max_message_size`, a chunk
-    overrunning its message, more than `max_partial_bytes` buffered in
-    incomplete messages, inconsistent flags — all `RemoteProtocolError`.
+    overrunning its message, more than `max_partial_bytes` received in this
+    connection's incomplete messages, inconsistent flags — all `RemoteProtocolError`.
     """
 
     def __init__(
@@ -405,6 +560,7 @@ class MessageAssembler:
         *,
         chunk_size: int = CHUNK_SIZE,
         max_partial_bytes: int | None = None,
+        budget: ReceiveBudget | None = None,
     ) -> None:
         self.max_message_size = max_message_size
         self.chunk_size = chunk_size
@@ -412,9 +568,11 @@ class MessageAssembler:
             max_partial_bytes if max_partial_bytes is not None
             else PARTIAL_MESSAGES * max_message_size
         )
-        self._partial: dict[tuple[bool, int], list[Any]] = {}  # key -> [buffer, offset]
+        self.budget = budget
+        self._partial: dict[tuple[bool, int], _Partial] = {}
         self._partial_bytes = 0
-        self._pending: tuple[tuple[bool, int], int, int, bool] | None = None
+        self._pending: tuple[_Partial, int, bool] | None = None
+        self._scratch: bytearray | None = None
 
     def parse_header(self, frame: bytes | memoryview) -> tuple[int, int, int]:
         """Unpack a chunk header from the start of a frame: (flags, id, total)."""
@@ -429,13 +587,13 @@ class MessageAssembler:
         """Validate a chunk header; return the view its `body_len` bytes go into."""
         key = (bool(flags & FLAG_RESPONSE), sid)
         last = bool(flags & FLAG_LAST)
+        self._pending = None
         if flags & FLAG_ABORT:
             if body_len:
                 raise RemoteProtocolError("abort chunk with a body")
-            entry = self._partial.pop(key, None)
-            if entry is not None:
-                self._partial_bytes -= len(entry[0])
-            self._pending = None
+            p = self._partial.pop(key, None)
+            if p is not None:
+                self.drop(p)
             return memoryview(bytearray())
         if body_len > self.chunk_size:
             raise RemoteProtocolError(f"chunk of {body_len} bytes exceeds {self.chunk_size}")
@@ -446,48 +604,100 @@ class MessageAssembler:
                 raise RemoteProtocolError(
                     f"message of {total} bytes exceeds the limit of {self.max_message_size}"
                 )
-            if self._partial_bytes + total > self.max_partial_bytes:
-                raise RemoteProtocolError("too many bytes buffered in incomplete messages")
-            entry = [bytearray(total), 0]
-            self._partial[key] = entry
-            self._partial_bytes += total
+            if last:  # the whole message in one chunk: never held partial, one allocation
+                if body_len != total:
+                    raise RemoteProtocolError(f"chunk overruns or truncates stream {sid}")
+                p = _Partial(key, total, self)
+                p.buf = bytearray(total)
+                self._pending = (p, total, True)
+                return memoryview(p.buf)
+            p = _Partial(key, total, self)
+            if self.budget is not None and not self.budget.admit(p):
+                p.refused = True
+            self._partial[key] = p
         else:
-            entry = self._partial.get(key)
-            if entry is None:
+            found = self._partial.get(key)
+            if found is None:
                 raise RemoteProtocolError(f"continuation chunk for unknown stream {sid}")
-            if total != len(entry[0]):
+            p = found
+            if total != p.total:
                 raise RemoteProtocolError(f"stream {sid} changed its total length")
-        buf, off = entry
-        end = off + body_len
-        if end > len(buf) or (end == len(buf)) != last or (not last and body_len == 0):
+        start = p.received
+        end = start + body_len
+        if end > p.total or (end == p.total) != last or (not last and body_len == 0):
             raise RemoteProtocolError(f"chunk overruns or truncates stream {sid}")
-        self._pending = (key, off, end, last)
-        return memoryview(buf)[off:end]
+        self._pending = (p, end, last)
+        if p.refused:  # decrypt (the cipher must see every frame) and forget
+            if self._scratch is None:
+                self._scratch = bytearray(self.chunk_size)
+            return memoryview(self._scratch)[:body_len]
+        if p.buf is not None:
+            return memoryview(p.buf)[start:end]
+        # Until half of the message has arrived, each chunk has its own buffer; then
+        # the whole message gets one: never more than twice what arrived is allocated.
+        grow = p.total - p.held if 2 * end >= p.total else body_len
+        if self._partial_bytes + grow + PARTIAL_ENTRY_COST * len(self._partial) > self.max_partial_bytes:
+            raise RemoteProtocolError("too many bytes buffered in incomplete messages")
+        self._partial_bytes += grow
+        p.held += grow
+        if 2 * end < p.total:
+            part = bytearray(body_len)
+            p.parts.append(part)
+            return memoryview(part)
+        p.buf = bytearray(p.total)
+        view = memoryview(p.buf)
+        pos = 0
+        for part in p.parts:
+            view[pos:pos + len(part)] = part
+            pos += len(part)
+        p.parts = []
+        return view[start:end]
 
-    def end_chunk(self) -> tuple[bool, int, bytearray] | None:
-        """Commit the chunk begun last; a complete message's body, else None."""
+    def end_chunk(self) -> tuple[bool, int, bytearray | None] | None:
+        """Commit the chunk begun last; a complete message's body, else None.
+
+        The body is None when the message was refused or dropped (answer ``busy``).
+        """
         pending = self._pending
         self._pending = None
         if pending is None:  # an abort chunk
             return None
-        key, _off, end, last = pending
-        entry = self._partial[key]
-        entry[1] = end
+        p, end, last = pending
+        p.received = end
         if not last:
+            if p.admitted and self.budget is not None:
+                self.budget.progress(p)
             return None
-        del self._partial[key]
-        self._partial_bytes -= len(entry[0])
-        return key[0], key[1], entry[0]
+        if p.key in self._partial:
+            del self._partial[p.key]
+            self._release(p)
+        return p.key[0], p.key[1], None if p.refused else p.buf
 
-    def feed_plain(self, frame: bytes | memoryview) -> tuple[bool, int, bytearray] | None:
-        """Unencrypted helper (tests, benchmarks): header + plaintext body in one frame."""
-        flags, sid, total = self.parse_header(frame)
-        body = memoryview(frame)[CHUNK_HEADER.size :]
-        target = self.begin_chunk(flags, sid, total, len(body))
-        target[:] = body
-        return self.end_chunk()
+    def close(self) -> None:
+        """The connection ended: free every incomplete message and its budget share."""
+        for p in list(self._partial.values()):
+            self.drop(p)
+        self._partial.clear()
+
+    def drop(self, p: _Partial) -> None:
+        """Free an incomplete message's buffers; the rest of its chunks are discarded."""
+        self._release(p)
+        p.refused = True
+        p.buf = None
+        p.parts = []
+
+    def _release(self, p: _Partial) -> None:
+        self._partial_bytes -= p.held
+        p.held = 0
+        if self.budget is not None:
+            self.budget.release(p)
 
     @property
     def partial_bytes(self) -> int:
-        """Bytes preallocated for incomplete messages."""
+        """Bytes allocated for incomplete messages."""
         return self._partial_bytes
+
+    @property
+    def partial_count(self) -> int:
+        """Incomplete messages (held or being discarded)."""
+        return len(self._partial)

@@ -142,11 +142,19 @@ class ServeProcesses:
         self.env = {**os.environ, **(env or {})}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
-    def start(self, i: int) -> None:
+    def start(self, i: int, *, nofile: int | None = None) -> None:
+        """Start node index `i` (with `nofile`: that soft and hard descriptor limit)."""
         log = open(self.configs[i].parent / "serve.log", "ab")  # noqa: SIM115 - owned by the process
+
+        def limit() -> None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-m", "blocknode", "serve", "--config", str(self.configs[i])],
             stdout=log, stderr=log, env=self.env, start_new_session=True,
+            preexec_fn=limit if nofile is not None else None,
         )
 
     def start_all(self) -> None:

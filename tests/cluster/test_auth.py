@@ -23,7 +23,7 @@ import trio
 from blocknode import fastpath
 from blocknode.errors import AuthenticationError
 from blocknode.protocol import ADMIN_BLOCK_INFO
-from blocknode.rpc.client import open_client as open_rpc_client
+from blocknode.rpc.connect import open_client as open_rpc_client
 from blocknode.rpc.handshake import PROTOCOL_VERSION, SessionKeys
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import MSG_REQUEST, OutgoingMessage, encode_head
@@ -138,8 +138,8 @@ async def test_wrong_secret_cannot_put_get_or_probe_a_running_node(tmp_path):
 
             # 3. An honest client holding the wrong secret is refused too.
             with pytest.raises(AuthenticationError):
-                conn = await open_rpc_client(addr, os.urandom(32), timeout=5)
-                await conn.aclose()
+                async with open_rpc_client(addr, os.urandom(32), timeout=5):
+                    pass
             assert node.net.handshake_failures == before_failures + 3
 
             # Nothing was written anywhere; the known block kept exactly its reference.

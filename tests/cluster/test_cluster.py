@@ -370,3 +370,75 @@ async def test_batches_split_by_size_leave_no_put_behind(tmp_path):
                     for d in datas:
                         n.start_soon(put, d)
                 assert sorted(got) == sorted(fastpath.block_hash(d).hex() for d in datas)
+
+
+async def test_block_size_above_one_mib_round_trips_through_a_client(tmp_path):
+    # One message limit for nodes and clients, derived from block_size (issue 8 point 2):
+    # a client whose connection kept the 1 MiB default refused every full block it fetched.
+    mib = 1024 * 1024
+    with trio.fail_after(60):
+        async with in_process_cluster(tmp_path, 3, block_size=4 * mib) as cl:
+            block = os.urandom(4 * mib)
+            data = os.urandom(10 * mib)
+            src = tmp_path / "ten.bin"
+            src.write_bytes(data)
+            async with cl.client("node1") as c:
+                h_block = await c.put(block, "one-block")
+                assert h_block == fastpath.block_hash(block).hex()
+                h_file = await c.put_file(str(src), "ten-mib")
+            async with cl.client("node2") as c:
+                assert await c.get(h_block) == block
+                assert await c.get(h_file) == data
+
+
+async def test_put_many_batches_are_refused_up_front_or_answered_in_full(tmp_path):
+    # Issue 9 B.7: a 4096-row client_put_many stored everything, then could not encode
+    # its reply (head > 64 KiB) and answered 'internal'.
+    from blocknode.rpc.errors import RemoteCallError
+    from blocknode.rpc.wire import MAX_BATCH_ROWS
+
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 3) as cl:
+            async with cl.client("node1") as c:
+                rows = [[f"r{i}", 1, 8] for i in range(4096)]
+                payload = b"".join(i.to_bytes(8, "big") for i in range(4096))
+                with pytest.raises(RemoteCallError) as info:
+                    await c.call("client_put_many", {"items": rows}, payload)
+                assert info.value.code == "bad_request" and str(MAX_BATCH_ROWS) in info.value.message
+                assert all(n.meta.counts()["refs"] == 0 for n in cl.nodes.values())  # nothing done
+                # the largest batch allowed, every row failing with a long error: still answered
+                await cl.stop("node2")
+                await cl.stop("node3")
+                n = MAX_BATCH_ROWS
+                reply, _ = await c.call(
+                    "client_put_many", {"items": [["r" * 200, 1, 8] for _ in range(n)]},
+                    b"".join(i.to_bytes(8, "big") for i in range(n)))
+                assert reply["hashes"] == [None] * n
+                assert len(reply["errors"]) == n and all("quorum" in e for e in reply["errors"])
+
+
+async def test_client_batches_respect_the_row_and_head_limits(tmp_path):
+    # Issue 9 B.7: the client batcher keeps each batch within MAX_BATCH_ROWS rows and a
+    # head that fits (long reference ids), so 300 concurrent small puts all succeed.
+    from blocknode.rpc.wire import MAX_BATCH_ROWS
+
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 1, rf=1) as cl:
+            node = cl.nodes["node1"]
+            sizes: list[int] = []
+            inner = node._handlers["client_put_many"]
+
+            async def counting(peer, fields, data):
+                sizes.append(len(fields["items"]))
+                return await inner(peer, fields, data)
+
+            node._handlers["client_put_many"] = counting
+            datas = [os.urandom(64) for _ in range(300)]
+            async with cl.client("node1") as c:
+                async def put(i):
+                    await c.put(datas[i], f"{i:03d}" + "r" * 252)
+
+                async with trio.open_nursery() as n:
+                    for i in range(300):
+                        n.start_soon(put, i)
+            assert sum(sizes) == 300 and max(sizes) <= MAX_BATCH_ROWS and len(sizes) >= 2

@@ -48,6 +48,11 @@ def test_file_values_and_relative_paths(tmp_path):
         ("replication_factor = 0", "replication_factor"),
         ("gc_dealy = 3", "gc_dealy"),
         ("inline_threshold = 99999999", "inline_threshold"),
+        ("rpc_max_connections = 0", "rpc_max_connections"),
+        ("rpc_max_connections_per_addr = 1.5", "rpc_max_connections_per_addr"),
+        ("rpc_max_handshakes = -3", "rpc_max_handshakes"),
+        ("rpc_handshake_timeout = 0", "rpc_handshake_timeout"),
+        ('rpc_idle_timeout = "long"', "rpc_idle_timeout"),
     ],
 )
 def test_bad_value_names_the_field(tmp_path, line, field):

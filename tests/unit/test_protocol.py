@@ -13,7 +13,6 @@ from blocknode.protocol import (
     MAX_BATCH_ROWS,
     MAX_REF_ID_BYTES,
     MAX_TS,
-    MESSAGE_OVERHEAD,
     get_data,
     get_hash,
     get_int,
@@ -176,7 +175,7 @@ def test_batch_block_size_bound() -> None:
 
 
 def test_message_limits_derive_from_block_size() -> None:
-    assert max_message_size(4 << 20) == (4 << 20) + MESSAGE_OVERHEAD
+    assert max_message_size(4 << 20) == (4 << 20) + 4 + HEAD_MAX
     assert DEFAULT_MAX_MESSAGE_SIZE == max_message_size(DEFAULT_BLOCK_SIZE)
 
 

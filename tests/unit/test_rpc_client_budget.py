@@ -8,7 +8,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from blocknode.rpc.client import open_client
+from blocknode.rpc.connect import open_client
 from blocknode.rpc.network import RpcNetwork
 from tests.unit.test_rpc_connection import SECRET, MemoryNet
 
@@ -29,16 +29,16 @@ async def test_client_payloads_wait_for_the_request_budget() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(node.serve_listener, mem.listener("mem-n"))
-            conn = await open_client("mem-n", SECRET, timeout=5, connect=mem.connect)
-            for i in range(5):
-                nursery.start_soon(lambda i=i: conn.call("put", {"i": i}, os.urandom(MiB), timeout=10))
-            await trio.testing.wait_all_tasks_blocked()
-            # two payloads fit the budget; the reader stopped before handling a third
-            assert len(entered) == 2
-            assert node.client_budget.used == 2 * MiB
-            release.set()
-            await trio.testing.wait_all_tasks_blocked()
-            assert sorted(entered) == [0, 1, 2, 3, 4]
-            assert node.client_budget.used == 0
-            await conn.aclose()
+            async with open_client("mem-n", SECRET, timeout=5, connect=mem.connect) as conn:
+                async with trio.open_nursery() as calls:
+                    for i in range(5):
+                        calls.start_soon(lambda i=i: conn.call("put", {"i": i}, os.urandom(MiB), timeout=10))
+                    await trio.testing.wait_all_tasks_blocked()
+                    # two payloads fit the budget; the reader stopped before handling a third
+                    assert len(entered) == 2
+                    assert node.client_budget.used == 2 * MiB
+                    release.set()
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert sorted(entered) == [0, 1, 2, 3, 4]
+                    assert node.client_budget.used == 0
             nursery.cancel_scope.cancel()

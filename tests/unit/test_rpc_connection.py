@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from blocknode.errors import NodeUnreachable
-from blocknode.rpc.connection import handshake
+from blocknode.rpc.connect import handshake
 from blocknode.rpc.handshake import ClientHandshake
 from blocknode.rpc.network import ByteBudget, RpcNetwork
 from blocknode.rpc.session import Session
@@ -197,4 +197,167 @@ async def test_payload_sizes_round_trip_in_memory(size: int) -> None:
             await nursery.start(a.run)
             data = os.urandom(size)
             assert await a.call("b", "echo", {}, data, timeout=5) == ({"peer": "a"}, data)
+            nursery.cancel_scope.cancel()
+
+
+async def test_duplicate_request_id_closes_only_that_connection() -> None:
+    # Issue 9 A.2: two requests with one id made SendScheduler.push raise inside the
+    # connection, which escaped into the network's nursery and stopped the node.
+    mem = MemoryNet()
+    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve_listener, mem.listener("mem-b"))
+            bad_stream, bad = await raw_client(mem, "mem-b")
+            for _ in range(2):
+                bad.queue(OutgoingMessage(7, False, encode_head(MSG_REQUEST, "echo", {}, False), None))
+                await bad_stream.send_all(bad.data_to_send()[0])
+            while await bad_stream.receive_some(65536):  # at most one answer, then closed
+                pass
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.incoming_connections == 0
+            assert b.connection_faults == {"client-raw": 1}
+            good_stream, good = await raw_client(mem, "mem-b")
+            good.queue(OutgoingMessage(7, False, encode_head(MSG_REQUEST, "echo", {"v": 1}, False), None))
+            await good_stream.send_all(good.data_to_send()[0])
+            while (item := good.next_message()) is NEED_DATA:
+                good.receive_data(await good_stream.receive_some(65536))
+            assert item[2].fields == {"peer": "client-raw", "v": 1}  # type: ignore[index]
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_exception_inside_a_connection_closes_only_that_connection(monkeypatch) -> None:
+    # Issue 9 A.2/A.3: nothing a connection does may escape into the node's nursery.
+    from blocknode.rpc.connection import RpcConnection
+
+    mem = MemoryNet()
+    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    real_dispatch = RpcConnection._dispatch
+
+    def dispatch(self: RpcConnection, sid: int, msg: Any, taken: int = 0) -> None:
+        if msg.kind == "boom":
+            raise RuntimeError("injected")
+        real_dispatch(self, sid, msg, taken)
+
+    monkeypatch.setattr(RpcConnection, "_dispatch", dispatch)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve_listener, mem.listener("mem-b"))
+            stream, sess = await raw_client(mem, "mem-b")
+            sess.queue(OutgoingMessage(1, False, encode_head(MSG_REQUEST, "boom", {}, False), None))
+            await stream.send_all(sess.data_to_send()[0])
+            assert await stream.receive_some(65536) == b""
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.connection_faults == {"client-raw": 1}
+            a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
+            await nursery.start(a.run)
+            assert (await a.call("b", "echo", {"ok": 1}, timeout=5))[0] == {"peer": "a", "ok": 1}
+            nursery.cancel_scope.cancel()
+
+
+async def test_messages_beyond_the_receive_budget_are_answered_busy() -> None:
+    # Issue 9 B.5: incomplete incoming messages count against the node's budget; past it a
+    # message is refused (answered busy) and the connection goes on.
+    from blocknode.rpc.errors import RemoteCallError
+
+    mem = MemoryNet()
+    a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect, receive_buffer_max=2 * MiB + MiB // 2)
+    outcomes: list[str] = []
+
+    async def put(i: int) -> None:
+        try:
+            await a.call("b", "echo", {"i": i}, os.urandom(MiB), timeout=5)
+            outcomes.append("ok")
+        except RemoteCallError as exc:
+            outcomes.append(exc.code)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve_listener, mem.listener("mem-b"))
+            await nursery.start(a.run)
+            await a.call("b", "echo", {}, timeout=5)
+            async with trio.open_nursery() as calls:
+                for i in range(3):  # interleaved: all three are in progress at once
+                    calls.start_soon(put, i)
+            assert sorted(outcomes) == ["busy", "ok", "ok"]
+            assert b.receive_budget.committed == 0 and b.receive_budget.refused == 1
+            assert (await a.call("b", "echo", {"z": 1}, b"ok", timeout=5)) == ({"peer": "a", "z": 1}, b"ok")
+            nursery.cancel_scope.cancel()
+
+
+async def test_unread_replies_are_bounded_and_stop_the_reading() -> None:
+    # Issue 9 B.6: 256 client_get whose replies were never read grew a node by 256 MiB.
+    # Reply payloads now take from a budget (a client's request reserves its largest reply
+    # before it is handled), and a connection holding more than its share is not read.
+    from blocknode.rpc.connect import open_client
+
+    calls: list[int] = []
+
+    async def get(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        calls.append(fields.get("i", -1))
+        return {}, bytes(MiB)
+
+    streams: list[trio.abc.Stream] = []
+    listener = MemoryListener()
+
+    async def lockstep_connect(addr: str) -> trio.abc.Stream:  # send_all waits for the reader
+        client, server = trio.testing.lockstep_stream_pair()
+        streams.append(client)
+        await listener.send.send(server)
+        return client
+
+    node = RpcNetwork("n", SECRET, {}, get, reply_buffer_max=8 * MiB,
+                      reply_size=lambda kind: MiB if kind == "get" else 0)
+    assert node.reply_share == 2 * MiB
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.serve_listener, listener)
+            stream = await lockstep_connect("n")
+            hs = ClientHandshake("client-greedy", SECRET)
+            await handshake(stream, hs)
+            greedy = Session(hs.keys, decoder=hs.decoder)
+            for i in range(64):
+                greedy.queue(OutgoingMessage(i + 1, False, encode_head(MSG_REQUEST, "get", {"i": i}, False), None))
+            async def send_requests() -> None:
+                while greedy.pending:
+                    await stream.send_all(greedy.data_to_send()[0])
+            nursery.start_soon(send_requests)
+            await trio.testing.wait_all_tasks_blocked()
+            # never read: the node handled only what its share allows, then stopped reading
+            assert len(calls) <= 3
+            assert node.reply_budget.used <= node.reply_share + MiB
+            # another client is still served
+            async with open_client("n", SECRET, timeout=5, connect=lockstep_connect) as other:
+                fields, data = await other.call("get", {}, timeout=5)
+                assert data == bytes(MiB)
+            await stream.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert node.reply_budget.used == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_reserved_replies_that_come_back_small_let_reading_go_on() -> None:
+    # A request kind that may answer a block reserves one; when the answer is small the
+    # reservation is given back at once, and a reader waiting for room goes on.
+    from blocknode.rpc.connect import open_client
+
+    mem = MemoryNet()
+    node = RpcNetwork("n", SECRET, {}, echo, connect=mem.connect, reply_buffer_max=8 * MiB,
+                      reply_size=lambda kind: MiB)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.serve_listener, mem.listener("mem-n"))
+            async with open_client("mem-n", SECRET, timeout=5, connect=mem.connect) as client:
+                got: list[int] = []
+
+                async def one(i: int) -> None:
+                    got.append((await client.call("echo", {"i": i}, timeout=5))[0]["i"])
+
+                async with trio.open_nursery() as calls:
+                    for i in range(20):
+                        calls.start_soon(one, i)
+                assert sorted(got) == list(range(20))
+            await trio.testing.wait_all_tasks_blocked()
+            assert node.reply_budget.used == 0
             nursery.cancel_scope.cancel()

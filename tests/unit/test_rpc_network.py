@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from blocknode.errors import (
     RemoteError,
     RpcTimeout,
 )
-from blocknode.rpc.client import open_client
+from blocknode.rpc.connect import open_client
 from blocknode.rpc.errors import RemoteCallError, RemoteNotFound
 from blocknode.rpc.network import RpcNetwork
 from blocknode.rpc.wire import PRIO_BACKGROUND
@@ -38,14 +39,29 @@ async def handler(peer: str, kind: str, fields: dict[str, Any], data: bytes | No
     raise ValueError(kind)
 
 
+def free_addrs(ids: str) -> dict[str, str]:
+    """A loopback address with a port that was free a moment ago, per id."""
+    socks = []
+    for _ in ids:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    addrs = {i: f"127.0.0.1:{s.getsockname()[1]}" for i, s in zip(ids, socks, strict=True)}
+    for s in socks:
+        s.close()
+    return addrs
+
+
 @asynccontextmanager
-async def cluster(ids: str = "abc", **kw: Any) -> AsyncIterator[tuple[dict[str, RpcNetwork], dict[str, str]]]:
+async def cluster(ids: str = "abc", *, extra_peers: dict[str, str] | None = None,
+                  **kw: Any) -> AsyncIterator[tuple[dict[str, RpcNetwork], dict[str, str]]]:
+    """Networks `ids` serving on loopback, each knowing the others (and `extra_peers`)."""
+    addrs = free_addrs(ids)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            nets = {i: RpcNetwork(i, SECRET, {}, handler, **kw) for i in ids}
-            addrs = {i: await nursery.start(nets[i].serve, "127.0.0.1:0") for i in ids}
-            for net in nets.values():
-                net.set_peers(addrs)
+            nets = {i: RpcNetwork(i, SECRET, {**addrs, **(extra_peers or {})}, handler, **kw) for i in ids}
+            for i in ids:
+                await nursery.start(nets[i].serve, addrs[i])
             yield nets, addrs
             nursery.cancel_scope.cancel()
 
@@ -91,8 +107,7 @@ async def test_hanging_node_ends_at_the_timeout_not_later() -> None:
 
 
 async def test_call_many_quorum_with_one_node_down() -> None:
-    async with cluster() as (nets, addrs):
-        nets["a"].set_peers({**addrs, "d": "127.0.0.1:1"})  # nothing listens there
+    async with cluster(extra_peers={"d": "127.0.0.1:1"}) as (nets, addrs):  # nothing listens at d
         got = await nets["a"].call_many(["a", "b", "c", "d"], "echo", {}, b"blk", quorum=3, timeout=5)
         assert len(got) >= 3 and {nid for nid, _ in got} <= {"a", "b", "c"}
         assert all(res == ({"peer": "a"}, b"blk") for _, res in got)
@@ -100,8 +115,7 @@ async def test_call_many_quorum_with_one_node_down() -> None:
 
 
 async def test_call_many_quorum_error_names_every_failed_node() -> None:
-    async with cluster() as (nets, addrs):
-        nets["a"].set_peers({**addrs, "d": "127.0.0.1:1", "e": "127.0.0.1:2"})
+    async with cluster(extra_peers={"d": "127.0.0.1:1", "e": "127.0.0.1:2"}) as (nets, addrs):
         with pytest.raises(QuorumError) as info:
             await nets["a"].call_many(["b", "d", "e"], "echo", {}, quorum=2, timeout=5)
         assert set(info.value.failures) == {"d", "e"}
@@ -145,6 +159,8 @@ async def test_unreachable_node_and_backoff() -> None:
 
 async def test_peer_status_and_latency_after_a_maintenance_round() -> None:
     async with cluster() as (nets, addrs):
+        for other in "bc":  # connected (a's first maintenance round may have run before they listened)
+            await nets["a"].call(other, "echo", {}, timeout=5)
         await nets["a"].check_peers()
         rows = nets["a"].peer_status()
         assert [(r["id"], r["addr"], r["up"]) for r in rows] == [(i, addrs[i], True) for i in "abc"]
@@ -168,8 +184,7 @@ async def test_node_keeps_serving_after_garbage_and_silent_clients() -> None:
 
 async def test_client_connection_calls_and_wrong_secret() -> None:
     async with cluster("ab") as (_, addrs):
-        client = await open_client(addrs["b"], SECRET, timeout=5)
-        async with client:
+        async with open_client(addrs["b"], SECRET, timeout=5) as client:
             assert client.peer_id == "b"
             async with trio.open_nursery() as nursery:  # concurrent calls share the connection
                 results: dict[int, Any] = {}
@@ -186,9 +201,11 @@ async def test_client_connection_calls_and_wrong_secret() -> None:
             with pytest.raises(RemoteNotFound):
                 await client.call("missing", {}, timeout=5)
         with pytest.raises(AuthenticationError, match="cluster secret"):
-            await open_client(addrs["b"], bytes(32), timeout=5)
+            async with open_client(addrs["b"], bytes(32), timeout=5):
+                pass
         with pytest.raises(NodeUnreachable):
-            await open_client("127.0.0.1:1", SECRET, timeout=5)
+            async with open_client("127.0.0.1:1", SECRET, timeout=5):
+                pass
 
 
 async def test_node_with_wrong_secret_is_refused() -> None:
@@ -205,8 +222,6 @@ async def test_node_with_wrong_secret_is_refused() -> None:
 async def test_a_peer_that_comes_up_late_is_called_at_once_not_after_its_backoff() -> None:
     # As when a cluster starts: a's first connect to b fails (b not listening yet),
     # which starts a backoff; once b listens, a's next call must connect right away.
-    import socket
-
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

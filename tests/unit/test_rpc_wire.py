@@ -199,3 +199,88 @@ def test_assembler_limits() -> None:
         asm.begin_chunk(FLAG_FIRST | FLAG_LAST, 3, 10, 11)
     with pytest.raises(ProtocolError, match="unknown chunk flags"):
         asm.parse_header(CHUNK_HEADER.pack(0x80, 1, 1))
+
+
+def test_the_largest_batch_reply_always_fits_in_a_head() -> None:
+    # Issue 9 B.7: every reply to a batch of MAX_BATCH_ROWS rows must encode.
+    from blocknode.rpc.wire import HEAD_MAX, MAX_BATCH_ROWS, MSG_RESPONSE, fit_texts
+
+    long_error = "quorum not reached; failed: " + "node9: NodeUnreachable é " * 400
+    for n_ok in (0, 1, MAX_BATCH_ROWS // 2, MAX_BATCH_ROWS):
+        hashes = [b"\xab" * 32] * n_ok + [None] * (MAX_BATCH_ROWS - n_ok)
+        errors = fit_texts([None] * n_ok + [long_error] * (MAX_BATCH_ROWS - n_ok))
+        head = encode_head(MSG_RESPONSE, "client_put_many", {"hashes": hashes, "errors": errors}, False)
+        assert len(head) <= 4 + HEAD_MAX
+        assert all(e is None or e.startswith("quorum not reached") for e in errors)
+    assert fit_texts(["short", None]) == ["short", None]
+
+
+def test_partial_messages_allocate_as_data_arrives() -> None:
+    # Issue 9 B.5: the first chunk of a message declaring 8 MiB allocated 8 MiB at once.
+    import tracemalloc
+
+    from blocknode.rpc.wire import FLAG_FIRST
+
+    asm = MessageAssembler(max_message_size=8 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        for sid in range(1, 5):
+            target = asm.begin_chunk(FLAG_FIRST, sid, 8 * 1024 * 1024, 100)
+            target[:] = b"x" * 100
+            del target
+            assert asm.end_chunk() is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert asm.partial_bytes == 400 and asm.partial_count == 4
+    assert peak < 256 * 1024
+
+
+def test_receive_budget_refuses_then_drops_stalled_messages() -> None:
+    # Issue 9 B.5: incomplete messages count against one node-wide budget; a sender that
+    # stops half-way holds its share only until a newcomer needs it and it is stale.
+    from blocknode.rpc.wire import FLAG_FIRST, FLAG_LAST, PARTIAL_ENTRY_COST, ReceiveBudget
+
+    now = [0.0]
+    mib = 1024 * 1024
+    budget = ReceiveBudget(2 * mib + 2 * PARTIAL_ENTRY_COST, stale_after=1.0, clock=lambda: now[0])
+    a = MessageAssembler(max_message_size=2 * mib, chunk_size=2 * mib, budget=budget)
+    b = MessageAssembler(max_message_size=2 * mib, chunk_size=2 * mib, budget=budget)
+
+    def chunk(asm: MessageAssembler, flags: int, sid: int, total: int, n: int):
+        asm.begin_chunk(flags, sid, total, n)[:] = b"y" * n
+        return asm.end_chunk()
+
+    assert chunk(a, FLAG_FIRST, 1, mib, 1000) is None  # admitted
+    assert chunk(a, FLAG_FIRST, 2, mib, 1000) is None  # admitted: the budget is now committed
+    assert chunk(b, FLAG_FIRST, 3, mib, 1000) is None  # refused: read and discarded
+    assert b.partial_bytes == 0 and budget.refused == 1
+    assert chunk(b, FLAG_LAST, 3, mib, mib - 1000) == (False, 3, None)  # answer busy
+    now[0] += 0.5
+    assert chunk(a, FLAG_LAST, 2, mib, mib - 1000) == (False, 2, bytearray(b"y" * mib))
+    now[0] += 1.0  # message 1 made no progress for 1.5 s: stale
+    assert chunk(b, FLAG_FIRST, 4, 2 * mib, 1000) is None  # admitted after dropping message 1
+    assert budget.dropped == 1 and a.partial_bytes == 0
+    assert chunk(a, FLAG_LAST, 1, mib, mib - 1000) == (False, 1, None)  # its sender gets busy
+    assert chunk(b, FLAG_LAST, 4, 2 * mib, 2 * mib - 1000) is not None
+    assert budget.committed == 0 and a.partial_count == b.partial_count == 0
+
+
+def test_scheduler_keeps_few_big_messages_in_progress_per_class() -> None:
+    # The receiver holds every message in progress: a sender starts at most
+    # `max_started` multi-chunk messages per class; one-chunk messages never wait.
+    sched = SendScheduler(max_started=2)
+    bigs = [_msg(i, 200_000, PRIO_NORMAL) for i in range(1, 5)]
+    for m in bigs:
+        sched.push(m)
+    small = _msg(9, 10, PRIO_NORMAL)
+    sched.push(small)
+    sched.cancel(bigs[3].key)  # a held (unstarted) one can still be dropped
+    order = []
+    while (item := sched.pop_chunk()) is not None:
+        msg = item[0]
+        order.append(msg.stream_id)
+        in_progress = {m.stream_id for m in bigs if m.started and not m.finished}
+        assert len(in_progress) <= 2
+    assert order.index(9) <= 2  # the small one went out within the first round
+    assert set(order) == {1, 2, 3, 9} and len(sched) == 0
