@@ -14,162 +14,45 @@ that happens to begin with the magic is stored behind a one-block manifest too,
 so a manifest can never be mistaken for data.
 """
 
+
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import msgpack
 import trio
 
-from blocknode import block, fastpath
+from blocknode import block
+from blocknode.client.batcher import BATCH_MAX_BLOCK, PutBatcher
+from blocknode.client.manifest import (
+    MANIFEST_MAGIC,
+    decode_manifest,
+    encode_manifest,
+    new_ref_id,
+    parse_hash,
+    split,
+)
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, load_or_create_secret
 from blocknode.errors import (
     BlocknodeError,
     HashMismatch,
-    InvalidHash,
-    RemoteError,
     RemoteProtocolError,
-    RpcError,
 )
 from blocknode.protocol import (
     CLIENT_GET,
     CLIENT_PUT,
-    CLIENT_PUT_MANY,
     CLIENT_REF,
-    HEAD_MAX,
-    MAX_BATCH_ROWS,
     STATUS,
     max_message_size,
 )
 from blocknode.rpc.connect import open_client as _open_connection
 from blocknode.rpc.connection import RpcConnection
 
-MANIFEST_MAGIC = b"BLOCKNODE-MANIFEST-1\n"
 _PARALLEL_BLOCKS = 8
-BATCH_MAX_BLOCK = 64 * 1024  # puts up to this size may share one RPC with concurrent ones
-BATCH_MAX_BYTES = 1024 * 1024
-BATCH_MAX_ITEMS = MAX_BATCH_ROWS  # a node refuses larger batches
-_BATCH_HEAD_ROOM = HEAD_MAX - 1024  # the rows of one batch must fit in its message head
-_ROW_HEAD_BYTES = 20  # msgpack cost of a row besides its ref id: [str hdr, u64 ts, u32 length]
-
-
-def new_ref_id() -> str:
-    """A fresh random reference id."""
-    return "ref-" + uuid.uuid4().hex
-
-
-def parse_hash(text: str) -> bytes:
-    """A 64-hex-char hash string to bytes; `InvalidHash` with a clear message otherwise."""
-    return fastpath.hex_to_hash(text.strip().lower())
-
-
-def encode_manifest(size: int, hashes: list[bytes]) -> bytes:
-    """The bytes of a manifest block."""
-    return MANIFEST_MAGIC + msgpack.packb({"size": size, "blocks": hashes})
-
-
-def decode_manifest(data: bytes) -> tuple[int, list[bytes]] | None:
-    """(size, block hashes) when `data` is a manifest, else None."""
-    if not data.startswith(MANIFEST_MAGIC):
-        return None
-    try:
-        m = msgpack.unpackb(data[len(MANIFEST_MAGIC):], raw=False)
-        size, blocks = m["size"], m["blocks"]
-        if not isinstance(size, int) or not all(isinstance(b, bytes) and len(b) == 32 for b in blocks):
-            raise ValueError
-    except Exception as exc:  # noqa: BLE001 - any malformation is one error
-        raise RemoteProtocolError(f"malformed manifest block: {exc}") from None
-    return size, list(blocks)
-
-
-class _PendingPut:
-    __slots__ = ("data", "ref_id", "ts", "done", "hash", "error")
-
-    def __init__(self, data: bytes, ref_id: str, ts: int) -> None:
-        self.data, self.ref_id, self.ts = data, ref_id, ts
-        self.done = trio.Event()
-        self.hash: bytes | None = None
-        self.error: BaseException | None = None
-
-
-class _PutBatcher:
-    """Coalesces concurrent small puts of one client into `client_put_many` calls.
-
-    The first caller to find no batch being collected becomes its collector: it
-    yields once so that concurrent callers can join, then sends everything
-    queued (bounded in items and bytes) as one RPC and wakes each caller with its
-    own result. Several batches may be in flight at once. A lone put pays one
-    scheduler round of latency; 64 concurrent ones share one RPC and one commit.
-    """
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-        self._pending: list[_PendingPut] = []
-        self._collecting = False
-
-    async def put(self, data: bytes, ref_id: str, ts: int) -> bytes:
-        item = _PendingPut(data, ref_id, ts)
-        self._pending.append(item)
-        if not self._collecting:
-            self._collecting = True
-            try:
-                await trio.sleep(0)
-            finally:
-                self._collecting = False
-            # Drain everything queued, not just up to our own item: a caller that
-            # joined this collection relies on it and must not be left behind.
-            while self._pending:
-                await self._send(self._take())
-        await item.done.wait()
-        if item.error is not None:
-            raise item.error
-        assert item.hash is not None
-        return item.hash
-
-    def _take(self) -> list[_PendingPut]:
-        batch: list[_PendingPut] = []
-        size = head = 0
-        while self._pending and len(batch) < BATCH_MAX_ITEMS:
-            n = len(self._pending[0].data)
-            row = len(self._pending[0].ref_id.encode()) + _ROW_HEAD_BYTES
-            # The whole batch is one message: keep it within the node's message cap.
-            if batch and (size + n > min(BATCH_MAX_BYTES, self._client.block_size)
-                          or head + row > _BATCH_HEAD_ROOM):
-                break
-            batch.append(self._pending.pop(0))
-            size += n
-            head += row
-        return batch
-
-    async def _send(self, batch: list[_PendingPut]) -> None:
-        try:
-            reply, _ = await self._client.call(
-                CLIENT_PUT_MANY,
-                {"items": [[it.ref_id, it.ts, len(it.data)] for it in batch]},
-                b"".join(it.data for it in batch),
-            )
-            hashes, errors = reply.get("hashes"), reply.get("errors")
-            if not isinstance(hashes, list) or not isinstance(errors, list) or \
-                    len(hashes) != len(batch) or len(errors) != len(batch):
-                raise RemoteProtocolError("malformed client_put_many reply")
-            for it, h, err in zip(batch, hashes, errors, strict=True):
-                if err is not None or not isinstance(h, bytes):
-                    it.error = RemoteError(str(err))
-                else:
-                    it.hash = h
-        except BaseException as exc:
-            for it in batch:
-                if it.hash is None and it.error is None:
-                    it.error = exc if isinstance(exc, Exception) else RpcError("put cancelled")
-            raise
-        finally:
-            for it in batch:
-                it.done.set()
+"""Blocks of one large put or get in flight at once."""
 
 
 class Client:
@@ -179,7 +62,7 @@ class Client:
         self._conn = conn
         self.block_size = block_size
         self.timeout = timeout
-        self._batcher = _PutBatcher(self)
+        self._batcher = PutBatcher(self)
 
     async def call(self, kind: str, fields: dict[str, Any], data: bytes | None = None,
                    *, timeout: float | None = None) -> tuple[dict[str, Any], bytes | None]:
@@ -196,7 +79,7 @@ class Client:
         """Put one block (at most `block_size` bytes) with a reference; returns its hash.
 
         Small blocks put concurrently through one client travel together (see
-        `_PutBatcher`); each caller still gets its own result or error.
+        `PutBatcher`); each caller still gets its own result or error.
         """
         ts = wall_ms() if ts_ms is None else ts_ms
         if len(data) <= BATCH_MAX_BLOCK:
@@ -221,7 +104,7 @@ class Client:
 
     async def put(self, data: bytes, ref: str | None = None) -> str:
         """Store `data` under reference `ref` (default: a fresh one); returns the hash hex."""
-        return await self.put_chunks(_split(data, self.block_size), ref=ref, small=data)
+        return await self.put_chunks(split(data, self.block_size), ref=ref, small=data)
 
     async def put_file(self, path: str, ref: str | None = None) -> str:
         """Store a file's bytes, streaming it block by block."""
@@ -338,10 +221,6 @@ async def _aiter(chunks: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterato
             yield chunk
 
 
-def _split(data: bytes, block_size: int) -> list[bytes]:
-    return [data[i:i + block_size] for i in range(0, len(data), block_size)] or [b""]
-
-
 @asynccontextmanager
 async def open_client(cfg: NodeConfig, *, timeout: float | None = None) -> AsyncIterator[Client]:
     """Connect to the node `cfg` describes (its public address, its cluster secret).
@@ -360,4 +239,6 @@ async def open_client(cfg: NodeConfig, *, timeout: float | None = None) -> Async
                 await client.aclose()
 
 
-__all__ = ["Client", "open_client", "new_ref_id", "parse_hash", "InvalidHash", "MANIFEST_MAGIC"]
+
+
+__all__ = ["Client", "open_client"]
