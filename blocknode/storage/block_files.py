@@ -269,7 +269,10 @@ class BlockFiles:
                             "its blocks will be fetched from the other nodes", d.path)
                 lost.append(d.path)
             try:
+                made = not exists
                 os.makedirs(d.path, exist_ok=True)
+                if made and self.fsync:
+                    _fsync_dir(os.path.dirname(d.path))
                 self._write_marker(d.path)
             except OSError as exc:
                 if d.read_only:
