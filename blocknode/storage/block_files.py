@@ -126,6 +126,9 @@ class Dir:
         self.key = self.path.encode()
         self.failed: str | None = None
         """Why the directory is out of service; None while in service."""
+        self.marked = False
+        """Its marker file was there at start (`init_dirs`): checked again before a new
+        fan-out directory is made in it (a disk unmounted while the node runs)."""
         self.errors = 0
         self.last_error: str | None = None
         self.corrupted = 0
@@ -250,6 +253,7 @@ class BlockFiles:
         for d in self.dirs:
             marker = os.path.join(d.path, MARKER_NAME)
             if os.path.isfile(marker):
+                d.marked = True
                 record.append(d.path)
                 continue
             exists = os.path.isdir(d.path)
@@ -274,6 +278,7 @@ class BlockFiles:
                 if made and self.fsync:
                     _fsync_dir(os.path.dirname(d.path))
                 self._write_marker(d.path)
+                d.marked = True
             except OSError as exc:
                 if d.read_only:
                     record.append(d.path)  # an old read-only disk: read it as it is
@@ -479,6 +484,9 @@ class BlockFiles:
             return
         parent = os.path.dirname(directory)
         new_parent = not os.path.isdir(parent)
+        if new_parent and d.marked and not os.path.isfile(os.path.join(d.path, MARKER_NAME)):
+            # Never write into a mount point whose disk went away.
+            raise OSError(errno.ENODEV, f"marker file {MARKER_NAME} missing: not mounted?", d.path)
         os.makedirs(directory, exist_ok=True)
         if self.fsync:
             # New directory entries must be durable too, or the block is unreachable.

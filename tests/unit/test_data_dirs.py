@@ -316,3 +316,18 @@ async def test_an_io_error_takes_a_dir_out_of_service_and_the_node_goes_on(tmp_p
     assert st[bad]["errors"] == 1 and st[specs[0].path]["blocks"] == 30
     for blk in blks:
         assert await b.read(blk.hash) == blk
+
+
+async def test_a_disk_unmounted_while_running_is_not_written_into(tmp_path):
+    specs = dirs(tmp_path, 100, 100)
+    b = local(tmp_path, specs)
+    d1 = Path(specs[1].path)
+    os.rename(d1, tmp_path / "unplugged")  # the disk goes away; the mount point stays
+    d1.mkdir()
+    blks = [hashed(os.urandom(1000)) for _ in range(20)]
+    for blk in blks:
+        await b.write(blk)
+    assert not list(d1.iterdir())  # nothing landed on the mount point
+    assert not b.files.dirs[1].in_service and b.files.refetch_pending == [str(d1)]
+    for blk in blks:
+        assert await b.read(blk.hash) == blk
