@@ -10,6 +10,11 @@ With no file, the embedded default is a single node keeping everything under
 are relative to the file's directory. A bad value raises `ConfigError` naming the
 file, the field and the expected form; an unknown field is refused (a typo would
 otherwise silently fall back to a default).
+
+`data_dir` is one directory (a string) or several: an array of tables
+``{ path = "/mnt/hdd1", capacity = "2T" }`` (`capacity` is required unless
+``read_only = true``; sizes as `blocknode.sizes` reads them). `compression_level` is a
+zstd level (an integer) or ``"none"``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,19 @@ from blocknode.sizes import SIZE_FORMS, parse_size
 DEFAULT_ROOT = "blocknode-data"
 DEFAULT_PORT = 3901
 MiB = 1024 * 1024
+DEFAULT_COMPRESSION_LEVEL = 1
+ZSTD_LEVEL_MIN, ZSTD_LEVEL_MAX = -131072, 22
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """One data directory: where block files go, weighted by `capacity` (bytes;
+    None for the single-string form); a `read_only` one is read, never written,
+    and emptied by `repair rebalance`."""
+
+    path: str
+    capacity: int | None = None
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,7 +55,7 @@ class NodeConfig:
     """Every setting of one node. Durations are seconds (floats allowed)."""
 
     node_id: str = "node1"
-    data_dir: str = f"{DEFAULT_ROOT}/data"
+    data_dir: str | tuple[DataDir, ...] = f"{DEFAULT_ROOT}/data"
     metadata_dir: str = f"{DEFAULT_ROOT}/meta"
     rpc_bind_addr: str = f"127.0.0.1:{DEFAULT_PORT}"
     rpc_public_addr: str | None = None
@@ -70,6 +88,7 @@ class NodeConfig:
     anti_entropy_interval: float = 600.0
     log_level: str = "info"  # debug, info, warning, error (`serve --log-level` overrides)
     log_format: str = "text"  # text, or json: one object per line (`serve --log-format` overrides)
+    compression_level: int | None = DEFAULT_COMPRESSION_LEVEL  # zstd level; None: "none"
     source: str = field(default="<embedded default>", compare=False)
 
     @property
@@ -83,6 +102,13 @@ class NodeConfig:
         if self.rpc_secret_file:
             return self.rpc_secret_file
         return str(Path(self.metadata_dir).parent / "rpc_secret")
+
+    @property
+    def data_dirs(self) -> tuple[DataDir, ...]:
+        """The data directories (the string form is one directory)."""
+        if isinstance(self.data_dir, str):
+            return (DataDir(self.data_dir),)
+        return self.data_dir
 
 
 # field name -> (validator, expected form for the error message)
@@ -133,9 +159,21 @@ def _is_secret(v: Any) -> bool:
     return True
 
 
+def _is_level(v: Any) -> bool:
+    if v == "none":
+        return True
+    return (isinstance(v, int) and not isinstance(v, bool)
+            and ZSTD_LEVEL_MIN <= v <= ZSTD_LEVEL_MAX)
+
+
+def _is_data_dir(v: Any) -> bool:
+    return _is_str(v) or (isinstance(v, list) and bool(v))  # a list is checked by _data_dirs
+
+
 _FIELDS: dict[str, tuple[Any, str]] = {
     "node_id": (_is_str, "a non-empty string"),
-    "data_dir": (_is_str, "a directory path"),
+    "data_dir": (_is_data_dir, "a directory path, or an array of "
+                 "{ path, capacity, read_only } tables"),
     "metadata_dir": (_is_str, "a directory path"),
     "rpc_bind_addr": (_is_addr, 'an address "host:port"'),
     "rpc_public_addr": (_is_opt_addr, 'an address "host:port"'),
@@ -170,6 +208,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "anti_entropy_interval": (_is_pos_num, "a number of seconds > 0"),
     "log_level": (lambda v: v in LOG_LEVELS, " or ".join(f'"{x}"' for x in LOG_LEVELS)),
     "log_format": (lambda v: v in LOG_FORMATS, " or ".join(f'"{x}"' for x in LOG_FORMATS)),
+    "compression_level": (_is_level, f'a zstd level (an integer from {ZSTD_LEVEL_MIN} to '
+                          f'{ZSTD_LEVEL_MAX}, e.g. 1 or 3) or "none"'),
 }
 _PATH_FIELDS = ("data_dir", "metadata_dir", "rpc_secret_file", "cluster_file")
 # Byte sizes: an integer, or a string such as "256M" or "1MiB" (`blocknode.sizes`), as in Garage.
@@ -189,6 +229,47 @@ def _describe_secret(v: Any) -> str:
 assert set(_FIELDS) == {f.name for f in fields(NodeConfig)} - {"source"}
 
 
+def _abs(path: str, base_dir: Path | None) -> str:
+    if base_dir is None or os.path.isabs(path):
+        return path
+    return str((base_dir / path).resolve())
+
+
+def _data_dirs(value: list[Any], *, source: str, base_dir: Path | None) -> tuple[DataDir, ...]:
+    """Validate the array form of `data_dir`."""
+    out: list[DataDir] = []
+    for i, d in enumerate(value):
+        where = f"{source}: field 'data_dir', entry {i}"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a table {{ path, capacity, read_only }}, got {d!r}")
+        for key in d:
+            if key not in ("path", "capacity", "read_only"):
+                raise ConfigError(f"{where}: unknown field {key!r} (known: capacity, path, read_only)")
+        path, cap, ro = d.get("path"), d.get("capacity"), d.get("read_only", False)
+        if not _is_str(path):
+            raise ConfigError(f"{where}: field 'path': expected a directory path, got {path!r}")
+        if not _is_bool(ro):
+            raise ConfigError(f"{where}: field 'read_only': expected true or false, got {ro!r}")
+        capacity: int | None = None
+        if cap is not None:
+            capacity = (cap if isinstance(cap, int) and not isinstance(cap, bool)
+                        else parse_size(cap) if isinstance(cap, str) else None)
+            if capacity is None or capacity <= 0:
+                raise ConfigError(f"{where}: field 'capacity': expected a size > 0: a number of "
+                                  f"bytes, or a string such as {SIZE_FORMS}; got {cap!r}")
+        elif not ro:
+            raise ConfigError(f"{where}: field 'capacity': required (e.g. \"2T\") unless "
+                              "read_only = true")
+        out.append(DataDir(_abs(path, base_dir), capacity, ro))
+    real = [os.path.realpath(d.path) for d in out]
+    if len(set(real)) != len(real):
+        raise ConfigError(f"{source}: field 'data_dir': a directory is listed twice")
+    if all(d.read_only for d in out):
+        raise ConfigError(f"{source}: field 'data_dir': at least one directory must be writable "
+                          "(not read_only)")
+    return tuple(out)
+
+
 def config_from_dict(raw: dict[str, Any], *, source: str, base_dir: Path | None = None) -> NodeConfig:
     """Validate a parsed TOML table into a `NodeConfig`; `ConfigError` names the bad field."""
     values: dict[str, Any] = {}
@@ -206,14 +287,18 @@ def config_from_dict(raw: dict[str, Any], *, source: str, base_dir: Path | None 
         if key == "rpc_secret_file" and isinstance(value, str) and _is_secret(value.strip()):
             raise ConfigError(f"{source}: field 'rpc_secret_file': expected a file path, got what "
                               "looks like the secret itself (put the value in rpc_secret)")
-        if key in _PATH_FIELDS and value is not None and base_dir is not None:
+        if key == "data_dir" and isinstance(value, list):
+            value = _data_dirs(value, source=source, base_dir=base_dir)
+        elif key == "compression_level" and value == "none":
+            value = None
+        elif key in _PATH_FIELDS and value is not None and base_dir is not None:
             value = str((base_dir / value).resolve()) if not os.path.isabs(value) else value
         values[key] = value
     cfg = replace(NodeConfig(), source=source, **values)
     if base_dir is not None:
         # Defaults of path fields are relative to the config file too.
         fixes = {k: str((base_dir / getattr(cfg, k)).resolve()) for k in ("data_dir", "metadata_dir")
-                 if k not in values}
+                 if k not in values and isinstance(getattr(cfg, k), str)}
         cfg = replace(cfg, **fixes)
     if cfg.inline_threshold > cfg.block_size:
         raise ConfigError(f"{source}: field 'inline_threshold': expected at most block_size "

@@ -24,8 +24,15 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
     "node_id": ("Identity and paths",
                 "This node's id; with a cluster file it must be one of its `[[nodes]]` ids."),
     "data_dir": ("Identity and paths",
-                 "Where block files live (`<hh>/<hh>/<hash>`); the bulk of the bytes: size its disk "
-                 "for your data. A relative path is relative to the config file's directory."),
+                 "Where block files live (`<hh>/<hh>/<hash>`, `<hash>.zst` when compressed); the "
+                 "bulk of the bytes: size its disk for your data. A relative path is relative to "
+                 "the config file's directory. Several disks: an array of tables, "
+                 '`[{ path = "/mnt/hdd1", capacity = "2T" }, { path = "/mnt/hdd2", capacity = '
+                 '"4T" }, { path = "/mnt/old", read_only = true }]`: blocks spread by capacity '
+                 "(required unless `read_only`; only the ratios matter), a `read_only` one is read "
+                 "and emptied by `repair rebalance`, never written. Each directory gets a "
+                 "`blocknode-marker` file; one in use found without it at start (a disk not "
+                 "mounted) is taken out of service and its blocks fetched from the other nodes."),
     "metadata_dir": ("Identity and paths",
                      "The LMDB environment (references, RCs, resync queue, small blocks). Best on an "
                      "SSD. A relative path is relative to the config file's directory."),
@@ -85,6 +92,12 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
                          "Blocks up to this size are stored in LMDB, committed with their reference "
                          "(no file, no file fsync); 0 keeps every block in a file. At most "
                          "`block_size`."),
+    "compression_level": ("Storage",
+                          "zstd level of the blocks this node coordinates (kept compressed only "
+                          'when that saves more than 10 %), or `"none"`. Replicas store the form '
+                          "they receive; reads decompress and verify. Changing it affects new "
+                          "writes only: plain and compressed blocks mix. Keep `\"none\"` until "
+                          "every node of the cluster supports compression."),
     "data_fsync": ("Storage",
                    "fsync each block file and its directory before acknowledging a write. Off trades "
                    "crash safety for speed."),

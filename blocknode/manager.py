@@ -12,6 +12,13 @@ Two roles (as in the seed's `BlockManager`):
   answers with corrupt data; `put_many` groups small blocks per write-node set;
   `set_ref` goes to the write quorum too.
 
+Compression: the coordinator decides each block's form once, at its
+`compression_level` (`blocknode.block.compress`), and sends every replica that
+form (the zstd frame with ``z: true``, see `blocknode.protocol`); replicas
+store the form they receive, so nothing is compressed twice, and verify it
+(decompress within `block_size`, hash). Reads between nodes ask for the stored
+form too (`get_block` with ``z: true``); clients always get the plain bytes.
+
 Calls to this node itself go straight to the handlers (the RPC layer
 short-circuits them), so a single node and a cluster run the same code. Message
 kinds, request parsing and limits live in `blocknode.protocol`.
@@ -49,6 +56,8 @@ from blocknode.protocol import (
     PUT_BLOCK,
     PUT_BLOCKS,
     get_data,
+    get_flag,
+    get_flags,
     get_hash,
     get_opt_int,
     get_ref,
@@ -103,6 +112,7 @@ class BlockManager:
         hedge_delay: float = 0.05,
         block_size: int = DEFAULT_BLOCK_SIZE,
         run_sync: RunSync = run_in_thread,
+        compression_level: int | None = None,
     ) -> None:
         self.node_id = node_id
         self.layout = layout
@@ -113,6 +123,8 @@ class BlockManager:
         self.hedge_delay = hedge_delay
         self.block_size = block_size
         self.run_sync = run_sync
+        self.compression_level = compression_level
+        """zstd level of the blocks this node coordinates (None: stored plain)."""
         self.zone = layout.node(node_id).zone
 
     def handlers(self) -> dict[str, Handler]:
@@ -141,18 +153,21 @@ class BlockManager:
         h = get_hash(fields)
         data = get_data(data, PUT_BLOCK, block_size=self.block_size)
         ref = ref_from_fields(h, fields, deleted=False) if "ref_id" in fields else None
-        blk = await block.accept(data, h, block_size=self.block_size, run_sync=self.run_sync)
+        blk = await block.accept(data, h, block_size=self.block_size, run_sync=self.run_sync,
+                                 compressed=get_flag(fields, "z"))
         return {"stored": await self.blocks.write(blk, ref=ref)}, None
 
     async def handle_put_blocks(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Store a batch of blocks with their references (all verified; inline ones in one commit).
 
         `items` is a list of ``[hash, ref_id, ts, length]``; `data` is the blocks'
-        bytes back to back. The batch succeeds or fails as a whole.
+        bytes back to back (`z`: which are zstd frames). The batch succeeds or
+        fails as a whole.
         """
         items = parse_batch_items(fields, data, with_hash=True, block_size=self.block_size)
         blks = await block.accept_batch(data, [(h, chunk) for h, _, _, chunk in items],
-                                        block_size=self.block_size, run_sync=self.run_sync)
+                                        block_size=self.block_size, run_sync=self.run_sync,
+                                        compressed=get_flags(fields, "z", len(items)))
         small: list[tuple[VerifiedBlock, RefEntry]] = []
         for blk, (h, ref_id, ts, _) in zip(blks, items, strict=True):
             ref = RefEntry(h, ref_id, False, ts)
@@ -165,9 +180,16 @@ class BlockManager:
         return {"stored": len(items)}, None
 
     async def handle_get_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
-        """Return a verified block; a corrupt one is quarantined and queued for resync."""
+        """Return a verified block; a corrupt one is quarantined and queued for resync.
+
+        With ``z: true`` a block stored compressed is sent as its zstd frame (``z: true``
+        in the reply); otherwise the plain bytes.
+        """
         h = get_hash(fields)
-        return {}, await self.read_local(h)
+        blk = await self.read_local(h)
+        if get_flag(fields, "z") and blk.zst is not None:
+            return {"z": True}, blk.zst
+        return {}, blk
 
     async def handle_need_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Whether this node needs the block (rc > 0) but does not hold it, and whether
@@ -209,13 +231,19 @@ class BlockManager:
                   *, priority: int = PRIO_NORMAL) -> bytes:
         """Store `data` as a block with reference `ref_id` on a write quorum; returns its hash.
 
-        The local replica gets the `VerifiedBlock` itself and does not hash it again.
+        The block is compressed here, once (`compression_level`), and every replica
+        gets its stored form; the local replica gets the `VerifiedBlock` itself and
+        neither hashes nor decompresses it again.
         """
-        blk = await block.ahashed(data, block_size=self.block_size, run_sync=self.run_sync)
+        blk = await block.ahashed(data, block_size=self.block_size, run_sync=self.run_sync,
+                                  level=self.compression_level)
         ts = self.meta.now_ms() if ts_ms is None else ts_ms
+        form, z = block.wire_form(blk)
+        fields: dict[str, Any] = {"hash": blk.hash, "ref_id": ref_id, "ts": ts}
+        if z:
+            fields["z"] = True
         await self.net.call_many(
-            list(self.layout.write_nodes(blk.hash)), PUT_BLOCK,
-            {"hash": blk.hash, "ref_id": ref_id, "ts": ts}, blk,
+            list(self.layout.write_nodes(blk.hash)), PUT_BLOCK, fields, form,
             quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
             interrupt_after_quorum=False, priority=priority,
         )
@@ -231,8 +259,10 @@ class BlockManager:
         for d, _, _ in blocks:
             block.check_size(len(d), self.block_size)
 
+        level = self.compression_level
+
         def hash_all() -> list[VerifiedBlock]:
-            return [block.hashed(d) for d, _, _ in blocks]
+            return [block.compress(block.hashed(d), level) for d, _, _ in blocks]
 
         total = sum(len(d) for d, _, _ in blocks)
         blks = await self.run_sync(hash_all) if total > block.HASH_IN_THREAD_MIN else hash_all()
@@ -243,10 +273,14 @@ class BlockManager:
 
         async def send(nodes: tuple[str, ...], idx: list[int]) -> None:
             payload = block.join([blks[i] for i in idx])
-            items = [[blks[i].hash, blocks[i][1], blocks[i][2], len(blks[i])] for i in idx]
+            items = [[h, blocks[i][1], blocks[i][2], length]
+                     for i, (h, length, _) in zip(idx, payload.items, strict=True)]
+            fields: dict[str, Any] = {"items": items}
+            if any(z for _, _, z in payload.items):
+                fields["z"] = [z for _, _, z in payload.items]
             try:
                 await self.net.call_many(
-                    list(nodes), PUT_BLOCKS, {"items": items}, payload,
+                    list(nodes), PUT_BLOCKS, fields, payload,
                     quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
                     interrupt_after_quorum=False,
                 )
@@ -300,14 +334,16 @@ class BlockManager:
                 if node == self.node_id:
                     blk = await self.read_local(h)
                 else:
-                    _, data = await self.net.call(
-                        node, GET_BLOCK, {"hash": h}, timeout=self.rpc_timeout, priority=priority
+                    reply, data = await self.net.call(
+                        node, GET_BLOCK, {"hash": h, "z": True}, timeout=self.rpc_timeout,
+                        priority=priority,
                     )
                     if data is None:
                         raise BlockCorrupted(fastpath.hash_to_hex(h))
                     try:
-                        blk = await block.averify(data, h, block_size=self.block_size,
-                                                  run_sync=self.run_sync)
+                        blk = await block.accept(bytes(data), h, block_size=self.block_size,
+                                                 run_sync=self.run_sync,
+                                                 compressed=reply.get("z") is True)
                     except HashMismatch:
                         raise BlockCorrupted(fastpath.hash_to_hex(h)) from None
                 outcomes_send.send_nowait((node, blk))

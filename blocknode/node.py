@@ -27,9 +27,10 @@ from blocknode.context import NodeContext
 from blocknode.errors import ConfigError, RemoteProtocolError
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
-from blocknode.protocol import STATUS, max_message_size
+from blocknode.protocol import ADMIN_REBALANCE, STATUS, max_message_size
 from blocknode.rpc.network import ConnectionLimits, RpcNetwork
 from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
+from blocknode.storage.rebalance import Rebalance
 from blocknode.workers import install_workers
 
 Worker = Callable[..., Awaitable[None]]
@@ -58,7 +59,8 @@ class Node:
         self.layout = Layout(self.cluster)
         self.secret = load_or_create_secret(cfg, create=True)
         self.ctx = NodeContext(now_ms=now_ms)
-        self.files = BlockFiles(cfg.data_dir, fsync=cfg.data_fsync, run_sync=self.ctx.run_sync)
+        self.files = BlockFiles(cfg.data_dirs, fsync=cfg.data_fsync, run_sync=self.ctx.run_sync,
+                                block_size=cfg.block_size)
         self.meta = MetadataStore(
             cfg.metadata_dir,
             map_size=cfg.lmdb_map_size,
@@ -105,12 +107,16 @@ class Node:
             hedge_delay=cfg.hedge_delay,
             block_size=cfg.block_size,
             run_sync=self.ctx.run_sync,
+            compression_level=cfg.compression_level,
         )
         self._handlers: dict[str, Handler] = dict(self.manager.handlers())
         self._handlers[STATUS] = self.handle_status
         self._workers: list[tuple[str, Worker]] = []
         self.addr: str | None = None
         install_workers(self)
+        self.rebalance = Rebalance(self.blocks)
+        self.register(ADMIN_REBALANCE, self.rebalance.handle_admin)
+        self.add_worker("rebalance", self.rebalance.run)
 
     # ---- extension points for the background workers and admin calls ----
 
@@ -179,6 +185,7 @@ class Node:
             "resync_queue": counts["resync_queue"],
             "errors": counts["errors"],
             "connections": self.net.connection_status(),
+            "data_dirs": self.files.dir_status(),
         }
 
     async def handle_status(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:

@@ -14,9 +14,9 @@ Message kinds (fields → reply; ``data`` is the raw payload next to the fields)
 
 | kind               | fields                                    | reply                      |
 |--------------------|-------------------------------------------|----------------------------|
-| `put_block`        | hash, ref_id?, ts? + data                 | stored                     |
-| `put_blocks`       | items: [[hash, ref_id, ts, length]] + data| stored                     |
-| `get_block`        | hash                                      | + data                     |
+| `put_block`        | hash, ref_id?, ts?, z? + data             | stored                     |
+| `put_blocks`       | items: [[hash, ref_id, ts, length]], z? + data | stored                |
+| `get_block`        | hash, z?                                  | z? + data                  |
 | `need_block`       | hash                                      | needed, referenced         |
 | `add_ref`/`del_ref`| hash, ref_id, ts                          | changed                    |
 | `client_put`       | ref_id, ts? + data                        | hash                       |
@@ -25,6 +25,15 @@ Message kinds (fields → reply; ``data`` is the raw payload next to the fields)
 | `client_ref`       | hash, ref_id, deleted, ts?                | —                          |
 | `status`           | —                                         | the node's status          |
 | `ae_digests`, `ae_exchange`, `admin_*` | see `blocknode.workers`|                            |
+| `admin_rebalance`  | action: start/status, tranquility?        | rebalance status           |
+
+Compression (``z``): a block travels in its stored form. On `put_block`,
+``z: true`` says the data is the block's zstd frame (the hash is the
+plaintext's; the receiver decompresses within `block_size` and verifies). On
+`put_blocks`, ``z`` is a list of booleans, one per row (the row's length is the
+frame's). On `get_block`, ``z: true`` in the request says the caller takes a
+frame, and ``z: true`` in the reply says the data is one; a request without it
+gets the plain bytes. A message without ``z`` is plain, as before.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ __all__ = [
     "ADMIN_BLOCK_PURGE",
     "ADMIN_BLOCK_RETRY_NOW",
     "ADMIN_KINDS",
+    "ADMIN_REBALANCE",
     "ADMIN_REPAIR",
     "ADMIN_RESYNC_RUN_ONCE",
     "ADMIN_SCRUB",
@@ -71,6 +81,8 @@ __all__ = [
     "THREAD_HASH_MIN",
     "BatchItem",
     "get_data",
+    "get_flag",
+    "get_flags",
     "get_hash",
     "get_int",
     "get_opt_int",
@@ -109,6 +121,7 @@ ADMIN_WORKER_LIST: Final = "admin_worker_list"
 ADMIN_WORKER_SET: Final = "admin_worker_set"
 ADMIN_ANTI_ENTROPY: Final = "admin_anti_entropy"
 ADMIN_RESYNC_RUN_ONCE: Final = "admin_resync_run_once"
+ADMIN_REBALANCE: Final = "admin_rebalance"
 
 REPLICA_KINDS: Final = frozenset(
     {PUT_BLOCK, PUT_BLOCKS, GET_BLOCK, NEED_BLOCK, ADD_REF, DEL_REF, AE_DIGESTS, AE_EXCHANGE}
@@ -119,7 +132,7 @@ CLIENT_KINDS: Final = frozenset({CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_GET, CLIENT
 ADMIN_KINDS: Final = frozenset({
     ADMIN_SCRUB, ADMIN_REPAIR, ADMIN_BLOCK_INFO, ADMIN_BLOCK_ERRORS, ADMIN_BLOCK_RETRY_NOW,
     ADMIN_BLOCK_PURGE, ADMIN_WORKER_LIST, ADMIN_WORKER_SET, ADMIN_ANTI_ENTROPY,
-    ADMIN_RESYNC_RUN_ONCE,
+    ADMIN_RESYNC_RUN_ONCE, ADMIN_REBALANCE,
 })
 """Kinds of the admin commands (and of `admin_block_info`, which nodes send each other too)."""
 ALL_KINDS: Final = REPLICA_KINDS | CLIENT_KINDS | ADMIN_KINDS
@@ -199,6 +212,26 @@ def get_opt_int(fields: dict[str, Any], name: str) -> int | None:
     if fields.get(name) is None:
         return None
     return get_int(fields, name)
+
+
+def get_flag(fields: dict[str, Any], name: str) -> bool:
+    """An optional boolean field (absent or null: False)."""
+    v = fields.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise RemoteProtocolError(f"field {name!r}: expected true or false")
+    return v
+
+
+def get_flags(fields: dict[str, Any], name: str, n: int) -> list[bool]:
+    """An optional list of `n` booleans (absent or null: all False)."""
+    v = fields.get(name)
+    if v is None:
+        return [False] * n
+    if not isinstance(v, list) or len(v) != n or not all(isinstance(x, bool) for x in v):
+        raise RemoteProtocolError(f"field {name!r}: expected a list of {n} booleans")
+    return v
 
 
 def get_ref(fields: dict[str, Any]) -> tuple[str, int]:

@@ -46,6 +46,7 @@ from typing import Any
 
 import trio
 
+from blocknode import block
 from blocknode.anti_entropy import refs_from_wire
 from blocknode.errors import BlocknodeError, RpcError
 from blocknode.manager import BlockManager
@@ -336,9 +337,9 @@ class Resync:
             return
         need = [n for n in others if answers.get(n) is True]
         if need:
-            data = await self.manager.read_local(h)
+            data, z = block.wire_form(await self.manager.read_local(h))
             await self.manager.net.call_many(
-                need, "put_block", {"hash": h}, data,
+                need, "put_block", {"hash": h, "z": True} if z else {"hash": h}, data,
                 quorum=len(need), timeout=self.manager.rpc_timeout,
                 interrupt_after_quorum=False, priority=PRIO_BACKGROUND,
             )

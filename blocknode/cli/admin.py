@@ -6,6 +6,7 @@ of `blocknode.workers`. Command names, arguments and JSON keys are a contract:
     scrub start [--tranquility N] [--wait] | pause | resume | cancel
     scrub set-tranquility N | status [--json]
     repair [--wait] [--rc]
+    repair rebalance [--wait]
     block info HASH [--json] | list-errors [--json] | retry-now (--all | HASH)
     block purge HASH --yes | repair-rc
     worker list [--json] | set resync-workers N | set resync-tranquility N
@@ -89,7 +90,12 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ repair
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    """`repair [--wait] [--rc]`: queue every block for resync (and recalculate RCs)."""
+    """`repair [--wait] [--rc]`: queue every block for resync (and recalculate RCs);
+    `repair rebalance [--wait]`: move block files to their data directories."""
+    if getattr(args, "what", None) == "rebalance":
+        if args.rc:
+            raise fail("repair rebalance takes no --rc", EXIT_USAGE)
+        return run_with_client(args, lambda client: _rebalance(client, wait=args.wait))
 
     async def go(client: Client) -> int:
         st, _ = await client.call("admin_repair", {"action": "start", "rc": bool(args.rc)})
@@ -113,6 +119,31 @@ def cmd_repair(args: argparse.Namespace) -> int:
         return 0
 
     return run_with_client(args, go)
+
+
+def _print_rebalance_line(st: dict[str, Any], tty: bool) -> None:
+    line = (f"rebalance {bar(st['progress'])} {st['scanned']} looked at, {st['moved']} moved, "
+            f"{st['errors']} errors")
+    print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+
+async def _rebalance(client: Client, *, wait: bool) -> int:
+    st, _ = await client.call("admin_rebalance", {"action": "start"})
+    if not wait:
+        print("rebalance started; poll with `repair rebalance --wait`")
+        return 0
+    tty = sys.stderr.isatty()
+    while True:
+        st, _ = await client.call("admin_rebalance", {"action": "status"})
+        _print_rebalance_line(st, tty)
+        if st["state"] != "running":
+            if tty:
+                print(file=sys.stderr)
+            break
+        await trio.sleep(POLL_S)
+    print(f"rebalance done: {st['scanned']} blocks looked at, {st['moved']} moved, "
+          f"{st['errors']} errors")
+    return 1 if st["errors"] else 0
 
 
 # ------------------------------------------------------------------ block
@@ -225,7 +256,11 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     s.set_defaults(func=cmd_scrub)
 
     s = sub.add_parser("repair", parents=[common],
-                       help="queue every referenced and every local block for resync")
+                       help="queue every referenced and every local block for resync; "
+                            "`repair rebalance`: move block files to their data directories")
+    s.add_argument("what", nargs="?", choices=["rebalance"], metavar="rebalance",
+                   help="move every block file to the data directory the current placement "
+                        "gives it (after a change of data_dir)")
     s.add_argument("--wait", action="store_true", help="wait until it finishes, showing progress")
     s.add_argument("--rc", action="store_true", help="first recalculate every RC from its references")
     s.set_defaults(func=cmd_repair)

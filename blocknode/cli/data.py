@@ -151,9 +151,33 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"rc entries  {st['rc_entries']}")
         print(f"resync      {st['resync_queue']} queued")
         print(f"errors      {st['errors']}")
+        for d in st.get("data_dirs", []):
+            print(f"data dir    {_dir_line(d)}")
         return 0
 
     return run_with_client(args, go)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _dir_line(d: dict[str, Any]) -> str:
+    """One data directory of `status`: path, state, blocks, bytes, free space, errors."""
+    state = d["state"] + (", read-only" if d.get("read_only") else "")
+    line = (f"{d['path']}  {state}  {d['blocks']} blocks, {_size(d['bytes'])}, "
+            f"{_size(d.get('free'))} free, {d['errors']} errors")
+    if d.get("capacity"):
+        line += f", capacity {_size(d['capacity'])}"
+    if d.get("failure"):
+        line += f" ({d['failure']})"
+    return line
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

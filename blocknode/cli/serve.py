@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -21,7 +22,8 @@ LOCK_NAME = "blocknode.lock"
 log = logging.getLogger("blocknode.serve")
 
 
-async def serve_async(cfg: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_async(cfg: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+                      locks: DirLocks | None = None) -> None:
     """Run the node; the first SIGINT/SIGTERM cancels it (workers stop between steps)."""
     from blocknode.node import Node  # here, not at the top: the other commands need no node
 
@@ -29,9 +31,11 @@ async def serve_async(cfg: NodeConfig, *, task_status: trio.TaskStatus[str] = tr
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             addr = await nursery.start(node.run)
+            if locks is not None:
+                locks.lock_new_data_dirs()  # the data dirs the node has just made
             log.info("blocknode %s: node %s listening on %s (public address %s), data %s, "
                      "metadata %s, cluster %s, fast path %s", __version__, cfg.node_id, addr,
-                     cfg.public_addr, cfg.data_dir, cfg.metadata_dir,
+                     cfg.public_addr, ", ".join(d.path for d in cfg.data_dirs), cfg.metadata_dir,
                      cfg.cluster_file or "single node", fastpath.IMPLEMENTATION)
             task_status.started(addr)
             async for signum in signals:
@@ -48,9 +52,9 @@ def serve(cfg: NodeConfig) -> int:
     address is in use) comes out of the nurseries wrapped in exception groups:
     the one error inside is re-raised for the CLI to print as one line.
     """
-    with DirLocks(cfg):
+    with DirLocks(cfg) as locks:
         try:
-            trio.run(serve_async, cfg)
+            trio.run(functools.partial(serve_async, cfg, locks=locks))
         except BaseExceptionGroup as group:
             raise single_error(group) from None
     log.info("stopped")
@@ -66,24 +70,54 @@ class DirLocks:
     processes on one data_dir would sweep each other's half-written blocks and
     collect each other's blocks; on one metadata_dir, keep two views of one
     LMDB. (Only `serve` takes these locks; a `Node` built in-process does not.)
+
+    A data dir that does not exist yet is not made here (the node tells a data dir
+    that is gone from one whose disk is not mounted by whether it exists, see
+    `blocknode.storage.block_files`): it is locked once the node has made it
+    (`lock_new_data_dirs`). With several data dirs, one that cannot be locked
+    (an unusable disk) is reported and left to the node, which takes it out of
+    service; a data dir locked by another `serve` is always refused.
     """
 
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         self._fds: list[int] = []
+        self._seen: set[str] = set()
+        self._missing: list[str] = []
 
     def __enter__(self) -> DirLocks:
-        seen: set[str] = set()
         try:
-            for what, path in (("metadata_dir", self.cfg.metadata_dir), ("data_dir", self.cfg.data_dir)):
-                real = os.path.realpath(path)
-                if real not in seen:
-                    seen.add(real)
-                    self._fds.append(self._lock(what, real))
+            self._lock_once("metadata_dir", self.cfg.metadata_dir)
+            for d in self.cfg.data_dirs:
+                if os.path.isdir(d.path):
+                    self._lock_data_dir(d.path)
+                else:
+                    self._missing.append(d.path)
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def _lock_once(self, what: str, path: str) -> None:
+        real = os.path.realpath(path)
+        if real not in self._seen:
+            self._seen.add(real)
+            self._fds.append(self._lock(what, real))
+
+    def _lock_data_dir(self, path: str) -> None:
+        try:
+            self._lock_once("data_dir", path)
+        except CliError as exc:
+            if len(self.cfg.data_dirs) == 1 or "in use by another" in str(exc):
+                raise
+            log.warning("%s", exc)
+
+    def lock_new_data_dirs(self) -> None:
+        """Lock the data dirs that did not exist at `__enter__` and exist now."""
+        missing, self._missing = self._missing, []
+        for path in missing:
+            if os.path.isdir(path):
+                self._lock_data_dir(path)
 
     def _lock(self, what: str, directory: str) -> int:
         lock_path = os.path.join(directory, LOCK_NAME)

@@ -7,10 +7,12 @@ transaction or touches a table):
 - `refs`: `RcEntry`, `RefEntry`, `RefTable` (tables `rc`, `refs`).
 - `resync_queue`: `ResyncQueue`, `ErrorEntry` and the backoff policy (tables `resync`, `errors`).
 - `worker_state`: `WorkerState` (table `state`).
-- `inline`: `InlineTable`, small blocks (table `blocks`).
+- `inline`: `InlineTable`, small blocks (tables `blocks`, `blocks_zst`).
 - `metadata`: `MetadataStore`, which composes the above (`node.meta`).
-- `block_files`: `BlockFiles`, the block files on disk.
+- `block_files`: `BlockFiles`, the block files on disk, in one or several data directories.
 - `local_blocks`: `LocalBlocks`, files + inline blocks + references under each block's lock.
+- `rebalance`: `Rebalance`, the worker that moves block files to their data directory
+  (`repair rebalance`) and refetches the blocks of a data directory that failed.
 """
 
 from blocknode.storage.block_files import BlockFiles

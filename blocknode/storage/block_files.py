@@ -1,18 +1,47 @@
-"""Block files on the local disk: ``data_dir/hh/hh/<64 hex>``.
+"""Block files on the local disks: ``<dir>/hh/hh/<64 hex>`` or ``<64 hex>.zst``, in one
+or several data directories.
 
 Write protocol (durable, crash-safe): write ``<name>.tmp``, fsync it, rename it
 over the final name, fsync the directory. A crash before the rename leaves only a
 ``.tmp``, which is invisible to readers and swept at start; after the directory
 fsync the block survives a crash of the process or the machine.
 
-A file holds a block's file form (`blocknode.block.file_bytes`) and every read
-verifies it (`blocknode.block.from_file_bytes`); corrupt bytes are never
-returned. A corrupt file is renamed ``<name>.corrupted`` (quarantine by rename,
-never delete: an operator can still look at it) by `read_or_quarantine`, or by
-a `write` of the same block, which then stores the good bytes: a copy already
-on disk counts as stored only once it is checked (size, then content). The
-caller (`LocalBlocks`) serialises both under the block's lock, so a read that
-saw old corrupt bytes cannot quarantine the copy a put has just repaired.
+A file holds a block's stored form (`blocknode.block.stored_form`): the plain
+bytes, or — name ending in ``.zst`` — the block's zstd frame. Every read
+verifies it (`blocknode.block.from_stored`: decompress within a bound, then
+hash the plaintext); corrupt bytes are never returned. A corrupt file is
+renamed ``<name>.corrupted`` (quarantine by rename, never delete: an operator
+can still look at it) by `read_or_quarantine`, or by a `write` of the same
+block, which then stores the good bytes: a copy already on disk counts as
+stored only once it is checked (same form: size, then content; another form —
+plain vs compressed, another level — decompressed and hashed). The caller
+(`LocalBlocks`) serialises both under the block's lock, so a read that saw old
+corrupt bytes cannot quarantine the copy a put has just repaired.
+
+Several data directories (`DataDir`: path, capacity, read_only). Blocks are
+placed by *partition* (the first `PARTITION_BYTES` bytes of the hash, 65,536
+partitions): each partition's directories are ranked by weighted rendezvous
+hashing of (directory path, partition) with the capacities as weights, so a
+directory gets its share of the partitions and adding or removing one moves
+only the partitions it gains or loses. A block is written to its partition's
+first writable directory in service (the *primary*; the next one when that
+disk is full). A read looks in the primary first, then in every other
+directory in service (a block may sit in an old place after a change of the
+directories), then in the primary once more (a `relocate` may have moved it
+there meanwhile). `relocate` (the `repair rebalance` worker) moves a block to
+its primary; a ``read_only`` directory is read, never written, and emptied by
+it.
+
+Each directory gets a marker file (`MARKER_NAME`) at its first use; the
+directories in use are recorded in the metadata (`init_dirs`). A recorded
+directory found without its marker at start (an unmounted disk: the mount
+point is there, empty) is taken out of service instead of being written into;
+one that no longer exists at all is made again (its blocks are lost). A
+directory that fails later (I/O errors, read-only file system, its marker
+gone) is taken out of service too; the node keeps running on the others. In
+each case the directory is added to `refetch_pending` and `on_failure` is
+called, so its blocks get fetched again from the other nodes. `dir_status`
+reports, per directory: state, blocks, bytes, free space, errors.
 
 Every method here is blocking. The `a*` methods run them through `run_sync`
 (the node context's way to run blocking calls: a worker thread), one hop per
@@ -24,14 +53,21 @@ from __future__ import annotations
 
 import enum
 import errno
+import hashlib
+import heapq
 import logging
+import math
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from blocknode import block, fastpath
 from blocknode.block import VerifiedBlock
+from blocknode.config import DataDir
 from blocknode.context import RunSync, run_in_thread
 from blocknode.errors import BlockCorrupted, BlockNotFound, StoreError
 
@@ -39,7 +75,15 @@ log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 CORRUPTED_SUFFIX = ".corrupted"
+ZST_SUFFIX = ".zst"
+MARKER_NAME = "blocknode-marker"
+MARKER_TEXT = b"blocknode data directory: do not remove (its absence means: not mounted)\n"
+PARTITION_BYTES = 2
 _HEX = frozenset("0123456789abcdef")
+_FATAL_ERRNOS = frozenset(
+    {errno.EIO, errno.EROFS, errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.ENOTCONN,
+     getattr(errno, "EUCLEAN", 117), getattr(errno, "EREMOTEIO", 121)})
+"""Errors that take a directory out of service: the disk or its file system failed."""
 
 
 def _is_hex(name: str, n: int) -> bool:
@@ -54,6 +98,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def partition_of(hash: bytes) -> int:
+    """The placement partition of a block (its first `PARTITION_BYTES` bytes)."""
+    return int.from_bytes(hash[:PARTITION_BYTES], "big")
+
+
 class Written(enum.Enum):
     """What `BlockFiles.write` did."""
 
@@ -65,182 +114,627 @@ class Written(enum.Enum):
     """A corrupt copy was there: quarantined, and the block written."""
 
 
+class Dir:
+    """One data directory and its runtime state."""
+
+    def __init__(self, spec: DataDir, index: int) -> None:
+        self.path = os.path.abspath(spec.path)
+        self.capacity = spec.capacity
+        self.read_only = spec.read_only
+        self.index = index
+        self.weight = float(spec.capacity or 1)
+        self.key = self.path.encode()
+        self.failed: str | None = None
+        """Why the directory is out of service; None while in service."""
+        self.marked = False
+        """Its marker file was there at start (`init_dirs`): checked again before a new
+        fan-out directory is made in it (a disk unmounted while the node runs)."""
+        self.errors = 0
+        self.last_error: str | None = None
+        self.corrupted = 0
+        self.blocks = 0
+        self.bytes = 0
+
+    @property
+    def in_service(self) -> bool:
+        return self.failed is None
+
+    def __repr__(self) -> str:
+        return f"Dir({self.path!r})"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A block file found on disk."""
+
+    dir: Dir
+    path: str
+    compressed: bool
+
+
+@dataclass
+class InitReport:
+    """What `BlockFiles.init_dirs` found."""
+
+    record: list[str]
+    """The directories to record as in use (for the next start's marker check)."""
+    failed: list[str]
+    """Directories taken out of service (marker missing, not there, unusable)."""
+    lost: list[str]
+    """Directories that were in use, were gone, and were made again empty."""
+
+
 class BlockFiles:
-    """The block files of one node.
+    """The block files of one node, in one or several data directories.
 
     `fsync=False` (config `data_fsync = false`) skips the fsyncs: faster, but a
     machine crash may lose recently acknowledged blocks. At most `threads`
-    blocking operations run at once.
+    blocking operations run at once. `block_size` bounds how far a stored
+    frame may decompress (`blocknode.block.stored_cap`).
     """
 
-    def __init__(self, data_dir: str, *, fsync: bool = True, threads: int = 8,
-                 run_sync: RunSync = run_in_thread) -> None:
-        self.data_dir = os.path.abspath(data_dir)
+    def __init__(self, data_dirs: str | Sequence[DataDir | str], *, fsync: bool = True,
+                 threads: int = 8, run_sync: RunSync = run_in_thread,
+                 block_size: int | None = None) -> None:
+        specs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
+        if not specs:
+            raise ValueError("BlockFiles needs at least one data directory")
+        self.dirs = [Dir(DataDir(s) if isinstance(s, str) else s, i) for i, s in enumerate(specs)]
+        self.data_dir = self.dirs[0].path
+        """The first data directory (the only one in the single-directory form)."""
         self.fsync = fsync
         self.limiter = trio.CapacityLimiter(threads)
         self._run_sync = run_sync
-        os.makedirs(self.data_dir, exist_ok=True)
+        self.cap = block.stored_cap(block_size)
+        self._stats_lock = threading.Lock()
+        self._rankings: dict[int, tuple[Dir, ...]] = {}
+        self.refetch_pending: list[str] = []
+        """Directories whose blocks must be fetched again from other nodes (drained by
+        the rebalance worker, `blocknode.storage.rebalance`)."""
+        self.on_failure: Callable[[str], None] | None = None
+        """Called (from the thread that saw it) when a directory is taken out of service."""
+
+    # ---- directories, placement ----
+
+    def in_service(self) -> list[Dir]:
+        """The directories in service, in config order."""
+        return [d for d in self.dirs if d.in_service]
+
+    def ranking(self, hash: bytes) -> tuple[Dir, ...]:
+        """The writable directories in service for `hash`, best first (weighted rendezvous
+        of its partition; the first is its primary)."""
+        p = partition_of(hash)
+        r = self._rankings.get(p)
+        if r is None or any(not d.in_service for d in r):
+            r = self._rankings[p] = self._rank(p)
+        return r
+
+    def _rank(self, p: int) -> tuple[Dir, ...]:
+        pb = p.to_bytes(PARTITION_BYTES, "big")
+        scored = []
+        for d in self.dirs:
+            if d.read_only or not d.in_service:
+                continue
+            x = int.from_bytes(hashlib.blake2b(d.key + b"\0" + pb, digest_size=8).digest(), "big")
+            u = (x + 0.5) / 2.0**64
+            scored.append((-d.weight / math.log(u), d.index, d))
+        scored.sort(key=lambda t: (-t[0], t[1]))
+        return tuple(d for _, _, d in scored)
+
+    def primary(self, hash: bytes) -> Dir | None:
+        """Where `hash` belongs under the current directories (None: none writable)."""
+        r = self.ranking(hash)
+        return r[0] if r else None
+
+    def _read_order(self, hash: bytes) -> list[Dir]:
+        first = self.primary(hash)
+        rest = [d for d in self.dirs if d.in_service and d is not first]
+        return ([first] if first is not None else []) + rest
+
+    def _name(self, d: Dir, hash: bytes, compressed: bool) -> str:
+        path = fastpath.block_path(d.path, hash)
+        return path + ZST_SUFFIX if compressed else path
+
+    # ---- marker files, failures ----
+
+    def init_dirs(self, recorded: Sequence[str]) -> InitReport:
+        """At start (blocking): check every directory's marker file against the
+        directories `recorded` as in use before; write the markers of new ones.
+
+        A recorded directory without its marker is out of service (its disk is
+        probably not mounted); a recorded one that is gone is made again; a new
+        one gets its marker. Recorded directories no longer configured, and
+        every failed or lost one, go to `refetch_pending`.
+        """
+        known = set(recorded)
+        record: list[str] = []
+        failed: list[str] = []
+        lost: list[str] = []
+        for d in self.dirs:
+            marker = os.path.join(d.path, MARKER_NAME)
+            if os.path.isfile(marker):
+                d.marked = True
+                record.append(d.path)
+                continue
+            exists = os.path.isdir(d.path)
+            if d.path in known and exists:
+                self._fail(d, f"its marker file {MARKER_NAME} is missing: the disk is probably not "
+                              "mounted (if the directory was emptied on purpose, remove it or create "
+                              "the marker file, and restart)", notify=False)
+                record.append(d.path)
+                failed.append(d.path)
+                continue
+            if not exists and d.read_only:
+                self._fail(d, "the read-only directory does not exist", notify=False)
+                failed.append(d.path)
+                continue
+            if d.path in known:
+                log.warning("data directory %s was in use but no longer exists: made again, empty; "
+                            "its blocks will be fetched from the other nodes", d.path)
+                lost.append(d.path)
+            try:
+                made = not exists
+                os.makedirs(d.path, exist_ok=True)
+                if made and self.fsync:
+                    _fsync_dir(os.path.dirname(d.path))
+                self._write_marker(d.path)
+                d.marked = True
+            except OSError as exc:
+                if d.read_only:
+                    record.append(d.path)  # an old read-only disk: read it as it is
+                    continue
+                self._fail(d, f"cannot initialise it: {exc.strerror or exc}", notify=False)
+                failed.append(d.path)
+                continue
+            record.append(d.path)
+        configured = {d.path for d in self.dirs}
+        gone = [p for p in recorded if p not in configured]
+        for p in gone:
+            log.warning("data directory %s is no longer configured: any block it held will be "
+                        "fetched from the other nodes (keep it as read_only = true and run "
+                        "`repair rebalance` to move its blocks instead)", p)
+        self.refetch_pending.extend(failed + lost + gone)
+        self._rankings.clear()
+        if not any(not d.read_only and d.in_service for d in self.dirs):
+            log.error("no writable data directory is in service: block files cannot be stored")
+        return InitReport(record, failed, lost)
+
+    def _write_marker(self, path: str) -> None:
+        marker = os.path.join(path, MARKER_NAME)
+        tmp = marker + TMP_SUFFIX
+        with open(tmp, "wb") as f:
+            f.write(MARKER_TEXT)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.rename(tmp, marker)
+        if self.fsync:
+            _fsync_dir(path)
+
+    def _fail(self, d: Dir, reason: str, *, notify: bool = True) -> None:
+        if d.failed is not None:
+            return
+        d.failed = reason
+        self._rankings.clear()
+        log.error("data directory %s is out of service: %s", d.path, reason)
+        if notify:
+            self.refetch_pending.append(d.path)
+            if self.on_failure is not None:
+                self.on_failure(d.path)
+
+    def fail_dir(self, path: str, reason: str) -> None:
+        """Take the directory at `path` out of service (an operator or a test)."""
+        for d in self.dirs:
+            if d.path == os.path.abspath(path):
+                self._fail(d, reason)
+
+    def _io_error(self, d: Dir, op: str, hash: bytes | None, exc: OSError) -> StoreError:
+        """Count an I/O error of `d`; take `d` out of service when the disk failed."""
+        with self._stats_lock:
+            d.errors += 1
+            d.last_error = f"{op}: {exc.strerror or exc}"
+        if exc.errno in _FATAL_ERRNOS:
+            self._fail(d, f"I/O error ({op}: {exc.strerror or exc})")
+        elif exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM) and not os.path.isfile(
+                os.path.join(d.path, MARKER_NAME)):
+            self._fail(d, f"its marker file {MARKER_NAME} is gone ({op}: {exc.strerror or exc})")
+        return _store_error(op, hash, exc)
+
+    # ---- stats ----
+
+    def _count(self, d: Dir, blocks: int, nbytes: int) -> None:
+        with self._stats_lock:
+            d.blocks += blocks
+            d.bytes += nbytes
+
+    def count(self) -> int:
+        """Block files held (the sum over the directories in service)."""
+        return sum(d.blocks for d in self.dirs if d.in_service)
+
+    def dir_status(self) -> list[dict[str, Any]]:
+        """Per directory: path, state, capacity, read_only, blocks, bytes, free, errors."""
+        out = []
+        for d in self.dirs:
+            free: int | None = None
+            if d.in_service:
+                try:
+                    st = os.statvfs(d.path)
+                    free = st.f_bavail * st.f_frsize
+                except OSError:
+                    pass
+            out.append({
+                "path": d.path, "state": "ok" if d.in_service else "failed",
+                "failure": d.failed, "capacity": d.capacity, "read_only": d.read_only,
+                "blocks": d.blocks, "bytes": d.bytes, "free": free, "errors": d.errors,
+                "corrupted": d.corrupted, "last_error": d.last_error,
+            })
+        return out
 
     # ---- paths ----
 
+    def copies(self, hash: bytes) -> list[Copy]:
+        """Every file of `hash` in the directories in service (primary first)."""
+        out = []
+        for d in self._read_order(hash):
+            for compressed in (False, True):
+                path = self._name(d, hash, compressed)
+                if os.path.exists(path):
+                    out.append(Copy(d, path, compressed))
+        return out
+
     def path(self, hash: bytes) -> str:
-        """The final file path of a block."""
-        return fastpath.block_path(self.data_dir, hash)
+        """The file of a block: the first copy found, else where it would be written."""
+        found = self.copies(hash)
+        if found:
+            return found[0].path
+        d = self.primary(hash) or self.dirs[0]
+        return fastpath.block_path(d.path, hash)
 
     # ---- blocking operations ----
 
     def write(self, blk: VerifiedBlock) -> Written:
-        """Store a block durably (call under the block's lock).
+        """Store a block durably in its stored form (call under the block's lock).
 
-        An intact copy already there makes it a no-op; a corrupt one is
-        quarantined and replaced.
+        An intact copy already there (in any directory, in any form) makes it a
+        no-op; a corrupt one is quarantined and the block written to its primary.
         """
         hash = blk.hash
-        data = block.file_bytes(blk)
-        final = self.path(hash)
+        form, compressed = block.stored_form(blk)
         outcome = Written.STORED
-        intact = self._copy_is_intact(final, hash, data)
-        if intact is not None:
+        for c in self.copies(hash):
+            intact = self._copy_is_intact(c, hash, form, compressed, len(blk))
+            if intact is None:
+                continue
             if intact:
                 return Written.PRESENT
-            log.warning("block %s: the copy here is corrupt; quarantined and replaced by the "
-                        "verified bytes being put", fastpath.hash_to_hex(hash))
-            self.quarantine(hash)
+            log.warning("block %s: the copy in %s is corrupt; quarantined and replaced by the "
+                        "verified bytes being put", fastpath.hash_to_hex(hash), c.dir.path)
+            self._quarantine_copy(c, hash)
             outcome = Written.REPLACED
-        directory = os.path.dirname(final)
-        try:
-            self._ensure_dir(directory)
-            tmp = final + TMP_SUFFIX
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-            if self.fsync:
-                _fsync_dir(directory)
-        except OSError as exc:
-            raise _store_error("write", hash, exc) from exc
+        self._write_new(hash, form, compressed)
         return outcome
 
-    def _copy_is_intact(self, final: str, hash: bytes, form: bytes) -> bool | None:
-        # None: no copy here. Size first (a file of the wrong size is not read), then content.
+    def _write_new(self, hash: bytes, form: bytes, compressed: bool) -> Dir:
+        # Into the primary; the next directory when a disk is full or fails.
+        last: StoreError | None = None
+        for d in self.ranking(hash):
+            if not d.in_service:
+                continue
+            try:
+                self._write_file(d, hash, form, compressed)
+            except OSError as exc:
+                last = self._io_error(d, "write", hash, exc)
+                continue
+            self._count(d, 1, len(form))
+            return d
+        if last is not None:
+            raise last
+        raise StoreError(f"cannot write block {fastpath.hash_to_hex(hash)}: no writable data "
+                         "directory is in service (see `status`)")
+
+    def _write_file(self, d: Dir, hash: bytes, form: bytes, compressed: bool) -> None:
+        final = self._name(d, hash, compressed)
+        directory = os.path.dirname(final)
+        self._ensure_dir(d, directory)
+        tmp = final + TMP_SUFFIX
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            with open(final, "rb") as f:
-                if os.fstat(f.fileno()).st_size != len(form):
-                    return False
-                return block.same_copy(f.read(), form)
+            view = memoryview(form)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        if self.fsync:
+            _fsync_dir(directory)
+
+    def _copy_is_intact(self, c: Copy, hash: bytes, form: bytes, compressed: bool,
+                        plain_len: int) -> bool | None:
+        # None: the copy is gone. The same form: size first (a file of the wrong size is not
+        # read), then content. Another form (plain vs compressed, another level): verified.
+        try:
+            with open(c.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if not c.compressed and size != plain_len:
+                    return False  # a plain copy has the plaintext's size
+                raw = None
+                if c.compressed == compressed and size == len(form):
+                    raw = f.read()
+                    if block.same_copy(raw, form):
+                        return True
+                    if not compressed:
+                        return False  # a plain block has one valid form
+                if raw is None:
+                    raw = f.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _store_error("check", hash, exc) from exc
+            raise self._io_error(c.dir, "check", hash, exc) from exc
+        try:
+            block.from_stored(raw, hash, compressed=c.compressed, cap=self.cap)
+        except BlockCorrupted:
+            return False
+        return True
 
-    def _ensure_dir(self, directory: str) -> None:
+    def _ensure_dir(self, d: Dir, directory: str) -> None:
         if os.path.isdir(directory):
             return
         parent = os.path.dirname(directory)
         new_parent = not os.path.isdir(parent)
+        if new_parent and d.marked and not os.path.isfile(os.path.join(d.path, MARKER_NAME)):
+            # Never write into a mount point whose disk went away.
+            raise OSError(errno.ENODEV, f"marker file {MARKER_NAME} missing: not mounted?", d.path)
         os.makedirs(directory, exist_ok=True)
         if self.fsync:
             # New directory entries must be durable too, or the block is unreachable.
             _fsync_dir(parent)
             if new_parent:
-                _fsync_dir(self.data_dir)
+                _fsync_dir(d.path)
+
+    def _read_copy(self, c: Copy, hash: bytes) -> VerifiedBlock | None:
+        # None: gone (or its directory failed). BlockCorrupted when it does not verify.
+        try:
+            with open(c.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            err = self._io_error(c.dir, "read", hash, exc)
+            if c.dir.in_service:
+                raise err from exc
+            return None
+        return block.from_stored(raw, hash, compressed=c.compressed, cap=self.cap)
+
+    def _find_and_read(self, hash: bytes, *, quarantine: bool) -> VerifiedBlock:
+        order = self._read_order(hash)
+        if len(order) > 1 and self.primary(hash) is not None:
+            # Not found anywhere: a relocation may have moved it to its primary while this
+            # read looked elsewhere; look there once more.
+            order.append(order[0])
+        corrupt = False
+        for d in order:
+            for compressed in (False, True):
+                c = Copy(d, self._name(d, hash, compressed), compressed)
+                try:
+                    blk = self._read_copy(c, hash)
+                except BlockCorrupted:
+                    corrupt = True
+                    if quarantine:
+                        self._quarantine_copy(c, hash)
+                    continue
+                if blk is not None:
+                    return blk
+        if corrupt:
+            raise BlockCorrupted(fastpath.hash_to_hex(hash))
+        raise BlockNotFound(fastpath.hash_to_hex(hash))
 
     def read(self, hash: bytes) -> VerifiedBlock:
-        """Read and verify a block; `BlockNotFound` or `BlockCorrupted` (the file is left as it is)."""
-        path = self.path(hash)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise BlockNotFound(fastpath.hash_to_hex(hash)) from None
-        except OSError as exc:
-            raise _store_error("read", hash, exc) from exc
-        return block.from_file_bytes(data, hash)
+        """Read and verify a block; `BlockNotFound` or `BlockCorrupted` (no intact copy;
+        the corrupt one is left as it is)."""
+        return self._find_and_read(hash, quarantine=False)
 
     def read_or_quarantine(self, hash: bytes) -> VerifiedBlock:
-        """`read`; a corrupt file is quarantined before `BlockCorrupted` is raised
-        (call under the block's lock)."""
-        try:
-            return self.read(hash)
-        except BlockCorrupted:
-            self.quarantine(hash)
-            raise
+        """`read`; every corrupt copy met is quarantined, and `BlockCorrupted` raised when
+        no intact copy is left (call under the block's lock)."""
+        return self._find_and_read(hash, quarantine=True)
 
     def exists(self, hash: bytes) -> bool:
-        """True when the block file is present (its content is not checked)."""
-        return os.path.exists(self.path(hash))
+        """True when a block file is present (its content is not checked)."""
+        for d in self._read_order(hash):
+            path = fastpath.block_path(d.path, hash)
+            if os.path.exists(path) or os.path.exists(path + ZST_SUFFIX):
+                return True
+        return False
 
     def quarantine(self, hash: bytes) -> bool:
-        """Rename a block to ``.corrupted``; False when it was not there."""
-        path = self.path(hash)
-        return self._remove_entry("quarantine", hash, lambda: os.replace(path, path + CORRUPTED_SUFFIX))
+        """Rename every file of a block to ``.corrupted``; False when none was there."""
+        done = False
+        for c in self.copies(hash):
+            done = self._quarantine_copy(c, hash) or done
+        return done
+
+    def _quarantine_copy(self, c: Copy, hash: bytes) -> bool:
+        done = self._remove(c, hash, "quarantine",
+                            lambda: os.replace(c.path, c.path + CORRUPTED_SUFFIX))
+        if done:
+            with self._stats_lock:
+                c.dir.corrupted += 1
+        return done
 
     def delete(self, hash: bytes) -> bool:
-        """Remove a block file; False when it was not there."""
-        path = self.path(hash)
-        return self._remove_entry("delete", hash, lambda: os.unlink(path))
+        """Remove every file of a block; False when none was there."""
+        done = False
+        for c in self.copies(hash):
+            done = self._remove(c, hash, "delete", lambda c=c: os.unlink(c.path)) or done
+        return done
 
-    def _remove_entry(self, op: str, hash: bytes, action: Callable[[], None]) -> bool:
+    def _remove(self, c: Copy, hash: bytes, op: str, action: Callable[[], None]) -> bool:
         # Takes the block's name out of its directory, durably (the directory is fsync'd).
         try:
+            size = os.stat(c.path).st_size
             action()
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise _store_error(op, hash, exc) from exc
+            raise self._io_error(c.dir, op, hash, exc) from exc
+        self._count(c.dir, -1, -size)
         if self.fsync:
-            _fsync_dir(os.path.dirname(self.path(hash)))
+            _fsync_dir(os.path.dirname(c.path))
+        return True
+
+    def relocate(self, hash: bytes) -> bool:
+        """Move a block to its primary directory (call under the block's lock); True when
+        a file was moved or a misplaced duplicate removed.
+
+        The copy is written (verified, in its stored form) before the misplaced one
+        is removed, so a read always finds one; a corrupt copy is quarantined.
+        """
+        target = self.primary(hash)
+        if target is None:
+            return False
+        found = self.copies(hash)
+        misplaced = [c for c in found if c.dir is not target]
+        if not misplaced:
+            return False
+        placed = False
+        for c in found:
+            if c.dir is target:
+                try:
+                    placed = self._read_copy(c, hash) is not None or placed
+                except BlockCorrupted:
+                    self._quarantine_copy(c, hash)
+        keep: list[Copy] = []
+        for c in misplaced:
+            if placed:
+                keep.append(c)
+                continue
+            try:
+                blk = self._read_copy(c, hash)
+            except BlockCorrupted:
+                self._quarantine_copy(c, hash)
+                continue
+            if blk is None:
+                continue
+            form = blk.zst if c.compressed and blk.zst is not None else bytes(blk)
+            try:
+                self._write_file(target, hash, form, c.compressed)
+            except OSError as exc:
+                raise self._io_error(target, "write", hash, exc) from exc
+            self._count(target, 1, len(form))
+            placed = True
+            keep.append(c)
+        if not placed:
+            return False
+        for c in keep:
+            try:
+                self._remove(c, hash, "delete", lambda c=c: os.unlink(c.path))
+            except StoreError as exc:
+                # e.g. a read-only file system: the copy stays, reads still find one
+                log.warning("rebalance: cannot remove the old copy %s: %s", c.path, exc)
         return True
 
     def walk(self, start_after: bytes | None = None) -> Iterator[bytes]:
-        """Yield every block hash on disk, in hash order.
+        """Yield every block hash on disk (the directories in service), in hash order.
 
-        Only ``hh/hh/<64 hex>`` entries whose prefixes match count; ``.tmp``,
+        Only ``hh/hh/<64 hex>[.zst]`` entries whose prefixes match count; ``.tmp``,
         ``.corrupted`` and anything else are ignored. With `start_after`, hashes
         <= it are skipped (scrub resumes from its position this way).
         """
+        last = None
+        for h in heapq.merge(*(self.walk_dir(d, start_after) for d in self.in_service())):
+            if h != last:
+                yield h
+                last = h
+
+    def walk_dir(self, d: Dir, start_after: bytes | None = None) -> Iterator[bytes]:
+        """Every block hash in one directory, in hash order (see `walk`)."""
+        for h, _ in self._walk_entries(d, start_after):
+            yield h
+
+    def _walk_entries(self, d: Dir, start_after: bytes | None,
+                      sizes: bool = False) -> Iterator[tuple[bytes, int]]:
         first = start_after.hex() if start_after is not None else None
-        for d1 in _sorted_hex_dirs(self.data_dir):
+        for d1 in self._sorted_hex_dirs(d, d.path):
             if first is not None and d1 < first[0:2]:
                 continue
-            p1 = os.path.join(self.data_dir, d1)
-            for d2 in _sorted_hex_dirs(p1):
+            p1 = os.path.join(d.path, d1)
+            for d2 in self._sorted_hex_dirs(d, p1):
                 if first is not None and d1 + d2 < first[0:4]:
                     continue
                 p2 = os.path.join(p1, d2)
                 try:
-                    names = sorted(os.listdir(p2))
-                except OSError:
+                    with os.scandir(p2) as it:
+                        entries = sorted((e.name, e) for e in it)
+                except FileNotFoundError:
                     continue
-                for name in names:
-                    if not _is_hex(name, 64) or name[0:4] != d1 + d2:
+                except OSError as exc:
+                    self._io_error(d, "list", None, exc)
+                    continue
+                prev = None
+                for name, entry in entries:
+                    hx = name[:-len(ZST_SUFFIX)] if name.endswith(ZST_SUFFIX) else name
+                    if not _is_hex(hx, 64) or hx[0:4] != d1 + d2:
                         continue
-                    if first is not None and name <= first:
+                    if first is not None and hx <= first:
                         continue
-                    yield bytes.fromhex(name)
+                    size = 0
+                    if sizes:
+                        try:
+                            size = entry.stat().st_size
+                        except OSError:
+                            continue
+                    if hx == prev:  # both forms of one block: one block
+                        continue
+                    prev = hx
+                    yield bytes.fromhex(hx), size
+
+    def _sorted_hex_dirs(self, d: Dir, path: str) -> list[str]:
+        try:
+            with os.scandir(path) as it:
+                return sorted(e.name for e in it if _is_hex(e.name, 2) and e.is_dir())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            self._io_error(d, "list", None, exc)
+            return []
 
     def sweep_tmp(self) -> int:
         """Delete stale ``.tmp`` files left by a crash mid-write; returns how many."""
         removed = 0
-        for d1 in _sorted_hex_dirs(self.data_dir):
-            p1 = os.path.join(self.data_dir, d1)
-            for d2 in _sorted_hex_dirs(p1):
-                p2 = os.path.join(p1, d2)
-                for name in os.listdir(p2):
-                    if name.endswith(TMP_SUFFIX):
-                        try:
-                            os.unlink(os.path.join(p2, name))
-                            removed += 1
-                        except FileNotFoundError:
-                            pass
+        for d in self.in_service():
+            for d1 in self._sorted_hex_dirs(d, d.path):
+                p1 = os.path.join(d.path, d1)
+                for d2 in self._sorted_hex_dirs(d, p1):
+                    p2 = os.path.join(p1, d2)
+                    try:
+                        names = os.listdir(p2)
+                    except OSError:
+                        continue
+                    for name in names:
+                        if name.endswith(TMP_SUFFIX):
+                            try:
+                                os.unlink(os.path.join(p2, name))
+                                removed += 1
+                            except FileNotFoundError:
+                                pass
+                            except OSError as exc:
+                                self._io_error(d, "sweep", None, exc)
         return removed
+
+    def scan(self) -> int:
+        """Count the blocks and bytes of every directory in service (blocking; at start);
+        returns the total block count."""
+        for d in self.in_service():
+            n = size = 0
+            for _, s in self._walk_entries(d, None, sizes=True):
+                n += 1
+                size += s
+            with self._stats_lock:
+                d.blocks, d.bytes = n, size
+        return self.count()
 
     # ---- async wrappers (run_sync: worker threads) ----
 
@@ -264,19 +758,15 @@ class BlockFiles:
         """`read_or_quarantine` off the event loop."""
         return await self._run_sync(self.read_or_quarantine, hash, limiter=self.limiter)
 
-
-def _sorted_hex_dirs(path: str) -> list[str]:
-    try:
-        with os.scandir(path) as it:
-            return sorted(e.name for e in it if _is_hex(e.name, 2) and e.is_dir())
-    except FileNotFoundError:
-        return []
+    async def arelocate(self, hash: bytes) -> bool:
+        """`relocate` off the event loop."""
+        return await self._run_sync(self.relocate, hash, limiter=self.limiter)
 
 
-def _store_error(op: str, hash: bytes, exc: OSError) -> StoreError:
-    h = fastpath.hash_to_hex(hash)
+def _store_error(op: str, hash: bytes | None, exc: OSError) -> StoreError:
+    what = f"block {fastpath.hash_to_hex(hash)}" if hash is not None else "blocks"
     if exc.errno == errno.ENOSPC:
-        return StoreError(f"cannot {op} block {h}: the disk is full ({exc.filename})")
+        return StoreError(f"cannot {op} {what}: the disk is full ({exc.filename})")
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return StoreError(f"cannot {op} block {h}: no permission or read-only disk ({exc})")
-    return StoreError(f"cannot {op} block {h}: {exc}")
+        return StoreError(f"cannot {op} {what}: no permission or read-only disk ({exc})")
+    return StoreError(f"cannot {op} {what}: {exc}")

@@ -4,16 +4,21 @@ Blocks of at most `inline_threshold` bytes live in the metadata store's `blocks`
 table (`InlineTable`): they are committed in the same group commit as their
 reference, so a 4 KiB put costs a share of one LMDB commit instead of a file
 fsync plus a directory fsync (see README, "Small blocks"). Larger blocks are
-files (`BlockFiles`). Every read is verified against the hash.
+files (`BlockFiles`), in one or several data directories. Each is kept in its
+stored form (`blocknode.block.stored_form`: plain, or its zstd frame when the
+coordinating node compressed it); which form is said beside the bytes (the
+``blocks`` / ``blocks_zst`` table, the ``.zst`` file name). Every read is
+verified against the hash (a compressed block is decompressed first, within a
+bound).
 
 A copy already held counts as stored only once it is checked (size, then
-content): a put over a corrupt copy replaces it, so a corrupt copy never counts
-toward a write quorum.
+content; a copy in another form is decompressed and hashed): a put over a
+corrupt copy replaces it, so a corrupt copy never counts toward a write quorum.
 
 Writes, quarantines and deletes of one block file, and every change that can
 make a block live again (a live reference, an RC recalculation), are
 serialised by a striped lock (the seed's `mutation_lock`, per stripe rather
-than global). So a delete that checked "still deletable" cannot race a put, or
+than global); so is moving a file to another data directory (`relocate`). So a delete that checked "still deletable" cannot race a put, or
 a reference from a peer or from anti-entropy: a reference either lands before
 the check (the copy stays) or after the file is gone (its arrival check then
 fetches a copy). A read that saw corrupt bytes re-checks under the lock before
@@ -44,6 +49,8 @@ from blocknode.storage.refs import RcEntry, RefEntry
 log = logging.getLogger(__name__)
 
 _STRIPES = 256
+DATA_DIRS_KEY = "data_dirs"
+"""`state` table key: the data directories in use (their markers are checked at start)."""
 
 
 class LocalBlocks:
@@ -54,7 +61,6 @@ class LocalBlocks:
         self.meta = meta
         self.inline_threshold = inline_threshold
         self._locks = [trio.Lock() for _ in range(_STRIPES)]
-        self._file_count = 0
 
     def lock(self, hash: bytes) -> trio.Lock:
         """The lock that serialises mutations of `hash`."""
@@ -130,19 +136,28 @@ class LocalBlocks:
             # cancelled put would leave a block that nothing references or queues for GC.
             with trio.CancelScope(shield=True):
                 written = await self.files.awrite(blk)
-                self._file_count += written is Written.STORED
                 if ref is not None:
                     await self.meta.env.submit(
                         lambda txn: self.meta.refs.tx_apply(txn, ref, block_present=True))
             return written is not Written.PRESENT
 
     def _tx_put_inline(self, txn: Txn, blk: VerifiedBlock) -> bool:
-        # Store a small block unless an intact copy is there; a corrupt copy is replaced.
-        form = block.inline_bytes(blk)
+        # Store a small block unless an intact copy is there (in either form); a corrupt
+        # copy is replaced.
+        form, compressed = block.stored_form(blk)
         existing = self.meta.inline.tx_get(txn, blk.hash)
-        if existing is not None and block.same_copy(existing, form):
-            return False
-        self.meta.inline.tx_put(txn, blk.hash, form, overwrite=True)
+        if existing is not None:
+            raw, was_compressed = existing
+            if was_compressed == compressed and block.same_copy(raw, form):
+                return False
+            if was_compressed or compressed:  # another form, or another compression of it
+                try:
+                    block.from_inline_bytes(raw, blk.hash, compressed=was_compressed,
+                                            cap=self.files.cap)
+                    return False
+                except BlockCorrupted:
+                    pass
+        self.meta.inline.tx_put(txn, blk.hash, form, compressed=compressed, overwrite=True)
         return True
 
     async def write_inline_many(self, items: list[tuple[VerifiedBlock, RefEntry]]) -> int:
@@ -163,37 +178,34 @@ class LocalBlocks:
     async def read(self, hash: bytes) -> VerifiedBlock:
         """The verified bytes of a block; `BlockNotFound`, or `BlockCorrupted` once the
         corrupt copy is out of service (file renamed `.corrupted`, inline entry dropped)."""
-        raw = self.meta.inline.get(hash)
-        if raw is not None:
+        found = self.meta.inline.get_form(hash)
+        if found is not None:
+            # Small: decompressed and hashed on the event loop (a thread hop would cost more).
             try:
-                return block.from_inline_bytes(raw, hash)
+                return block.from_inline_bytes(found[0], hash, compressed=found[1],
+                                               cap=self.files.cap)
             except BlockCorrupted:
                 repaired = await self.meta.env.submit(lambda txn: self._tx_drop_corrupt(txn, hash))
                 if repaired is None:
                     raise
-                return block.from_inline_bytes(repaired, hash)
+                return repaired
         try:
             return await self.files.aread(hash)
         except BlockCorrupted:
             pass
         async with self.lock(hash):
-            try:
-                return await self.files.aread_or_quarantine(hash)
-            except BlockCorrupted:
-                self._file_count -= 1  # quarantined
-                raise
+            return await self.files.aread_or_quarantine(hash)
 
-    def _tx_drop_corrupt(self, txn: Txn, hash: bytes) -> bytes | None:
-        # Drop an inline entry that is still corrupt; the bytes if a put repaired it meanwhile.
-        raw = self.meta.inline.tx_get(txn, hash)
-        if raw is None:
+    def _tx_drop_corrupt(self, txn: Txn, hash: bytes) -> VerifiedBlock | None:
+        # Drop an inline entry that is still corrupt; the block if a put repaired it meanwhile.
+        found = self.meta.inline.tx_get(txn, hash)
+        if found is None:
             return None
         try:
-            block.from_inline_bytes(raw, hash)
+            return block.from_inline_bytes(found[0], hash, compressed=found[1], cap=self.files.cap)
         except BlockCorrupted:
             self.meta.inline.tx_delete(txn, hash)
             return None
-        return raw
 
     def exists(self, hash: bytes) -> bool:
         """True when the block is held here (content not checked; blocking: a stat)."""
@@ -223,9 +235,14 @@ class LocalBlocks:
             if not self.meta.rc_get(hash).is_deletable(self.meta.now_ms()):
                 return removed
             if await self.files.adelete(hash):
-                self._file_count -= 1
                 return True
             return removed
+
+    async def relocate(self, hash: bytes) -> bool:
+        """Move a block file to its primary data directory (under its lock); True when
+        something moved (`BlockFiles.relocate`)."""
+        async with self.lock(hash):
+            return await self.files.arelocate(hash)
 
     def walk(self, start_after: bytes | None = None) -> Iterator[bytes]:
         """Every block hash held here, in hash order (blocking: run in a thread)."""
@@ -236,27 +253,34 @@ class LocalBlocks:
                 last = h
 
     def startup(self) -> int:
-        """At node start (blocking): sweep stray ``.tmp`` files and count the block
-        files; returns the count.
+        """At node start (blocking, before the metadata writer runs): check the data
+        directories' markers against those recorded in use (`BlockFiles.init_dirs`;
+        a directory that fails is out of service, and its blocks are queued for a
+        fetch by the rebalance worker), record them, sweep stray ``.tmp`` files
+        and count the block files; returns the count.
 
         Warns loudly when the metadata store is empty while block files are held:
         the metadata was probably lost (or the data dir belongs to another node).
         """
+        recorded = self.meta.state_get(DATA_DIRS_KEY) or []
+        report = self.files.init_dirs(recorded)
+        if report.record != recorded:
+            self.meta.state.set_now(DATA_DIRS_KEY, report.record)
         self.files.sweep_tmp()
-        self._file_count = sum(1 for _ in self.files.walk())
-        if self._file_count and self.meta.is_empty():
+        file_count = self.files.scan()
+        if file_count and self.meta.is_empty():
             log.warning(
                 "WARNING: the metadata store %s is empty, but the data dir %s holds %d block "
                 "files. If the metadata was lost, these blocks are kept: references come back "
                 "from the other nodes (anti-entropy), a block with no reference record gets a "
                 "grace period of gc_delay, and none is deleted unless another write node "
                 "confirms it is unreferenced. Check metadata_dir and data_dir in the config.",
-                self.meta.path, self.files.data_dir, self._file_count)
-        return self._file_count
+                self.meta.path, ", ".join(d.path for d in self.files.dirs), file_count)
+        return file_count
 
     def count(self) -> int:
         """How many blocks are held here: files (kept up to date) + inline blocks."""
-        return self._file_count + self.meta.inline.count()
+        return self.files.count() + self.meta.inline.count()
 
 
 def _stripe(hash: bytes) -> int:

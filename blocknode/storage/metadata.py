@@ -6,7 +6,7 @@
 | `refs` (`RefTable`)           | `rc`, `refs`       | references, RC, last writer wins, recalc   |
 | `queue` (`ResyncQueue`)       | `resync`, `errors` | resync queue, failure records with backoff |
 | `state` (`WorkerState`)       | `state`            | worker settings and progress               |
-| `inline` (`InlineTable`)      | `blocks`           | small blocks                               |
+| `inline` (`InlineTable`)      | `blocks`, `blocks_zst` | small blocks (plain, compressed)       |
 
 The rest of the node holds one `MetadataStore` (`node.meta`) and calls the named
 methods below; it never sees a transaction. Changes that can make a block live

@@ -33,3 +33,8 @@ class WorkerState:
         """Store `value` (msgpack-able) under `name`, durably."""
         raw = msgpack.packb(value)
         await self.env.submit(lambda txn: txn.put(name.encode(), raw, db=self.db))
+
+    def set_now(self, name: str, value: Any) -> None:
+        """`set` in its own transaction on this thread (blocking: at start, before the writer runs)."""
+        raw = msgpack.packb(value)
+        self.env.write_now(lambda txn: txn.put(name.encode(), raw, db=self.db))

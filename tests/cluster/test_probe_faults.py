@@ -241,7 +241,7 @@ async def test_sigstop_node_past_rpc_timeout_puts_ack_within_timeout(tmp_path: P
 
 
 async def test_lost_data_dir_is_refetched_by_repair(tmp_path: Path) -> None:
-    """kill -9 node2, lose its data dir, restart, repair: every file block back, byte-identical."""
+    """kill -9 node2, lose its data dir, restart (+ repair): every file block back, byte-identical."""
     with trio.fail_after(30), probe_cluster(tmp_path) as probe:
         blocks = await put_blocks(probe, 0, [SMALL, LARGE] * 4, "obj")
         async with open_client(probe.cfgs[0]) as c:
@@ -256,9 +256,9 @@ async def test_lost_data_dir_is_refetched_by_repair(tmp_path: Path) -> None:
         data_dir = probe.cfgs[1].data_dir
         os.rename(data_dir, f"{data_dir}.lost")
         probe.start(1)
-        for h in large:
-            assert not (await probe.info(1, h))["present"]  # really lost
-
+        # The node sees that its data dir (recorded in use) is gone: it makes it again and
+        # queues a fetch of what it references (issue 14), so the blocks may be back already;
+        # repair must bring back every one either way.
         st = await probe.repair(1)
         assert st["queued"] >= len(blocks)
         await probe.converge()
