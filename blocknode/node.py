@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from blocknode import __version__, fastpath
+from blocknode.admin import install_workers
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
 from blocknode.context import NodeContext
@@ -30,7 +31,6 @@ from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.protocol import STATUS, max_message_size
 from blocknode.rpc.network import RpcNetwork
 from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
-from blocknode.workers import install_workers
 
 Worker = Callable[..., Awaitable[None]]
 

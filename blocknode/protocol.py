@@ -24,7 +24,7 @@ Message kinds (fields → reply; ``data`` is the raw payload next to the fields)
 | `client_get`       | hash                                      | + data                     |
 | `client_ref`       | hash, ref_id, deleted, ts?                | —                          |
 | `status`           | —                                         | the node's status          |
-| `ae_digests`, `ae_exchange`, `admin_*` | see `blocknode.workers`|                            |
+| `ae_digests`, `ae_exchange`, `admin_*` | see `blocknode.admin`   |                            |
 """
 
 from __future__ import annotations

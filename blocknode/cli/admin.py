@@ -1,7 +1,7 @@
 """Admin commands for the background workers: `scrub`, `repair`, `block`, `worker`.
 
 Every command talks to the node named by ``--config`` through the admin RPCs
-of `blocknode.workers`. Command names, arguments and JSON keys are a contract:
+of `blocknode.admin`. Command names, arguments and JSON keys are a contract:
 
     scrub start [--tranquility N] [--wait] | pause | resume | cancel
     scrub set-tranquility N | status [--json]

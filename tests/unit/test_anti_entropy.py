@@ -7,9 +7,9 @@ import trio
 from bg_helpers import FakeCluster, block
 from storage_helpers import add_ref, del_ref
 
-from blocknode.anti_entropy import AntiEntropy
 from blocknode.errors import ProtocolError
-from blocknode.resync import Resync
+from blocknode.workers.anti_entropy import AntiEntropy
+from blocknode.workers.resync import Resync
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from bg_helpers import FakeCluster, block
 from storage_helpers import add_ref, del_ref, incref
 
 from blocknode import fastpath
-from blocknode.anti_entropy import AntiEntropy
 from blocknode.context import NodeContext
-from blocknode.resync import Resync
 from blocknode.storage import MetadataStore
+from blocknode.workers.anti_entropy import AntiEntropy
+from blocknode.workers.resync import Resync
 
 GC_MS = 600_000
 
@@ -338,7 +338,7 @@ async def test_worker_sleeps_until_due_time_with_mock_clock(tmp_path, mock_clock
 
 
 async def test_repair_queues_referenced_and_local_blocks(cluster):
-    from blocknode.repair import Repair
+    from blocknode.workers.repair import Repair
 
     with trio.fail_after(10):
         n1 = cluster["n1"]
@@ -363,8 +363,8 @@ async def test_repair_queues_referenced_and_local_blocks(cluster):
 
 async def test_repair_rc_recalculates_from_refs(cluster):
     from blocknode import fastpath
-    from blocknode.repair import Repair
     from blocknode.storage import RcEntry, RefEntry
+    from blocknode.workers.repair import Repair
 
     with trio.fail_after(10):
         m = cluster["n1"].meta

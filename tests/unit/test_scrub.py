@@ -10,8 +10,8 @@ import trio.testing
 from bg_helpers import FakeCluster, block
 from storage_helpers import add_ref
 
-from blocknode.resync import Resync
-from blocknode.scrub import IDLE, PAUSED, RUNNING, Scrub
+from blocknode.workers.resync import Resync
+from blocknode.workers.scrub import IDLE, PAUSED, RUNNING, Scrub
 
 
 @pytest.fixture

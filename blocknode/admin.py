@@ -29,7 +29,6 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from blocknode.anti_entropy import AntiEntropy
 from blocknode.errors import BlocknodeError, RemoteProtocolError
 from blocknode.manager import Reply
 from blocknode.protocol import (
@@ -45,10 +44,11 @@ from blocknode.protocol import (
     ADMIN_WORKER_SET,
     get_hash,
 )
-from blocknode.repair import Repair
-from blocknode.resync import Resync
-from blocknode.scrub import Scrub
 from blocknode.storage import ErrorEntry
+from blocknode.workers.anti_entropy import AntiEntropy
+from blocknode.workers.repair import Repair
+from blocknode.workers.resync import Resync
+from blocknode.workers.scrub import Scrub
 
 if TYPE_CHECKING:
     from blocknode.node import Node

@@ -46,13 +46,13 @@ from typing import Any
 
 import trio
 
-from blocknode.anti_entropy import refs_from_wire
 from blocknode.errors import BlocknodeError, RpcError
 from blocknode.manager import BlockManager
 from blocknode.notify import Notify
 from blocknode.rpc.wire import PRIO_BACKGROUND
 from blocknode.storage.resync_queue import RETRY_MAX_MS
 from blocknode.tranquilizer import Tranquilizer
+from blocknode.workers.anti_entropy import refs_from_wire
 
 log = logging.getLogger(__name__)
 
