@@ -1,36 +1,35 @@
-"""Background workers of a node: installed on a `Node` by `install_workers`.
+"""Admin RPC handlers: what `python -m blocknode scrub|repair|block|worker ...` calls.
 
-Workers (each a task of the node's nursery): ``resync`` (its own nursery of
-`resync_workers` tasks), ``scrub``, ``repair`` and ``anti-entropy``. They are
-reachable as `node.background` (a `Background`).
-
-RPC kinds registered (admin calls come from `python -m blocknode ...` through
-`Client.call`; every reply is a dict of plain values):
+`Admin` is built by the node from the parts it works on (the metadata, the
+local blocks, the layout, the network, the block manager and the
+`WorkerRegistry`) and hands the node its handlers (`handlers()`). Every reply
+is a dict of plain values. A refused worker setting (`InvalidSetting`) is a
+``bad_request``, naming what is valid.
 
 | kind                    | fields                                   | reply                         |
 |-------------------------|------------------------------------------|-------------------------------|
-| `ae_digests`            | prefixes: [bytes]                        | digests: [bytes]              |
-| `ae_exchange`           | prefix, refs: [[hash, ref_id, del, ts]]  | refs, changed                 |
 | `admin_scrub`           | action: start/pause/resume/cancel/set_tranquility/status, tranquility? | scrub status |
-| `admin_repair`          | action: start/status, rc: bool           | repair status (+ started)     |
+| `admin_repair`          | action: start/status, rc: bool           | repair status (+ started_now) |
 | `admin_block_info`      | hash                                     | hash, rc, rc_state, present, refs, nodes, error? |
 | `admin_block_errors`    | —                                        | errors: [...]                 |
 | `admin_block_retry_now` | hash? or all: true                       | queued                        |
-| `admin_block_purge`     | hash                                     | deleted: [ref ids]            |
-| `admin_worker_list`     | —                                        | workers: [...]                |
-| `admin_worker_set`      | name: resync-workers/resync-tranquility/scrub-tranquility, value | workers |
+| `admin_block_purge`     | hash                                     | hash, deleted: [ref ids]      |
+| `admin_worker_list`     | —                                        | workers: [row per worker]     |
+| `admin_worker_get`      | name?                                    | settings: [{name, value, worker, valid, help}] |
+| `admin_worker_set`      | name, value (a number or its text)       | name, value, workers          |
 | `admin_anti_entropy`    | —                                        | round statistics              |
-| `admin_resync_run_once` | —                                        | processed                     |
+| `admin_resync_run_once` | —                                        | processed, queue_length       |
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from blocknode.context import NodeContext
 from blocknode.errors import BlocknodeError, RemoteProtocolError
-from blocknode.manager import Reply
+from blocknode.layout import Layout
+from blocknode.manager import BlockManager, Handler, Network, Reply
 from blocknode.protocol import (
     ADMIN_ANTI_ENTROPY,
     ADMIN_BLOCK_ERRORS,
@@ -40,28 +39,27 @@ from blocknode.protocol import (
     ADMIN_REPAIR,
     ADMIN_RESYNC_RUN_ONCE,
     ADMIN_SCRUB,
+    ADMIN_WORKER_GET,
     ADMIN_WORKER_LIST,
     ADMIN_WORKER_SET,
     get_hash,
 )
-from blocknode.storage import ErrorEntry
+from blocknode.storage import ErrorEntry, LocalBlocks, MetadataStore
 from blocknode.workers.anti_entropy import AntiEntropy
+from blocknode.workers.base import InvalidSetting, WorkerRegistry
 from blocknode.workers.repair import Repair
 from blocknode.workers.resync import Resync
 from blocknode.workers.scrub import Scrub
 
-if TYPE_CHECKING:
-    from blocknode.node import Node
-
-AdminHandler = Callable[[str, dict[str, Any], bytes | None], Awaitable[Reply]]
+__all__ = ["Admin", "error_dict"]
 
 
-def _bad_args_are_protocol_errors(fn: AdminHandler) -> AdminHandler:
+def _settings_are_bad_requests(fn: Handler) -> Handler:
     @functools.wraps(fn)
     async def wrapper(peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         try:
             return await fn(peer, fields, data)
-        except (ValueError, TypeError) as exc:
+        except InvalidSetting as exc:
             raise RemoteProtocolError(str(exc)) from None
     return wrapper
 
@@ -72,28 +70,41 @@ def error_dict(e: ErrorEntry) -> dict[str, Any]:
             "last_try": e.last_try_ms, "message": e.message}
 
 
-class Background:
-    """Every background worker of one node and its admin handlers."""
+class Admin:
+    """The admin handlers of one node (see module docstring)."""
 
-    def __init__(self, node: Node) -> None:
-        cfg = node.cfg
-        self.node = node
-        self.meta = node.meta
-        self.manager = node.manager
-        self.resync = Resync(node.manager, need_block_timeout=cfg.need_block_timeout,
-                             workers=cfg.resync_workers, tranquility=cfg.resync_tranquility)
-        self.scrub = Scrub(node.manager, tranquility=cfg.scrub_tranquility,
-                           interval=cfg.scrub_interval)
-        self.repair = Repair(node.meta, node.blocks)
-        self.anti_entropy = AntiEntropy(node.manager, interval=cfg.anti_entropy_interval,
-                                        rpc_timeout=cfg.rpc_timeout)
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        layout: Layout,
+        net: Network,
+        meta: MetadataStore,
+        blocks: LocalBlocks,
+        manager: BlockManager,
+        ctx: NodeContext,
+        workers: WorkerRegistry,
+        resync: Resync,
+        scrub: Scrub,
+        repair: Repair,
+        anti_entropy: AntiEntropy,
+    ) -> None:
+        self.node_id = node_id
+        self.layout = layout
+        self.net = net
+        self.meta = meta
+        self.blocks = blocks
+        self.manager = manager
+        self.ctx = ctx
+        self.workers = workers
+        self.resync = resync
+        self.scrub = scrub
+        self.repair = repair
+        self.anti_entropy = anti_entropy
 
-    def install(self) -> None:
-        """Register the handlers and the worker tasks on the node."""
-        node = self.node
-        for kind, h in self.anti_entropy.handlers().items():
-            node.register(kind, h)
-        for kind, h in {
+    def handlers(self) -> dict[str, Handler]:
+        """The admin RPC handlers, by message kind."""
+        return {kind: _settings_are_bad_requests(h) for kind, h in {
             ADMIN_SCRUB: self.handle_scrub,
             ADMIN_REPAIR: self.handle_repair,
             ADMIN_BLOCK_INFO: self.handle_block_info,
@@ -101,15 +112,11 @@ class Background:
             ADMIN_BLOCK_RETRY_NOW: self.handle_retry_now,
             ADMIN_BLOCK_PURGE: self.handle_purge,
             ADMIN_WORKER_LIST: self.handle_worker_list,
+            ADMIN_WORKER_GET: self.handle_worker_get,
             ADMIN_WORKER_SET: self.handle_worker_set,
             ADMIN_ANTI_ENTROPY: self.handle_anti_entropy,
             ADMIN_RESYNC_RUN_ONCE: self.handle_resync_run_once,
-        }.items():
-            node.register(kind, _bad_args_are_protocol_errors(h))
-        node.add_worker("resync", self.resync.run)
-        node.add_worker("scrub", self.scrub.run)
-        node.add_worker("repair", self.repair.run)
-        node.add_worker("anti-entropy", self.anti_entropy.run)
+        }.items()}
 
     # ------------------------------------------------------------ scrub / repair
 
@@ -153,10 +160,10 @@ class Background:
             "hash": h.hex(),
             "rc": rc.count,
             "rc_state": rc.describe(),
-            "present": await self.node.blocks.aexists(h),
+            "present": await self.blocks.aexists(h),
             "refs": [{"ref_id": r.ref_id, "deleted": r.deleted, "ts": r.ts_ms}
                      for r in self.meta.refs_of(h)],
-            "nodes": list(self.node.layout.write_nodes(h)),
+            "nodes": list(self.layout.write_nodes(h)),
         }
         err = self.meta.error_get(h)
         if err is not None:
@@ -191,12 +198,12 @@ class Background:
 
         for r in self.meta.refs_of(h):
             note(r.ref_id, r.deleted, r.ts_ms)
-        for nid in self.node.layout.write_nodes(h):
-            if nid == self.node.node_id:
+        for nid in self.layout.write_nodes(h):
+            if nid == self.node_id:
                 continue
             try:
-                reply, _ = await self.node.net.call(nid, ADMIN_BLOCK_INFO, {"hash": h},
-                                                    timeout=self.manager.rpc_timeout)
+                reply, _ = await self.net.call(nid, ADMIN_BLOCK_INFO, {"hash": h},
+                                               timeout=self.manager.rpc_timeout)
             except BlocknodeError:
                 continue
             for r in reply.get("refs", []):
@@ -209,48 +216,24 @@ class Background:
 
     # ------------------------------------------------------------ workers
 
-    def worker_list(self) -> list[dict[str, Any]]:
-        """Every background task with its state and settings."""
-        r = self.resync.info()
-        s = self.scrub.status()
-        rep = self.repair.status()
-        ae = self.anti_entropy.info()
-        return [
-            {"name": "resync", "state": "busy" if r["in_progress"] else "idle",
-             "tranquility": r["tranquility"], "workers": r["workers"],
-             "queue_length": r["queue_length"], "errors": r["errors"],
-             "processed": r["processed"], "failed": r["failed"],
-             "worker_states": r["worker_states"]},
-            {"name": "scrub", "state": s["state"], "tranquility": s["tranquility"],
-             "blocks_checked": s["blocks_checked"], "corruptions": s["corruptions"],
-             "progress": s["progress"], "next_run": s["next_run"]},
-            {"name": "repair", "state": rep["state"], "tranquility": None, "phase": rep["phase"],
-             "queued": rep["queued"]},
-            {"name": "anti-entropy", "state": "idle", "tranquility": None,
-             "interval": ae["interval"], "rounds": ae["rounds"], "last_round": ae["last_round"]},
-        ]
-
     async def handle_worker_list(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
-        """Every background task, its state, tranquility and queue lengths."""
-        return {"workers": self.worker_list()}, None
+        """Every worker: its state, tranquility, settings, errors and own keys."""
+        return {"workers": self.workers.rows()}, None
+
+    async def handle_worker_get(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
+        """Every worker setting, or the one called `name`."""
+        name = fields.get("name")
+        settings = self.workers.settings()
+        if name is not None:
+            self.workers.setting(name)  # InvalidSetting (bad request) naming the valid ones
+            settings = [s for s in settings if s["name"] == name]
+        return {"settings": settings}, None
 
     async def handle_worker_set(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
-        """Change a worker setting at runtime (persisted)."""
-        name, value = fields.get("name"), fields.get("value")
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise RemoteProtocolError("value: expected a number")
-        if name == "resync-workers":
-            if int(value) != value:
-                raise RemoteProtocolError("resync-workers: expected an integer")
-            await self.resync.set_workers(int(value))
-        elif name == "resync-tranquility":
-            await self.resync.set_tranquility(value)
-        elif name == "scrub-tranquility":
-            await self.scrub.set_tranquility(value)
-        else:
-            raise RemoteProtocolError(
-                f"unknown setting {name!r} (resync-workers, resync-tranquility, scrub-tranquility)")
-        return {"workers": self.worker_list()}, None
+        """Change a worker setting at runtime (validated by the setting; persisted)."""
+        name = fields.get("name")
+        value = await self.workers.set(name, fields.get("value"))
+        return {"name": name, "value": value, "workers": self.workers.rows()}, None
 
     async def handle_anti_entropy(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Run one anti-entropy round now."""
@@ -260,12 +243,3 @@ class Background:
         """Process every resync entry due now (tests and probes step with this)."""
         return {"processed": await self.resync.run_once(),
                 "queue_length": self.meta.counts()["resync_queue"]}, None
-
-
-def install_workers(node: Node) -> None:
-    """Register the node's background workers and their admin RPC handlers."""
-    node.background = Background(node)  # type: ignore[attr-defined]
-    node.background.install()  # type: ignore[attr-defined]
-
-
-__all__ = ["Background", "install_workers", "error_dict"]

@@ -45,6 +45,7 @@ __all__ = [
     "ADMIN_REPAIR",
     "ADMIN_RESYNC_RUN_ONCE",
     "ADMIN_SCRUB",
+    "ADMIN_WORKER_GET",
     "ADMIN_WORKER_LIST",
     "ADMIN_WORKER_SET",
     "AE_DIGESTS",
@@ -107,6 +108,7 @@ ADMIN_BLOCK_ERRORS: Final = "admin_block_errors"
 ADMIN_BLOCK_RETRY_NOW: Final = "admin_block_retry_now"
 ADMIN_BLOCK_PURGE: Final = "admin_block_purge"
 ADMIN_WORKER_LIST: Final = "admin_worker_list"
+ADMIN_WORKER_GET: Final = "admin_worker_get"
 ADMIN_WORKER_SET: Final = "admin_worker_set"
 ADMIN_ANTI_ENTROPY: Final = "admin_anti_entropy"
 ADMIN_RESYNC_RUN_ONCE: Final = "admin_resync_run_once"
@@ -119,7 +121,7 @@ CLIENT_KINDS: Final = frozenset({CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_GET, CLIENT
 """Kinds a client sends the node it talks to."""
 ADMIN_KINDS: Final = frozenset({
     ADMIN_SCRUB, ADMIN_REPAIR, ADMIN_BLOCK_INFO, ADMIN_BLOCK_ERRORS, ADMIN_BLOCK_RETRY_NOW,
-    ADMIN_BLOCK_PURGE, ADMIN_WORKER_LIST, ADMIN_WORKER_SET, ADMIN_ANTI_ENTROPY,
+    ADMIN_BLOCK_PURGE, ADMIN_WORKER_LIST, ADMIN_WORKER_GET, ADMIN_WORKER_SET, ADMIN_ANTI_ENTROPY,
     ADMIN_RESYNC_RUN_ONCE,
 })
 """Kinds of the admin commands (and of `admin_block_info`, which nodes send each other too)."""
@@ -249,3 +251,4 @@ def parse_batch_items(fields: dict[str, Any], data: bytes | None, *, with_hash: 
     if offset != len(payload):
         raise RemoteProtocolError("field 'items': lengths do not cover the payload")
     return out
+

@@ -13,25 +13,27 @@ For each partition this node holds and each other node of that partition:
 
 Merging goes through `RefTable.tx_apply`, which updates the RC and queues the
 resyncs that follow (a newly referenced block gets fetched, a released one
-collected after the GC delay). Digests and listings read LMDB in a worker
-thread. Rounds run every `interval` seconds (±25 % jitter), first shortly after
-start (a node that was down catches up), and on demand (`run_round`).
+collected after the GC delay). Digests and listings read LMDB through the
+context's `run_sync`. Rounds run every `interval` seconds (±25 % jitter from
+the context's `random`), first shortly after start (a node that was down
+catches up), and on demand (`run_round`).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections import defaultdict
 from typing import Any
 
 import trio
 
+from blocknode.context import NodeContext
 from blocknode.errors import BlocknodeError, RemoteProtocolError
 from blocknode.manager import BlockManager, Reply
 from blocknode.protocol import AE_DIGESTS, AE_EXCHANGE, get_hash, get_int, get_str
 from blocknode.rpc.wire import PRIO_BACKGROUND
 from blocknode.storage import MetadataStore, RefEntry
+from blocknode.workers.base import Worker
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +70,20 @@ def _prefixes(fields: dict[str, Any]) -> list[bytes]:
     return ps
 
 
-class AntiEntropy:
+class AntiEntropy(Worker):
     """Reference anti-entropy of one node (see module docstring)."""
 
-    def __init__(self, manager: BlockManager, *, interval: float = 600.0,
-                 rpc_timeout: float = 30.0, rng: random.Random | None = None) -> None:
+    name = "anti-entropy"
+
+    def __init__(self, manager: BlockManager, ctx: NodeContext, *, interval: float = 600.0,
+                 rpc_timeout: float = 30.0) -> None:
+        super().__init__(ctx)
         self.manager = manager
         self.meta = manager.meta
         self.layout = manager.layout
         self.node_id = manager.node_id
         self.interval = interval
         self.rpc_timeout = rpc_timeout
-        self._rng = rng or random.Random()
         self.last_round: dict[str, Any] | None = None
         self.rounds = 0
         self._lock = trio.Lock()
@@ -93,7 +97,7 @@ class AntiEntropy:
     async def handle_digests(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Digests of the refs under each requested prefix."""
         ps = _prefixes(fields)
-        return {"digests": await trio.to_thread.run_sync(self.meta.ref_digests, ps)}, None
+        return {"digests": await self.ctx.run_sync(self.meta.ref_digests, ps)}, None
 
     async def handle_exchange(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Merge the peer's refs under `prefix` and answer with ours (as they were before)."""
@@ -103,7 +107,7 @@ class AntiEntropy:
         theirs = refs_from_wire(fields.get("refs"))
         if any(not r.hash.startswith(prefix) for r in theirs):
             raise RemoteProtocolError("refs: entry outside the prefix")
-        ours = await trio.to_thread.run_sync(refs_under, self.meta, prefix)
+        ours = await self.ctx.run_sync(refs_under, self.meta, prefix)
         changed = await self.manager.blocks.apply_refs(theirs)
         return {"refs": ours, "changed": changed}, None
 
@@ -137,7 +141,7 @@ class AntiEntropy:
             return stats
 
     async def _digests(self, peer: str, prefixes: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-        mine = await trio.to_thread.run_sync(self.meta.ref_digests, prefixes)
+        mine = await self.ctx.run_sync(self.meta.ref_digests, prefixes)
         theirs: list[bytes] = []
         for i in range(0, len(prefixes), MAX_PREFIXES):
             reply, _ = await self.manager.net.call(
@@ -164,7 +168,7 @@ class AntiEntropy:
                     await self._exchange(peer, sp, stats)
 
     async def _exchange(self, peer: str, prefix: bytes, stats: dict[str, Any]) -> None:
-        ours = await trio.to_thread.run_sync(refs_under, self.meta, prefix)
+        ours = await self.ctx.run_sync(refs_under, self.meta, prefix)
         reply, _ = await self.manager.net.call(
             peer, AE_EXCHANGE, {"prefix": prefix, "refs": ours},
             timeout=self.rpc_timeout, priority=PRIO_BACKGROUND)
@@ -178,18 +182,20 @@ class AntiEntropy:
 
     async def run(self, *, first_delay: float | None = None) -> None:
         """The worker task: a round shortly after start, then every `interval` (jittered)."""
-        delay = first_delay if first_delay is not None else min(10.0, self.interval) * self._rng.uniform(0.5, 1.0)
+        rng = self.ctx.random
+        delay = first_delay if first_delay is not None else min(10.0, self.interval) * rng.uniform(0.5, 1.0)
         while True:
             await trio.sleep(delay)
             try:
                 await self.run_round()
             except BlocknodeError as exc:
                 log.warning("anti-entropy round failed: %s", exc)
-            delay = self.interval * self._rng.uniform(0.75, 1.25)
+            delay = self.interval * rng.uniform(0.75, 1.25)
 
-    def info(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         """State for `worker list`."""
-        return {"interval": self.interval, "rounds": self.rounds, "last_round": self.last_round}
+        return {"state": "busy" if self._lock.locked() else "idle", "tranquility": None,
+                "interval": self.interval, "rounds": self.rounds, "last_round": self.last_round}
 
 
 __all__ = ["AntiEntropy", "refs_from_wire"]

@@ -27,8 +27,10 @@ from typing import Any
 
 import trio
 
+from blocknode.context import NodeContext
 from blocknode.errors import BlocknodeError
 from blocknode.storage import LocalBlocks, MetadataStore
+from blocknode.workers.base import Worker
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,14 @@ STATE_KEY = "repair"
 BATCH = 1000
 
 
-class Repair:
+class Repair(Worker):
     """The repair procedure of one node (see module docstring)."""
 
-    def __init__(self, meta: MetadataStore, blocks: LocalBlocks, *, batch: int = BATCH) -> None:
+    name = "repair"
+
+    def __init__(self, meta: MetadataStore, blocks: LocalBlocks, ctx: NodeContext, *,
+                 batch: int = BATCH) -> None:
+        super().__init__(ctx)
         self.meta = meta
         self.blocks = blocks
         self.batch = batch
@@ -54,8 +60,9 @@ class Repair:
         self._requests: trio.MemorySendChannel[bool] | None = None
 
     def status(self) -> dict[str, Any]:
-        """The repair progress (for `repair --wait` and `worker list`)."""
-        return dict(self.st)
+        """The repair progress (for `repair --wait`; a `worker list` row)."""
+        return {"state": self.st["state"], "tranquility": None,
+                **{k: v for k, v in self.st.items() if k != "state"}}
 
     async def _save(self) -> None:
         await self.meta.state_set(STATE_KEY, dict(self.st))
@@ -102,7 +109,7 @@ class Repair:
     async def _sweep_refs(self, *, recalculate: bool) -> None:
         after: bytes | None = None
         while True:
-            hashes = await trio.to_thread.run_sync(
+            hashes = await self.ctx.run_sync(
                 lambda a=after: self.meta.referenced_hashes(a, self.batch,
                                                             only_nonzero=not recalculate)
             )
@@ -120,7 +127,7 @@ class Repair:
     async def _sweep_local(self) -> None:
         after: bytes | None = None
         while True:
-            hashes = await trio.to_thread.run_sync(
+            hashes = await self.ctx.run_sync(
                 lambda a=after: list(itertools.islice(self.blocks.walk(start_after=a), self.batch))
             )
             if not hashes:

@@ -29,12 +29,13 @@ the entry requeued at the next try; success clears the record. An entry whose
 block is still backing off is pushed to its next try without work (`block
 retry-now` clears the backoff).
 
-`n` worker tasks (`resync_workers`, changeable at runtime and persisted in the
-`state` table) sleep until the next due entry or until `meta.resync_notify`
-fires (sequence-numbered: a commit between a worker's look at the queue and
-its wait still wakes it); they claim a block through an in-memory in-progress
-set, so two workers never handle the same block at once. A `Tranquilizer`
-rests between steps. `run_once` processes everything due now (tests, `admin_resync_run_once`).
+`n` worker tasks (setting ``resync-workers``, persisted in the `state` table)
+sleep until the next due entry or until `meta.resync_notify` fires
+(sequence-numbered: a commit between a worker's look at the queue and its wait
+still wakes it); they claim a block through an in-memory in-progress set, so
+two workers never handle the same block at once. A `Tranquilizer` rests
+between steps (setting ``resync-tranquility``). `run_once` processes everything
+due now (tests, `admin_resync_run_once`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from typing import Any
 
 import trio
 
+from blocknode.context import NodeContext
 from blocknode.errors import BlocknodeError, RpcError
 from blocknode.manager import BlockManager
 from blocknode.notify import Notify
@@ -53,6 +55,7 @@ from blocknode.rpc.wire import PRIO_BACKGROUND
 from blocknode.storage.resync_queue import RETRY_MAX_MS
 from blocknode.tranquilizer import Tranquilizer
 from blocknode.workers.anti_entropy import refs_from_wire
+from blocknode.workers.base import Setting, Worker
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +74,22 @@ class ResyncError(BlocknodeError):
 
 
 
-
-class Resync:
+class Resync(Worker):
     """The resync queue processor of one node (see module docstring)."""
+
+    name = "resync"
 
     def __init__(
         self,
         manager: BlockManager,
+        ctx: NodeContext,
         *,
         need_block_timeout: float = 5.0,
         workers: int = 1,
         tranquility: float = 2.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        super().__init__(ctx)
         self.manager = manager
         self.meta = manager.meta
         self.blocks = manager.blocks
@@ -99,36 +105,51 @@ class Resync:
         """Notified after every processed entry (tests wait on it instead of sleeping)."""
         self._nursery: trio.Nursery | None = None
         self._running: set[int] = set()
-        self.status: dict[int, str] = {}
+        self.worker_states: dict[int, str] = {}
         self.done = 0
         self.failed = 0
+        self._workers_setting = Setting(
+            "resync-workers", int, 1, MAX_WORKERS, lambda: self.workers, self._apply_workers,
+            help="resync worker tasks (takes effect at once)")
+        self._tranquility_setting = Setting(
+            "resync-tranquility", float, 0, math.inf, lambda: self.tranquility,
+            self._apply_tranquility, help="rest this many times the step time after each block")
 
     # ------------------------------------------------------------ settings
 
-    async def set_workers(self, n: int) -> None:
-        """Change the number of workers (persisted); takes effect at once."""
-        if not 1 <= n <= MAX_WORKERS:
-            raise ValueError(f"resync workers: expected 1..{MAX_WORKERS}, got {n}")
+    def settings(self) -> tuple[Setting, ...]:
+        """``resync-workers`` and ``resync-tranquility``."""
+        return self._workers_setting, self._tranquility_setting
+
+    async def set_workers(self, n: object) -> None:
+        """Change the number of workers (validated, persisted); takes effect at once."""
+        await self._workers_setting.set(n)
+
+    async def set_tranquility(self, t: object) -> None:
+        """Change the tranquility (validated, persisted)."""
+        await self._tranquility_setting.set(t)
+
+    async def _apply_workers(self, n: int) -> None:
         await self.meta.state_set(STATE_WORKERS, n)
         self.workers = n
         self._spawn_missing()
         self._wake.notify()
 
-    async def set_tranquility(self, t: float) -> None:
-        """Change the tranquility (persisted)."""
-        if not (isinstance(t, int | float) and t >= 0 and math.isfinite(t)):
-            raise ValueError(f"resync tranquility: expected a number >= 0, got {t!r}")
-        await self.meta.state_set(STATE_TRANQUILITY, float(t))
-        self.tranquility = float(t)
+    async def _apply_tranquility(self, t: float) -> None:
+        await self.meta.state_set(STATE_TRANQUILITY, t)
+        self.tranquility = t
 
     # ------------------------------------------------------------ workers
 
     async def run(self) -> None:
-        """Run the workers for the node's whole life (a `Node.add_worker` task)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._spawn_missing()
-            await trio.sleep_forever()
+        """Run the worker tasks for the node's whole life."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._spawn_missing()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
 
     def _spawn_missing(self) -> None:
         if self._nursery is None:
@@ -145,12 +166,12 @@ class Resync:
                 seen = self._snapshot()  # before looking at the queue: no wake-up is lost
                 entry = self._claim()
                 if entry is None:
-                    self.status[i] = "idle"
+                    self.worker_states[i] = "idle"
                     tranquilizer.reset()
                     await self._wait_for_work(seen)
                     continue
                 key, h = entry
-                self.status[i] = f"busy {h.hex()[:16]}"
+                self.worker_states[i] = f"busy {h.hex()[:16]}"
                 tranquilizer.begin()
                 try:
                     await self._process_claimed(key, h)
@@ -162,11 +183,11 @@ class Resync:
                     self._in_progress.discard(h)
                     self._wake.notify()
                     self.progress.notify()
-                self.status[i] = "resting"
+                self.worker_states[i] = "resting"
                 await tranquilizer.tranquilize(self.tranquility)
         finally:
             self._running.discard(i)
-            self.status.pop(i, None)
+            self.worker_states.pop(i, None)
 
     def _claim(self) -> tuple[bytes, bytes] | None:
         """The first due entry whose block no worker is handling; marks it in progress."""
@@ -378,18 +399,22 @@ class Resync:
         """
         return await self.meta.retry_now([h] if h is not None else None)
 
-    def info(self) -> dict[str, Any]:
-        """Settings, queue length and worker states (for `worker list`)."""
+    def status(self) -> dict[str, Any]:
+        """State, settings, queue length and worker states (a `worker list` row).
+
+        ``errors`` is the number of blocks in the errors table.
+        """
         counts = self.meta.counts()
         return {
-            "workers": self.workers,
+            "state": "busy" if self._in_progress else "idle",
             "tranquility": self.tranquility,
+            "workers": self.workers,
             "queue_length": counts["resync_queue"],
             "errors": counts["errors"],
             "in_progress": len(self._in_progress),
             "processed": self.done,
             "failed": self.failed,
-            "worker_states": {str(i): s for i, s in sorted(self.status.items())},
+            "worker_states": {str(i): s for i, s in sorted(self.worker_states.items())},
         }
 
 

@@ -18,8 +18,9 @@ checked), ``blocks_checked``, ``corruptions``, ``tranquility``,
 running or paused when the node stopped carries on from its position.
 
 Besides `start`, a scrub starts by itself every `interval` seconds (±15 %
-jitter) after the last one completed; the next run time is persisted too.
-`step` does one batch without resting (tests and "run once" calls).
+jitter, from the context's `random`) after the last one completed; the next run
+time is persisted too. `step` does one batch without resting (tests and "run
+once" calls). The setting ``scrub-tranquility`` is the tranquility.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import random
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
+from blocknode.context import NodeContext
 from blocknode.errors import BlockCorrupted, BlocknodeError, BlockNotFound
 from blocknode.manager import BlockManager
 from blocknode.notify import Notify
 from blocknode.tranquilizer import Tranquilizer
+from blocknode.workers.base import Setting, Worker
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ MIN_STEP_S = 0.005
 """Blocks are grouped into one tranquilizer step until the group has taken this long."""
 
 
-
-
 def progress_of(position: bytes | None) -> float:
     """How far through the hash space `position` is (hashes are uniform), 0..1."""
     if not position:
@@ -56,26 +56,31 @@ def progress_of(position: bytes | None) -> float:
     return int.from_bytes(position[:4].ljust(4, b"\0"), "big") / 2**32
 
 
-class Scrub:
+class Scrub(Worker):
     """The scrub worker of one node (see module docstring)."""
+
+    name = "scrub"
 
     def __init__(
         self,
         manager: BlockManager,
+        ctx: NodeContext,
         *,
         tranquility: float = 4.0,
         interval: float = 30 * 24 * 3600.0,
         batch: int = 64,
-        rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        super().__init__(ctx)
         self.manager = manager
         self.meta = manager.meta
         self.blocks = manager.blocks
         self.interval = interval
         self.batch = batch
-        self._rng = rng or random.Random()
         self._clock = clock
+        self._tranquility_setting = Setting(
+            "scrub-tranquility", float, 0, math.inf, lambda: self.st["tranquility"],
+            self._apply_tranquility, help="rest this many times the step time after each block")
         saved = self.meta.state_get(STATE_KEY) or {}
         self.st: dict[str, Any] = {
             "state": IDLE,
@@ -95,8 +100,12 @@ class Scrub:
 
     # ------------------------------------------------------------ status
 
+    def settings(self) -> tuple[Setting, ...]:
+        """``scrub-tranquility``."""
+        return (self._tranquility_setting,)
+
     def status(self) -> dict[str, Any]:
-        """The scrub state (JSON keys of `scrub status` are a contract)."""
+        """The scrub state (JSON keys of `scrub status` are a contract; a `worker list` row)."""
         st = self.st
         progress = progress_of(st["position"]) if st["state"] != IDLE else st["progress"]
         return {
@@ -120,7 +129,7 @@ class Scrub:
     async def start(self, tranquility: float | None = None) -> dict[str, Any]:
         """Start a scrub from the first block (a paused one resumes; a running one goes on)."""
         if tranquility is not None:
-            self.st["tranquility"] = _check_tranquility(tranquility)
+            self.st["tranquility"] = self._tranquility_setting.parse(tranquility)
         if self.st["state"] == IDLE:
             self.st.update(state=RUNNING, position=None, blocks_checked=0, corruptions=0,
                            progress=0.0, started=self.meta.now_ms())
@@ -150,11 +159,14 @@ class Scrub:
             await self._save()
         return self.status()
 
-    async def set_tranquility(self, tranquility: float) -> dict[str, Any]:
-        """Change the tranquility (takes effect at the next block)."""
-        self.st["tranquility"] = _check_tranquility(tranquility)
-        await self._save()
+    async def set_tranquility(self, tranquility: object) -> dict[str, Any]:
+        """Change the tranquility (validated, persisted; takes effect at the next block)."""
+        await self._tranquility_setting.set(tranquility)
         return self.status()
+
+    async def _apply_tranquility(self, tranquility: float) -> None:
+        self.st["tranquility"] = tranquility
+        await self._save()
 
     # ------------------------------------------------------------ work
 
@@ -172,7 +184,7 @@ class Scrub:
             return 0
         n = limit or self.batch
         pos = self.st["position"]
-        hashes = await trio.to_thread.run_sync(
+        hashes = await self.ctx.run_sync(
             lambda: list(itertools.islice(self.blocks.walk(start_after=pos), n))
         )
         checked = 0
@@ -219,7 +231,7 @@ class Scrub:
             await self.step()
 
     def _next_run(self, now_ms: int) -> int:
-        return now_ms + int(self.interval * 1000 * self._rng.uniform(1 - JITTER, 1 + JITTER))
+        return now_ms + int(self.interval * 1000 * self.ctx.random.uniform(1 - JITTER, 1 + JITTER))
 
     async def run(self) -> None:
         """The worker task: scrub while running; otherwise wait for a command or `next_run`."""
@@ -247,12 +259,6 @@ class Scrub:
                 timeout = delta_ms / 1000
             with trio.move_on_after(timeout):
                 await self.changed.wait()
-
-
-def _check_tranquility(t: float) -> float:
-    if not (isinstance(t, int | float) and not isinstance(t, bool) and t >= 0 and math.isfinite(t)):
-        raise ValueError(f"scrub tranquility: expected a number >= 0, got {t!r}")
-    return float(t)
 
 
 __all__ = ["Scrub", "progress_of", "RUNNING", "PAUSED", "IDLE"]

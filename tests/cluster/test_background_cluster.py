@@ -72,11 +72,11 @@ async def test_node_down_during_writes_catches_up(tmp_path):
                 await c.ref(hashes[1].hex(), "second")
             n3 = await cl.start("node3")
             assert not any(n3.blocks.exists(h) for h in hashes)
-            stats = await n3.background.anti_entropy.run_round()
+            stats = await n3.anti_entropy.run_round()
             assert sorted(stats["peers_ok"]) == ["node1", "node2"] and stats["merged_here"] == 5
             assert n3.meta.rc_get(hashes[1]).count == 2
             cl.clock.advance(2 * 3.0 + 1)  # the incref checks are due
-            await n3.background.resync.run_once()
+            await n3.resync.run_once()
             for h, d in zip(hashes, datas, strict=True):
                 assert await n3.blocks.read(h) == d
             assert n3.meta.errors_list() == []
@@ -96,7 +96,7 @@ async def test_corrupted_block_found_by_scrub_and_restored_from_peer(tmp_path):
                 byte = f.read(1)
                 f.seek(1234)
                 f.write(bytes([byte[0] ^ 1]))
-            scrub = n2.background.scrub
+            scrub = n2.scrub
             await scrub.start(0)
             await scrub.run_to_completion()
             assert scrub.status()["corruptions"] == 1
@@ -108,7 +108,7 @@ async def test_corrupted_block_found_by_scrub_and_restored_from_peer(tmp_path):
             assert len(bad) == len(data) and bad != data and bad[1234] == byte[0] ^ 1
             # Due now (no clock advance needed). run_once processes it, or waits for the
             # background worker that holds it, so the block is back when it returns.
-            await n2.background.resync.run_once()
+            await n2.resync.run_once()
             with open(path, "rb") as f:
                 assert f.read() == data  # byte-identical
             assert fastpath.block_hash(data) == h
@@ -213,7 +213,7 @@ async def test_peer_unreachable_deletable_block_is_not_deleted(tmp_path):
                 assert err is not None and err.count == 1 and "node3" in err.message
             # node3 comes back: anti-entropy brings it the deletion, then GC completes.
             n3 = await cl.start("node3")
-            await n3.background.anti_entropy.run_round()
+            await n3.anti_entropy.run_round()
             assert n3.meta.rc_get(h).is_zero()
             cl.clock.advance(GC_DELAY + 11)
             await cl.resync_all()
@@ -240,14 +240,14 @@ async def test_repair_after_losing_the_metadata_keeps_every_block(tmp_path, capl
                 node = await cl.start("node1")
             warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
             assert any("metadata" in w and "empty" in w and "3 block files" in w for w in warnings)
-            await node.background.repair.repair()
-            await node.background.resync.run_once()
+            await node.repair.repair()
+            await node.resync.run_once()
             for h in held:  # each got the grace period, not a deletion
                 assert node.blocks.exists(h)
                 assert node.meta.rc_get(h).state == fastpath.RC_DELETABLE
             cl.clock.advance(GC_DELAY + 11)
-            await node.background.repair.repair()
-            await node.background.resync.run_once()
+            await node.repair.repair()
+            await node.resync.run_once()
             for h in held:  # no other write node can confirm it is unreferenced: kept
                 assert node.blocks.exists(h)
                 assert fastpath.block_hash(await node.manager.get(h)) == h
@@ -262,9 +262,10 @@ async def test_a_write_node_deletes_a_block_without_records_only_once_its_peers_
             blk = hashed(os.urandom(50_000))
             await n1.blocks.write(blk)  # held, never referenced anywhere (e.g. an old leftover)
             await n1.meta.resync_put(blk.hash, 0)
-            await n1.background.resync.run_once()
+            await n1.resync.run_once()
             assert n1.blocks.exists(blk.hash)  # grace
             cl.clock.advance(GC_DELAY + 11)
-            await n1.background.resync.run_once()
+            await n1.resync.run_once()
             assert not n1.blocks.exists(blk.hash)
             assert n1.meta.errors_list() == []
+

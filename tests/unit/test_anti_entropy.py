@@ -16,7 +16,7 @@ from blocknode.workers.resync import Resync
 def cluster(tmp_path):
     c = FakeCluster(str(tmp_path), n=2, rf=2)
     for nid in c.nodes:
-        ae = AntiEntropy(c[nid].manager, rpc_timeout=5)
+        ae = AntiEntropy(c[nid].manager, c[nid].ctx, rpc_timeout=5)
         c[nid].ae = ae
         for kind, h in ae.handlers().items():
             c[nid].register(kind, h)
@@ -84,7 +84,7 @@ async def test_catching_up_node_fetches_newly_referenced_block(cluster):
         await n1.ae.run_round()
         assert n1.meta.rc_get(h).count == 1
         cluster.clock.advance(61)  # the incref check is due
-        await Resync(n1.manager).run_once()
+        await Resync(n1.manager, n1.ctx).run_once()
         assert await n1.blocks.read(h) == data
 
 

@@ -25,7 +25,7 @@ def cluster(tmp_path):
 
 
 def resync_of(cluster: FakeCluster, nid: str, **kw) -> Resync:
-    return Resync(cluster[nid].manager, need_block_timeout=1.0, **kw)
+    return Resync(cluster[nid].manager, cluster[nid].ctx, need_block_timeout=1.0, **kw)
 
 
 async def test_absent_and_needed_block_is_fetched(cluster):
@@ -81,7 +81,7 @@ async def test_write_node_behind_on_references_merges_them_instead_of_deleting(c
     # a lost LMDB): n1 must keep its copy and take the reference (S3).
     with trio.fail_after(10):
         for nid in ("n1", "n2", "n3"):
-            ae = AntiEntropy(cluster[nid].manager, interval=600, rpc_timeout=5)
+            ae = AntiEntropy(cluster[nid].manager, cluster[nid].ctx, interval=600, rpc_timeout=5)
             for kind, handler in ae.handlers().items():
                 cluster[nid].register(kind, handler)
         h, data = block(3000)
@@ -206,7 +206,7 @@ async def test_layout_change_block_offloaded_to_write_nodes_then_deleted(tmp_pat
             for o in owners:
                 await add_ref(c[o].meta, h, "obj")
             await c[stranger].meta.resync_put(h, 0)
-            r = Resync(c[stranger].manager, need_block_timeout=1.0)
+            r = Resync(c[stranger].manager, c[stranger].ctx, need_block_timeout=1.0)
             await r.run_once()
             assert c[stranger].blocks.exists(h)  # no RC record here: a grace period first
             c.clock.advance(GC_MS / 1000 + 11)
@@ -252,7 +252,7 @@ async def test_workers_process_each_block_once_and_settings_persist(cluster, tmp
             await n1.meta.resync_put_many([h for h, _ in blocks], 0)  # wakes the workers
             while n1.meta.counts()["resync_queue"]:
                 await r.progress.wait()
-            assert len([s for s in r.status.values()]) == 4
+            assert len(r.worker_states) == 4
             nursery.cancel_scope.cancel()
         assert overlaps == []
         for h, _ in blocks:
@@ -309,7 +309,7 @@ async def test_worker_sleeps_until_due_time_with_mock_clock(tmp_path, mock_clock
     try:
         c = FakeCluster(str(tmp_path / "c"), n=1, rf=1)
         c["n1"].manager.meta = meta
-        r = Resync(c["n1"].manager, tranquility=0)
+        r = Resync(c["n1"].manager, c["n1"].ctx, tranquility=0)
         r.meta = meta
         handled: list[tuple[bytes, float]] = []
 
@@ -349,7 +349,7 @@ async def test_repair_queues_referenced_and_local_blocks(cluster):
         await n1.blocks.write(sdata)  # held, never referenced
         await n1.meta.resync_complete(n1.meta.resync_due(now_ms=2**62)[0][0])  # lose the queue entry
         assert n1.meta.counts()["resync_queue"] == 0
-        rep = Repair(n1.meta, n1.blocks, batch=1)
+        rep = Repair(n1.meta, n1.blocks, n1.ctx, batch=1)
         st = await rep.repair()
         assert st["state"] == "idle" and st["queued"] == 2 and st["error"] is None
         assert n1.meta.state_get("repair")["queued"] == 2
@@ -381,7 +381,7 @@ async def test_repair_rc_recalculates_from_refs(cluster):
             got += batch
             after = batch[-1]
         assert got == sorted([*hs[:4], hs[5], hs[6]])
-        st = await Repair(m, cluster["n1"].blocks, batch=3).repair(rc=True)
+        st = await Repair(m, cluster["n1"].blocks, cluster["n1"].ctx, batch=3).repair(rc=True)
         assert st["rc_recalculated"] == 6
         assert m.rc_get(hs[0]) == RcEntry(fastpath.RC_PRESENT, 2)
         assert m.rc_get(hs[5]).is_zero()

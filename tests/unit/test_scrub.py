@@ -48,7 +48,7 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
         victim, good = shared[2]
         path = n1.files.path(victim)
         flip_byte(path)
-        s = Scrub(n1.manager, tranquility=0)
+        s = Scrub(n1.manager, n1.ctx, tranquility=0)
         await s.start()
         await s.run_to_completion()
         st = s.status()
@@ -57,7 +57,7 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
         assert os.path.exists(path + ".corrupted") and not n1.blocks.exists(victim)
         due = n1.meta.resync_due()
         assert victim in [h for _, h in due]  # queued at once
-        await Resync(n1.manager).run_once()
+        await Resync(n1.manager, n1.ctx).run_once()
         with open(path, "rb") as f:
             assert f.read() == good  # byte-identical copy from a peer
 
@@ -65,7 +65,7 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
 async def test_pause_resume_cancel(cluster):
     with trio.fail_after(10):
         await fill(cluster, "n1", 20)
-        s = Scrub(cluster["n1"].manager, tranquility=0, batch=5)
+        s = Scrub(cluster["n1"].manager, cluster["n1"].ctx, tranquility=0, batch=5)
         await s.start()
         assert await s.step() == 5
         await s.pause()
@@ -88,7 +88,7 @@ async def test_worker_obeys_pause_and_resume(cluster):
     with trio.fail_after(10):
         await fill(cluster, "n1", 30)
         n1 = cluster["n1"]
-        s = Scrub(n1.manager, tranquility=0, batch=3)
+        s = Scrub(n1.manager, n1.ctx, tranquility=0, batch=3)
         async with trio.open_nursery() as nursery:
             await nursery.start(n1.meta.run_writer)
             nursery.start_soon(s.run)
@@ -111,7 +111,7 @@ async def test_scrub_interrupted_by_restart_resumes_from_its_position(tmp_path):
     root = str(tmp_path)
     c = FakeCluster(root, n=1, rf=1)
     await fill(c, "n1", 25)
-    s = Scrub(c["n1"].manager, tranquility=0, batch=10)
+    s = Scrub(c["n1"].manager, c["n1"].ctx, tranquility=0, batch=10)
     await s.start()
     assert await s.step() == 10
     pos = s.status()["position"]
@@ -127,7 +127,7 @@ async def test_scrub_interrupted_by_restart_resumes_from_its_position(tmp_path):
             return await real(h)
 
         c2["n1"].manager.read_local = spy  # type: ignore[method-assign]
-        s2 = Scrub(c2["n1"].manager, tranquility=0, batch=10)
+        s2 = Scrub(c2["n1"].manager, c2["n1"].ctx, tranquility=0, batch=10)
         assert s2.status()["state"] == RUNNING and s2.status()["position"] == pos
         await s2.run_to_completion()
         assert len(seen) == 15 and min(seen).hex() > pos  # nothing checked twice
@@ -140,7 +140,7 @@ async def test_periodic_scrub_starts_when_next_run_has_passed(cluster):
     with trio.fail_after(10):
         await fill(cluster, "n1", 4)
         n1 = cluster["n1"]
-        s = Scrub(n1.manager, tranquility=0, interval=3600)
+        s = Scrub(n1.manager, n1.ctx, tranquility=0, interval=3600)
         async with trio.open_nursery() as nursery:
             await nursery.start(n1.meta.run_writer)
             nursery.start_soon(s.run)
@@ -156,8 +156,9 @@ async def test_periodic_scrub_starts_when_next_run_has_passed(cluster):
 
 
 async def test_tranquility_is_validated_and_persisted(cluster):
-    s = Scrub(cluster["n1"].manager, tranquility=4)
+    s = Scrub(cluster["n1"].manager, cluster["n1"].ctx, tranquility=4)
     with pytest.raises(ValueError):
         await s.set_tranquility(-1)
     await s.set_tranquility(7)
-    assert Scrub(cluster["n1"].manager).status()["tranquility"] == 7
+    assert Scrub(cluster["n1"].manager, cluster["n1"].ctx).status()["tranquility"] == 7
+
