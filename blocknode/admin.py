@@ -10,7 +10,7 @@ is a dict of plain values. A refused worker setting (`InvalidSetting`) is a
 |-------------------------|------------------------------------------|-------------------------------|
 | `admin_scrub`           | action: start/pause/resume/cancel/set_tranquility/status, tranquility? | scrub status |
 | `admin_repair`          | action: start/status, rc: bool           | repair status (+ started_now) |
-| `admin_block_info`      | hash                                     | hash, rc, rc_state, present, refs, nodes, error? |
+| `admin_block_info`      | hash, refs_after?                        | hash, rc, rc_state, present, refs, refs_more, nodes, error? |
 | `admin_block_errors`    | —                                        | errors: [...]                 |
 | `admin_block_retry_now` | hash? or all: true                       | queued                        |
 | `admin_block_purge`     | hash                                     | hash, deleted: [ref ids]      |
@@ -19,12 +19,19 @@ is a dict of plain values. A refused worker setting (`InvalidSetting`) is a
 | `admin_worker_set`      | name, value (a number or its text)       | name, value, workers          |
 | `admin_anti_entropy`    | —                                        | round statistics              |
 | `admin_resync_run_once` | —                                        | processed, queue_length       |
+
+`admin_block_info` pages the references (a popular block has thousands, more
+than one message head holds): at most `REFS_PAGE_BYTES` of them per reply, in
+ref id order; ``refs_more`` says more follow — ask again with ``refs_after`` =
+the last ref id received (`protocol.block_info_all` gathers every page).
 """
 
 from __future__ import annotations
 
 import functools
 from typing import Any
+
+import trio
 
 from blocknode.context import NodeContext
 from blocknode.errors import BlocknodeError, RemoteProtocolError
@@ -42,7 +49,10 @@ from blocknode.protocol import (
     ADMIN_WORKER_GET,
     ADMIN_WORKER_LIST,
     ADMIN_WORKER_SET,
+    HEAD_MAX,
+    block_info_all,
     get_hash,
+    get_str,
 )
 from blocknode.storage import ErrorEntry, LocalBlocks, MetadataStore
 from blocknode.workers.anti_entropy import AntiEntropy
@@ -51,7 +61,17 @@ from blocknode.workers.repair import Repair
 from blocknode.workers.resync import Resync
 from blocknode.workers.scrub import Scrub
 
-__all__ = ["Admin", "error_dict"]
+__all__ = ["Admin", "PurgeError", "error_dict"]
+
+REFS_PAGE_BYTES = HEAD_MAX // 4
+"""Encoded reference rows in one `admin_block_info` reply."""
+_REF_ROW_OVERHEAD = 40
+PURGE_CONCURRENCY = 16
+"""References a purge deletes at once."""
+
+
+class PurgeError(BlocknodeError):
+    """A purge could not read the references of a write node: nothing was deleted."""
 
 
 def _settings_are_bad_requests(fn: Handler) -> Handler:
@@ -152,17 +172,31 @@ class Admin:
 
     # ------------------------------------------------------------ blocks
 
+    def _refs_page(self, h: bytes, after: str | None) -> tuple[list[dict[str, Any]], bool]:
+        """One page of the references of `h` after ref id `after` (blocking)."""
+        rows: list[dict[str, Any]] = []
+        size = 0
+        for r in self.meta.iter_refs(h, after=(h, after) if after is not None else None):
+            row_size = _REF_ROW_OVERHEAD + len(r.ref_id.encode())
+            if rows and size + row_size > REFS_PAGE_BYTES:
+                return rows, True
+            rows.append({"ref_id": r.ref_id, "deleted": r.deleted, "ts": r.ts_ms})
+            size += row_size
+        return rows, False
+
     async def handle_block_info(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
-        """What this node knows about one block."""
+        """What this node knows about one block (its references a page at a time)."""
         h = get_hash(fields)
+        after = get_str(fields, "refs_after") if fields.get("refs_after") is not None else None
         rc = self.meta.rc_get(h)
+        refs, more = await self.ctx.run_sync(self._refs_page, h, after)
         out: dict[str, Any] = {
             "hash": h.hex(),
             "rc": rc.count,
             "rc_state": rc.describe(),
             "present": await self.blocks.aexists(h),
-            "refs": [{"ref_id": r.ref_id, "deleted": r.deleted, "ts": r.ts_ms}
-                     for r in self.meta.refs_of(h)],
+            "refs": refs,
+            "refs_more": more,
             "nodes": list(self.layout.write_nodes(h)),
         }
         err = self.meta.error_get(h)
@@ -183,9 +217,12 @@ class Admin:
     async def handle_purge(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Delete every live reference of a block on a write quorum of its nodes.
 
-        The references are gathered from this node and every reachable write
-        node of the block; each is deleted with a timestamp newer than any
-        version seen, so the deletion wins everywhere (last writer wins).
+        The references are gathered from this node and every write node of the
+        block (page by page); each is deleted with a timestamp newer than any
+        version seen, so the deletion wins everywhere (last writer wins). A
+        write node whose references cannot be read fails the purge before
+        anything is deleted (`PurgeError`): a live reference it alone holds
+        would otherwise survive, and come back everywhere by anti-entropy.
         """
         h = get_hash(fields)
         versions: dict[str, int] = {}
@@ -196,22 +233,36 @@ class Admin:
             if not deleted:
                 live.add(ref_id)
 
-        for r in self.meta.refs_of(h):
+        for r in await self.ctx.run_sync(self.meta.refs_of, h):
             note(r.ref_id, r.deleted, r.ts_ms)
         for nid in self.layout.write_nodes(h):
             if nid == self.node_id:
                 continue
+
+            async def call(kind: str, f: dict[str, Any], nid: str = nid) -> dict[str, Any]:
+                reply, _ = await self.net.call(nid, kind, f, timeout=self.manager.rpc_timeout)
+                return reply
+
             try:
-                reply, _ = await self.net.call(nid, ADMIN_BLOCK_INFO, {"hash": h},
-                                               timeout=self.manager.rpc_timeout)
-            except BlocknodeError:
-                continue
-            for r in reply.get("refs", []):
-                note(r["ref_id"], r["deleted"], r["ts"])
+                info = await block_info_all(call, h)
+                for r in info.get("refs", []):
+                    note(r["ref_id"], r["deleted"], r["ts"])
+            except (BlocknodeError, KeyError, TypeError) as exc:
+                raise PurgeError(
+                    f"cannot read the references of block {h.hex()} on {nid} (a write node of "
+                    f"the block): {exc}; nothing was deleted, try again when it is reachable"
+                ) from None
         now = self.meta.now_ms()
-        for ref_id in sorted(live):
-            await self.manager.set_ref(h, ref_id, deleted=True,
-                                       ts_ms=max(now, versions[ref_id] + 1))
+        limiter = trio.CapacityLimiter(PURGE_CONCURRENCY)
+
+        async def delete(ref_id: str) -> None:
+            async with limiter:
+                await self.manager.set_ref(h, ref_id, deleted=True,
+                                           ts_ms=max(now, versions[ref_id] + 1))
+
+        async with trio.open_nursery() as nursery:
+            for ref_id in sorted(live):
+                nursery.start_soon(delete, ref_id)
         return {"hash": h.hex(), "deleted": sorted(live)}, None
 
     # ------------------------------------------------------------ workers

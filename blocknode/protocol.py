@@ -29,6 +29,7 @@ Message kinds (fields → reply; ``data`` is the raw payload next to the fields)
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, NamedTuple
 
 from blocknode import fastpath
@@ -72,6 +73,7 @@ __all__ = [
     "STATUS",
     "THREAD_HASH_MIN",
     "BatchItem",
+    "block_info_all",
     "get_data",
     "get_hash",
     "get_int",
@@ -252,3 +254,26 @@ def parse_batch_items(fields: dict[str, Any], data: bytes | None, *, with_hash: 
         raise RemoteProtocolError("field 'items': lengths do not cover the payload")
     return out
 
+
+async def block_info_all(call: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]],
+                         h: bytes) -> dict[str, Any]:
+    """`admin_block_info` of `h` with every page of its references gathered.
+
+    `call(kind, fields)` makes the call (to whichever node) and returns the
+    reply's fields. The result is the first reply with ``refs`` complete and
+    without the paging key ``refs_more`` (see `blocknode.admin`).
+    """
+    info = await call(ADMIN_BLOCK_INFO, {"hash": h})
+    refs = list(info.get("refs") or [])
+    more = info.pop("refs_more", False)
+    while more:
+        if not refs:
+            raise RemoteProtocolError("admin_block_info: more references announced, none sent")
+        page = await call(ADMIN_BLOCK_INFO, {"hash": h, "refs_after": refs[-1]["ref_id"]})
+        got = page.get("refs") or []
+        if not got:
+            raise RemoteProtocolError("admin_block_info: more references announced, none sent")
+        refs += got
+        more = page.get("refs_more", False)
+    info["refs"] = refs
+    return info

@@ -27,6 +27,7 @@ import trio
 from blocknode.cli.base import EXIT_USAGE, fail, hash_arg, run_with_client
 from blocknode.cli.output import bar, print_json, when
 from blocknode.client import Client
+from blocknode.protocol import block_info_all
 
 POLL_S = 1.0
 
@@ -137,7 +138,13 @@ def cmd_block(args: argparse.Namespace) -> int:
 
     async def go(client: Client) -> int:
         if action == "info":
-            info, _ = await client.call("admin_block_info", {"hash": h})
+            assert h is not None
+
+            async def call(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+                reply, _ = await client.call(kind, fields)
+                return reply
+
+            info = await block_info_all(call, h)
             if args.json:
                 print_json(info)
                 return 0

@@ -7,16 +7,30 @@ For each partition this node holds and each other node of that partition:
 2. for each partition that differs, a second `ae_digests` call compares the
    256 sub-ranges (two-byte prefixes), so a single missed reference costs a
    few hundred bytes, not the whole partition;
-3. for each differing sub-range, one `ae_exchange` call sends our entries
-   and gets the peer's back; each side merges the other's by last writer wins
-   (`LocalBlocks.apply_refs`), so after the call both hold the same versions.
+3. for each differing sub-range, `exchange_range` sends our entries and gets
+   the peer's back; each side merges the other's by last writer wins
+   (`LocalBlocks.apply_refs`), so after it both hold the same versions.
+
+An exchange is **paged**, so that no message head outgrows `HEAD_MAX` however
+many references a range holds (a popular block can have thousands): entries
+are ordered by (hash, ref_id); each `ae_exchange` call covers a key window
+``(after, until]``. The caller sends its entries of the window (at most
+`PAGE_BYTES` of them: `until` is the last one it sends, or None for the end
+of the prefix); the peer merges them and answers with its own entries of the
+window, at most `PAGE_BYTES` too — if it had more, it answers with a shorter
+window (`until` = the last key it sent). The next call starts after the window
+the peer answered for, until a window reaches the end of the prefix. A request
+without ``paged`` is answered the old way (every entry under the prefix).
 
 Merging goes through `RefTable.tx_apply`, which updates the RC and queues the
 resyncs that follow (a newly referenced block gets fetched, a released one
-collected after the GC delay). Digests and listings read LMDB through the
-context's `run_sync`. Rounds run every `interval` seconds (±25 % jitter from
-the context's `random`), first shortly after start (a node that was down
-catches up), and on demand (`run_round`).
+collected after the GC delay). A range whose exchange fails is counted
+(``ranges_failed``) and the round goes on with the next one; only a peer that
+cannot be reached (or does not answer in time) ends the round with that peer.
+Digests and listings read LMDB through the context's `run_sync`. Rounds run
+every `interval` seconds (±25 % jitter from the context's `random`), first
+shortly after start (a node that was down catches up), and on demand
+(`run_round`).
 """
 
 from __future__ import annotations
@@ -28,9 +42,9 @@ from typing import Any
 import trio
 
 from blocknode.context import NodeContext
-from blocknode.errors import BlocknodeError, RemoteProtocolError
+from blocknode.errors import BlocknodeError, NodeUnreachable, RemoteProtocolError, RpcTimeout
 from blocknode.manager import BlockManager, Reply
-from blocknode.protocol import AE_DIGESTS, AE_EXCHANGE, get_hash, get_int, get_str
+from blocknode.protocol import AE_DIGESTS, AE_EXCHANGE, HEAD_MAX, get_hash, get_int, get_str
 from blocknode.rpc.wire import PRIO_BACKGROUND
 from blocknode.storage import MetadataStore, RefEntry
 from blocknode.workers.base import Worker
@@ -39,11 +53,42 @@ log = logging.getLogger(__name__)
 
 MAX_PREFIXES = 1024
 MAX_REFS = 100_000
+PAGE_BYTES = HEAD_MAX // 4
+"""Encoded reference rows one side puts in one `ae_exchange` message (a page)."""
+_ROW_OVERHEAD = 48
+"""Bytes of one encoded row besides its ref id: the hash, the flag, the timestamp, framing."""
+
+Key = tuple[bytes, str]
+"""A reference's position in the table: (hash, ref_id)."""
+
+
+def _order(key: Key) -> tuple[bytes, bytes]:
+    return key[0], key[1].encode()
 
 
 def refs_under(meta: MetadataStore, prefix: bytes) -> list[list[Any]]:
     """The refs under `prefix` as wire tuples [hash, ref_id, deleted, ts] (blocking)."""
     return [[r.hash, r.ref_id, r.deleted, r.ts_ms] for r in meta.iter_refs(prefix)]
+
+
+def refs_page(meta: MetadataStore, prefix: bytes, after: Key | None, until: Key | None,
+              max_bytes: int | None = None) -> tuple[list[list[Any]], bool]:
+    """The refs under `prefix` in the window ``(after, until]`` (None: open end), as wire
+    tuples, at most `max_bytes` (default `PAGE_BYTES`) of them (at least one); and whether
+    more were left out (blocking)."""
+    max_bytes = PAGE_BYTES if max_bytes is None else max_bytes
+    rows: list[list[Any]] = []
+    size = 0
+    end = _order(until) if until is not None else None
+    for r in meta.iter_refs(prefix, after=after):
+        if end is not None and (r.hash, r.ref_id.encode()) > end:
+            break
+        row_size = _ROW_OVERHEAD + len(r.ref_id.encode())
+        if rows and size + row_size > max_bytes:
+            return rows, True
+        rows.append([r.hash, r.ref_id, r.deleted, r.ts_ms])
+        size += row_size
+    return rows, False
 
 
 def refs_from_wire(items: Any) -> list[RefEntry]:
@@ -62,12 +107,83 @@ def refs_from_wire(items: Any) -> list[RefEntry]:
     return out
 
 
+def _key_from_wire(fields: dict[str, Any], name: str, prefix: bytes) -> Key | None:
+    """A window bound: None, or [hash, ref_id] of an entry under `prefix`."""
+    v = fields.get(name)
+    if v is None:
+        return None
+    if not (isinstance(v, list | tuple) and len(v) == 2):
+        raise RemoteProtocolError(f"field {name!r}: expected [hash, ref_id] or nil")
+    h = get_hash({"hash": v[0]})
+    if not h.startswith(prefix):
+        raise RemoteProtocolError(f"field {name!r}: outside the prefix")
+    return h, get_str({"ref_id": v[1]}, "ref_id")
+
+
+def _key_to_wire(key: Key | None) -> list[Any] | None:
+    return None if key is None else [key[0], key[1]]
+
+
+def _check_window(refs: list[RefEntry], prefix: bytes, after: Key | None, until: Key | None,
+                  who: str) -> None:
+    lo = _order(after) if after is not None else None
+    hi = _order(until) if until is not None else None
+    for r in refs:
+        k = (r.hash, r.ref_id.encode())
+        if not r.hash.startswith(prefix) or (lo is not None and k <= lo) or (hi is not None and k > hi):
+            raise RemoteProtocolError(f"{who}: entry outside the exchanged range")
+
+
+def _prefix(fields: dict[str, Any]) -> bytes:
+    prefix = fields.get("prefix")
+    if not isinstance(prefix, bytes) or not 1 <= len(prefix) <= 32:
+        raise RemoteProtocolError("prefix: expected 1..32 bytes")
+    return prefix
+
+
 def _prefixes(fields: dict[str, Any]) -> list[bytes]:
     ps = fields.get("prefixes")
     if (not isinstance(ps, list) or len(ps) > MAX_PREFIXES
             or not all(isinstance(p, bytes) and 1 <= len(p) <= 32 for p in ps)):
         raise RemoteProtocolError("prefixes: expected a list of 1..32-byte prefixes")
     return ps
+
+
+async def exchange_range(manager: BlockManager, ctx: NodeContext, peer: str, prefix: bytes, *,
+                         timeout: float) -> tuple[int, int, int]:
+    """Merge every reference under `prefix` with `peer`, both ways, page by page.
+
+    Returns (calls made, entries merged here, entries merged there). Raises on
+    the first failed page (`RemoteProtocolError` for a malformed answer).
+    """
+    meta = manager.meta
+    after: Key | None = None
+    calls = merged_here = merged_there = 0
+    while True:
+        ours, more = await ctx.run_sync(refs_page, meta, prefix, after, None)
+        until: Key | None = (ours[-1][0], ours[-1][1]) if more else None
+        reply, _ = await manager.net.call(
+            peer, AE_EXCHANGE,
+            {"prefix": prefix, "refs": ours, "paged": True,
+             "after": _key_to_wire(after), "until": _key_to_wire(until)},
+            timeout=timeout, priority=PRIO_BACKGROUND)
+        calls += 1
+        theirs = refs_from_wire(reply.get("refs"))
+        answered = _key_from_wire(reply, "until", prefix)
+        if until is not None and (answered is None or _order(answered) > _order(until)):
+            raise RemoteProtocolError("ae_exchange: the answered range is not within the asked one")
+        if answered is not None and after is not None and _order(answered) <= _order(after):
+            raise RemoteProtocolError("ae_exchange: the answered range does not move forward")
+        _check_window(theirs, prefix, after, answered, "ae_exchange")
+        changed = reply.get("changed", 0)
+        if not isinstance(changed, int) or isinstance(changed, bool) or changed < 0:
+            raise RemoteProtocolError("ae_exchange: 'changed' is not a count")
+        merged_there += changed
+        if theirs:
+            merged_here += await manager.blocks.apply_refs(theirs)
+        if answered is None:
+            return calls, merged_here, merged_there
+        after = answered
 
 
 class AntiEntropy(Worker):
@@ -100,16 +216,29 @@ class AntiEntropy(Worker):
         return {"digests": await self.ctx.run_sync(self.meta.ref_digests, ps)}, None
 
     async def handle_exchange(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
-        """Merge the peer's refs under `prefix` and answer with ours (as they were before)."""
-        prefix = fields.get("prefix")
-        if not isinstance(prefix, bytes) or not 1 <= len(prefix) <= 32:
-            raise RemoteProtocolError("prefix: expected 1..32 bytes")
+        """Merge the peer's refs of a window and answer with ours (as they were before).
+
+        Paged (``paged``: true): the window is ``(after, until]``; we answer at
+        most a page and say which window we answered for (``until``, see the
+        module docstring). Otherwise: every ref under `prefix`.
+        """
+        prefix = _prefix(fields)
         theirs = refs_from_wire(fields.get("refs"))
-        if any(not r.hash.startswith(prefix) for r in theirs):
-            raise RemoteProtocolError("refs: entry outside the prefix")
-        ours = await self.ctx.run_sync(refs_under, self.meta, prefix)
+        if not fields.get("paged"):
+            if any(not r.hash.startswith(prefix) for r in theirs):
+                raise RemoteProtocolError("refs: entry outside the prefix")
+            ours = await self.ctx.run_sync(refs_under, self.meta, prefix)
+            changed = await self.manager.blocks.apply_refs(theirs)
+            return {"refs": ours, "changed": changed}, None
+        after = _key_from_wire(fields, "after", prefix)
+        until = _key_from_wire(fields, "until", prefix)
+        if after is not None and until is not None and _order(until) <= _order(after):
+            raise RemoteProtocolError("ae_exchange: empty range")
+        _check_window(theirs, prefix, after, until, "refs")
+        ours, more = await self.ctx.run_sync(refs_page, self.meta, prefix, after, until)
+        answered = (ours[-1][0], ours[-1][1]) if more else until
         changed = await self.manager.blocks.apply_refs(theirs)
-        return {"refs": ours, "changed": changed}, None
+        return {"refs": ours, "changed": changed, "until": _key_to_wire(answered)}, None
 
     # ------------------------------------------------------------ rounds
 
@@ -117,8 +246,9 @@ class AntiEntropy(Worker):
         """Compare and merge every partition held here with every other replica.
 
         Returns statistics: peers reached/failed, partitions and sub-ranges
-        that differed, refs merged here. A peer that fails is skipped (and
-        listed); the next round retries it.
+        that differed, ranges whose exchange failed, refs merged here and
+        there. A peer that fails is skipped (and listed); the next round
+        retries it.
         """
         async with self._lock:
             by_peer: dict[str, list[int]] = defaultdict(list)
@@ -127,7 +257,8 @@ class AntiEntropy(Worker):
                     if n != self.node_id:
                         by_peer[n].append(p)
             stats: dict[str, Any] = {"peers_ok": [], "peers_failed": {}, "partitions_differing": 0,
-                                     "ranges_exchanged": 0, "merged_here": 0, "merged_there": 0}
+                                     "ranges_exchanged": 0, "ranges_failed": 0, "calls": 0,
+                                     "merged_here": 0, "merged_there": 0}
             for peer, parts in sorted(by_peer.items()):
                 try:
                     await self._sync_with(peer, parts, stats)
@@ -168,17 +299,20 @@ class AntiEntropy(Worker):
                     await self._exchange(peer, sp, stats)
 
     async def _exchange(self, peer: str, prefix: bytes, stats: dict[str, Any]) -> None:
-        ours = await self.ctx.run_sync(refs_under, self.meta, prefix)
-        reply, _ = await self.manager.net.call(
-            peer, AE_EXCHANGE, {"prefix": prefix, "refs": ours},
-            timeout=self.rpc_timeout, priority=PRIO_BACKGROUND)
-        theirs = refs_from_wire(reply.get("refs"))
-        if any(not r.hash.startswith(prefix) for r in theirs):
-            raise RemoteProtocolError("ae_exchange: entry outside the prefix")
+        """One range; its failure is counted and the round goes on (unless the peer is gone)."""
+        try:
+            calls, here, there = await exchange_range(self.manager, self.ctx, peer, prefix,
+                                                      timeout=self.rpc_timeout)
+        except (NodeUnreachable, RpcTimeout):
+            raise  # the peer, not the range: give up on it for this round
+        except (BlocknodeError, OSError) as exc:  # this range only
+            stats["ranges_failed"] += 1
+            log.warning("anti-entropy with %s, range %s failed: %s", peer, prefix.hex(), exc)
+            return
         stats["ranges_exchanged"] += 1
-        stats["merged_there"] += int(reply.get("changed", 0) or 0)
-        if theirs:
-            stats["merged_here"] += await self.manager.blocks.apply_refs(theirs)
+        stats["calls"] += calls
+        stats["merged_here"] += here
+        stats["merged_there"] += there
 
     async def run(self, *, first_delay: float | None = None) -> None:
         """The worker task: a round shortly after start, then every `interval` (jittered)."""
@@ -198,4 +332,4 @@ class AntiEntropy(Worker):
                 "interval": self.interval, "rounds": self.rounds, "last_round": self.last_round}
 
 
-__all__ = ["AntiEntropy", "refs_from_wire"]
+__all__ = ["AntiEntropy", "exchange_range", "refs_from_wire", "refs_page"]

@@ -54,7 +54,7 @@ from blocknode.notify import Notify
 from blocknode.rpc.wire import PRIO_BACKGROUND
 from blocknode.storage.resync_queue import RETRY_MAX_MS
 from blocknode.tranquilizer import Tranquilizer
-from blocknode.workers.anti_entropy import refs_from_wire
+from blocknode.workers.anti_entropy import exchange_range
 from blocknode.workers.base import Setting, Worker
 
 log = logging.getLogger(__name__)
@@ -368,16 +368,7 @@ class Resync(Worker):
 
     async def _pull_refs(self, h: bytes, peer: str) -> None:
         """Merge the references of one block with `peer` (an anti-entropy exchange of one hash)."""
-        ours = [[r.hash, r.ref_id, r.deleted, r.ts_ms] for r in self.meta.refs_of(h)]
-        reply, _ = await self.manager.net.call(
-            peer, "ae_exchange", {"prefix": h, "refs": ours},
-            timeout=self.manager.rpc_timeout, priority=PRIO_BACKGROUND,
-        )
-        theirs = refs_from_wire(reply.get("refs"))
-        if any(r.hash != h for r in theirs):
-            raise ResyncError(f"{peer} answered with references of other blocks")
-        if theirs:
-            await self.blocks.apply_refs(theirs)
+        await exchange_range(self.manager, self.ctx, peer, h, timeout=self.manager.rpc_timeout)
 
     async def _fetch(self, h: bytes) -> None:
         nodes = [n for n in self.manager.read_order(h) if n != self.node_id]
