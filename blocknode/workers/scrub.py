@@ -21,6 +21,14 @@ Besides `start`, a scrub starts by itself every `interval` seconds (±15 %
 jitter, from the context's `random`) after the last one completed; the next run
 time is persisted too. `step` does one batch without resting (tests and "run
 once" calls). The setting ``scrub-tranquility`` is the tranquility.
+
+Each run has an identity (``run``, a counter persisted with the state, new at
+every `start` from idle): a step belongs to the run that was current when it
+began, and after every wait (a listing, a block's read, a rest) it checks that
+its run is still the current one and still running. A step of a cancelled run
+does nothing more — it neither advances the new run's position nor completes
+it (a scrub cancelled and started again at once used to lose the blocks the
+old step's stale batch skipped).
 """
 
 from __future__ import annotations
@@ -92,6 +100,7 @@ class Scrub(Worker):
             "next_run": None,
             "progress": 0.0,
             "started": None,
+            "run": 0,
         }
         self.st.update({k: v for k, v in saved.items() if k in self.st})
         self.changed = Notify()
@@ -118,6 +127,7 @@ class Scrub(Worker):
             "last_completed": st["last_completed"],
             "next_run": st["next_run"],
             "started": st["started"],
+            "run": st["run"],
         }
 
     async def _save(self) -> None:
@@ -132,7 +142,7 @@ class Scrub(Worker):
             self.st["tranquility"] = self._tranquility_setting.parse(tranquility)
         if self.st["state"] == IDLE:
             self.st.update(state=RUNNING, position=None, blocks_checked=0, corruptions=0,
-                           progress=0.0, started=self.meta.now_ms())
+                           progress=0.0, started=self.meta.now_ms(), run=self.st["run"] + 1)
         else:
             self.st["state"] = RUNNING
         await self._save()
@@ -179,9 +189,14 @@ class Scrub(Worker):
         async with self._step_lock:  # the worker task and a "run once" caller never interleave
             return await self._step(limit, tranquilizer)
 
+    def _current(self, run: int) -> bool:
+        """Whether run `run` is still the current one, and running."""
+        return self.st["run"] == run and self.st["state"] == RUNNING
+
     async def _step(self, limit: int | None, tranquilizer: Tranquilizer | None) -> int:
         if self.st["state"] != RUNNING:
             return 0
+        run = self.st["run"]
         n = limit or self.batch
         pos = self.st["position"]
         hashes = await self.ctx.run_sync(
@@ -190,20 +205,24 @@ class Scrub(Worker):
         checked = 0
         group_start: float | None = None  # start of the current tranquilizer step
         for h in hashes:
-            if self.st["state"] != RUNNING:
+            if not self._current(run):
                 break
             if tranquilizer is not None and group_start is None:
                 tranquilizer.begin()
                 group_start = tranquilizer.now()
             await self._check(h)
+            if not self._current(run):
+                break  # paused or cancelled while checking: the block is not counted
             checked += 1
             self.st["blocks_checked"] += 1
             self.st["position"] = h
             if tranquilizer is not None and tranquilizer.now() - group_start >= MIN_STEP_S:
                 await tranquilizer.tranquilize(self.st["tranquility"])
                 group_start = None
-        if tranquilizer is not None and group_start is not None:
+        if tranquilizer is not None and group_start is not None and self._current(run):
             await tranquilizer.tranquilize(self.st["tranquility"])
+        if self.st["run"] != run:
+            return checked  # cancelled (and maybe started again): this step is stale
         if not hashes and self.st["state"] == RUNNING:
             now = self.meta.now_ms()
             self.st.update(state=IDLE, position=None, progress=1.0, last_completed=now,

@@ -162,3 +162,47 @@ async def test_tranquility_is_validated_and_persisted(cluster):
     await s.set_tranquility(7)
     assert Scrub(cluster["n1"].manager, cluster["n1"].ctx).status()["tranquility"] == 7
 
+
+async def test_cancel_then_start_at_once_checks_every_block(cluster):
+    """Issue 9 C.13: `scrub start`, `cancel`, `start` at once: the new run skipped blocks.
+
+    The old run's step sleeps in its throttle (tranquility) with a stale batch in
+    hand; when it woke it went on with that batch under the new run, moved the new
+    run's position past blocks it never checked, and let the new run complete early.
+    Each run has an identity now: the stale step does nothing more.
+    """
+    with trio.fail_after(20):
+        blocks = await fill(cluster, "n1", 61, size=100)
+        n1 = cluster["n1"]
+        ticks = [0.0]
+
+        def slow_clock() -> float:  # every block seems to take 10 ms: rest 20 x 10 ms after it
+            ticks[0] += 0.01
+            return ticks[0]
+
+        s = Scrub(n1.manager, n1.ctx, tranquility=20, batch=64, clock=slow_clock)
+        restarted = [False]
+        after_restart: list[bytes] = []
+        real = n1.manager.read_local
+
+        async def spy(h: bytes) -> bytes:
+            if restarted[0]:
+                after_restart.append(h)
+            return await real(h)
+
+        n1.manager.read_local = spy  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(n1.meta.run_writer)
+            nursery.start_soon(s.run)
+            await s.start()
+            while s.st["blocks_checked"] < 2:  # the old step is in its rest, batch in hand
+                await trio.sleep(0.001)
+            await s.cancel()
+            await s.start(0)
+            restarted[0] = True
+            while s.status()["state"] != IDLE:
+                await s.changed.wait()
+            nursery.cancel_scope.cancel()
+        st = s.status()
+        assert st["blocks_checked"] == 61 and st["progress"] == 1.0
+        assert sorted(after_restart) == sorted(h for h, _ in blocks)  # each once, none skipped
