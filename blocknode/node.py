@@ -6,13 +6,16 @@ Node.run
     ├── metadata writer (group commit)
     ├── RPC network: listener, one task per connection, one per request
     └── background workers (`node.workers`, a `WorkerRegistry`): resync, scrub,
-        repair, anti-entropy
+        repair, anti-entropy, each step under its worker's supervisor
 ```
 
 The node builds every part explicitly from its config and one `NodeContext`
 (clock, randomness, blocking calls): storage, network, block manager, the
 workers (`node.resync`, `node.scrub`, `node.repair`, `node.anti_entropy`,
-registered in `node.workers`) and the admin handlers (`blocknode.admin`).
+registered in `node.workers`) and the admin handlers (`blocknode.admin`). A
+worker failure never ends the node; only cancellation, or a failure of its
+foundations (`foundations_problem`: the data dir gone, the metadata
+unreadable), does, with a last log line saying which.
 
 Cancelling `run` (SIGINT/SIGTERM in `serve`) stops everything between steps;
 nothing half-written stays visible (block files are renamed into place only when
@@ -21,6 +24,7 @@ complete, LMDB commits are atomic, stray `.tmp` files are swept at start).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -107,7 +111,8 @@ class Node:
         self.repair = Repair(self.meta, self.blocks, self.ctx)
         self.anti_entropy = AntiEntropy(self.manager, self.ctx, interval=cfg.anti_entropy_interval,
                                         rpc_timeout=cfg.rpc_timeout)
-        self.workers = WorkerRegistry([self.resync, self.scrub, self.repair, self.anti_entropy])
+        self.workers = WorkerRegistry([self.resync, self.scrub, self.repair, self.anti_entropy],
+                                      health=self.foundations_problem)
         admin = Admin(node_id=cfg.node_id, layout=self.layout, net=self.net, meta=self.meta,
                       blocks=self.blocks, manager=self.manager, ctx=self.ctx,
                       workers=self.workers, resync=self.resync, scrub=self.scrub,
@@ -151,6 +156,21 @@ class Node:
 
     def _startup_sweep(self) -> None:
         self.blocks.startup()
+
+    def foundations_problem(self) -> str | None:
+        """What is wrong with the node's own foundations, or None (the workers' health check).
+
+        The data and metadata directories must still be directories, and the
+        metadata store must still be readable.
+        """
+        for what, path in (("data_dir", self.cfg.data_dir), ("metadata_dir", self.cfg.metadata_dir)):
+            if not os.path.isdir(path):
+                return f"{what} {path} is gone"
+        try:
+            self.meta.counts()
+        except Exception as exc:  # noqa: BLE001 - any failure to read it is the answer
+            return f"the metadata store {self.cfg.metadata_dir} cannot be read: {exc}"
+        return None
 
     # ---- status ----
 

@@ -30,7 +30,7 @@ cannot be reached (or does not answer in time) ends the round with that peer.
 Digests and listings read LMDB through the context's `run_sync`. Rounds run
 every `interval` seconds (±25 % jitter from the context's `random`), first
 shortly after start (a node that was down catches up), and on demand
-(`run_round`).
+(`run_round`); each round runs under the worker's `Supervisor`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 import trio
 
 from blocknode.context import NodeContext
-from blocknode.errors import BlocknodeError, NodeUnreachable, RemoteProtocolError, RpcTimeout
+from blocknode.errors import NodeUnreachable, RemoteProtocolError, RpcTimeout
 from blocknode.manager import BlockManager, Reply
 from blocknode.protocol import AE_DIGESTS, AE_EXCHANGE, HEAD_MAX, get_hash, get_int, get_str
 from blocknode.rpc.wire import PRIO_BACKGROUND
@@ -263,9 +263,9 @@ class AntiEntropy(Worker):
                 try:
                     await self._sync_with(peer, parts, stats)
                     stats["peers_ok"].append(peer)
-                except (BlocknodeError, OSError) as exc:
+                except Exception as exc:  # one peer's failure: the next round retries it
                     stats["peers_failed"][peer] = f"{type(exc).__name__}: {exc}"
-                    log.info("anti-entropy with %s failed: %s", peer, exc)
+                    self.supervisor.record(exc, f"peer {peer}")
             stats["finished"] = self.meta.now_ms()
             self.rounds += 1
             self.last_round = stats
@@ -305,9 +305,9 @@ class AntiEntropy(Worker):
                                                       timeout=self.rpc_timeout)
         except (NodeUnreachable, RpcTimeout):
             raise  # the peer, not the range: give up on it for this round
-        except (BlocknodeError, OSError) as exc:  # this range only
+        except Exception as exc:  # this range only
             stats["ranges_failed"] += 1
-            log.warning("anti-entropy with %s, range %s failed: %s", peer, prefix.hex(), exc)
+            self.supervisor.record(exc, f"peer {peer}, range {prefix.hex()}")
             return
         stats["ranges_exchanged"] += 1
         stats["calls"] += calls
@@ -320,10 +320,7 @@ class AntiEntropy(Worker):
         delay = first_delay if first_delay is not None else min(10.0, self.interval) * rng.uniform(0.5, 1.0)
         while True:
             await trio.sleep(delay)
-            try:
-                await self.run_round()
-            except BlocknodeError as exc:
-                log.warning("anti-entropy round failed: %s", exc)
+            await self.supervisor.step(self.run_round, about="round")
             delay = self.interval * rng.uniform(0.75, 1.25)
 
     def status(self) -> dict[str, Any]:

@@ -17,6 +17,11 @@ Progress is persisted under ``"repair"`` in the `state` table (``state``
 running / idle, ``phase``, ``queued``, ``rc_recalculated``, ``started``,
 ``finished``, ``error``), so the CLI can poll it. A repair interrupted by a
 restart is reported as interrupted; run it again.
+
+A repair that fails (any exception) is reported in ``error`` and counted by
+the worker's `Supervisor`; its state goes back to idle and is saved whatever
+happened (a failed save is counted too: the state in memory stays right), so
+the next request runs.
 """
 
 from __future__ import annotations
@@ -81,15 +86,18 @@ class Repair(Worker):
         """The worker task: runs requested repairs one at a time."""
         send, recv = trio.open_memory_channel[bool](16)
         self._requests = send
-        async for rc in recv:
-            await self.repair(rc=rc)
+        try:
+            async for rc in recv:
+                await self.supervisor.step(self.repair, rc, about="repair")
+        finally:
+            self._requests = None
 
-    async def repair(self, *, rc: bool = False) -> dict[str, Any]:
+    async def repair(self, rc: bool = False) -> dict[str, Any]:
         """Run one repair now (see module docstring); returns the final status."""
         self.st.update(state="running", phase=None, rc=rc, queued=0, rc_recalculated=0,
                        started=self.meta.now_ms(), finished=None, error=None)
-        await self._save()
         try:
+            await self._save()
             if rc:
                 self.st["phase"] = "rc"
                 await self._sweep_refs(recalculate=True)
@@ -97,11 +105,16 @@ class Repair(Worker):
             await self._sweep_refs(recalculate=False)
             self.st["phase"] = "local"
             await self._sweep_local()
-        except (BlocknodeError, OSError) as exc:
-            self.st["error"] = str(exc)
-            log.error("repair failed: %s", exc)
-        self.st.update(state="idle", phase=None, finished=self.meta.now_ms())
-        await self._save()
+        except Exception as exc:  # reported in the status; the worker goes on
+            self.st["error"] = f"{type(exc).__name__}: {exc}" if not isinstance(
+                exc, BlocknodeError | OSError) else str(exc)
+            self.supervisor.record(exc, f"repair (phase {self.st['phase']})")
+        finally:
+            self.st.update(state="idle", phase=None, finished=self.meta.now_ms())
+        try:
+            await self._save()
+        except Exception as exc:  # the state in memory is right; a restart says "interrupted"
+            self.supervisor.record(exc, "repair: saving its state")
         log.info("repair done: %d queued, %d rc recalculated", self.st["queued"],
                  self.st["rc_recalculated"])
         return self.status()

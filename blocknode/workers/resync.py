@@ -29,6 +29,13 @@ the entry requeued at the next try; success clears the record. An entry whose
 block is still backing off is pushed to its next try without work (`block
 retry-now` clears the backoff).
 
+Any exception from one block's resync — a peer down, or a bug tripped by that
+block — moves its entry aside the same way (errors table, backoff), so a bad
+entry is never retried in a tight loop and never stops the node. Each worker
+step (claim an entry, handle it, rest) runs under the worker's `Supervisor`,
+which also catches what escapes a step (e.g. the metadata store failing) and
+backs off.
+
 `n` worker tasks (setting ``resync-workers``, persisted in the `state` table)
 sleep until the next due entry or until `meta.resync_notify` fires
 (sequence-numbered: a commit between a worker's look at the queue and its wait
@@ -163,31 +170,32 @@ class Resync(Worker):
         tranquilizer = Tranquilizer(30, clock=self._clock, min_step=MIN_STEP_S)
         try:
             while i < self.workers:
-                seen = self._snapshot()  # before looking at the queue: no wake-up is lost
-                entry = self._claim()
-                if entry is None:
-                    self.worker_states[i] = "idle"
-                    tranquilizer.reset()
-                    await self._wait_for_work(seen)
-                    continue
-                key, h = entry
-                self.worker_states[i] = f"busy {h.hex()[:16]}"
-                tranquilizer.begin()
-                try:
-                    await self._process_claimed(key, h)
-                except (BlocknodeError, OSError) as exc:
-                    # e.g. the metadata store failed: the entry stays queued; keep the node up.
-                    log.error("resync worker %d: %s (entry kept)", i, exc)
-                    await trio.sleep(1.0)
-                finally:
-                    self._in_progress.discard(h)
-                    self._wake.notify()
-                    self.progress.notify()
-                self.worker_states[i] = "resting"
-                await tranquilizer.tranquilize(self.tranquility)
+                await self.supervisor.step(self._step, i, tranquilizer,
+                                           about=lambda: f"worker {i}, {self.worker_states.get(i)}")
         finally:
             self._running.discard(i)
             self.worker_states.pop(i, None)
+
+    async def _step(self, i: int, tranquilizer: Tranquilizer) -> None:
+        """One step of worker `i`: handle one due entry and rest, or wait for work."""
+        seen = self._snapshot()  # before looking at the queue: no wake-up is lost
+        entry = self._claim()
+        if entry is None:
+            self.worker_states[i] = "idle"
+            tranquilizer.reset()
+            await self._wait_for_work(seen)
+            return
+        key, h = entry
+        self.worker_states[i] = f"busy {h.hex()[:16]}"
+        tranquilizer.begin()
+        try:
+            await self._process_claimed(key, h)
+        finally:
+            self._in_progress.discard(h)
+            self._wake.notify()
+            self.progress.notify()
+        self.worker_states[i] = "resting"
+        await tranquilizer.tranquilize(self.tranquility)
 
     def _claim(self) -> tuple[bytes, bytes] | None:
         """The first due entry whose block no worker is handling; marks it in progress."""
@@ -261,9 +269,7 @@ class Resync(Worker):
             return
         try:
             await self.resync_block(h)
-        except trio.Cancelled:
-            raise
-        except (BlocknodeError, OSError) as exc:
+        except Exception as exc:  # one block's failure, whatever it is, moves it aside
             self.failed += 1
             await self._record_failure(key, h, exc)
             return
@@ -273,19 +279,22 @@ class Resync(Worker):
         await self.meta.resync_complete(key)
 
     async def _record_failure(self, key: bytes, h: bytes, exc: BaseException) -> None:
-        """Record a failed resync and push its entry to the next try.
+        """Record a failed resync and push its entry to the next try (moved aside).
 
-        Recording cannot fail on the record itself (`ResyncQueue.tx_error_record`);
-        should the metadata store fail, the entry still moves to the longest
-        backoff, so one block is never retried in a tight loop.
+        The failure is counted by the supervisor (logged with the block; with
+        its traceback if it is not an expected error). Recording cannot fail on
+        the record itself (`ResyncQueue.tx_error_record`); should the metadata
+        store fail, the entry still moves to the longest backoff, so one block
+        is never retried in a tight loop. Should even that fail, the exception
+        escapes to the step's supervisor, which backs off.
         """
+        self.supervisor.record(exc, f"block {h.hex()}")
         delay = RETRY_MAX_MS / 1000
         try:
             rec = await self.meta.error_record(h, f"{type(exc).__name__}: {exc}")
             delay = max(0, rec.next_try_ms - self.meta.now_ms()) / 1000
-            log.warning("resync of %s failed (%d times, next in %.0f s): %s",
-                        h.hex(), rec.count, delay, exc)
-        except BlocknodeError as rec_exc:
+            log.info("resync of %s: %d failure(s), next try in %.0f s", h.hex(), rec.count, delay)
+        except Exception as rec_exc:  # noqa: BLE001 - the longest backoff instead
             log.error("resync of %s failed (%s); recording the failure failed too: %s",
                       h.hex(), exc, rec_exc)
         await self.meta.resync_requeue(key, delay)

@@ -20,7 +20,7 @@ running or paused when the node stopped carries on from its position.
 Besides `start`, a scrub starts by itself every `interval` seconds (±15 %
 jitter, from the context's `random`) after the last one completed; the next run
 time is persisted too. `step` does one batch without resting (tests and "run
-once" calls). The setting ``scrub-tranquility`` is the tranquility.
+once" calls).
 
 Each run has an identity (``run``, a counter persisted with the state, new at
 every `start` from idle): a step belongs to the run that was current when it
@@ -29,6 +29,11 @@ its run is still the current one and still running. A step of a cancelled run
 does nothing more — it neither advances the new run's position nor completes
 it (a scrub cancelled and started again at once used to lose the blocks the
 old step's stale batch skipped).
+
+A block whose check fails unexpectedly is counted by the worker's
+`Supervisor` (logged with the block) and skipped; every step (listing, checks,
+saving the state) runs under it, so a failure backs off instead of stopping
+the node. The setting ``scrub-tranquility`` is the tranquility.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from typing import Any
 import trio
 
 from blocknode.context import NodeContext
-from blocknode.errors import BlockCorrupted, BlocknodeError, BlockNotFound
+from blocknode.errors import BlockCorrupted, BlockNotFound
 from blocknode.manager import BlockManager
 from blocknode.notify import Notify
 from blocknode.tranquilizer import Tranquilizer
@@ -241,8 +246,8 @@ class Scrub(Worker):
             log.warning("scrub: block %s is corrupt: quarantined, resync queued", h.hex())
         except BlockNotFound:
             pass  # deleted since it was listed
-        except BlocknodeError as exc:
-            log.warning("scrub: cannot check block %s: %s", h.hex(), exc)
+        except Exception as exc:  # this block only: counted, logged with it, skipped
+            self.supervisor.record(exc, f"block {h.hex()}")
 
     async def run_to_completion(self) -> None:
         """Step until the current scrub is no longer running (no rest: tests, `--wait`)."""
@@ -256,28 +261,27 @@ class Scrub(Worker):
         """The worker task: scrub while running; otherwise wait for a command or `next_run`."""
         tranquilizer = Tranquilizer(30, clock=self._clock)
         while True:
-            state = self.st["state"]
-            if state == RUNNING:
-                try:
-                    await self.step(tranquilizer=tranquilizer)
-                except (BlocknodeError, OSError) as exc:
-                    log.error("scrub step failed: %s (retrying in 10 s)", exc)
-                    await trio.sleep(10.0)
-                continue
-            tranquilizer.reset()
-            timeout = math.inf
-            if state == IDLE:
-                if self.st["next_run"] is None:
-                    self.st["next_run"] = self._next_run(self.meta.now_ms())
-                    await self._save()
-                delta_ms = self.st["next_run"] - self.meta.now_ms()
-                if delta_ms <= 0:
-                    log.info("scrub: starting the periodic scrub")
-                    await self.start()
-                    continue
-                timeout = delta_ms / 1000
-            with trio.move_on_after(timeout):
-                await self.changed.wait()
+            await self.supervisor.step(self._run_step, tranquilizer,
+                                       about=lambda: f"state {self.st['state']}")
 
+    async def _run_step(self, tranquilizer: Tranquilizer) -> None:
+        state = self.st["state"]
+        if state == RUNNING:
+            await self.step(tranquilizer=tranquilizer)
+            return
+        tranquilizer.reset()
+        timeout = math.inf
+        if state == IDLE:
+            if self.st["next_run"] is None:
+                self.st["next_run"] = self._next_run(self.meta.now_ms())
+                await self._save()
+            delta_ms = self.st["next_run"] - self.meta.now_ms()
+            if delta_ms <= 0:
+                log.info("scrub: starting the periodic scrub")
+                await self.start()
+                return
+            timeout = delta_ms / 1000
+        with trio.move_on_after(timeout):
+            await self.changed.wait()
 
 __all__ = ["Scrub", "progress_of", "RUNNING", "PAUSED", "IDLE"]

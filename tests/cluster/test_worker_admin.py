@@ -24,7 +24,7 @@ async def test_worker_list_shows_every_registered_worker_and_its_settings(tmp_pa
             assert [r["name"] for r in rows] == [w.name for w in node.workers]
             assert [r["name"] for r in rows] == ["resync", "scrub", "repair", "anti-entropy"]
             for row, worker in zip(rows, node.workers, strict=True):
-                assert {"name", "state", "tranquility", "settings"} <= set(row)
+                assert {"name", "state", "tranquility", "errors", "last_error", "settings"} <= set(row)
                 assert row["settings"] == {s.name: s.get() for s in worker.settings()}
             by_name = {r["name"]: r for r in rows}
             # today's keys of each row stay (the CLI contract)

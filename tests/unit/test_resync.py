@@ -385,3 +385,28 @@ async def test_repair_rc_recalculates_from_refs(cluster):
         assert st["rc_recalculated"] == 6
         assert m.rc_get(hs[0]) == RcEntry(fastpath.RC_PRESENT, 2)
         assert m.rc_get(hs[5]).is_zero()
+
+
+async def test_repair_whose_state_cannot_be_saved_reports_it_and_goes_on(cluster, monkeypatch):
+    # Issue 9 A.3: Repair saved its state outside its try: a failing save (a full
+    # metadata store) escaped the worker and stopped the node.
+    from blocknode.errors import MetadataFull
+    from blocknode.workers.repair import Repair
+
+    n1 = cluster["n1"]
+    rep = Repair(n1.meta, n1.blocks, n1.ctx)
+    real = n1.meta.state_set
+    fails = [2]
+
+    async def state_set(name: str, value: object) -> None:
+        if fails[0]:
+            fails[0] -= 1
+            raise MetadataFull("the metadata store is full")
+        await real(name, value)
+
+    monkeypatch.setattr(n1.meta, "state_set", state_set)
+    st = await rep.repair()  # both saves fail: reported, not raised
+    assert st["state"] == "idle" and "full" in st["error"] and rep.supervisor.errors == 2
+    st = await rep.repair()
+    assert st["state"] == "idle" and st["error"] is None
+    assert n1.meta.state_get("repair")["state"] == "idle"

@@ -206,3 +206,35 @@ async def test_cancel_then_start_at_once_checks_every_block(cluster):
         st = s.status()
         assert st["blocks_checked"] == 61 and st["progress"] == 1.0
         assert sorted(after_restart) == sorted(h for h, _ in blocks)  # each once, none skipped
+
+
+async def test_scrub_worker_survives_a_failing_state_save(cluster, monkeypatch):
+    # Issue 9 A.3: the idle branch of Scrub.run saved its state outside any try: a
+    # failing save escaped the worker and stopped the node.
+    from blocknode.errors import MetadataFull
+
+    with trio.fail_after(10):
+        await fill(cluster, "n1", 3)
+        n1 = cluster["n1"]
+        s = Scrub(n1.manager, n1.ctx, tranquility=0)
+        s.supervisor.base_s = 0.01
+        real = n1.meta.state_set
+        fails = [1]
+
+        async def state_set(name: str, value: object) -> None:
+            if fails[0]:
+                fails[0] -= 1
+                raise MetadataFull("the metadata store is full")
+            await real(name, value)
+
+        monkeypatch.setattr(n1.meta, "state_set", state_set)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(n1.meta.run_writer)
+            nursery.start_soon(s.run)
+            while s.supervisor.errors < 1:  # its first save (next_run) failed
+                await trio.sleep(0.01)
+            await s.start()  # the worker is still there to run it
+            while s.status()["state"] != IDLE:
+                await s.changed.wait()
+            nursery.cancel_scope.cancel()
+        assert s.status()["blocks_checked"] == 3 and s.supervisor.errors == 1

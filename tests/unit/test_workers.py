@@ -105,7 +105,8 @@ def test_rows_and_settings_are_generated_from_the_workers(dummy):
     assert [r["name"] for r in rows] == ["dummy", "other"]
     assert rows[0]["settings"] == {"dummy-count": 2, "dummy-speed": 1.5}
     assert rows[1]["settings"] == {"other-count": 2, "other-speed": 1.5}
-    assert rows[0]["state"] == "idle" and rows[0]["own"] == 1
+    assert rows[0]["state"] == "idle" and rows[0]["own"] == 1 and rows[0]["errors"] == 0
+    assert rows[0]["last_error"] is None
     got = reg.settings()
     assert [s["name"] for s in got] == ["dummy-count", "dummy-speed", "other-count", "other-speed"]
     assert got[0] == {"name": "dummy-count", "value": 2, "worker": "dummy",
@@ -117,3 +118,74 @@ def test_names_are_unique(dummy):
         WorkerRegistry([dummy, Dummy(NodeContext(), prefix="x")])
     with pytest.raises(ValueError, match="two settings"):
         WorkerRegistry([dummy, Dummy(NodeContext(), name="x")])
+
+
+# ------------------------------------------------------------------ supervision
+
+
+async def test_supervisor_counts_backs_off_exponentially_and_goes_on(autojump_clock, caplog):
+    from blocknode.workers.base import Supervisor
+
+    sup = Supervisor("w", NodeContext(now_ms=lambda: 42), base_s=1.0, max_s=8.0)
+    outcomes = iter([RuntimeError("a bug"), OSError("disk"), RuntimeError("b"), RuntimeError("c"),
+                     RuntimeError("d"), None, RuntimeError("e")])
+    rests = []
+
+    async def step() -> None:
+        exc = next(outcomes)
+        if exc is not None:
+            raise exc
+
+    for _ in range(7):
+        t0 = trio.current_time()
+        ok = await sup.step(step, about="block ab")
+        rests.append((ok, trio.current_time() - t0))
+    assert [r[0] for r in rests] == [False, False, False, False, False, True, False]
+    assert [round(r[1]) for r in rests] == [1, 2, 4, 8, 8, 0, 1]  # doubling, capped, reset
+    assert sup.errors == 6 and sup.status()["last_error"] == "block ab: RuntimeError: e"
+    assert sup.status()["last_error_at"] == 42
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 5  # the bugs, not the OSError (one warning line)
+
+
+async def test_a_foundation_failure_is_not_swallowed(autojump_clock):
+    from blocknode.workers.base import NodeFoundationError, Supervisor
+
+    sup = Supervisor("w", NodeContext())
+    problem: list[str] = []
+    sup.health = lambda: problem[0] if problem else None
+
+    async def failing() -> None:
+        raise RuntimeError("boom")
+
+    assert not await sup.step(failing)  # healthy: recorded and rested
+    problem.append("data_dir /x is gone")
+    with pytest.raises(NodeFoundationError, match="data_dir /x is gone"):
+        await sup.step(failing)
+
+    async def nested() -> None:  # e.g. from inside a worker's own nursery
+        raise ExceptionGroup("g", [NodeFoundationError("metadata gone")])
+
+    problem.clear()
+    with pytest.raises(NodeFoundationError, match="metadata gone"):
+        await sup.step(nested)
+
+
+async def test_the_registry_restarts_a_worker_whose_task_raises(autojump_clock):
+    class Flaky(Dummy):
+        runs = 0
+
+        async def run(self) -> None:
+            self.runs += 1
+            if self.runs < 3:
+                raise RuntimeError(f"run {self.runs} failed")
+            await trio.sleep_forever()
+
+    w = Flaky(NodeContext())
+    reg = WorkerRegistry([w])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reg.run)
+        await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    assert w.runs == 3 and reg.rows()[0]["errors"] == 2
+    assert "run 2 failed" in reg.rows()[0]["last_error"]
