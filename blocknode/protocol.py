@@ -24,7 +24,8 @@ Message kinds (fields → reply; ``data`` is the raw payload next to the fields)
 | `client_get`       | hash                                      | + data                     |
 | `client_ref`       | hash, ref_id, deleted, ts?                | —                          |
 | `status`           | —                                         | the node's status          |
-| `ae_digests`, `ae_exchange`, `admin_*` | see `blocknode.admin`   |                            |
+| `ae_digests`, `ae_exchange` | see `blocknode.workers.anti_entropy` (paged exchange) |  |
+| `admin_*`          | see `blocknode.admin`                     |                            |
 """
 
 from __future__ import annotations

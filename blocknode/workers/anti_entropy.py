@@ -22,6 +22,11 @@ window (`until` = the last key it sent). The next call starts after the window
 the peer answered for, until a window reaches the end of the prefix. A request
 without ``paged`` is answered the old way (every entry under the prefix).
 
+| kind          | fields                                              | reply                 |
+|---------------|-----------------------------------------------------|-----------------------|
+| `ae_digests`  | prefixes: [bytes]                                   | digests: [bytes]      |
+| `ae_exchange` | prefix, refs: [[hash, ref_id, deleted, ts]], paged?, after?, until? (bounds: [hash, ref_id] or nil) | refs, changed, until (paged) |
+
 Merging goes through `RefTable.tx_apply`, which updates the RC and queues the
 resyncs that follow (a newly referenced block gets fetched, a released one
 collected after the GC delay). A range whose exchange fails is counted
