@@ -16,8 +16,8 @@ from typing import Any
 
 from blocknode.cluster_config import ClusterConfig, ClusterNode
 from blocknode.config import _FIELDS, DEFAULT_ROOT, SIZE_FIELDS, NodeConfig
-from blocknode.scrub import JITTER as SCRUB_JITTER
 from blocknode.sizes import format_size
+from blocknode.workers.scrub import JITTER as SCRUB_JITTER
 
 # field -> (section, meaning[, default as text when the value alone would mislead])
 FIELD_DOCS: dict[str, tuple[str, ...]] = {

@@ -3,13 +3,13 @@
 Every line carries the time (UTC, ISO 8601, milliseconds), the level, the node
 id and the logger name:
 
-    2025-01-31T12:00:00.123Z INFO node1 blocknode.scrub: scrub complete: 1200 blocks checked, 0 corrupt
+    2025-01-31T12:00:00.123Z INFO node1 blocknode.workers.scrub: scrub complete: 1200 blocks checked, 0 corrupt
 
 With ``log_format = "json"`` each line is one JSON object instead, for log
 shippers (keys ``time``, ``level``, ``node``, ``logger``, ``message``, plus
 ``exception`` when there is a traceback):
 
-    {"time": "2025-01-31T12:00:00.123Z", "level": "INFO", "node": "node1", "logger": "blocknode.scrub", "message": "scrub complete: ..."}
+    {"time": "2025-01-31T12:00:00.123Z", "level": "INFO", "node": "node1", "logger": "blocknode.workers.scrub", "message": "scrub complete: ..."}
 
 What goes out at which level: INFO for the node's life cycle (start with its
 addresses and paths, stop) and the outcome of background work (scrub and

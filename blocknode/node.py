@@ -5,8 +5,17 @@ Node.run
 └── nursery
     ├── metadata writer (group commit)
     ├── RPC network: listener, one task per connection, one per request
-    └── background workers (resync, scrub, anti-entropy), each supervised here
+    └── background workers (`node.workers`, a `WorkerRegistry`): resync, scrub,
+        repair, anti-entropy, each step under its worker's supervisor
 ```
+
+The node builds every part explicitly from its config and one `NodeContext`
+(clock, randomness, blocking calls): storage, network, block manager, the
+workers (`node.resync`, `node.scrub`, `node.repair`, `node.anti_entropy`,
+registered in `node.workers`) and the admin handlers (`blocknode.admin`). A
+worker failure never ends the node; only cancellation, or a failure of its
+foundations (`foundations_problem`: the data dir gone, the metadata
+unreadable), does, with a last log line saying which.
 
 Cancelling `run` (SIGINT/SIGTERM in `serve`) stops everything between steps;
 nothing half-written stays visible (block files are renamed into place only when
@@ -15,12 +24,14 @@ complete, LMDB commits are atomic, stray `.tmp` files are swept at start).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 from blocknode import __version__, fastpath
+from blocknode.admin import Admin
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
 from blocknode.context import NodeContext
@@ -30,10 +41,12 @@ from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.protocol import ADMIN_REBALANCE, STATUS, max_message_size
 from blocknode.rpc.network import ConnectionLimits, RpcNetwork
 from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
-from blocknode.storage.rebalance import Rebalance
-from blocknode.workers import install_workers
-
-Worker = Callable[..., Awaitable[None]]
+from blocknode.workers.anti_entropy import AntiEntropy
+from blocknode.workers.base import WorkerRegistry
+from blocknode.workers.rebalance import Rebalance
+from blocknode.workers.repair import Repair
+from blocknode.workers.resync import Resync
+from blocknode.workers.scrub import Scrub
 
 BLOCK_REPLY_KINDS = frozenset({"get_block", "client_get"})
 """Request kinds whose reply carries a block (the rest answer with a head only)."""
@@ -109,26 +122,29 @@ class Node:
             run_sync=self.ctx.run_sync,
             compression_level=cfg.compression_level,
         )
-        self._handlers: dict[str, Handler] = dict(self.manager.handlers())
-        self._handlers[STATUS] = self.handle_status
-        self._workers: list[tuple[str, Worker]] = []
+        self.resync = Resync(self.manager, self.ctx, need_block_timeout=cfg.need_block_timeout,
+                             workers=cfg.resync_workers, tranquility=cfg.resync_tranquility)
+        self.scrub = Scrub(self.manager, self.ctx, tranquility=cfg.scrub_tranquility,
+                           interval=cfg.scrub_interval)
+        self.repair = Repair(self.meta, self.blocks, self.ctx)
+        self.anti_entropy = AntiEntropy(self.manager, self.ctx, interval=cfg.anti_entropy_interval,
+                                        rpc_timeout=cfg.rpc_timeout)
+        self.rebalance = Rebalance(self.blocks, self.ctx)
+        self.workers = WorkerRegistry([self.resync, self.scrub, self.repair, self.anti_entropy,
+                                       self.rebalance], health=self.foundations_problem)
+        admin = Admin(node_id=cfg.node_id, layout=self.layout, net=self.net, meta=self.meta,
+                      blocks=self.blocks, manager=self.manager, ctx=self.ctx,
+                      workers=self.workers, resync=self.resync, scrub=self.scrub,
+                      repair=self.repair, anti_entropy=self.anti_entropy)
+        self._handlers: dict[str, Handler] = {}
+        for handlers in (self.manager.handlers(), self.anti_entropy.handlers(), admin.handlers(),
+                         {STATUS: self.handle_status,
+                          ADMIN_REBALANCE: self.rebalance.handle_admin}):
+            for kind, handler in handlers.items():
+                if kind in self._handlers:
+                    raise ValueError(f"two handlers for {kind!r}")
+                self._handlers[kind] = handler
         self.addr: str | None = None
-        install_workers(self)
-        self.rebalance = Rebalance(self.blocks)
-        self.register(ADMIN_REBALANCE, self.rebalance.handle_admin)
-        self.add_worker("rebalance", self.rebalance.run)
-
-    # ---- extension points for the background workers and admin calls ----
-
-    def register(self, kind: str, handler: Handler) -> None:
-        """Serve RPC messages of `kind` with `handler`."""
-        if kind in self._handlers:
-            raise ValueError(f"handler for {kind!r} already registered")
-        self._handlers[kind] = handler
-
-    def add_worker(self, name: str, worker: Worker) -> None:
-        """Run `worker()` under the node's nursery for the node's whole life."""
-        self._workers.append((name, worker))
 
     async def dispatch(self, peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Route one request to its handler."""
@@ -141,7 +157,7 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the node; `task_status.started(addr)` once it really listens."""
-        await trio.to_thread.run_sync(self._startup_sweep)
+        await self.ctx.run_sync(self._startup_sweep)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.meta.run_writer)
@@ -152,15 +168,29 @@ class Node:
                         f"cannot listen on {self.cfg.rpc_bind_addr} (rpc_bind_addr in "
                         f"{self.cfg.source}): {exc.strerror or exc}"
                     ) from None
-                for _name, worker in self._workers:
-                    nursery.start_soon(worker)
+                nursery.start_soon(self.workers.run)
                 task_status.started(self.addr)
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.meta.close)
+                await self.ctx.run_sync(self.meta.close)
 
     def _startup_sweep(self) -> None:
         self.blocks.startup()
+
+    def foundations_problem(self) -> str | None:
+        """What is wrong with the node's own foundations, or None (the workers' health check).
+
+        The data and metadata directories must still be directories, and the
+        metadata store must still be readable.
+        """
+        for what, path in (("data_dir", self.cfg.data_dir), ("metadata_dir", self.cfg.metadata_dir)):
+            if not os.path.isdir(path):
+                return f"{what} {path} is gone"
+        try:
+            self.meta.counts()
+        except Exception as exc:  # noqa: BLE001 - any failure to read it is the answer
+            return f"the metadata store {self.cfg.metadata_dir} cannot be read: {exc}"
+        return None
 
     # ---- status ----
 

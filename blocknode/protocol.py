@@ -24,7 +24,8 @@ Message kinds (fields → reply; ``data`` is the raw payload next to the fields)
 | `client_get`       | hash                                      | + data                     |
 | `client_ref`       | hash, ref_id, deleted, ts?                | —                          |
 | `status`           | —                                         | the node's status          |
-| `ae_digests`, `ae_exchange`, `admin_*` | see `blocknode.workers`|                            |
+| `ae_digests`, `ae_exchange` | see `blocknode.workers.anti_entropy` (paged exchange) |  |
+| `admin_*`          | see `blocknode.admin`                     |                            |
 | `admin_rebalance`  | action: start/status, tranquility?        | rebalance status           |
 
 Compression (``z``): a block travels in its stored form. On `put_block`,
@@ -38,6 +39,7 @@ gets the plain bytes. A message without ``z`` is plain, as before.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, NamedTuple
 
 from blocknode import fastpath
@@ -55,6 +57,7 @@ __all__ = [
     "ADMIN_REPAIR",
     "ADMIN_RESYNC_RUN_ONCE",
     "ADMIN_SCRUB",
+    "ADMIN_WORKER_GET",
     "ADMIN_WORKER_LIST",
     "ADMIN_WORKER_SET",
     "AE_DIGESTS",
@@ -80,6 +83,7 @@ __all__ = [
     "STATUS",
     "THREAD_HASH_MIN",
     "BatchItem",
+    "block_info_all",
     "get_data",
     "get_flag",
     "get_flags",
@@ -118,6 +122,7 @@ ADMIN_BLOCK_ERRORS: Final = "admin_block_errors"
 ADMIN_BLOCK_RETRY_NOW: Final = "admin_block_retry_now"
 ADMIN_BLOCK_PURGE: Final = "admin_block_purge"
 ADMIN_WORKER_LIST: Final = "admin_worker_list"
+ADMIN_WORKER_GET: Final = "admin_worker_get"
 ADMIN_WORKER_SET: Final = "admin_worker_set"
 ADMIN_ANTI_ENTROPY: Final = "admin_anti_entropy"
 ADMIN_RESYNC_RUN_ONCE: Final = "admin_resync_run_once"
@@ -131,7 +136,7 @@ CLIENT_KINDS: Final = frozenset({CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_GET, CLIENT
 """Kinds a client sends the node it talks to."""
 ADMIN_KINDS: Final = frozenset({
     ADMIN_SCRUB, ADMIN_REPAIR, ADMIN_BLOCK_INFO, ADMIN_BLOCK_ERRORS, ADMIN_BLOCK_RETRY_NOW,
-    ADMIN_BLOCK_PURGE, ADMIN_WORKER_LIST, ADMIN_WORKER_SET, ADMIN_ANTI_ENTROPY,
+    ADMIN_BLOCK_PURGE, ADMIN_WORKER_LIST, ADMIN_WORKER_GET, ADMIN_WORKER_SET, ADMIN_ANTI_ENTROPY,
     ADMIN_RESYNC_RUN_ONCE, ADMIN_REBALANCE,
 })
 """Kinds of the admin commands (and of `admin_block_info`, which nodes send each other too)."""
@@ -289,3 +294,27 @@ def parse_batch_items(fields: dict[str, Any], data: bytes | None, *, with_hash: 
     if offset != len(payload):
         raise RemoteProtocolError("field 'items': lengths do not cover the payload")
     return out
+
+
+async def block_info_all(call: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]],
+                         h: bytes) -> dict[str, Any]:
+    """`admin_block_info` of `h` with every page of its references gathered.
+
+    `call(kind, fields)` makes the call (to whichever node) and returns the
+    reply's fields. The result is the first reply with ``refs`` complete and
+    without the paging key ``refs_more`` (see `blocknode.admin`).
+    """
+    info = await call(ADMIN_BLOCK_INFO, {"hash": h})
+    refs = list(info.get("refs") or [])
+    more = info.pop("refs_more", False)
+    while more:
+        if not refs:
+            raise RemoteProtocolError("admin_block_info: more references announced, none sent")
+        page = await call(ADMIN_BLOCK_INFO, {"hash": h, "refs_after": refs[-1]["ref_id"]})
+        got = page.get("refs") or []
+        if not got:
+            raise RemoteProtocolError("admin_block_info: more references announced, none sent")
+        refs += got
+        more = page.get("refs_more", False)
+    info["refs"] = refs
+    return info

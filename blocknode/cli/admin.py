@@ -1,7 +1,7 @@
 """Admin commands for the background workers: `scrub`, `repair`, `block`, `worker`.
 
 Every command talks to the node named by ``--config`` through the admin RPCs
-of `blocknode.workers`. Command names, arguments and JSON keys are a contract:
+of `blocknode.admin`. Command names, arguments and JSON keys are a contract:
 
     scrub start [--tranquility N] [--wait] | pause | resume | cancel
     scrub set-tranquility N | status [--json]
@@ -9,7 +9,12 @@ of `blocknode.workers`. Command names, arguments and JSON keys are a contract:
     repair rebalance [--wait]
     block info HASH [--json] | list-errors [--json] | retry-now (--all | HASH)
     block purge HASH --yes | repair-rc
-    worker list [--json] | set resync-workers N | set resync-tranquility N
+    worker list [--json] | get [NAME] [--json] | set NAME VALUE
+
+The worker commands are generated from the node's worker registry: `worker
+list` shows every worker's row, `worker get` its settings, and `worker set`
+sends any NAME and VALUE to the node, which validates them (an unknown name
+or a bad value is refused with exit status 2, naming what is valid).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import trio
 from blocknode.cli.base import EXIT_USAGE, fail, hash_arg, run_with_client
 from blocknode.cli.output import bar, print_json, when
 from blocknode.client import Client
+from blocknode.protocol import block_info_all
 
 POLL_S = 1.0
 
@@ -163,7 +169,13 @@ def cmd_block(args: argparse.Namespace) -> int:
 
     async def go(client: Client) -> int:
         if action == "info":
-            info, _ = await client.call("admin_block_info", {"hash": h})
+            assert h is not None
+
+            async def call(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+                reply, _ = await client.call(kind, fields)
+                return reply
+
+            info = await block_info_all(call, h)
             if args.json:
                 print_json(info)
                 return 0
@@ -205,13 +217,38 @@ def cmd_block(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ worker
 
+_ROW_HIDDEN = ("name", "state", "tranquility", "settings", "errors", "last_error",
+               "last_error_at", "last_round", "worker_states", "position")
+
+
+def _print_worker(w: dict[str, Any]) -> None:
+    tq = "-" if w.get("tranquility") is None else f"{w['tranquility']:g}"
+    details = [f"{k}={v}" for k, v in (w.get("settings") or {}).items()]
+    details += [f"{k}={v}" for k, v in w.items()
+                if k not in _ROW_HIDDEN and v is not None and not isinstance(v, dict | list)]
+    details.append(f"errors={w.get('errors', 0)}")
+    print(f"{w['name']:<13} {w['state']:<8} tranquility={tq:<5} {' '.join(details)}")
+    if w.get("last_error"):
+        print(f"{'':<13} last error {when(w.get('last_error_at'))}: {w['last_error']}")
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
-    """`worker list [--json]` / `worker set NAME VALUE`."""
+    """`worker list [--json]` / `worker get [NAME] [--json]` / `worker set NAME VALUE`."""
 
     async def go(client: Client) -> int:
         if args.worker_action == "set":
             reply, _ = await client.call("admin_worker_set", {"name": args.name, "value": args.value})
-            print(f"{args.name} = {args.value:g}")
+            print(f"{reply['name']} = {reply['value']:g}")
+            return 0
+        if args.worker_action == "get":
+            fields = {"name": args.name} if args.name is not None else {}
+            reply, _ = await client.call("admin_worker_get", fields)
+            settings = reply["settings"]
+            if args.json:
+                print_json(settings)
+                return 0
+            for st in settings:
+                print(f"{st['name']} = {st['value']:g}    ({st['worker']}: {st['valid']}; {st['help']})")
             return 0
         reply, _ = await client.call("admin_worker_list", {})
         workers = reply["workers"]
@@ -219,20 +256,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
             print_json(workers)
             return 0
         for w in workers:
-            extra = {k: v for k, v in w.items()
-                     if k not in ("name", "state", "tranquility", "last_round", "worker_states")}
-            tq = "-" if w.get("tranquility") is None else f"{w['tranquility']:g}"
-            details = " ".join(f"{k}={v}" for k, v in extra.items())
-            print(f"{w['name']:<13} {w['state']:<8} tranquility={tq:<5} {details}")
+            _print_worker(w)
         return 0
 
     return run_with_client(args, go)
-
-
-def _int_or_number(text: str) -> float:
-    v = _nonneg(text)
-    # An integral value travels as an integer, if it fits the wire's (msgpack's) integers.
-    return int(v) if v == int(v) and v < 2**63 else v
 
 
 # ------------------------------------------------------------------ parser
@@ -287,8 +314,11 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     ws = s.add_subparsers(dest="worker_action", metavar="ACTION", required=True)
     a = ws.add_parser("list", parents=[common], help="every background task and its state")
     a.add_argument("--json", action="store_true", help="print JSON")
+    a = ws.add_parser("get", parents=[common], help="show worker settings (all, or NAME)")
+    a.add_argument("name", metavar="NAME", nargs="?", help="a setting, e.g. resync-workers")
+    a.add_argument("--json", action="store_true", help="print JSON")
     a = ws.add_parser("set", parents=[common], help="change a worker setting (persisted)")
-    a.add_argument("name", choices=["resync-workers", "resync-tranquility", "scrub-tranquility"])
-    a.add_argument("value", type=_int_or_number, metavar="N")
+    a.add_argument("name", metavar="NAME", help="a setting (see `worker get`), e.g. resync-workers")
+    a.add_argument("value", metavar="VALUE", help="its new value (the node validates it)")
     s.set_defaults(func=cmd_worker)
 

@@ -190,7 +190,7 @@ class BlockFiles:
         self._rankings: dict[int, tuple[Dir, ...]] = {}
         self.refetch_pending: list[str] = []
         """Directories whose blocks must be fetched again from other nodes (drained by
-        the rebalance worker, `blocknode.storage.rebalance`)."""
+        the rebalance worker, `blocknode.workers.rebalance`)."""
         self.on_failure: Callable[[str], None] | None = None
         """Called (from the thread that saw it) when a directory is taken out of service."""
 

@@ -92,9 +92,10 @@ class MetadataStore:
         """Every reference version (live and deleted) of one block."""
         return self.refs.refs_of(hash)
 
-    def iter_refs(self, prefix: bytes = b"") -> Iterator[RefEntry]:
-        """Every reference whose hash starts with `prefix`."""
-        return self.refs.iter_refs(prefix)
+    def iter_refs(self, prefix: bytes = b"", *,
+                  after: tuple[bytes, str] | None = None) -> Iterator[RefEntry]:
+        """Every reference whose hash starts with `prefix` (after the (hash, ref_id) `after`)."""
+        return self.refs.iter_refs(prefix, after=after)
 
     def ref_digests(self, prefixes: list[bytes]) -> list[bytes]:
         """The digest of the references under each prefix (blocking: `RefTable.digests`)."""

@@ -269,15 +269,27 @@ class RefTable:
                 break
             yield _decode_ref(key, value)
 
-    def iter_refs(self, prefix: bytes = b"") -> Iterator[RefEntry]:
-        """Every reference whose hash starts with `prefix` (one byte = one partition)."""
+    def iter_refs(self, prefix: bytes = b"", *,
+                  after: tuple[bytes, str] | None = None) -> Iterator[RefEntry]:
+        """Every reference whose hash starts with `prefix` (one byte = one partition).
+
+        In key order, (hash, ref_id as UTF-8 bytes); with `after` = (hash, ref_id),
+        only those that come strictly after it (a page cursor).
+        """
+        start = prefix
+        skip = None
+        if after is not None:
+            skip = _ref_key(*after)
+            start = max(start, skip)
         with self.env.read() as txn:
             cur = txn.cursor(db=self.refs_db)
-            if not cur.set_range(prefix):
+            if not cur.set_range(start):
                 return
             for key, value in cur:
                 if not key.startswith(prefix):
                     break
+                if key == skip:
+                    continue
                 yield _decode_ref(key, value)
 
     def iter_rc(self) -> Iterator[tuple[bytes, RcEntry]]:

@@ -114,7 +114,7 @@ class InProcessCluster:
 
     async def resync_all(self) -> dict[str, int]:
         """One resync `run_once` on every running node."""
-        return {nid: await n.background.resync.run_once() for nid, n in self.nodes.items()}
+        return {nid: await n.resync.run_once() for nid, n in self.nodes.items()}
 
 
 @asynccontextmanager

@@ -66,6 +66,20 @@ def test_scrub_block_worker_repair_commands(one, tmp_path):
     assert {"resync", "scrub", "repair", "anti-entropy"} <= set(workers)
     assert workers["resync"]["workers"] == 3 and workers["resync"]["tranquility"] == 0.5
     assert "queue_length" in workers["resync"]
+    assert workers["resync"]["settings"] == {"resync-workers": 3, "resync-tranquility": 0.5}
+    text = ok("worker", "list", config=one).decode()
+    assert "resync-workers=3" in text and "scrub-tranquility=" in text
+    got = json.loads(ok("worker", "get", "--json", config=one))
+    assert {s["name"] for s in got} == {
+        "resync-workers", "resync-tranquility", "scrub-tranquility", "rebalance-tranquility"}
+    assert ok("worker", "get", "resync-workers", config=one).decode().startswith("resync-workers = 3")
+    for args in (("set", "no-such", "1"), ("set", "resync-workers", "inf"),
+                 ("set", "scrub-tranquility", "fast"), ("get", "no-such")):
+        r = cli("worker", *args, config=one)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and err.count("\n") == 1, (args, err)
+        if "no-such" in args:
+            assert "valid settings: resync-workers, resync-tranquility, scrub-tranquility" in err
 
     out = ok("repair", "--wait", "--rc", config=one).decode()
     assert "repair done" in out

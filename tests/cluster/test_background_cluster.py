@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from blocknode import fastpath
@@ -72,11 +73,11 @@ async def test_node_down_during_writes_catches_up(tmp_path):
                 await c.ref(hashes[1].hex(), "second")
             n3 = await cl.start("node3")
             assert not any(n3.blocks.exists(h) for h in hashes)
-            stats = await n3.background.anti_entropy.run_round()
+            stats = await n3.anti_entropy.run_round()
             assert sorted(stats["peers_ok"]) == ["node1", "node2"] and stats["merged_here"] == 5
             assert n3.meta.rc_get(hashes[1]).count == 2
             cl.clock.advance(2 * 3.0 + 1)  # the incref checks are due
-            await n3.background.resync.run_once()
+            await n3.resync.run_once()
             for h, d in zip(hashes, datas, strict=True):
                 assert await n3.blocks.read(h) == d
             assert n3.meta.errors_list() == []
@@ -96,7 +97,7 @@ async def test_corrupted_block_found_by_scrub_and_restored_from_peer(tmp_path):
                 byte = f.read(1)
                 f.seek(1234)
                 f.write(bytes([byte[0] ^ 1]))
-            scrub = n2.background.scrub
+            scrub = n2.scrub
             await scrub.start(0)
             await scrub.run_to_completion()
             assert scrub.status()["corruptions"] == 1
@@ -108,7 +109,7 @@ async def test_corrupted_block_found_by_scrub_and_restored_from_peer(tmp_path):
             assert len(bad) == len(data) and bad != data and bad[1234] == byte[0] ^ 1
             # Due now (no clock advance needed). run_once processes it, or waits for the
             # background worker that holds it, so the block is back when it returns.
-            await n2.background.resync.run_once()
+            await n2.resync.run_once()
             with open(path, "rb") as f:
                 assert f.read() == data  # byte-identical
             assert fastpath.block_hash(data) == h
@@ -213,7 +214,7 @@ async def test_peer_unreachable_deletable_block_is_not_deleted(tmp_path):
                 assert err is not None and err.count == 1 and "node3" in err.message
             # node3 comes back: anti-entropy brings it the deletion, then GC completes.
             n3 = await cl.start("node3")
-            await n3.background.anti_entropy.run_round()
+            await n3.anti_entropy.run_round()
             assert n3.meta.rc_get(h).is_zero()
             cl.clock.advance(GC_DELAY + 11)
             await cl.resync_all()
@@ -240,14 +241,14 @@ async def test_repair_after_losing_the_metadata_keeps_every_block(tmp_path, capl
                 node = await cl.start("node1")
             warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
             assert any("metadata" in w and "empty" in w and "3 block files" in w for w in warnings)
-            await node.background.repair.repair()
-            await node.background.resync.run_once()
+            await node.repair.repair()
+            await node.resync.run_once()
             for h in held:  # each got the grace period, not a deletion
                 assert node.blocks.exists(h)
                 assert node.meta.rc_get(h).state == fastpath.RC_DELETABLE
             cl.clock.advance(GC_DELAY + 11)
-            await node.background.repair.repair()
-            await node.background.resync.run_once()
+            await node.repair.repair()
+            await node.resync.run_once()
             for h in held:  # no other write node can confirm it is unreferenced: kept
                 assert node.blocks.exists(h)
                 assert fastpath.block_hash(await node.manager.get(h)) == h
@@ -262,9 +263,87 @@ async def test_a_write_node_deletes_a_block_without_records_only_once_its_peers_
             blk = hashed(os.urandom(50_000))
             await n1.blocks.write(blk)  # held, never referenced anywhere (e.g. an old leftover)
             await n1.meta.resync_put(blk.hash, 0)
-            await n1.background.resync.run_once()
+            await n1.resync.run_once()
             assert n1.blocks.exists(blk.hash)  # grace
             cl.clock.advance(GC_DELAY + 11)
-            await n1.background.resync.run_once()
+            await n1.resync.run_once()
             assert not n1.blocks.exists(blk.hash)
             assert n1.meta.errors_list() == []
+
+
+async def test_a_block_with_a_thousand_refs_reaches_a_node_that_was_down(tmp_path):
+    """Issue 9 C.8: popular blocks stalled anti-entropy.
+
+    `ae_exchange` carried every reference of a sub-range in one message head (64 KiB
+    cap): a block with ~700+ references made the exchange fail, and the round gave up
+    every later range with that peer. A block gets 1,200 references (200 of them then
+    deleted) while node3 is down; after one anti-entropy round node3 has rc = the live
+    references, and after resync a copy. `block info` and `purge` work on it too.
+    """
+    from blocknode.protocol import ADMIN_BLOCK_PURGE, block_info_all
+
+    with trio.fail_after(120):
+        async with cluster3(tmp_path) as cl:
+            await cl.stop("node3")
+            data = os.urandom(40_000)
+            ids = [f"popular-object-{i:05d}-{'x' * 40}" for i in range(1200)]
+            async with cl.client("node1") as c:
+                h = bytes.fromhex(await c.put(data, ids[0]))
+                limiter = trio.CapacityLimiter(16)
+
+                async def ref(ref_id: str, deleted: bool) -> None:
+                    async with limiter:
+                        await c.call("client_ref", {"hash": h, "ref_id": ref_id, "deleted": deleted})
+
+                async with trio.open_nursery() as nursery:
+                    for ref_id in ids[1:]:
+                        nursery.start_soon(ref, ref_id, False)
+                async with trio.open_nursery() as nursery:
+                    for ref_id in ids[1000:]:
+                        nursery.start_soon(ref, ref_id, True)
+            live = 1000
+            n3 = await cl.start("node3")
+            assert not n3.blocks.exists(h) and n3.meta.rc_get(h).count == 0
+            stats = await n3.anti_entropy.run_round()
+            assert sorted(stats["peers_ok"]) == ["node1", "node2"], stats
+            assert stats["ranges_failed"] == 0 and stats["calls"] > stats["ranges_exchanged"]
+            assert n3.meta.rc_get(h).count == live
+            assert len(n3.meta.refs_of(h)) == len(ids)
+            cl.clock.advance(2 * 3.0 + 1)  # the incref check is due
+            await n3.resync.run_once()
+            assert await n3.blocks.read(h) == data
+
+            async with cl.client("node3") as c:
+                async def call(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+                    reply, _ = await c.call(kind, fields)
+                    return reply
+
+                info = await block_info_all(call, h)
+                assert [r["ref_id"] for r in info["refs"]] == sorted(ids)
+                assert sum(not r["deleted"] for r in info["refs"]) == live and info["rc"] == live
+                reply, _ = await c.call(ADMIN_BLOCK_PURGE, {"hash": h})
+            assert reply["deleted"] == sorted(ids[:1000])
+            for nid in ("node1", "node2", "node3"):  # a write quorum has every deletion
+                n = cl.nodes[nid]
+                while n.meta.rc_get(h).count != 0:
+                    await trio.sleep(0.01)
+
+
+async def test_purge_fails_rather_than_skip_a_write_node_it_cannot_read(tmp_path):
+    """Issue 9 C.8: purge skipped a write node whose references it could not read, so a
+    live reference only that node held survived (and came back everywhere)."""
+    from blocknode.protocol import ADMIN_BLOCK_PURGE
+    from blocknode.rpc.errors import RemoteCallError
+
+    with trio.fail_after(30):
+        async with cluster3(tmp_path) as cl:
+            async with cl.client("node1") as c:
+                h = bytes.fromhex(await c.put(os.urandom(1000), "obj"))
+            await settled(cl, [h])
+            await cl.stop("node3")
+            async with cl.client("node1") as c:
+                with pytest.raises(RemoteCallError) as e:
+                    await c.call(ADMIN_BLOCK_PURGE, {"hash": h})
+            assert "node3" in e.value.message and "nothing was deleted" in e.value.message
+            for nid in ("node1", "node2"):
+                assert cl.nodes[nid].meta.rc_get(h).count == 1

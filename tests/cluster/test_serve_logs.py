@@ -59,7 +59,7 @@ def test_text_log_lines_carry_time_level_and_node(tmp_path):
     bad = [line for line in lines if not TEXT_LINE.match(line)]
     assert not bad, bad
     assert any(re.search(r" INFO node1 blocknode\.serve: .*listening on 127\.0\.0\.1:\d+", x) for x in lines)
-    assert any(" INFO node1 blocknode.scrub: scrub complete: 1 blocks checked, 0 corrupt" in x for x in lines)
+    assert any(" INFO node1 blocknode.workers.scrub: scrub complete: 1 blocks checked, 0 corrupt" in x for x in lines)
     assert any(x.endswith("blocknode.serve: SIGTERM: shutting down") for x in lines)
     assert lines[-1].endswith("blocknode.serve: stopped")
     # nothing per request at INFO: the put and the scrub command left no line of their own
@@ -74,7 +74,7 @@ def test_json_log_format_gives_one_object_per_line(tmp_path):
         assert {"time", "level", "node", "logger", "message"} <= obj.keys(), obj
         assert obj["node"] == "node1"
     messages = [(o["level"], o["logger"], o["message"]) for o in objs]
-    assert ("INFO", "blocknode.scrub", "scrub complete: 1 blocks checked, 0 corrupt") in messages
+    assert ("INFO", "blocknode.workers.scrub", "scrub complete: 1 blocks checked, 0 corrupt") in messages
     assert objs[-1]["message"] == "stopped"
 
 

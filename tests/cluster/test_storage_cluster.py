@@ -57,12 +57,12 @@ async def test_a_corrupt_compressed_block_is_found_by_scrub_and_healed(tmp_path,
                 byte = f.read(1)
                 f.seek(len(frame) // 2)
                 f.write(bytes([byte[0] ^ 0x40]))
-            scrub = n2.background.scrub
+            scrub = n2.scrub
             await scrub.start(0)
             await scrub.run_to_completion()
             assert scrub.status()["corruptions"] == 1
             assert os.path.exists(path + ".corrupted")
-            await n2.background.resync.run_once()
+            await n2.resync.run_once()
             with open(path, "rb") as f:
                 assert f.read() == frame  # the stored form came back, not re-compressed
             assert await n2.blocks.read(h) == data
@@ -102,7 +102,7 @@ async def test_an_unmounted_data_dir_is_out_of_service_and_its_blocks_come_back(
                 while n1.rebalance.status()["refetch_queued"] < len(on_b):
                     await trio.sleep(0.01)
             assert n1.rebalance.status()["refetch_queued"] == len(on_b)
-            await n1.background.resync.run_once()
+            await n1.resync.run_once()
             for h, d in zip(hashes, datas, strict=True):
                 assert await n1.blocks.read(h) == d
             assert not list(b.iterdir())

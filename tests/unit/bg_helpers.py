@@ -90,10 +90,11 @@ class FakeNode:
     def __init__(self, cluster: FakeCluster, node_id: str, root: str) -> None:
         self.node_id = node_id
         self.root = root
+        self.ctx = NodeContext(now_ms=cluster.clock)
         self.files = BlockFiles(os.path.join(root, "data"), fsync=False)
         self.meta = MetadataStore(os.path.join(root, "meta"), map_size=1 << 26, sync=False,
                                   gc_delay_ms=cluster.gc_delay_ms, incref_resync_delay_ms=60_000,
-                                  ctx=NodeContext(now_ms=cluster.clock))
+                                  ctx=self.ctx)
         self.blocks = LocalBlocks(self.files, self.meta, cluster.inline_threshold)
         self.net = FakeNet(cluster, node_id)
         self.manager = BlockManager(node_id=node_id, layout=cluster.layout, net=self.net,

@@ -7,16 +7,16 @@ import trio
 from bg_helpers import FakeCluster, block
 from storage_helpers import add_ref, del_ref
 
-from blocknode.anti_entropy import AntiEntropy
 from blocknode.errors import ProtocolError
-from blocknode.resync import Resync
+from blocknode.workers.anti_entropy import AntiEntropy
+from blocknode.workers.resync import Resync
 
 
 @pytest.fixture
 def cluster(tmp_path):
     c = FakeCluster(str(tmp_path), n=2, rf=2)
     for nid in c.nodes:
-        ae = AntiEntropy(c[nid].manager, rpc_timeout=5)
+        ae = AntiEntropy(c[nid].manager, c[nid].ctx, rpc_timeout=5)
         c[nid].ae = ae
         for kind, h in ae.handlers().items():
             c[nid].register(kind, h)
@@ -84,7 +84,7 @@ async def test_catching_up_node_fetches_newly_referenced_block(cluster):
         await n1.ae.run_round()
         assert n1.meta.rc_get(h).count == 1
         cluster.clock.advance(61)  # the incref check is due
-        await Resync(n1.manager).run_once()
+        await Resync(n1.manager, n1.ctx).run_once()
         assert await n1.blocks.read(h) == data
 
 
@@ -99,3 +99,46 @@ async def test_malformed_exchange_is_refused(cluster):
         await cluster["n1"].ae.handle_exchange("n2", {"prefix": b"\x01", "refs": [[b"x", "r", 0, 1]]}, None)
     with pytest.raises(ProtocolError):
         await cluster["n1"].ae.handle_digests("n2", {"prefixes": [b""]}, None)
+
+
+async def test_large_ranges_are_exchanged_in_pages_both_ways(cluster, monkeypatch):
+    # Issue 9 C.8: a range is exchanged a page at a time, whichever side holds more.
+    from blocknode.workers import anti_entropy
+
+    monkeypatch.setattr(anti_entropy, "PAGE_BYTES", 1500)  # ~20 rows a page
+    with trio.fail_after(20):
+        m1, m2 = cluster["n1"].meta, cluster["n2"].meta
+        h = block(100)[0]
+        other = h[:2] + bytes(30)  # same two-byte sub-range, another block
+        for i in range(150):
+            await add_ref(m1, h, f"one-{i:04d}", 100 + i)
+        for i in range(400):
+            await add_ref(m2, h, f"two-{i:04d}", 100 + i)
+        for i in range(0, 150, 3):  # newer versions of some of n1's refs on n2
+            await del_ref(m2, h, f"one-{i:04d}", 1000)
+        await add_ref(m2, other, "x", 5)
+        stats = await cluster["n1"].ae.run_round()
+        assert stats["peers_ok"] == ["n2"] and stats["ranges_failed"] == 0
+        assert stats["ranges_exchanged"] == 1 and stats["calls"] >= 20
+        assert refs_of(m1) == refs_of(m2) and len(refs_of(m1)) == 551
+        assert m1.rc_get(h).count == m2.rc_get(h).count == 150 - 50 + 400
+        stats = await cluster["n2"].ae.run_round()
+        assert stats["partitions_differing"] == 0
+
+
+async def test_paged_exchange_refuses_entries_outside_its_window(cluster):
+    ae = cluster["n1"].ae
+    h = block(100)[0]
+    row = [h, "r", False, 5]
+    with pytest.raises(ProtocolError):  # `until` before the entry
+        await ae.handle_exchange("n2", {"prefix": h[:2], "refs": [row], "paged": True,
+                                        "after": None, "until": [h, "a"]}, None)
+    with pytest.raises(ProtocolError):  # `after` the entry
+        await ae.handle_exchange("n2", {"prefix": h[:2], "refs": [row], "paged": True,
+                                        "after": [h, "s"], "until": None}, None)
+    with pytest.raises(ProtocolError):  # a bound outside the prefix
+        await ae.handle_exchange("n2", {"prefix": h[:2], "refs": [], "paged": True,
+                                        "after": [bytes(32), "s"], "until": None}, None)
+    reply, _ = await ae.handle_exchange("n2", {"prefix": h[:2], "refs": [row], "paged": True,
+                                               "after": [h, "q"], "until": [h, "r"]}, None)
+    assert reply == {"refs": [], "changed": 1, "until": [h, "r"]}

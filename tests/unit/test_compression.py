@@ -10,10 +10,10 @@ import zstandard
 from bg_helpers import FakeCluster
 
 from blocknode import block, fastpath
-from blocknode.context import run_in_thread
+from blocknode.context import NodeContext, run_in_thread
 from blocknode.errors import BlockCorrupted, HashMismatch, RemoteError
-from blocknode.scrub import Scrub
 from blocknode.storage.block_files import ZST_SUFFIX
+from blocknode.workers.scrub import Scrub
 
 MiB = 1024 * 1024
 
@@ -191,7 +191,7 @@ async def test_a_store_with_mixed_forms_reads_scrubs_and_keeps_its_copies(tmp_pa
         for h, d in datas.items():
             assert await n1.manager.get(h) == d
         assert n1.blocks.count() == len(datas) and sorted(n1.blocks.walk()) == sorted(datas)
-        scrub = Scrub(n1.manager, tranquility=0)
+        scrub = Scrub(n1.manager, NodeContext(), tranquility=0)
         await scrub.start()
         await scrub.run_to_completion()
         assert scrub.status()["blocks_checked"] == len(datas)

@@ -18,7 +18,7 @@ from blocknode.errors import BlockNotFound, ConfigError
 from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore, RefEntry
 from blocknode.storage.block_files import MARKER_NAME, PARTITION_BYTES, Written
 from blocknode.storage.local_blocks import DATA_DIRS_KEY
-from blocknode.storage.rebalance import Rebalance
+from blocknode.workers.rebalance import Rebalance
 
 # ------------------------------------------------------------------ config
 

@@ -218,4 +218,4 @@ def test_protocol_imports_only_the_error_vocabulary_and_the_fast_path() -> None:
     tree = ast.parse(inspect.getsource(protocol))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert imported == {"__future__", "typing", "blocknode", "blocknode.errors"}
+    assert imported == {"__future__", "collections.abc", "typing", "blocknode", "blocknode.errors"}

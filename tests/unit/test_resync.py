@@ -9,10 +9,10 @@ from bg_helpers import FakeCluster, block
 from storage_helpers import add_ref, del_ref, incref
 
 from blocknode import fastpath
-from blocknode.anti_entropy import AntiEntropy
 from blocknode.context import NodeContext
-from blocknode.resync import Resync
 from blocknode.storage import MetadataStore
+from blocknode.workers.anti_entropy import AntiEntropy
+from blocknode.workers.resync import Resync
 
 GC_MS = 600_000
 
@@ -25,7 +25,7 @@ def cluster(tmp_path):
 
 
 def resync_of(cluster: FakeCluster, nid: str, **kw) -> Resync:
-    return Resync(cluster[nid].manager, need_block_timeout=1.0, **kw)
+    return Resync(cluster[nid].manager, cluster[nid].ctx, need_block_timeout=1.0, **kw)
 
 
 async def test_absent_and_needed_block_is_fetched(cluster):
@@ -81,7 +81,7 @@ async def test_write_node_behind_on_references_merges_them_instead_of_deleting(c
     # a lost LMDB): n1 must keep its copy and take the reference (S3).
     with trio.fail_after(10):
         for nid in ("n1", "n2", "n3"):
-            ae = AntiEntropy(cluster[nid].manager, interval=600, rpc_timeout=5)
+            ae = AntiEntropy(cluster[nid].manager, cluster[nid].ctx, interval=600, rpc_timeout=5)
             for kind, handler in ae.handlers().items():
                 cluster[nid].register(kind, handler)
         h, data = block(3000)
@@ -206,7 +206,7 @@ async def test_layout_change_block_offloaded_to_write_nodes_then_deleted(tmp_pat
             for o in owners:
                 await add_ref(c[o].meta, h, "obj")
             await c[stranger].meta.resync_put(h, 0)
-            r = Resync(c[stranger].manager, need_block_timeout=1.0)
+            r = Resync(c[stranger].manager, c[stranger].ctx, need_block_timeout=1.0)
             await r.run_once()
             assert c[stranger].blocks.exists(h)  # no RC record here: a grace period first
             c.clock.advance(GC_MS / 1000 + 11)
@@ -252,7 +252,7 @@ async def test_workers_process_each_block_once_and_settings_persist(cluster, tmp
             await n1.meta.resync_put_many([h for h, _ in blocks], 0)  # wakes the workers
             while n1.meta.counts()["resync_queue"]:
                 await r.progress.wait()
-            assert len([s for s in r.status.values()]) == 4
+            assert len(r.worker_states) == 4
             nursery.cancel_scope.cancel()
         assert overlaps == []
         for h, _ in blocks:
@@ -309,7 +309,7 @@ async def test_worker_sleeps_until_due_time_with_mock_clock(tmp_path, mock_clock
     try:
         c = FakeCluster(str(tmp_path / "c"), n=1, rf=1)
         c["n1"].manager.meta = meta
-        r = Resync(c["n1"].manager, tranquility=0)
+        r = Resync(c["n1"].manager, c["n1"].ctx, tranquility=0)
         r.meta = meta
         handled: list[tuple[bytes, float]] = []
 
@@ -338,7 +338,7 @@ async def test_worker_sleeps_until_due_time_with_mock_clock(tmp_path, mock_clock
 
 
 async def test_repair_queues_referenced_and_local_blocks(cluster):
-    from blocknode.repair import Repair
+    from blocknode.workers.repair import Repair
 
     with trio.fail_after(10):
         n1 = cluster["n1"]
@@ -349,7 +349,7 @@ async def test_repair_queues_referenced_and_local_blocks(cluster):
         await n1.blocks.write(sdata)  # held, never referenced
         await n1.meta.resync_complete(n1.meta.resync_due(now_ms=2**62)[0][0])  # lose the queue entry
         assert n1.meta.counts()["resync_queue"] == 0
-        rep = Repair(n1.meta, n1.blocks, batch=1)
+        rep = Repair(n1.meta, n1.blocks, n1.ctx, batch=1)
         st = await rep.repair()
         assert st["state"] == "idle" and st["queued"] == 2 and st["error"] is None
         assert n1.meta.state_get("repair")["queued"] == 2
@@ -363,8 +363,8 @@ async def test_repair_queues_referenced_and_local_blocks(cluster):
 
 async def test_repair_rc_recalculates_from_refs(cluster):
     from blocknode import fastpath
-    from blocknode.repair import Repair
     from blocknode.storage import RcEntry, RefEntry
+    from blocknode.workers.repair import Repair
 
     with trio.fail_after(10):
         m = cluster["n1"].meta
@@ -381,7 +381,32 @@ async def test_repair_rc_recalculates_from_refs(cluster):
             got += batch
             after = batch[-1]
         assert got == sorted([*hs[:4], hs[5], hs[6]])
-        st = await Repair(m, cluster["n1"].blocks, batch=3).repair(rc=True)
+        st = await Repair(m, cluster["n1"].blocks, cluster["n1"].ctx, batch=3).repair(rc=True)
         assert st["rc_recalculated"] == 6
         assert m.rc_get(hs[0]) == RcEntry(fastpath.RC_PRESENT, 2)
         assert m.rc_get(hs[5]).is_zero()
+
+
+async def test_repair_whose_state_cannot_be_saved_reports_it_and_goes_on(cluster, monkeypatch):
+    # Issue 9 A.3: Repair saved its state outside its try: a failing save (a full
+    # metadata store) escaped the worker and stopped the node.
+    from blocknode.errors import MetadataFull
+    from blocknode.workers.repair import Repair
+
+    n1 = cluster["n1"]
+    rep = Repair(n1.meta, n1.blocks, n1.ctx)
+    real = n1.meta.state_set
+    fails = [2]
+
+    async def state_set(name: str, value: object) -> None:
+        if fails[0]:
+            fails[0] -= 1
+            raise MetadataFull("the metadata store is full")
+        await real(name, value)
+
+    monkeypatch.setattr(n1.meta, "state_set", state_set)
+    st = await rep.repair()  # both saves fail: reported, not raised
+    assert st["state"] == "idle" and "full" in st["error"] and rep.supervisor.errors == 2
+    st = await rep.repair()
+    assert st["state"] == "idle" and st["error"] is None
+    assert n1.meta.state_get("repair")["state"] == "idle"

@@ -10,8 +10,8 @@ import trio.testing
 from bg_helpers import FakeCluster, block
 from storage_helpers import add_ref
 
-from blocknode.resync import Resync
-from blocknode.scrub import IDLE, PAUSED, RUNNING, Scrub
+from blocknode.workers.resync import Resync
+from blocknode.workers.scrub import IDLE, PAUSED, RUNNING, Scrub
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
         victim, good = shared[2]
         path = n1.files.path(victim)
         flip_byte(path)
-        s = Scrub(n1.manager, tranquility=0)
+        s = Scrub(n1.manager, n1.ctx, tranquility=0)
         await s.start()
         await s.run_to_completion()
         st = s.status()
@@ -57,7 +57,7 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
         assert os.path.exists(path + ".corrupted") and not n1.blocks.exists(victim)
         due = n1.meta.resync_due()
         assert victim in [h for _, h in due]  # queued at once
-        await Resync(n1.manager).run_once()
+        await Resync(n1.manager, n1.ctx).run_once()
         with open(path, "rb") as f:
             assert f.read() == good  # byte-identical copy from a peer
 
@@ -65,7 +65,7 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
 async def test_pause_resume_cancel(cluster):
     with trio.fail_after(10):
         await fill(cluster, "n1", 20)
-        s = Scrub(cluster["n1"].manager, tranquility=0, batch=5)
+        s = Scrub(cluster["n1"].manager, cluster["n1"].ctx, tranquility=0, batch=5)
         await s.start()
         assert await s.step() == 5
         await s.pause()
@@ -88,7 +88,7 @@ async def test_worker_obeys_pause_and_resume(cluster):
     with trio.fail_after(10):
         await fill(cluster, "n1", 30)
         n1 = cluster["n1"]
-        s = Scrub(n1.manager, tranquility=0, batch=3)
+        s = Scrub(n1.manager, n1.ctx, tranquility=0, batch=3)
         async with trio.open_nursery() as nursery:
             await nursery.start(n1.meta.run_writer)
             nursery.start_soon(s.run)
@@ -111,7 +111,7 @@ async def test_scrub_interrupted_by_restart_resumes_from_its_position(tmp_path):
     root = str(tmp_path)
     c = FakeCluster(root, n=1, rf=1)
     await fill(c, "n1", 25)
-    s = Scrub(c["n1"].manager, tranquility=0, batch=10)
+    s = Scrub(c["n1"].manager, c["n1"].ctx, tranquility=0, batch=10)
     await s.start()
     assert await s.step() == 10
     pos = s.status()["position"]
@@ -127,7 +127,7 @@ async def test_scrub_interrupted_by_restart_resumes_from_its_position(tmp_path):
             return await real(h)
 
         c2["n1"].manager.read_local = spy  # type: ignore[method-assign]
-        s2 = Scrub(c2["n1"].manager, tranquility=0, batch=10)
+        s2 = Scrub(c2["n1"].manager, c2["n1"].ctx, tranquility=0, batch=10)
         assert s2.status()["state"] == RUNNING and s2.status()["position"] == pos
         await s2.run_to_completion()
         assert len(seen) == 15 and min(seen).hex() > pos  # nothing checked twice
@@ -140,7 +140,7 @@ async def test_periodic_scrub_starts_when_next_run_has_passed(cluster):
     with trio.fail_after(10):
         await fill(cluster, "n1", 4)
         n1 = cluster["n1"]
-        s = Scrub(n1.manager, tranquility=0, interval=3600)
+        s = Scrub(n1.manager, n1.ctx, tranquility=0, interval=3600)
         async with trio.open_nursery() as nursery:
             await nursery.start(n1.meta.run_writer)
             nursery.start_soon(s.run)
@@ -156,8 +156,85 @@ async def test_periodic_scrub_starts_when_next_run_has_passed(cluster):
 
 
 async def test_tranquility_is_validated_and_persisted(cluster):
-    s = Scrub(cluster["n1"].manager, tranquility=4)
+    s = Scrub(cluster["n1"].manager, cluster["n1"].ctx, tranquility=4)
     with pytest.raises(ValueError):
         await s.set_tranquility(-1)
     await s.set_tranquility(7)
-    assert Scrub(cluster["n1"].manager).status()["tranquility"] == 7
+    assert Scrub(cluster["n1"].manager, cluster["n1"].ctx).status()["tranquility"] == 7
+
+
+async def test_cancel_then_start_at_once_checks_every_block(cluster):
+    """Issue 9 C.13: `scrub start`, `cancel`, `start` at once: the new run skipped blocks.
+
+    The old run's step sleeps in its throttle (tranquility) with a stale batch in
+    hand; when it woke it went on with that batch under the new run, moved the new
+    run's position past blocks it never checked, and let the new run complete early.
+    Each run has an identity now: the stale step does nothing more.
+    """
+    with trio.fail_after(20):
+        blocks = await fill(cluster, "n1", 61, size=100)
+        n1 = cluster["n1"]
+        ticks = [0.0]
+
+        def slow_clock() -> float:  # every block seems to take 10 ms: rest 20 x 10 ms after it
+            ticks[0] += 0.01
+            return ticks[0]
+
+        s = Scrub(n1.manager, n1.ctx, tranquility=20, batch=64, clock=slow_clock)
+        restarted = [False]
+        after_restart: list[bytes] = []
+        real = n1.manager.read_local
+
+        async def spy(h: bytes) -> bytes:
+            if restarted[0]:
+                after_restart.append(h)
+            return await real(h)
+
+        n1.manager.read_local = spy  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(n1.meta.run_writer)
+            nursery.start_soon(s.run)
+            await s.start()
+            while s.st["blocks_checked"] < 2:  # the old step is in its rest, batch in hand
+                await trio.sleep(0.001)
+            await s.cancel()
+            await s.start(0)
+            restarted[0] = True
+            while s.status()["state"] != IDLE:
+                await s.changed.wait()
+            nursery.cancel_scope.cancel()
+        st = s.status()
+        assert st["blocks_checked"] == 61 and st["progress"] == 1.0
+        assert sorted(after_restart) == sorted(h for h, _ in blocks)  # each once, none skipped
+
+
+async def test_scrub_worker_survives_a_failing_state_save(cluster, monkeypatch):
+    # Issue 9 A.3: the idle branch of Scrub.run saved its state outside any try: a
+    # failing save escaped the worker and stopped the node.
+    from blocknode.errors import MetadataFull
+
+    with trio.fail_after(10):
+        await fill(cluster, "n1", 3)
+        n1 = cluster["n1"]
+        s = Scrub(n1.manager, n1.ctx, tranquility=0)
+        s.supervisor.base_s = 0.01
+        real = n1.meta.state_set
+        fails = [1]
+
+        async def state_set(name: str, value: object) -> None:
+            if fails[0]:
+                fails[0] -= 1
+                raise MetadataFull("the metadata store is full")
+            await real(name, value)
+
+        monkeypatch.setattr(n1.meta, "state_set", state_set)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(n1.meta.run_writer)
+            nursery.start_soon(s.run)
+            while s.supervisor.errors < 1:  # its first save (next_run) failed
+                await trio.sleep(0.01)
+            await s.start()  # the worker is still there to run it
+            while s.status()["state"] != IDLE:
+                await s.changed.wait()
+            nursery.cancel_scope.cancel()
+        assert s.status()["blocks_checked"] == 3 and s.supervisor.errors == 1

@@ -41,10 +41,12 @@ from typing import Any
 
 import trio
 
+from blocknode.context import NodeContext
 from blocknode.errors import BlocknodeError, RemoteProtocolError
 from blocknode.notify import Notify
 from blocknode.storage.local_blocks import LocalBlocks
 from blocknode.tranquilizer import Tranquilizer
+from blocknode.workers.base import Setting, Worker
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,18 @@ MIN_STEP_S = 0.005
 DEFAULT_TRANQUILITY = 1.0
 
 
-class Rebalance:
+class Rebalance(Worker):
     """The rebalance worker of one node (see module docstring)."""
 
-    def __init__(self, blocks: LocalBlocks, *, tranquility: float = DEFAULT_TRANQUILITY,
+    name = "rebalance"
+
+    def __init__(self, blocks: LocalBlocks, ctx: NodeContext | None = None, *,
+                 tranquility: float = DEFAULT_TRANQUILITY,
                  batch: int = BATCH, clock: Callable[[], float] | None = None) -> None:
+        super().__init__(ctx or NodeContext())
+        self._tranquility_setting = Setting(
+            "rebalance-tranquility", float, 0, math.inf, lambda: self.st["tranquility"],
+            self._apply_tranquility, help="rest this many times the step time after each block")
         self.blocks = blocks
         self.files = blocks.files
         self.meta = blocks.meta
@@ -78,7 +87,15 @@ class Rebalance:
         """Notified on every state change, after every batch and when a directory fails."""
         self._step_lock = trio.Lock()
 
-    # ------------------------------------------------------------ status
+    # ------------------------------------------------------------ settings and status
+
+    def settings(self) -> tuple[Setting, ...]:
+        """``rebalance-tranquility``."""
+        return (self._tranquility_setting,)
+
+    async def _apply_tranquility(self, value: float) -> None:
+        self.st["tranquility"] = float(value)
+        await self._save()
 
     def status(self) -> dict[str, Any]:
         """The rebalance state (plain values; `repair rebalance --wait` polls it)."""
@@ -223,22 +240,21 @@ class Rebalance:
         try:
             while True:
                 seen = self.changed.snapshot()
-                try:
-                    if self.files.refetch_pending:
-                        await self.refetch()
-                        continue
-                    if self.st["state"] == RUNNING:
-                        await self.step(tranquilizer=tranquilizer)
-                        continue
-                except (BlocknodeError, OSError) as exc:
-                    self.st["error"] = str(exc)
-                    log.error("rebalance step failed: %s (retrying in 10 s)", exc)
-                    await trio.sleep(10.0)
+                if self.files.refetch_pending:
+                    await self.supervisor.step(self.refetch, about="refetch")
+                    continue
+                if self.st["state"] == RUNNING:
+                    if not await self.supervisor.step(self._run_step, tranquilizer,
+                                                      about=lambda: f"dir {self.st['dir']}"):
+                        self.st["error"] = self.supervisor.last_error
                     continue
                 tranquilizer.reset()
                 await self.changed.wait(seen)
         finally:
             self.files.on_failure = None
+
+    async def _run_step(self, tranquilizer: Tranquilizer) -> None:
+        await self.step(tranquilizer=tranquilizer)
 
     # ------------------------------------------------------------ admin RPC
 

@@ -29,12 +29,20 @@ the entry requeued at the next try; success clears the record. An entry whose
 block is still backing off is pushed to its next try without work (`block
 retry-now` clears the backoff).
 
-`n` worker tasks (`resync_workers`, changeable at runtime and persisted in the
-`state` table) sleep until the next due entry or until `meta.resync_notify`
-fires (sequence-numbered: a commit between a worker's look at the queue and
-its wait still wakes it); they claim a block through an in-memory in-progress
-set, so two workers never handle the same block at once. A `Tranquilizer`
-rests between steps. `run_once` processes everything due now (tests, `admin_resync_run_once`).
+Any exception from one block's resync — a peer down, or a bug tripped by that
+block — moves its entry aside the same way (errors table, backoff), so a bad
+entry is never retried in a tight loop and never stops the node. Each worker
+step (claim an entry, handle it, rest) runs under the worker's `Supervisor`,
+which also catches what escapes a step (e.g. the metadata store failing) and
+backs off.
+
+`n` worker tasks (setting ``resync-workers``, persisted in the `state` table)
+sleep until the next due entry or until `meta.resync_notify` fires
+(sequence-numbered: a commit between a worker's look at the queue and its wait
+still wakes it); they claim a block through an in-memory in-progress set, so
+two workers never handle the same block at once. A `Tranquilizer` rests
+between steps (setting ``resync-tranquility``). `run_once` processes everything
+due now (tests, `admin_resync_run_once`).
 """
 
 from __future__ import annotations
@@ -47,13 +55,15 @@ from typing import Any
 import trio
 
 from blocknode import block
-from blocknode.anti_entropy import refs_from_wire
+from blocknode.context import NodeContext
 from blocknode.errors import BlocknodeError, RpcError
 from blocknode.manager import BlockManager
 from blocknode.notify import Notify
 from blocknode.rpc.wire import PRIO_BACKGROUND
 from blocknode.storage.resync_queue import RETRY_MAX_MS
 from blocknode.tranquilizer import Tranquilizer
+from blocknode.workers.anti_entropy import exchange_range
+from blocknode.workers.base import Setting, Worker
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +82,22 @@ class ResyncError(BlocknodeError):
 
 
 
-
-class Resync:
+class Resync(Worker):
     """The resync queue processor of one node (see module docstring)."""
+
+    name = "resync"
 
     def __init__(
         self,
         manager: BlockManager,
+        ctx: NodeContext,
         *,
         need_block_timeout: float = 5.0,
         workers: int = 1,
         tranquility: float = 2.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        super().__init__(ctx)
         self.manager = manager
         self.meta = manager.meta
         self.blocks = manager.blocks
@@ -100,36 +113,51 @@ class Resync:
         """Notified after every processed entry (tests wait on it instead of sleeping)."""
         self._nursery: trio.Nursery | None = None
         self._running: set[int] = set()
-        self.status: dict[int, str] = {}
+        self.worker_states: dict[int, str] = {}
         self.done = 0
         self.failed = 0
+        self._workers_setting = Setting(
+            "resync-workers", int, 1, MAX_WORKERS, lambda: self.workers, self._apply_workers,
+            help="resync worker tasks (takes effect at once)")
+        self._tranquility_setting = Setting(
+            "resync-tranquility", float, 0, math.inf, lambda: self.tranquility,
+            self._apply_tranquility, help="rest this many times the step time after each block")
 
     # ------------------------------------------------------------ settings
 
-    async def set_workers(self, n: int) -> None:
-        """Change the number of workers (persisted); takes effect at once."""
-        if not 1 <= n <= MAX_WORKERS:
-            raise ValueError(f"resync workers: expected 1..{MAX_WORKERS}, got {n}")
+    def settings(self) -> tuple[Setting, ...]:
+        """``resync-workers`` and ``resync-tranquility``."""
+        return self._workers_setting, self._tranquility_setting
+
+    async def set_workers(self, n: object) -> None:
+        """Change the number of workers (validated, persisted); takes effect at once."""
+        await self._workers_setting.set(n)
+
+    async def set_tranquility(self, t: object) -> None:
+        """Change the tranquility (validated, persisted)."""
+        await self._tranquility_setting.set(t)
+
+    async def _apply_workers(self, n: int) -> None:
         await self.meta.state_set(STATE_WORKERS, n)
         self.workers = n
         self._spawn_missing()
         self._wake.notify()
 
-    async def set_tranquility(self, t: float) -> None:
-        """Change the tranquility (persisted)."""
-        if not (isinstance(t, int | float) and t >= 0 and math.isfinite(t)):
-            raise ValueError(f"resync tranquility: expected a number >= 0, got {t!r}")
-        await self.meta.state_set(STATE_TRANQUILITY, float(t))
-        self.tranquility = float(t)
+    async def _apply_tranquility(self, t: float) -> None:
+        await self.meta.state_set(STATE_TRANQUILITY, t)
+        self.tranquility = t
 
     # ------------------------------------------------------------ workers
 
     async def run(self) -> None:
-        """Run the workers for the node's whole life (a `Node.add_worker` task)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._spawn_missing()
-            await trio.sleep_forever()
+        """Run the worker tasks for the node's whole life."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._spawn_missing()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
 
     def _spawn_missing(self) -> None:
         if self._nursery is None:
@@ -143,31 +171,32 @@ class Resync:
         tranquilizer = Tranquilizer(30, clock=self._clock, min_step=MIN_STEP_S)
         try:
             while i < self.workers:
-                seen = self._snapshot()  # before looking at the queue: no wake-up is lost
-                entry = self._claim()
-                if entry is None:
-                    self.status[i] = "idle"
-                    tranquilizer.reset()
-                    await self._wait_for_work(seen)
-                    continue
-                key, h = entry
-                self.status[i] = f"busy {h.hex()[:16]}"
-                tranquilizer.begin()
-                try:
-                    await self._process_claimed(key, h)
-                except (BlocknodeError, OSError) as exc:
-                    # e.g. the metadata store failed: the entry stays queued; keep the node up.
-                    log.error("resync worker %d: %s (entry kept)", i, exc)
-                    await trio.sleep(1.0)
-                finally:
-                    self._in_progress.discard(h)
-                    self._wake.notify()
-                    self.progress.notify()
-                self.status[i] = "resting"
-                await tranquilizer.tranquilize(self.tranquility)
+                await self.supervisor.step(self._step, i, tranquilizer,
+                                           about=lambda: f"worker {i}, {self.worker_states.get(i)}")
         finally:
             self._running.discard(i)
-            self.status.pop(i, None)
+            self.worker_states.pop(i, None)
+
+    async def _step(self, i: int, tranquilizer: Tranquilizer) -> None:
+        """One step of worker `i`: handle one due entry and rest, or wait for work."""
+        seen = self._snapshot()  # before looking at the queue: no wake-up is lost
+        entry = self._claim()
+        if entry is None:
+            self.worker_states[i] = "idle"
+            tranquilizer.reset()
+            await self._wait_for_work(seen)
+            return
+        key, h = entry
+        self.worker_states[i] = f"busy {h.hex()[:16]}"
+        tranquilizer.begin()
+        try:
+            await self._process_claimed(key, h)
+        finally:
+            self._in_progress.discard(h)
+            self._wake.notify()
+            self.progress.notify()
+        self.worker_states[i] = "resting"
+        await tranquilizer.tranquilize(self.tranquility)
 
     def _claim(self) -> tuple[bytes, bytes] | None:
         """The first due entry whose block no worker is handling; marks it in progress."""
@@ -241,9 +270,7 @@ class Resync:
             return
         try:
             await self.resync_block(h)
-        except trio.Cancelled:
-            raise
-        except (BlocknodeError, OSError) as exc:
+        except Exception as exc:  # one block's failure, whatever it is, moves it aside
             self.failed += 1
             await self._record_failure(key, h, exc)
             return
@@ -254,19 +281,22 @@ class Resync:
         await self.meta.resync_complete(key)
 
     async def _record_failure(self, key: bytes, h: bytes, exc: BaseException) -> None:
-        """Record a failed resync and push its entry to the next try.
+        """Record a failed resync and push its entry to the next try (moved aside).
 
-        Recording cannot fail on the record itself (`ResyncQueue.tx_error_record`);
-        should the metadata store fail, the entry still moves to the longest
-        backoff, so one block is never retried in a tight loop.
+        The failure is counted by the supervisor (logged with the block; with
+        its traceback if it is not an expected error). Recording cannot fail on
+        the record itself (`ResyncQueue.tx_error_record`); should the metadata
+        store fail, the entry still moves to the longest backoff, so one block
+        is never retried in a tight loop. Should even that fail, the exception
+        escapes to the step's supervisor, which backs off.
         """
+        self.supervisor.record(exc, f"block {h.hex()}")
         delay = RETRY_MAX_MS / 1000
         try:
             rec = await self.meta.error_record(h, f"{type(exc).__name__}: {exc}")
             delay = max(0, rec.next_try_ms - self.meta.now_ms()) / 1000
-            log.warning("resync of %s failed (%d times, next in %.0f s): %s",
-                        h.hex(), rec.count, delay, exc)
-        except BlocknodeError as rec_exc:
+            log.info("resync of %s: %d failure(s), next try in %.0f s", h.hex(), rec.count, delay)
+        except Exception as rec_exc:  # noqa: BLE001 - the longest backoff instead
             log.error("resync of %s failed (%s); recording the failure failed too: %s",
                       h.hex(), exc, rec_exc)
         await self.meta.resync_requeue(key, delay)
@@ -349,16 +379,7 @@ class Resync:
 
     async def _pull_refs(self, h: bytes, peer: str) -> None:
         """Merge the references of one block with `peer` (an anti-entropy exchange of one hash)."""
-        ours = [[r.hash, r.ref_id, r.deleted, r.ts_ms] for r in self.meta.refs_of(h)]
-        reply, _ = await self.manager.net.call(
-            peer, "ae_exchange", {"prefix": h, "refs": ours},
-            timeout=self.manager.rpc_timeout, priority=PRIO_BACKGROUND,
-        )
-        theirs = refs_from_wire(reply.get("refs"))
-        if any(r.hash != h for r in theirs):
-            raise ResyncError(f"{peer} answered with references of other blocks")
-        if theirs:
-            await self.blocks.apply_refs(theirs)
+        await exchange_range(self.manager, self.ctx, peer, h, timeout=self.manager.rpc_timeout)
 
     async def _fetch(self, h: bytes) -> None:
         nodes = [n for n in self.manager.read_order(h) if n != self.node_id]
@@ -381,18 +402,22 @@ class Resync:
         """
         return await self.meta.retry_now([h] if h is not None else None)
 
-    def info(self) -> dict[str, Any]:
-        """Settings, queue length and worker states (for `worker list`)."""
+    def status(self) -> dict[str, Any]:
+        """State, settings, queue length and worker states (a `worker list` row).
+
+        ``errors`` is the number of blocks in the errors table.
+        """
         counts = self.meta.counts()
         return {
-            "workers": self.workers,
+            "state": "busy" if self._in_progress else "idle",
             "tranquility": self.tranquility,
+            "workers": self.workers,
             "queue_length": counts["resync_queue"],
             "errors": counts["errors"],
             "in_progress": len(self._in_progress),
             "processed": self.done,
             "failed": self.failed,
-            "worker_states": {str(i): s for i, s in sorted(self.status.items())},
+            "worker_states": {str(i): s for i, s in sorted(self.worker_states.items())},
         }
 
 

@@ -17,6 +17,11 @@ Progress is persisted under ``"repair"`` in the `state` table (``state``
 running / idle, ``phase``, ``queued``, ``rc_recalculated``, ``started``,
 ``finished``, ``error``), so the CLI can poll it. A repair interrupted by a
 restart is reported as interrupted; run it again.
+
+A repair that fails (any exception) is reported in ``error`` and counted by
+the worker's `Supervisor`; its state goes back to idle and is saved whatever
+happened (a failed save is counted too: the state in memory stays right), so
+the next request runs.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from typing import Any
 
 import trio
 
+from blocknode.context import NodeContext
 from blocknode.errors import BlocknodeError
 from blocknode.storage import LocalBlocks, MetadataStore
+from blocknode.workers.base import Worker
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +43,14 @@ STATE_KEY = "repair"
 BATCH = 1000
 
 
-class Repair:
+class Repair(Worker):
     """The repair procedure of one node (see module docstring)."""
 
-    def __init__(self, meta: MetadataStore, blocks: LocalBlocks, *, batch: int = BATCH) -> None:
+    name = "repair"
+
+    def __init__(self, meta: MetadataStore, blocks: LocalBlocks, ctx: NodeContext, *,
+                 batch: int = BATCH) -> None:
+        super().__init__(ctx)
         self.meta = meta
         self.blocks = blocks
         self.batch = batch
@@ -54,8 +65,9 @@ class Repair:
         self._requests: trio.MemorySendChannel[bool] | None = None
 
     def status(self) -> dict[str, Any]:
-        """The repair progress (for `repair --wait` and `worker list`)."""
-        return dict(self.st)
+        """The repair progress (for `repair --wait`; a `worker list` row)."""
+        return {"state": self.st["state"], "tranquility": None,
+                **{k: v for k, v in self.st.items() if k != "state"}}
 
     async def _save(self) -> None:
         await self.meta.state_set(STATE_KEY, dict(self.st))
@@ -74,16 +86,19 @@ class Repair:
         """The worker task: runs requested repairs one at a time."""
         send, recv = trio.open_memory_channel[bool](16)
         self._requests = send
-        async for rc in recv:
-            await self.repair(rc=rc)
+        try:
+            async for rc in recv:
+                await self.supervisor.step(self.repair, rc, about="repair")
+        finally:
+            self._requests = None
 
-    async def repair(self, *, rc: bool = False) -> dict[str, Any]:
+    async def repair(self, rc: bool = False) -> dict[str, Any]:
         """Run one repair now (see module docstring); returns the final status."""
         self.st.update(state="running", phase=None, rc=rc, queued=0, rc_recalculated=0,
                        started=self.meta.now_ms(), finished=None, error=None)
-        await self._save()
         log.info("repair started%s", " (with rc recalculation)" if rc else "")
         try:
+            await self._save()
             if rc:
                 self.st["phase"] = "rc"
                 await self._sweep_refs(recalculate=True)
@@ -91,11 +106,16 @@ class Repair:
             await self._sweep_refs(recalculate=False)
             self.st["phase"] = "local"
             await self._sweep_local()
-        except (BlocknodeError, OSError) as exc:
-            self.st["error"] = str(exc)
-            log.error("repair failed: %s", exc)
-        self.st.update(state="idle", phase=None, finished=self.meta.now_ms())
-        await self._save()
+        except Exception as exc:  # reported in the status; the worker goes on
+            self.st["error"] = f"{type(exc).__name__}: {exc}" if not isinstance(
+                exc, BlocknodeError | OSError) else str(exc)
+            self.supervisor.record(exc, f"repair (phase {self.st['phase']})")
+        finally:
+            self.st.update(state="idle", phase=None, finished=self.meta.now_ms())
+        try:
+            await self._save()
+        except Exception as exc:  # the state in memory is right; a restart says "interrupted"
+            self.supervisor.record(exc, "repair: saving its state")
         log.info("repair done: %d queued, %d rc recalculated", self.st["queued"],
                  self.st["rc_recalculated"])
         return self.status()
@@ -103,7 +123,7 @@ class Repair:
     async def _sweep_refs(self, *, recalculate: bool) -> None:
         after: bytes | None = None
         while True:
-            hashes = await trio.to_thread.run_sync(
+            hashes = await self.ctx.run_sync(
                 lambda a=after: self.meta.referenced_hashes(a, self.batch,
                                                             only_nonzero=not recalculate)
             )
@@ -121,7 +141,7 @@ class Repair:
     async def _sweep_local(self) -> None:
         after: bytes | None = None
         while True:
-            hashes = await trio.to_thread.run_sync(
+            hashes = await self.ctx.run_sync(
                 lambda a=after: list(itertools.islice(self.blocks.walk(start_after=a), self.batch))
             )
             if not hashes:

@@ -1,0 +1,1 @@
+"""The node's background workers: resync, scrub, repair and reference anti-entropy."""
