@@ -8,12 +8,14 @@ transaction or touches a table):
 - `resync_queue`: `ResyncQueue`, `ErrorEntry` and the backoff policy (tables `resync`, `errors`).
 - `worker_state`: `WorkerState` (table `state`).
 - `inline`: `InlineTable`, small blocks (table `blocks`).
+- `keys`: `KeyTable`, `KeyRecord`: the client keys (table `keys`).
 - `metadata`: `MetadataStore`, which composes the above (`node.meta`).
 - `block_files`: `BlockFiles`, the block files on disk.
 - `local_blocks`: `LocalBlocks`, files + inline blocks + references under each block's lock.
 """
 
 from blocknode.storage.block_files import BlockFiles
+from blocknode.storage.keys import KeyRecord, KeyTable
 from blocknode.storage.local_blocks import LocalBlocks
 from blocknode.storage.metadata import MetadataStore
 from blocknode.storage.refs import ABSENT, RcEntry, RefEntry
@@ -23,6 +25,8 @@ __all__ = [
     "ABSENT",
     "BlockFiles",
     "ErrorEntry",
+    "KeyRecord",
+    "KeyTable",
     "LocalBlocks",
     "MetadataStore",
     "RcEntry",
