@@ -156,3 +156,68 @@ async def test_connection_status_counts_refusals_and_faults() -> None:
             await a.aclose()
             await b.aclose()
             nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- per kind of peer (issue 10 part 4)
+
+
+async def test_clients_at_their_cap_and_a_handshake_flood_do_not_keep_nodes_out() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            net = RpcNetwork("n", SECRET, {}, echo, members={"n", "a"}, lookup_key=KEYS.get,
+                             limits=ConnectionLimits(max_connections=2, max_per_addr=2,
+                                                     max_handshakes=4))
+            addr = await nursery.start(net.serve, "127.0.0.1:0")
+            async with open_client(addr, KEY, timeout=5) as c1, open_client(addr, KEY, timeout=5):
+                with pytest.raises(NodeUnreachable, match="cap of 2 client connections"):
+                    async with open_client(addr, KEY, timeout=5):
+                        pass
+                idle = [await tcp(addr) for _ in range(20)]  # the handshake pool, flooded
+                await trio.testing.wait_all_tasks_blocked()
+                node_a = RpcNetwork("a", SECRET, {"n": addr}, echo)
+                await nursery.start(node_a.run)
+                fields, data = await node_a.call("n", "echo", {"x": 1}, b"replica", timeout=5)
+                assert fields == {"peer": "a", "x": 1} and data == b"replica"
+                st = net.connection_status()
+                assert (st["clients"], st["nodes"]) == (2, 1)
+                assert (await c1.call("echo", {}, timeout=5))[0]["peer"] == f"client key {KEY.id}"
+                for s in idle:
+                    await s.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_messages_from_clients_and_from_nodes_have_budgets_of_their_own() -> None:
+    from blocknode.rpc.errors import RemoteCallError
+
+    MiB = 1024 * 1024
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            net = RpcNetwork("n", SECRET, {}, echo, members={"n", "a"}, lookup_key=KEYS.get,
+                             receive_buffer_max=4 * MiB, client_receive_buffer_max=MiB + MiB // 2)
+            addr = await nursery.start(net.serve, "127.0.0.1:0")
+            # a client stops half-way through a 1 MiB message: it holds the clients' budget
+            stream = await tcp(addr)
+            hs = ClientHandshake.for_key(KEY)
+            await handshake(stream, hs)
+            sess = Session(hs.keys, decoder=hs.decoder)
+            body = encode_head(MSG_REQUEST, "echo", {}, True) + bytes(60_000)
+            header = CHUNK_HEADER.pack(FLAG_FIRST, 1, MiB)
+            frame = bytearray(len(header) + len(body) + 16)
+            frame[: len(header)] = header
+            assert sess._send_cipher is not None
+            sess._send_cipher.seal_into(header, body, memoryview(frame)[len(header):])
+            await stream.send_all(len(frame).to_bytes(4, "big") + bytes(frame))
+            await trio.testing.wait_all_tasks_blocked()
+            assert net.client_receive_budget.committed >= MiB
+            async with open_client(addr, KEY, timeout=5) as client:
+                with pytest.raises(RemoteCallError) as busy:
+                    await client.call("echo", {}, bytes(MiB), timeout=5)
+                assert busy.value.code == "busy"
+            # replication is not affected
+            node_a = RpcNetwork("a", SECRET, {"n": addr}, echo)
+            await nursery.start(node_a.run)
+            for _ in range(3):
+                assert (await node_a.call("n", "echo", {}, bytes(MiB), timeout=5))[1] == bytes(MiB)
+            assert net.receive_budget.refused == 0 and net.client_receive_budget.refused == 1
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
