@@ -240,7 +240,15 @@ class KeyService:
         its key (see module docstring); True when it made the key (`announce_admin_key`
         says so once the node runs)."""
         key = ClientKey.generate()
-        if write_key_file(path, key):
+        try:
+            made = write_key_file(path, key)
+        except OSError as exc:  # e.g. a read-only file system: the node runs on without it
+            log.warning("cannot make the admin key file %s (%s): the CLI run with this node's "
+                        "config needs another key (BLOCKNODE_KEY or client_key_file); set "
+                        "admin_key_file to a file you made (see deploy/README.md)", path,
+                        exc.strerror or exc)
+            return False
+        if made:
             now = self.now_ms()
             await self.apply([KeyRecord(key.id, now, False, f"admin@{self.node_id}", PERMISSIONS,
                                         key.verifier, now)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,13 @@ import trio
 from blocknode import fastpath
 from blocknode.auth import load_client_key, required_permission
 from blocknode.client import Client, open_client
-from blocknode.errors import AuthenticationError, Forbidden, NodeUnreachable, RemoteError
+from blocknode.errors import (
+    AuthenticationError,
+    ConfigError,
+    Forbidden,
+    NodeUnreachable,
+    RemoteError,
+)
 from blocknode.protocol import (
     ADMIN_BLOCK_INFO,
     ADMIN_BLOCK_PURGE,
@@ -240,3 +247,28 @@ async def test_key_commands_refuse_bad_input(tmp_path: Path) -> None:
                     await admin.call(ADMIN_KEY_DELETE, {"name": "nobody"})
                 listed, _ = await admin.call(ADMIN_KEY_LIST, {})
             assert sorted(k["name"] for k in listed["keys"]) == ["admin@node1", "dup"]
+
+
+async def test_a_node_that_cannot_write_its_admin_key_runs_on_and_says_so(tmp_path: Path,
+                                                                         caplog) -> None:
+    # As under the systemd unit, where only data_dir and metadata_dir are writable.
+    blocker = tmp_path / "read-only"
+    blocker.write_text("a file where a directory would be")
+    with trio.fail_after(30):
+        async with in_process_cluster(tmp_path, 1, rf=1,
+                                      admin_key_file=str(blocker / "admin_key")) as cl:
+            assert cl.nodes["node1"].keys.live_keys() == []
+            assert "cannot make the admin key file" in caplog.text
+            with pytest.raises(ConfigError, match="no client key"):
+                async with cl.client("node1"):
+                    pass
+            key = ClientKey.generate()
+            (tmp_path / "admin_key").write_text(f"{key}\n")  # an operator-made key file
+    cfg = replace(cl.configs[0], admin_key_file=str(tmp_path / "admin_key"))
+    async with trio.open_nursery() as nursery:
+        cl2 = InProcessCluster([cfg], nursery)
+        node = await cl2.start("node1")
+        assert [k.name for k in node.keys.live_keys()] == ["admin"]  # added at start
+        async with as_key(cl2, "node1", key) as c:
+            await c.call(ADMIN_KEY_LIST, {})
+        nursery.cancel_scope.cancel()
