@@ -214,11 +214,13 @@ class KeyService:
             return 0
         acked = 0
         rows = [record_to_wire(r) for r in records]
+        pages = [rows[i:i + PAGE_ROWS] for i in range(0, len(rows), PAGE_ROWS)]
 
         async def send(nid: str) -> None:
             nonlocal acked
             try:
-                await self.net.call(nid, KEY_PUT, {"keys": rows}, timeout=self.rpc_timeout)  # type: ignore[union-attr]
+                for page in pages:
+                    await self.net.call(nid, KEY_PUT, {"keys": page}, timeout=self.rpc_timeout)  # type: ignore[union-attr]
                 acked += 1
             except BlocknodeError as exc:
                 log.info("key change not sent to %s now (%s); it will catch up by anti-entropy",

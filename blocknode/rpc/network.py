@@ -423,9 +423,9 @@ class RpcNetwork:
         """A slot for a new connection from `addr`, displacing the oldest unauthenticated
         connections past a cap; None if every connection in the way is authenticated."""
         if len(self._handshaking) >= self.limits.max_handshakes:
-            self._displace()
+            self._make_room()
         while self._open_count >= self.max_connections + self.max_node_connections:
-            if not self._displace():
+            if not self._make_room():
                 return None
         slot = _Slot(addr)
         self._open_count += 1
@@ -441,11 +441,11 @@ class RpcNetwork:
         else:
             cap, per_addr = self.max_connections, self.limits.max_per_addr
         while self._per_role[role] >= cap:
-            if not self._displace(role=role, keep=slot):
+            if not self._displace(roles=(role,), keep=slot):
                 self.connections_refused += 1
                 return f"at its cap of {cap} {role} connections"
         while self._per_addr.get((role, slot.addr), 0) >= per_addr:
-            if not self._displace(role=role, addr=slot.addr, keep=slot):
+            if not self._displace(roles=(role,), addr=slot.addr, keep=slot):
                 self.connections_refused += 1
                 return f"at its cap of {per_addr} {role} connections from one address"
         slot.role = role
@@ -453,12 +453,19 @@ class RpcNetwork:
         self._per_addr[(role, slot.addr)] = self._per_addr.get((role, slot.addr), 0) + 1
         return None
 
-    def _displace(self, *, role: str | None = None, addr: str | None = None,
+    def _make_room(self) -> bool:
+        """At accept: close the oldest connection still in its handshake, sparing those
+        that said they are nodes (then those that said they are clients) while any
+        other is left: a flood of sockets displaces its own kind first."""
+        return (self._displace(roles=(None,)) or self._displace(roles=(ROLE_CLIENT,))
+                or self._displace())
+
+    def _displace(self, *, roles: tuple[str | None, ...] | None = None, addr: str | None = None,
                   keep: _Slot | None = None) -> bool:
-        """Close the oldest connection still in its handshake (of `role`, from `addr`,
-        if given; never `keep`)."""
+        """Close the oldest connection still in its handshake (whose role is one of
+        `roles`, None for no hello yet; from `addr`; if given; never `keep`)."""
         for slot in self._handshaking:
-            if (slot is not keep and (role is None or slot.role == role)
+            if (slot is not keep and (roles is None or slot.role in roles)
                     and (addr is None or slot.addr == addr)):
                 del self._handshaking[slot]
                 slot.scope.cancel()

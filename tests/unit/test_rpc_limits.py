@@ -221,3 +221,20 @@ async def test_messages_from_clients_and_from_nodes_have_budgets_of_their_own() 
             assert net.receive_budget.refused == 0 and net.client_receive_budget.refused == 1
             await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+def test_a_flood_of_sockets_displaces_its_own_kind_before_a_node_in_its_handshake() -> None:
+    net = RpcNetwork("n", SECRET, {}, echo, members={"n", "a"}, lookup_key=KEYS.get,
+                     limits=ConnectionLimits(max_handshakes=4))
+    node = net._admit("10.0.0.2")
+    assert node is not None and net._claim(node, "node") is None  # a node sent its hello
+    client = net._admit("10.0.0.3")
+    assert client is not None and net._claim(client, "client") is None
+    for _ in range(50):  # silent sockets
+        assert net._admit("10.0.0.9") is not None
+    assert node in net._handshaking and client in net._handshaking
+    assert len(net._handshaking) == 4
+    for _ in range(4):  # clients that said hello: still never the node
+        s = net._admit("10.0.0.9")
+        assert s is not None and net._claim(s, "client") is None
+    assert node in net._handshaking and client not in net._handshaking
