@@ -108,14 +108,14 @@ def _sansio_rows(quick: bool) -> list[dict[str, Any]]:
 async def _loopback(quick: bool) -> list[dict[str, Any]]:
     data = os.urandom(MiB)
 
-    async def handler(peer: str, kind: str, fields: dict, payload: bytes | None) -> tuple[dict, bytes | None]:
+    async def handler(peer: Any, kind: str, fields: dict, payload: bytes | None) -> tuple[dict, bytes | None]:
         return ({}, data) if kind == "get" else ({}, None)
 
     n = 30 if quick else 300
     rows = []
     secret = os.urandom(32)
     async with trio.open_nursery() as nursery:
-        b = RpcNetwork("b", secret, {}, handler)
+        b = RpcNetwork("b", secret, {}, handler, members={"a", "b"})
         addr_b = await nursery.start(b.serve, "127.0.0.1:0")
         a = RpcNetwork("a", secret, {"b": addr_b}, handler)
         await nursery.start(a.run)

@@ -61,6 +61,8 @@ class NodeConfig:
     rpc_public_addr: str | None = None
     rpc_secret: str | None = field(default=None, repr=False)  # 64 hex chars; or rpc_secret_file
     rpc_secret_file: str | None = None  # default: <root>/rpc_secret, made on first start
+    client_key_file: str | None = None  # the client key (ID:SECRET) a client uses; BLOCKNODE_KEY wins
+    admin_key_file: str | None = None  # default: <root>/admin_key, made on first start
     cluster_file: str | None = None  # none: a single-node cluster of this node
     zone: str = "default"
     replication_factor: int = DEFAULT_REPLICATION_FACTOR
@@ -81,6 +83,7 @@ class NodeConfig:
     rpc_max_connections: int = 1024
     rpc_max_connections_per_addr: int = 128
     rpc_max_handshakes: int = 64
+    rpc_max_node_connections: int = 256
     resync_workers: int = 1
     resync_tranquility: float = 2.0
     scrub_tranquility: float = 4.0
@@ -109,6 +112,13 @@ class NodeConfig:
         if isinstance(self.data_dir, str):
             return (DataDir(self.data_dir),)
         return self.data_dir
+
+    @property
+    def admin_key_path(self) -> str:
+        """This node's admin key file (made on the node's first start when missing)."""
+        if self.admin_key_file:
+            return self.admin_key_file
+        return str(Path(self.metadata_dir).parent / "admin_key")
 
 
 # field name -> (validator, expected form for the error message)
@@ -180,6 +190,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "rpc_secret": (_is_secret, "64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`"),
     "rpc_secret_file": (_is_opt_str, "a file path"),
     "cluster_file": (_is_opt_str, "a file path"),
+    "client_key_file": (_is_opt_str, "a file path"),
+    "admin_key_file": (_is_opt_str, "a file path"),
     "zone": (_is_str, "a non-empty string"),
     "replication_factor": (_is_pos_int, "an integer >= 1"),
     "block_size": (_is_pos_int, f"a size > 0: a number of bytes, or a string such as {SIZE_FORMS}"),
@@ -201,6 +213,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "rpc_max_connections": (_is_pos_int, "an integer >= 1"),
     "rpc_max_connections_per_addr": (_is_pos_int, "an integer >= 1"),
     "rpc_max_handshakes": (_is_pos_int, "an integer >= 1"),
+    "rpc_max_node_connections": (_is_pos_int, "an integer >= 1"),
     "resync_workers": (_is_pos_int, "an integer >= 1"),
     "resync_tranquility": (_is_nonneg_num, "a number >= 0"),
     "scrub_tranquility": (_is_nonneg_num, "a number >= 0"),
@@ -211,7 +224,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "compression_level": (_is_level, f'a zstd level (an integer from {ZSTD_LEVEL_MIN} to '
                           f'{ZSTD_LEVEL_MAX}, e.g. 1 or 3) or "none"'),
 }
-_PATH_FIELDS = ("data_dir", "metadata_dir", "rpc_secret_file", "cluster_file")
+_PATH_FIELDS = ("data_dir", "metadata_dir", "rpc_secret_file", "cluster_file", "client_key_file",
+                "admin_key_file")
 # Byte sizes: an integer, or a string such as "256M" or "1MiB" (`blocknode.sizes`), as in Garage.
 SIZE_FIELDS = frozenset({"block_size", "inline_threshold", "lmdb_map_size", "block_ram_buffer_max"})
 # Fields whose values no message may show, however malformed they are.
@@ -287,6 +301,10 @@ def config_from_dict(raw: dict[str, Any], *, source: str, base_dir: Path | None 
         if key == "rpc_secret_file" and isinstance(value, str) and _is_secret(value.strip()):
             raise ConfigError(f"{source}: field 'rpc_secret_file': expected a file path, got what "
                               "looks like the secret itself (put the value in rpc_secret)")
+        if key in ("client_key_file", "admin_key_file") and isinstance(value, str) and ":" in value \
+                and _is_secret(value.rpartition(":")[2].strip()):
+            raise ConfigError(f"{source}: field {key!r}: expected a file path, got what looks "
+                              "like a key itself (put the key in a file, or in BLOCKNODE_KEY)")
         if key == "data_dir" and isinstance(value, list):
             value = _data_dirs(value, source=source, base_dir=base_dir)
         elif key == "compression_level" and value == "none":

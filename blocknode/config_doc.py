@@ -50,8 +50,10 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
                         "from `rpc_bind_addr` (which must then not be 0.0.0.0). With a cluster file "
                         "the file's `addr` is what others dial.", "= `rpc_bind_addr`"),
     "rpc_secret": ("Network",
-                   "The 32-byte cluster secret as 64 hex characters, the same on every node. Prefer "
-                   "`rpc_secret_file`: a config file is often more readable than a secret should be.",
+                   "The 32-byte cluster secret as 64 hex characters, the same on every node. It "
+                   "authenticates nodes only (clients use client keys) and gives every power: "
+                   "keep it on the nodes. Prefer `rpc_secret_file`: a config file is often more "
+                   "readable than a secret should be.",
                    "unset"),
     "rpc_secret_file": ("Network",
                         "File holding the cluster secret (64 hex characters), mode 0600. The default "
@@ -68,16 +70,35 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
     "block_ram_buffer_max": ("Network",
                              "Cap on block bytes held in RAM by RPCs, a quarter each for: payloads "
                              "this node sends, client requests it is handling, messages being "
-                             "received, replies not yet sent (past it the node stops reading and "
-                             "TCP pushes back)."),
+                             "received (an eighth from nodes, an eighth from clients), replies not "
+                             "yet sent (past it the node stops reading and TCP pushes back)."),
     "rpc_handshake_timeout": ("Network", "Deadline of a connection's handshake (both directions)."),
     "rpc_max_handshakes": ("Network",
-                           "Incoming connections not yet authenticated at once; a newcomer past "
-                           "it closes the oldest."),
+                           "Incoming connections not yet authenticated at once, clients and nodes "
+                           "alike; a newcomer past it closes the oldest."),
     "rpc_max_connections": ("Network",
-                            "Incoming connections at once in all (also kept under half the "
-                            "descriptor limit, whose soft value `serve` raises to the hard one)."),
-    "rpc_max_connections_per_addr": ("Network", "Incoming connections at once from one address."),
+                            "Incoming client connections at once (with `rpc_max_node_connections` "
+                            "also kept under half the descriptor limit, whose soft value `serve` "
+                            "raises to the hard one); a client past it is refused as busy, never "
+                            "a node."),
+    "rpc_max_connections_per_addr": ("Network", "Incoming client connections at once from one "
+                                     "address."),
+    "rpc_max_node_connections": ("Network",
+                                 "Incoming connections from other nodes at once (each node keeps "
+                                 "one open to each other): a cap of their own, so that clients "
+                                 "cannot crowd out replication."),
+    "client_key_file": ("Client keys",
+                        "For a client (the CLI, an application): a file holding its client key, "
+                        "the one line `ID:SECRET` that `key create` printed. `BLOCKNODE_KEY=ID:SECRET` "
+                        "in the environment wins over it. Unset: the node's admin key file, if "
+                        "this is a node's config.", "unset"),
+    "admin_key_file": ("Client keys",
+                       "This node's admin key (every permission), mode 0600: made on the node's "
+                       "first start when missing and added to the cluster's keys; an existing file "
+                       "(e.g. the one `init-cluster` writes for all its nodes) is added when the "
+                       "node starts unless that key was deleted. The CLI run with this config uses "
+                       "it. Whoever can write it can make the node accept an admin key: keep it "
+                       "like the secret.", "`<metadata_dir>/../admin_key`"),
     "rpc_idle_timeout": ("Network",
                          "An authenticated incoming connection with nothing in flight this long "
                          "is closed (a message that gets no data, or a reply the peer does not "
@@ -133,7 +154,7 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
                    "(`--log-format` overrides)."),
 }
 
-SECTIONS = ("Identity and paths", "Network", "Storage", "Background work", "Logging")
+SECTIONS = ("Identity and paths", "Network", "Client keys", "Storage", "Background work", "Logging")
 
 # The cluster file: ClusterConfig / ClusterNode field -> meaning (default from the dataclass).
 CLUSTER_DOCS: dict[str, str] = {

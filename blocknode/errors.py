@@ -21,6 +21,7 @@ __all__ = [
     "CliError",
     "ConfigError",
     "CorruptEntry",
+    "Forbidden",
     "HashMismatch",
     "InvalidHash",
     "LocalProtocolError",
@@ -137,6 +138,20 @@ class StreamTruncated(RemoteProtocolError):
 
 class AuthenticationError(RemoteProtocolError):
     """The peer failed the handshake or a frame's tag: wrong cluster secret, replay, or tampering."""
+
+
+class Forbidden(BlocknodeError):
+    """The caller's client key lacks the permission this request needs, or the request
+    is one only nodes may make. `permission` names what was missing (``read``,
+    ``write``, ``admin``, or ``node`` for a node-internal request). Crosses the wire
+    with the code ``forbidden``; the CLI exits with status 3."""
+
+    rpc_code = "forbidden"
+    permission = ""
+
+    def __init__(self, message: str, permission: str = "") -> None:
+        super().__init__(message)
+        self.permission = permission
 
 
 class RpcError(BlocknodeError):

@@ -30,15 +30,17 @@ from typing import Any
 
 import trio
 
-from blocknode import __version__, fastpath
+from blocknode import __version__, auth, fastpath
 from blocknode.admin import Admin
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
 from blocknode.context import NodeContext
 from blocknode.errors import ConfigError, RemoteProtocolError
+from blocknode.keys import KeyService
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.protocol import ADMIN_REBALANCE, STATUS, max_message_size
+from blocknode.rpc.handshake import Peer
 from blocknode.rpc.network import ConnectionLimits, RpcNetwork
 from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
 from blocknode.workers.anti_entropy import AntiEntropy
@@ -85,18 +87,24 @@ class Node:
         )
         self.blocks = LocalBlocks(self.files, self.meta, cfg.inline_threshold)
         peers = {n.id: n.addr for n in self.cluster.nodes if n.id != cfg.node_id}
+        members = [n.id for n in self.cluster.nodes]
+        self.keys = KeyService(cfg.node_id, self.meta.keys, members, now_ms=self.ctx.now_ms,
+                               rpc_timeout=cfg.rpc_timeout)
         self.net = RpcNetwork(
             cfg.node_id,
             self.secret,
             peers,
             self.dispatch,
+            members=members,
+            lookup_key=self.keys.verifier,
             connect=connect,
             # block_ram_buffer_max bounds block bytes in RAM, a quarter each for: payloads
-            # this node sends, client requests it is handling, messages being received,
-            # replies waiting to be sent.
+            # this node sends, client requests it is handling, messages being received
+            # (half from nodes, half from clients), replies waiting to be sent.
             ram_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
             client_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
-            receive_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
+            receive_buffer_max=max(1, cfg.block_ram_buffer_max // 8),
+            client_receive_buffer_max=max(1, cfg.block_ram_buffer_max // 8),
             reply_buffer_max=max(1, cfg.block_ram_buffer_max // 4),
             reply_size=lambda kind: cfg.block_size if kind in BLOCK_REPLY_KINDS else 0,
             connect_timeout=cfg.connect_timeout,
@@ -109,7 +117,14 @@ class Node:
                 idle_timeout=cfg.rpc_idle_timeout,
                 stall_timeout=cfg.rpc_timeout,
             ),
+            node_limits=ConnectionLimits(
+                max_connections=cfg.rpc_max_node_connections,
+                max_per_addr=cfg.rpc_max_node_connections,
+                idle_timeout=cfg.rpc_idle_timeout,
+                stall_timeout=cfg.rpc_timeout,
+            ),
         )
+        self.keys.attach(self.net)
         self.manager = BlockManager(
             node_id=cfg.node_id,
             layout=self.layout,
@@ -138,6 +153,7 @@ class Node:
                       repair=self.repair, anti_entropy=self.anti_entropy)
         self._handlers: dict[str, Handler] = {}
         for handlers in (self.manager.handlers(), self.anti_entropy.handlers(), admin.handlers(),
+                         self.keys.handlers(),
                          {STATUS: self.handle_status,
                           ADMIN_REBALANCE: self.rebalance.handle_admin}):
             for kind, handler in handlers.items():
@@ -146,12 +162,13 @@ class Node:
                 self._handlers[kind] = handler
         self.addr: str | None = None
 
-    async def dispatch(self, peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> Reply:
-        """Route one request to its handler."""
+    async def dispatch(self, peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> Reply:
+        """Route one request to its handler, if `peer` may make it (`blocknode.auth`)."""
+        auth.authorize(peer, kind, self.keys.permissions)
         handler = self._handlers.get(kind)
         if handler is None:
             raise RemoteProtocolError(f"unknown request kind {kind!r}")
-        return await handler(peer, fields, data)
+        return await handler(peer.id, fields, data)
 
     # ---- life cycle ----
 
@@ -161,6 +178,7 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.meta.run_writer)
+                await self.keys.ensure_admin_key(self.cfg.admin_key_path)
                 try:
                     self.addr = await nursery.start(self.net.serve, self.cfg.rpc_bind_addr)
                 except OSError as exc:
@@ -168,6 +186,8 @@ class Node:
                         f"cannot listen on {self.cfg.rpc_bind_addr} (rpc_bind_addr in "
                         f"{self.cfg.source}): {exc.strerror or exc}"
                     ) from None
+                self.keys.announce_admin_key()
+                nursery.start_soon(self.keys.run)
                 nursery.start_soon(self.workers.run)
                 task_status.started(self.addr)
         finally:

@@ -35,6 +35,12 @@ plaintext's; the receiver decompresses within `block_size` and verifies). On
 frame's). On `get_block`, ``z: true`` in the request says the caller takes a
 frame, and ``z: true`` in the reply says the data is one; a request without it
 gets the plain bytes. A message without ``z`` is plain, as before.
+| `key_put`          | keys: [key rows]                          | changed                    |
+| `key_sync`         | digest, keys?: [key rows]                 | digest, keys?              |
+| `admin_key_*`      | see `blocknode.keys`                      |                            |
+
+Who may send what (`blocknode.auth`): nodes every kind; a client key only the
+client and admin kinds its permissions allow — never a `REPLICA_KINDS` kind.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ __all__ = [
     "ADMIN_BLOCK_INFO",
     "ADMIN_BLOCK_PURGE",
     "ADMIN_BLOCK_RETRY_NOW",
+    "ADMIN_KEY_CREATE",
+    "ADMIN_KEY_DELETE",
+    "ADMIN_KEY_LIST",
     "ADMIN_KINDS",
     "ADMIN_REBALANCE",
     "ADMIN_REPAIR",
@@ -73,6 +82,8 @@ __all__ = [
     "GC_CHECK_MARGIN_MS",
     "GET_BLOCK",
     "HEAD_MAX",
+    "KEY_PUT",
+    "KEY_SYNC",
     "MAX_BATCH_ROWS",
     "MAX_REF_ID_BYTES",
     "MAX_TS",
@@ -108,6 +119,9 @@ DEL_REF: Final = "del_ref"
 # Reference anti-entropy (node to node).
 AE_DIGESTS: Final = "ae_digests"
 AE_EXCHANGE: Final = "ae_exchange"
+# Client keys (node to node): a key change broadcast, and the keys table's anti-entropy.
+KEY_PUT: Final = "key_put"
+KEY_SYNC: Final = "key_sync"
 # Client-facing: the node coordinates the cluster operation.
 CLIENT_PUT: Final = "client_put"
 CLIENT_PUT_MANY: Final = "client_put_many"
@@ -127,17 +141,21 @@ ADMIN_WORKER_SET: Final = "admin_worker_set"
 ADMIN_ANTI_ENTROPY: Final = "admin_anti_entropy"
 ADMIN_RESYNC_RUN_ONCE: Final = "admin_resync_run_once"
 ADMIN_REBALANCE: Final = "admin_rebalance"
+ADMIN_KEY_CREATE: Final = "admin_key_create"
+ADMIN_KEY_LIST: Final = "admin_key_list"
+ADMIN_KEY_DELETE: Final = "admin_key_delete"
 
 REPLICA_KINDS: Final = frozenset(
-    {PUT_BLOCK, PUT_BLOCKS, GET_BLOCK, NEED_BLOCK, ADD_REF, DEL_REF, AE_DIGESTS, AE_EXCHANGE}
+    {PUT_BLOCK, PUT_BLOCKS, GET_BLOCK, NEED_BLOCK, ADD_REF, DEL_REF, AE_DIGESTS, AE_EXCHANGE,
+     KEY_PUT, KEY_SYNC}
 )
-"""Kinds one node sends another."""
+"""Kinds one node sends another (node-internal: refused from any client key)."""
 CLIENT_KINDS: Final = frozenset({CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_GET, CLIENT_REF, STATUS})
 """Kinds a client sends the node it talks to."""
 ADMIN_KINDS: Final = frozenset({
     ADMIN_SCRUB, ADMIN_REPAIR, ADMIN_BLOCK_INFO, ADMIN_BLOCK_ERRORS, ADMIN_BLOCK_RETRY_NOW,
     ADMIN_BLOCK_PURGE, ADMIN_WORKER_LIST, ADMIN_WORKER_GET, ADMIN_WORKER_SET, ADMIN_ANTI_ENTROPY,
-    ADMIN_RESYNC_RUN_ONCE, ADMIN_REBALANCE,
+    ADMIN_RESYNC_RUN_ONCE, ADMIN_REBALANCE, ADMIN_KEY_CREATE, ADMIN_KEY_LIST, ADMIN_KEY_DELETE,
 })
 """Kinds of the admin commands (and of `admin_block_info`, which nodes send each other too)."""
 ALL_KINDS: Final = REPLICA_KINDS | CLIENT_KINDS | ADMIN_KINDS

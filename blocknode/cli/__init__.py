@@ -3,7 +3,8 @@
 Command names, their arguments and the JSON keys they print are a contract
 (README, "Command line"). Every failure is one line on stderr and a non-zero exit
 status, never a traceback: 1 for an operational error (unreachable node, quorum
-not reached, block not found, ...), 2 for bad usage or bad input. A closed
+not reached, block not found, ...), 2 for bad usage or bad input, 3 when the node
+refused the client key (unknown or revoked, or without the permission). A closed
 stdout (`... | head`) ends a command quietly with 141 (`EXIT_PIPE`).
 
     __init__      main() and the parser
@@ -11,6 +12,7 @@ stdout (`... | head`) ends a command quietly with 141 (`EXIT_PIPE`).
     output        JSON, times, progress bars
     data          put, get, ref, unref, status
     admin         scrub, repair, block, worker
+    keys          key create, key list, key delete
     serve         serve
     init_cluster  init-cluster
 """
@@ -21,8 +23,9 @@ import argparse
 import os
 import sys
 
-from blocknode.cli import admin, data, init_cluster, serve
+from blocknode.cli import admin, data, init_cluster, keys, serve
 from blocknode.cli.base import (
+    EXIT_DENIED,
     EXIT_ERROR,
     EXIT_PIPE,
     EXIT_USAGE,
@@ -33,7 +36,7 @@ from blocknode.cli.base import (
 )
 from blocknode.errors import BlocknodeError, ConfigError, InvalidHash, single_error
 
-__all__ = ["EXIT_ERROR", "EXIT_PIPE", "EXIT_USAGE", "PROG_MODULE", "PROG_SCRIPT", "CliError", "build_parser", "explain", "main"]
+__all__ = ["EXIT_DENIED", "EXIT_ERROR", "EXIT_PIPE", "EXIT_USAGE", "PROG_MODULE", "PROG_SCRIPT", "CliError", "build_parser", "explain", "main"]
 
 
 def build_parser(prog: str = PROG_SCRIPT) -> argparse.ArgumentParser:
@@ -47,6 +50,7 @@ def build_parser(prog: str = PROG_SCRIPT) -> argparse.ArgumentParser:
     data.add_commands(sub, common)
     init_cluster.add_command(sub, common)
     admin.add_commands(sub, common)
+    keys.add_commands(sub, common)
     return p
 
 
@@ -87,6 +91,7 @@ def explain(exc: BaseException) -> tuple[str, int]:
 
     Bad input is a usage error (2) wherever it was found: by the CLI, by the
     config loader, or by the node (a remote error with code ``bad_request``).
+    A request the client key may not make (code ``forbidden``) is 3.
     A remote error shows the node and its message; its code is for programs,
     not for people.
     """
@@ -95,7 +100,8 @@ def explain(exc: BaseException) -> tuple[str, int]:
     code, message, node = (getattr(exc, a, None) for a in ("code", "message", "node"))
     if isinstance(code, str) and isinstance(message, str):
         text = f"node {node}: {message}" if isinstance(node, str) else message
-        return text, EXIT_USAGE if code == "bad_request" else EXIT_ERROR
+        status = {"bad_request": EXIT_USAGE, "forbidden": EXIT_DENIED}.get(code, EXIT_ERROR)
+        return text, status
     return str(exc), EXIT_USAGE if isinstance(exc, ConfigError | InvalidHash) else EXIT_ERROR
 
 

@@ -31,6 +31,9 @@ from blocknode.errors import (
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# The node refused the client key: unknown or revoked (the handshake), or it lacks the
+# permission the command needs (a `forbidden` answer).
+EXIT_DENIED = 3
 # stdout was closed by its reader: 128 + SIGPIPE, the status a shell shows for a tool
 # killed by SIGPIPE, so `set -o pipefail` tells a cut-short `get | head` from a full one.
 EXIT_PIPE = 141
@@ -97,7 +100,7 @@ def run_with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[i
         raise fail(f"node unreachable at {cfg.public_addr}: {exc} "
                    f"(is `{prog_of(args)} serve` running?)") from None
     except AuthenticationError as exc:
-        raise fail(f"authentication with {cfg.public_addr} failed (wrong cluster secret?): {exc}") from None
+        raise fail(str(exc), EXIT_DENIED) from None  # it names the node and the key
 
 
 def hash_arg(text: str) -> bytes:

@@ -1,4 +1,4 @@
-"""`init-cluster`: configs for N local nodes sharing one cluster file and secret."""
+"""`init-cluster`: configs for N local nodes sharing one cluster file, secret and admin key."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import tomli_w
 
+from blocknode.auth import ClientKey, write_key_file
 from blocknode.cli.base import EXIT_USAGE, fail, prog_of
 from blocknode.config import cluster_from_dict, config_from_dict
 from blocknode.errors import ConfigError
@@ -51,7 +52,12 @@ def address_host(host: str) -> str:
 
 def init_cluster(root: Path, *, nodes: int, replication: int, base_port: int = 3901,
                  host: str = "127.0.0.1") -> list[Path]:
-    """Write ``root/cluster.toml``, ``root/rpc_secret`` (0600) and ``root/nodeK/config.toml``.
+    """Write ``root/cluster.toml``, ``root/rpc_secret`` and ``root/admin_key`` (0600) and
+    ``root/nodeK/config.toml``.
+
+    The admin key is every node's `admin_key_file`: each node adds it to its key
+    table when it starts, so the CLI run with any node's config may do
+    everything at once, on every node.
 
     Returns the config paths. Existing files are not overwritten: a second run
     on the same directory is refused, since a new secret would lock out the
@@ -70,7 +76,8 @@ def init_cluster(root: Path, *, nodes: int, replication: int, base_port: int = 3
         cluster_doc["nodes"].append({"id": f"node{i}", "addr": addr, "zone": zone, "capacity": 1})
         node_docs.append({"node_id": f"node{i}", "data_dir": "data", "metadata_dir": "meta",
                           "rpc_bind_addr": addr, "cluster_file": "../cluster.toml",
-                          "rpc_secret_file": "../rpc_secret", "zone": zone})
+                          "rpc_secret_file": "../rpc_secret", "admin_key_file": "../admin_key",
+                          "zone": zone})
     cluster_from_dict(cluster_doc, source="init-cluster")
     for doc in node_docs:
         config_from_dict(doc, source="init-cluster")
@@ -78,12 +85,15 @@ def init_cluster(root: Path, *, nodes: int, replication: int, base_port: int = 3
     root.mkdir(parents=True, exist_ok=True)
     cluster = root / "cluster.toml"
     secret = root / "rpc_secret"
-    if cluster.exists() or secret.exists():
-        raise ConfigError(f"{root} already holds a cluster (cluster.toml / rpc_secret); use a new directory")
+    admin_key = root / "admin_key"
+    if cluster.exists() or secret.exists() or admin_key.exists():
+        raise ConfigError(f"{root} already holds a cluster (cluster.toml / rpc_secret / admin_key); "
+                          "use a new directory")
     cluster.write_text(tomli_w.dumps(cluster_doc))
     fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(os.urandom(32).hex() + "\n")
+    write_key_file(admin_key, ClientKey.generate())
     paths = []
     for doc in node_docs:
         d = root / doc["node_id"]
@@ -117,7 +127,7 @@ def cmd_init_cluster(args: argparse.Namespace) -> int:
 
 def add_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add `init-cluster`."""
-    s = sub.add_parser("init-cluster", help="write configs for N local nodes")
+    s = sub.add_parser("init-cluster", help="write configs for N local nodes (and an admin key)")
     s.add_argument("dir", metavar="DIR")
     s.add_argument("--nodes", type=int, required=True)
     s.add_argument("--replication", type=int, default=None, help="default: min(3, nodes)")

@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from blocknode import block
+from blocknode.auth import ClientKey, load_client_key
 from blocknode.client.batcher import BATCH_MAX_BLOCK, PutBatcher
 from blocknode.client.manifest import (
     MANIFEST_MAGIC,
@@ -35,7 +36,7 @@ from blocknode.client.manifest import (
     split,
 )
 from blocknode.clock import wall_ms
-from blocknode.config import NodeConfig, load_or_create_secret
+from blocknode.config import NodeConfig
 from blocknode.errors import (
     BlocknodeError,
     HashMismatch,
@@ -222,14 +223,18 @@ async def _aiter(chunks: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterato
 
 
 @asynccontextmanager
-async def open_client(cfg: NodeConfig, *, timeout: float | None = None) -> AsyncIterator[Client]:
-    """Connect to the node `cfg` describes (its public address, its cluster secret).
+async def open_client(cfg: NodeConfig, *, timeout: float | None = None,
+                      key: ClientKey | None = None) -> AsyncIterator[Client]:
+    """Connect to the node `cfg` describes (its public address) with a client key.
 
+    The key is `key`, else ``BLOCKNODE_KEY``, else the config's
+    `client_key_file`, else the node's admin key file (see
+    `blocknode.auth.load_client_key`); a client never uses the cluster secret.
     The connection's engine runs in a nursery this context manager holds; an
     error raised by the body comes out as itself.
     """
-    secret = load_or_create_secret(cfg, create=False)
-    async with _open_connection(cfg.public_addr, secret, timeout=cfg.connect_timeout,
+    key = key or load_client_key(cfg)
+    async with _open_connection(cfg.public_addr, key, timeout=cfg.connect_timeout,
                                 max_message_size=max_message_size(cfg.block_size)) as conn:
         client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2)
         try:

@@ -5,11 +5,13 @@
 driven by `handshake`, then an `RpcConnection` that is not running yet (its
 owner starts `run()`).
 
-`open_client` is the client's case as an async context manager: the connection
-(no request handler) runs in a nursery the context manager holds, and is
-closed on exit. Errors: `NodeUnreachable` (cannot connect, timed out, the
-connection broke), `AuthenticationError` (wrong cluster secret),
-`ProtocolError` (version mismatch, wrong node id).
+A node connects with the cluster secret (role ``node``); a client with a
+client key (role ``client``, see `blocknode.rpc.handshake`). `open_client` is
+the client's case as an async context manager: the connection (no request
+handler) runs in a nursery the context manager holds, and is closed on exit.
+Errors: `NodeUnreachable` (cannot connect, timed out, the connection broke, the
+node is at its cap), `AuthenticationError` (wrong cluster secret, unknown or
+revoked client key), `ProtocolError` (version mismatch, wrong node id).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ import trio
 
 from blocknode.errors import AuthenticationError, NodeUnreachable, ProtocolError
 from blocknode.rpc.connection import TRANSPORT_ERRORS, Handler, RpcConnection
-from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
+from blocknode.rpc.handshake import (
+    ROLE_CLIENT,
+    ROLE_NODE,
+    ClientHandshake,
+    ClientKey,
+    HandshakeBusy,
+    ServerHandshake,
+)
 from blocknode.rpc.session import Session
 from blocknode.rpc.transport import Connector, tcp_connect
 from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE, ReceiveBudget
@@ -70,6 +79,7 @@ async def open_connection(
     secret: bytes,
     *,
     local_id: str,
+    role: str = ROLE_NODE,
     expected_peer_id: str | None = None,
     connect: Connector | None = None,
     connect_timeout: float,
@@ -81,6 +91,9 @@ async def open_connection(
     **conn_kw: Any,
 ) -> RpcConnection:
     """Connect to `addr`, authenticate as `local_id`, return the connection (not running).
+
+    `role` ``node``: `local_id` is this node's id, `secret` the cluster secret;
+    ``client``: `local_id` is a client key's id, `secret` its secret.
 
     `connect_timeout` bounds the transport connect, `handshake_timeout` the
     handshake. `receive_budget` is the node's budget for incoming messages in
@@ -94,7 +107,7 @@ async def open_connection(
         raise NodeUnreachable(f"{who}: connect timed out after {connect_timeout}s") from None
     except (OSError, ValueError) as exc:
         raise NodeUnreachable(f"{who}: cannot connect: {exc}") from exc
-    hs = ClientHandshake(local_id, secret, expected_peer_id=expected_peer_id, rng=rng)
+    hs = ClientHandshake(local_id, secret, role=role, expected_peer_id=expected_peer_id, rng=rng)
     try:
         with trio.fail_after(handshake_timeout):
             await handshake(stream, hs)
@@ -102,6 +115,8 @@ async def open_connection(
         await trio.aclose_forcefully(stream)
         if isinstance(exc, trio.TooSlowError):
             raise NodeUnreachable(f"{who}: handshake timed out after {handshake_timeout}s") from None
+        if isinstance(exc, HandshakeBusy):
+            raise NodeUnreachable(f"{who}: {exc}") from None
         if isinstance(exc, AuthenticationError):
             raise AuthenticationError(f"authentication with the {who} failed: {exc}") from None
         if isinstance(exc, NodeUnreachable | ProtocolError):
@@ -109,31 +124,31 @@ async def open_connection(
         raise
     session = Session(hs.keys, decoder=hs.decoder, max_message_size=max_message_size,
                       receive_budget=receive_budget)
-    return RpcConnection(stream, session, hs.keys.peer_id, handler, addr=addr, **conn_kw)
+    return RpcConnection(stream, session, hs.keys.peer, handler, addr=addr, **conn_kw)
 
 
 @asynccontextmanager
 async def open_client(
     addr: str,
-    secret: bytes,
+    key: ClientKey,
     *,
     timeout: float,
-    client_id: str | None = None,
     expected_node_id: str | None = None,
     connect: Connector | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> AsyncIterator[RpcConnection]:
-    """``async with open_client(addr, secret, timeout=...) as conn:`` a running client connection.
+    """``async with open_client(addr, key, timeout=...) as conn:`` a running client connection.
 
-    Authenticates as ``client-<random>`` (or `client_id`); `timeout` bounds the
-    connect and the handshake each. The connection serves no requests; its
-    engine runs in a nursery held here, so concurrent `conn.call(...,
-    timeout=...)` from any task are fine. An error raised by the body comes out
-    as itself (never wrapped in an exception group).
+    Authenticates with the client key `key`; `timeout` bounds the connect and
+    the handshake each. The connection serves no requests; its engine runs in
+    a nursery held here, so concurrent `conn.call(..., timeout=...)` from any
+    task are fine. An error raised by the body comes out as itself (never
+    wrapped in an exception group).
     """
     conn = await open_connection(
-        addr, secret,
-        local_id=client_id or f"client-{os.urandom(8).hex()}",
+        addr, key.secret,
+        local_id=key.id,
+        role=ROLE_CLIENT,
         expected_peer_id=expected_node_id,
         connect=connect,
         connect_timeout=timeout,

@@ -20,7 +20,8 @@ no request handler.
   raises `RpcTimeout` after that many seconds; without, put a cancel scope
   around it (cancelling drops or aborts the unsent rest of the request; a late
   response is ignored).
-- Handlers: ``async def handler(peer_id, kind, fields, data) -> (fields, data)``.
+- Handlers: ``async def handler(peer, kind, fields, data) -> (fields, data)``;
+  `peer` is the `Peer` the handshake proved (its role and id).
   Exceptions become error replies (`errors.error_reply`) and come back to the
   caller as `RemoteCallError` subclasses. ``"_ping"`` is answered here.
 """
@@ -42,6 +43,7 @@ from blocknode.errors import (
     RpcTimeout,
 )
 from blocknode.rpc.errors import error_reply, remote_error
+from blocknode.rpc.handshake import Peer
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import (
     MSG_ERROR,
@@ -59,8 +61,8 @@ __all__ = ["PING_KIND", "TRANSPORT_ERRORS", "Handler", "RpcConnection"]
 
 log = logging.getLogger("blocknode.rpc")
 
-Handler = Callable[[str, str, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | None]]]
-"""``async def handler(peer_id, kind, fields, data) -> (reply fields, reply data)``."""
+Handler = Callable[[Peer, str, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | None]]]
+"""``async def handler(peer, kind, fields, data) -> (reply fields, reply data)``."""
 
 PING_KIND = "_ping"
 
@@ -103,7 +105,8 @@ class RpcConnection:
     """An established connection: concurrent calls both ways over one stream.
 
     `session` is the sans-io state after the handshake (it carries the peer's
-    authenticated id and any bytes read past the handshake). `handler` serves
+    authenticated id and any bytes read past the handshake); `peer` is who the
+    handshake proved the other end is (a bare id: a node). `handler` serves
     the peer's requests (None: every request gets a ``bad_request`` error).
     `max_inflight` bounds concurrently running handler tasks; beyond it a
     request is answered at once with code ``busy``. With `request_budget`, the
@@ -129,7 +132,7 @@ class RpcConnection:
         self,
         stream: trio.abc.Stream,
         session: Session,
-        peer_id: str,
+        peer: Peer | str,
         handler: Handler | None = None,
         *,
         max_inflight: int = 256,
@@ -158,7 +161,8 @@ class RpcConnection:
         self._read_since = self._last_active
         self._recv_scope: trio.CancelScope | None = None
         self.session = session
-        self.peer_id = peer_id
+        self.peer = peer if isinstance(peer, Peer) else Peer.node(peer)
+        self.peer_id = self.peer.id
         self._handler = handler
         self._max_inflight = max_inflight
         self._inflight = 0
@@ -229,7 +233,16 @@ class RpcConnection:
 
     @property
     def _who(self) -> str:
-        return f"{self.peer_id} ({self.addr})" if self.addr else self.peer_id
+        return f"{self.peer} ({self.addr})" if self.addr else str(self.peer)
+
+    def close_soon(self, reason: BaseException) -> None:
+        """Close the connection without waiting (`run` cleans up); `reason` is what
+        pending calls and `close_reason` report."""
+        if self._scope is None:
+            self.close_reason = self.close_reason or reason
+            self._closed = True
+            return
+        self._fail(reason)
 
     def _fail(self, exc: BaseException) -> None:
         if self.close_reason is None:
@@ -463,7 +476,7 @@ class RpcConnection:
             data = bytes(req.data) if req.data is not None else None
             req.data = None  # the reassembly buffer goes now, not when the handler is done
             try:
-                result = await self._handler(self.peer_id, req.kind, req.fields, data)
+                result = await self._handler(self.peer, req.kind, req.fields, data)
                 fields, out = result
                 if not isinstance(fields, dict) or not (out is None or isinstance(out, bytes | bytearray | memoryview)):
                     raise TypeError(f"handler for {req.kind!r} returned {type(result).__name__}, not (dict, bytes | None)")

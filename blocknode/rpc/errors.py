@@ -10,6 +10,7 @@ matching local error, so ``except BlockNotFound`` works for remote reads too.
 | `BlockNotFound`                    | ``not_found``   | `RemoteNotFound`             |
 | `BlockCorrupted`                   | ``corrupt``     | `RemoteCorrupted`            |
 | `HashMismatch`                     | ``hash_mismatch``| `RemoteHashMismatch`        |
+| `Forbidden` (permission, node-only) | ``forbidden``  | `RemoteForbidden`            |
 | `ProtocolError` (bad fields, ...)  | ``bad_request`` | `RemoteCallError`            |
 | class with an ``rpc_code`` attribute | that code     | `RemoteCallError`            |
 | other `BlocknodeError`             | ``error``       | `RemoteCallError`            |
@@ -25,6 +26,7 @@ from blocknode.errors import (
     BlockCorrupted,
     BlocknodeError,
     BlockNotFound,
+    Forbidden,
     HashMismatch,
     ProtocolError,
     RemoteError,
@@ -33,6 +35,7 @@ from blocknode.errors import (
 __all__ = [
     "RemoteCallError",
     "RemoteCorrupted",
+    "RemoteForbidden",
     "RemoteHashMismatch",
     "RemoteNotFound",
     "error_reply",
@@ -67,7 +70,13 @@ class RemoteHashMismatch(RemoteCallError, HashMismatch):
     """The remote node refused data that does not match its hash (``hash_mismatch``)."""
 
 
+class RemoteForbidden(RemoteCallError, Forbidden):
+    """The node refused the request: the client key lacks a permission, or the
+    request is node-internal (code ``forbidden``)."""
+
+
 _CODE_CLASSES: dict[str, type[RemoteCallError]] = {
+    "forbidden": RemoteForbidden,
     "not_found": RemoteNotFound,
     "corrupt": RemoteCorrupted,
     "hash_mismatch": RemoteHashMismatch,
@@ -97,6 +106,8 @@ def error_reply(exc: BaseException, *, peer: str = "?", kind: str = "?") -> dict
     hash_hex = getattr(exc, "hash_hex", None)
     if isinstance(hash_hex, str):
         fields["hash"] = hash_hex
+    if isinstance(exc, Forbidden) and exc.permission:
+        fields["permission"] = exc.permission
     return fields
 
 
@@ -108,4 +119,8 @@ def remote_error(node: str, fields: dict[str, Any]) -> RemoteCallError:
     code = code if isinstance(code, str) else "internal"
     message = message if isinstance(message, str) else "(no message)"
     cls = _CODE_CLASSES.get(code, RemoteCallError)
-    return cls(node, code, message, hash_hex if isinstance(hash_hex, str) else None)
+    err = cls(node, code, message, hash_hex if isinstance(hash_hex, str) else None)
+    if isinstance(err, RemoteForbidden):
+        permission = fields.get("permission")
+        err.permission = permission if isinstance(permission, str) else ""
+    return err

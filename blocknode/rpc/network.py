@@ -5,9 +5,9 @@ Ownership (one nursery, the one `serve`/`serve_listener`/`run` opens):
     RpcNetwork.serve / serve_listener / run
     └── nursery (self._nursery)
         ├── listener accept loop(s) ── one task per accepted connection
-        │     (a slot under the `ConnectionLimits` caps, the handshake under
-        │     `handshake_timeout`, then `RpcConnection.run`; whatever happens
-        │     on it ends that connection only)
+        │     (a slot under the caps, the handshake under `handshake_timeout`,
+        │     then `RpcConnection.run`; whatever happens on it ends that
+        │     connection only)
         ├── one task per outgoing peer connection (`RpcConnection.run`)
         ├── maintenance: every `ping_interval`, ping each connected peer
         │     (latency EWMA, down on failure) and reconnect the down ones
@@ -18,6 +18,13 @@ Cancelling that task (node shutdown) closes every connection; pending calls
 fail with `NodeUnreachable`. `call`/`call_many` to another node need the
 network to be running; a call to `node_id` itself goes straight to the local
 handler without a socket (its errors are mapped exactly as a remote call's).
+
+Two kinds of peer connect (see `blocknode.rpc.handshake`): nodes, which prove
+the cluster secret and must be `members`, and clients, which prove a client key
+that `lookup_key` knows. Each kind has its own caps (`limits` for clients,
+`node_limits` for nodes) and its own budget for messages being received, and
+only clients' requests are bounded by the client request budget and reserve
+their replies: a flood of clients cannot take what replication needs.
 
 Failures a caller sees: `RpcTimeout` (deadline passed), `NodeUnreachable`
 (cannot connect, handshake refused, connection broke, node down and in
@@ -42,7 +49,7 @@ from blocknode.errors import NodeUnreachable, ProtocolError, QuorumError, RpcTim
 from blocknode.rpc.connect import handshake, open_connection
 from blocknode.rpc.connection import Handler, RpcConnection
 from blocknode.rpc.errors import error_reply, remote_error
-from blocknode.rpc.handshake import ServerHandshake
+from blocknode.rpc.handshake import ROLE_CLIENT, ROLE_NODE, Peer, ServerHandshake
 from blocknode.rpc.session import Session
 from blocknode.rpc.transport import Connector, split_addr, tcp_connect
 from blocknode.rpc.wire import DEFAULT_MAX_MESSAGE_SIZE, PRIO_NORMAL, ReceiveBudget
@@ -148,17 +155,20 @@ class ByteBudget:
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """Caps on the connections a node accepts (the config's ``rpc_*`` fields).
+    """Caps on the incoming connections of one kind of peer (the config's ``rpc_*`` fields).
 
-    `max_connections` incoming connections at once (in handshake or
-    authenticated; also kept under the process's descriptor limit, see
-    `fd_connection_cap`), `max_per_addr` of them from one remote address,
-    `max_handshakes` of them not yet authenticated (a newcomer past a cap
-    displaces the oldest unauthenticated connection; when none is left to
-    displace it is closed at once). An authenticated incoming connection with
-    nothing in flight for `idle_timeout` seconds is closed; any connection that
-    makes no progress for `stall_timeout` seconds on a message it is receiving
-    or sending is closed (None: never).
+    A node has one for clients and one for nodes. `max_connections` incoming
+    connections of that kind at once (from its hello on; the two caps together
+    are also kept under the process's descriptor limit, see
+    `fd_connection_cap`), `max_per_addr` of them from one remote address. A
+    newcomer past a cap displaces the oldest connection of its kind still in
+    its handshake; when none is left to displace it is refused (``busy``).
+    `max_handshakes` (of the client limits: one pool for every connection not
+    yet authenticated, whatever it claims to be) works the same way at accept.
+    An authenticated incoming connection with nothing in flight for
+    `idle_timeout` seconds is closed; any connection that makes no progress for
+    `stall_timeout` seconds on a message it is receiving or sending is closed
+    (None: never).
     """
 
     max_connections: int = 1024
@@ -167,6 +177,9 @@ class ConnectionLimits:
     idle_timeout: float | None = 300.0
     stall_timeout: float | None = 30.0
 
+
+NODE_LIMITS = ConnectionLimits(max_connections=256, max_per_addr=256)
+"""Default caps on incoming connections from other nodes (each peer keeps one open)."""
 
 FD_RESERVE = 256
 """Descriptors always left to the data path (block files, LMDB, outgoing connections)."""
@@ -204,6 +217,8 @@ class _Slot:
     addr: str
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     released: bool = False
+    role: str | None = None
+    """The kind of peer it said it is in its hello (proven once authenticated)."""
 
 
 @dataclass(eq=False)
@@ -226,12 +241,16 @@ class RpcNetwork:
     """Authenticated RPC between the nodes of a cluster (and from clients).
 
     `peers` maps node id -> ``"host:port"`` (an entry for `node_id` itself is
-    ignored). `handler` serves incoming requests from nodes *and* clients (any
-    peer holding `secret`; clients use ids like ``client-<random>``).
+    ignored). `handler` serves incoming requests from nodes *and* clients; its
+    first argument is the `Peer` the handshake proved. `members`: the node ids
+    that may connect as nodes (default: `node_id` and `peers`), each proving
+    `secret`; `lookup_key(key_id)`: the verifier of a live client key, or None
+    (without it, no client can connect).
 
     Timeouts: `connect_timeout` (transport connect), `handshake_timeout` (each
     handshake, both directions), `ping_interval`/`ping_timeout` (maintenance).
-    Incoming connections are capped by `limits` (see `ConnectionLimits`).
+    Incoming connections are capped by `limits` (clients, and the handshake
+    pool) and `node_limits` (nodes; see `ConnectionLimits`).
     Reconnect backoff doubles from `backoff_initial` to `backoff_max` (with
     ±20 % jitter); while a node that failed `fail_fast_after` connects in a row is
     in backoff, calls to it fail at once with `NodeUnreachable` (before that, a
@@ -239,7 +258,8 @@ class RpcNetwork:
     by outgoing calls (see `ByteBudget`); `client_buffer_max` payload bytes of
     client requests being handled; `receive_buffer_max` bytes of incoming
     messages still being reassembled, on every connection (see
-    `ReceiveBudget`); `reply_buffer_max` reply payloads until they are sent
+    `ReceiveBudget`; from clients: `client_receive_buffer_max`, a budget of
+    their own); `reply_buffer_max` reply payloads until they are sent
     (a client's request first reserves ``reply_size(kind)`` bytes there, the
     largest reply its kind may carry; a connection holding more than
     `reply_share` stops being read). Each defaults to `ram_buffer_max`.
@@ -252,10 +272,13 @@ class RpcNetwork:
         peers: dict[str, str],
         handler: Handler,
         *,
+        members: Iterable[str] | None = None,
+        lookup_key: Callable[[str], bytes | None] | None = None,
         connect: Connector | None = None,
         ram_buffer_max: int = 256 * 1024 * 1024,
         client_buffer_max: int | None = None,
         receive_buffer_max: int | None = None,
+        client_receive_buffer_max: int | None = None,
         reply_buffer_max: int | None = None,
         reply_size: Callable[[str], int] | None = None,
         connect_timeout: float = 5.0,
@@ -267,6 +290,7 @@ class RpcNetwork:
         fail_fast_after: int = 3,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         limits: ConnectionLimits | None = None,
+        node_limits: ConnectionLimits | None = None,
         rng: Callable[[int], bytes] = os.urandom,
         jitter: random.Random | None = None,
     ) -> None:
@@ -279,6 +303,12 @@ class RpcNetwork:
         self.budget = ByteBudget(ram_buffer_max)
         self.client_budget = ByteBudget(client_buffer_max or ram_buffer_max)
         self.receive_budget = ReceiveBudget(receive_buffer_max or ram_buffer_max)
+        """Messages being received from nodes."""
+        self.client_receive_budget = ReceiveBudget(
+            client_receive_buffer_max or receive_buffer_max or ram_buffer_max)
+        """Messages being received from clients."""
+        self._members = frozenset(members) if members is not None else frozenset({node_id, *peers})
+        self._lookup_key = lookup_key
         self.reply_budget = ByteBudget(reply_buffer_max or ram_buffer_max)
         self.reply_share = max(max_message_size, self.reply_budget.max_bytes // 4)
         """Reply bytes one connection may hold before it stops being read."""
@@ -292,11 +322,15 @@ class RpcNetwork:
         self.fail_fast_after = fail_fast_after
         self.max_message_size = max_message_size
         self.limits = limits or ConnectionLimits()
+        self.node_limits = node_limits or NODE_LIMITS
         self.max_connections = self.limits.max_connections
-        """The cap on incoming connections in force (`serve` may lower it to fit the
-        descriptor limit)."""
+        """The cap on incoming client connections in force (`serve` may lower it to fit
+        the descriptor limit)."""
+        self.max_node_connections = self.node_limits.max_connections
+        """The cap on incoming node connections in force."""
         self._handshaking: dict[_Slot, None] = {}  # oldest first
-        self._per_addr: dict[str, int] = {}
+        self._per_addr: dict[tuple[str, str], int] = {}  # (role, addr) -> connections
+        self._per_role: dict[str, int] = {ROLE_NODE: 0, ROLE_CLIENT: 0}
         self._open_count = 0
         self.connections_refused = 0
         """Incoming connections closed at once or displaced by the caps (count)."""
@@ -324,10 +358,13 @@ class RpcNetwork:
         """
         host, port = split_addr(bind_addr)
         cap = fd_connection_cap(raise_nofile_limit())
-        if cap < self.max_connections:
-            log.warning("descriptor limit: at most %d incoming connections (not %d)",
-                        cap, self.max_connections)
-            self.max_connections = cap
+        if cap < self.max_connections + self.max_node_connections:
+            nodes = min(self.max_node_connections, max(1, cap // 4))
+            clients = max(1, min(self.max_connections, cap - nodes))
+            log.warning("descriptor limit: at most %d incoming client and %d node connections "
+                        "(not %d and %d)", clients, nodes, self.max_connections,
+                        self.max_node_connections)
+            self.max_connections, self.max_node_connections = clients, nodes
         listeners = await trio.open_tcp_listeners(port, host=host)
         sockname = listeners[0].socket.getsockname()
         actual = f"[{sockname[0]}]:{sockname[1]}" if ":" in sockname[0] else f"{sockname[0]}:{sockname[1]}"
@@ -386,23 +423,50 @@ class RpcNetwork:
         """A slot for a new connection from `addr`, displacing the oldest unauthenticated
         connections past a cap; None if every connection in the way is authenticated."""
         if len(self._handshaking) >= self.limits.max_handshakes:
-            self._displace(None)
-        while self._open_count >= self.max_connections:
-            if not self._displace(None):
-                return None
-        while self._per_addr.get(addr, 0) >= self.limits.max_per_addr:
-            if not self._displace(addr):
+            self._make_room()
+        while self._open_count >= self.max_connections + self.max_node_connections:
+            if not self._make_room():
                 return None
         slot = _Slot(addr)
         self._open_count += 1
-        self._per_addr[addr] = self._per_addr.get(addr, 0) + 1
         self._handshaking[slot] = None
         return slot
 
-    def _displace(self, addr: str | None) -> bool:
-        """Close the oldest connection still in its handshake (from `addr`, if given)."""
+    def _claim(self, slot: _Slot, role: str) -> str | None:
+        """At the hello: count `slot` under the caps of `role` (displacing the oldest
+        connection of that role still in its handshake past a cap); or the reason to
+        refuse it (every connection in the way is authenticated)."""
+        if role == ROLE_NODE:
+            cap, per_addr = self.max_node_connections, self.node_limits.max_per_addr
+        else:
+            cap, per_addr = self.max_connections, self.limits.max_per_addr
+        while self._per_role[role] >= cap:
+            if not self._displace(roles=(role,), keep=slot):
+                self.connections_refused += 1
+                return f"at its cap of {cap} {role} connections"
+        while self._per_addr.get((role, slot.addr), 0) >= per_addr:
+            if not self._displace(roles=(role,), addr=slot.addr, keep=slot):
+                self.connections_refused += 1
+                return f"at its cap of {per_addr} {role} connections from one address"
+        slot.role = role
+        self._per_role[role] += 1
+        self._per_addr[(role, slot.addr)] = self._per_addr.get((role, slot.addr), 0) + 1
+        return None
+
+    def _make_room(self) -> bool:
+        """At accept: close the oldest connection still in its handshake, sparing those
+        that said they are nodes (then those that said they are clients) while any
+        other is left: a flood of sockets displaces its own kind first."""
+        return (self._displace(roles=(None,)) or self._displace(roles=(ROLE_CLIENT,))
+                or self._displace())
+
+    def _displace(self, *, roles: tuple[str | None, ...] | None = None, addr: str | None = None,
+                  keep: _Slot | None = None) -> bool:
+        """Close the oldest connection still in its handshake (whose role is one of
+        `roles`, None for no hello yet; from `addr`; if given; never `keep`)."""
         for slot in self._handshaking:
-            if addr is None or slot.addr == addr:
+            if (slot is not keep and (roles is None or slot.role in roles)
+                    and (addr is None or slot.addr == addr)):
                 del self._handshaking[slot]
                 slot.scope.cancel()
                 self._release(slot)
@@ -414,11 +478,14 @@ class RpcNetwork:
         if not slot.released:
             slot.released = True
             self._open_count -= 1
-            left = self._per_addr[slot.addr] - 1
-            if left:
-                self._per_addr[slot.addr] = left
-            else:
-                del self._per_addr[slot.addr]
+            if slot.role is not None:
+                self._per_role[slot.role] -= 1
+                key = (slot.role, slot.addr)
+                left = self._per_addr[key] - 1
+                if left:
+                    self._per_addr[key] = left
+                else:
+                    del self._per_addr[key]
 
     async def _serve_connection(self, stream: trio.abc.Stream, slot: _Slot | None = None) -> None:
         """One accepted connection: handshake with a deadline, then serve it.
@@ -438,7 +505,9 @@ class RpcNetwork:
             await trio.aclose_forcefully(stream)
 
     async def _serve_accepted(self, stream: trio.abc.Stream, slot: _Slot) -> None:
-        hs = ServerHandshake(self.node_id, self._secret, rng=self._rng)
+        hs = ServerHandshake(self.node_id, self._secret, members=self._members,
+                             lookup_key=self._lookup_key,
+                             admit=lambda role, _peer_id: self._claim(slot, role), rng=self._rng)
         try:
             with slot.scope:  # cancelled when a newcomer displaces this connection
                 with trio.fail_after(self.handshake_timeout):
@@ -451,21 +520,23 @@ class RpcNetwork:
         if slot.scope.cancelled_caught:
             return
         self._handshaking.pop(slot, None)
+        # The role was proven by the handshake (a client key cannot pass for a node).
+        client = hs.keys.role == ROLE_CLIENT
+        limits = self.limits if client else self.node_limits
         session = Session(hs.keys, decoder=hs.decoder, max_message_size=self.max_message_size,
-                          receive_budget=self.receive_budget)
-        peer = self._peers.get(hs.keys.peer_id)
+                          receive_budget=self.client_receive_budget if client else self.receive_budget)
+        peer = None if client else self._peers.get(hs.keys.peer_id)
         # Requests from clients fan out to other nodes, so their payloads are bounded
         # here; requests from nodes are leaves, bounded by the sender's own budget
         # (and bounding them here too could deadlock two nodes waiting on each other).
         # Likewise the largest reply a client's request may need is reserved before it
         # is handled; every reply, to anyone, is counted until sent.
-        client = peer is None
-        conn = RpcConnection(stream, session, hs.keys.peer_id, self._handler,
+        conn = RpcConnection(stream, session, hs.keys.peer, self._handler,
                              request_budget=self.client_budget if client else None,
                              reply_budget=self.reply_budget, reply_share=self.reply_share,
                              reply_size=self._reply_size if client else None,
-                             idle_timeout=self.limits.idle_timeout,
-                             stall_timeout=self.limits.stall_timeout, addr=slot.addr)
+                             idle_timeout=limits.idle_timeout,
+                             stall_timeout=limits.stall_timeout, addr=slot.addr)
         if peer is not None and peer.live() is None:
             # The peer just proved it is alive: let our next call connect to it at once
             # instead of waiting out a backoff earned while it was down.
@@ -478,6 +549,15 @@ class RpcNetwork:
             self._incoming.discard(conn)
             if conn.fault is not None:
                 self._count_fault(conn.peer_id)
+
+    def close_client_connections(self, key_id: str, reason: str) -> int:
+        """Close every incoming connection authenticated with client key `key_id`
+        (it was revoked); returns how many."""
+        who = Peer.client(key_id)
+        closing = [c for c in self._incoming if c.peer == who]
+        for conn in closing:
+            conn.close_soon(NodeUnreachable(reason))
+        return len(closing)
 
     def _count_fault(self, peer_id: str) -> None:
         faults = self.connection_faults
@@ -502,7 +582,7 @@ class RpcNetwork:
                 receive_budget=self.receive_budget,
                 reply_budget=self.reply_budget,
                 reply_share=self.reply_share,
-                stall_timeout=self.limits.stall_timeout,
+                stall_timeout=self.node_limits.stall_timeout,
             )
         except ProtocolError as exc:  # refused: to the caller, the node is unreachable
             raise NodeUnreachable(str(exc)) from exc
@@ -626,7 +706,7 @@ class RpcNetwork:
         self, kind: str, fields: dict[str, Any], data: bytes | None
     ) -> tuple[dict[str, Any], bytes | None]:
         try:
-            out_fields, out_data = await self._handler(self.node_id, kind, fields, data)
+            out_fields, out_data = await self._handler(Peer.node(self.node_id), kind, fields, data)
         except Exception as exc:
             raise remote_error(self.node_id, error_reply(exc, peer=self.node_id, kind=kind)) from exc
         return out_fields, bytes(out_data) if out_data is not None else None
@@ -764,11 +844,15 @@ class RpcNetwork:
         return p.latency if p is not None else None
 
     def connection_status(self) -> dict[str, Any]:
-        """Incoming connections now, what the caps refused, and faults per peer."""
+        """Incoming connections now (by kind of peer), what the caps refused, and faults per peer."""
+        clients = sum(1 for c in self._incoming if not c.peer.is_node)
         return {
             "incoming": len(self._incoming),
+            "clients": clients,
+            "nodes": len(self._incoming) - clients,
             "handshaking": len(self._handshaking),
             "max_connections": self.max_connections,
+            "max_node_connections": self.max_node_connections,
             "refused": self.connections_refused,
             "handshake_failures": self.handshake_failures,
             "faults": dict(self.connection_faults),

@@ -8,6 +8,7 @@ transaction or touches a table):
 - `resync_queue`: `ResyncQueue`, `ErrorEntry` and the backoff policy (tables `resync`, `errors`).
 - `worker_state`: `WorkerState` (table `state`).
 - `inline`: `InlineTable`, small blocks (tables `blocks`, `blocks_zst`).
+- `keys`: `KeyTable`, `KeyRecord`: the client keys (table `keys`).
 - `metadata`: `MetadataStore`, which composes the above (`node.meta`).
 - `block_files`: `BlockFiles`, the block files on disk, in one or several data directories.
 - `local_blocks`: `LocalBlocks`, files + inline blocks + references under each block's lock.
@@ -16,6 +17,7 @@ transaction or touches a table):
 """
 
 from blocknode.storage.block_files import BlockFiles
+from blocknode.storage.keys import KeyRecord, KeyTable
 from blocknode.storage.local_blocks import LocalBlocks
 from blocknode.storage.metadata import MetadataStore
 from blocknode.storage.refs import ABSENT, RcEntry, RefEntry
@@ -25,6 +27,8 @@ __all__ = [
     "ABSENT",
     "BlockFiles",
     "ErrorEntry",
+    "KeyRecord",
+    "KeyTable",
     "LocalBlocks",
     "MetadataStore",
     "RcEntry",

@@ -7,6 +7,7 @@
 | `queue` (`ResyncQueue`)       | `resync`, `errors` | resync queue, failure records with backoff |
 | `state` (`WorkerState`)       | `state`            | worker settings and progress               |
 | `inline` (`InlineTable`)      | `blocks`, `blocks_zst` | small blocks (plain, compressed)       |
+| `keys` (`KeyTable`)           | `keys`             | client keys (verifiers), replicated        |
 
 The rest of the node holds one `MetadataStore` (`node.meta`) and calls the named
 methods below; it never sees a transaction. Changes that can make a block live
@@ -27,6 +28,7 @@ from blocknode.context import NodeContext
 from blocknode.notify import Notify
 from blocknode.storage.env import MetadataEnv
 from blocknode.storage.inline import InlineTable
+from blocknode.storage.keys import KeyTable
 from blocknode.storage.refs import RcEntry, RefEntry, RefTable
 from blocknode.storage.resync_queue import ErrorEntry, ResyncQueue
 from blocknode.storage.worker_state import WorkerState
@@ -64,6 +66,7 @@ class MetadataStore:
                              incref_resync_delay_ms=incref_resync_delay_ms)
         self.state = WorkerState(self.env)
         self.inline = InlineTable(self.env)
+        self.keys = KeyTable(self.env)
 
     def now_ms(self) -> int:
         """The clock of persisted times (ms since the epoch)."""

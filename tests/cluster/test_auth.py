@@ -1,11 +1,13 @@
 """Server-side authentication, seen from outside: a running node over real loopback TCP.
 
-A client with the wrong cluster secret is refused by its own side of the
-handshake (the server's proof does not verify), so it never tests the server.
-The intruder here does what an attacker would: it ignores the server's proof
-and sends a client proof it cannot make without the secret, followed at once
-by requests sealed with keys of its own. The node must close the connection
-at the handshake, answer nothing, and store nothing.
+A client with a wrong key is refused by its own side of the handshake (the
+server's proof does not verify), so it never tests the server. The intruder
+here does what an attacker would: it ignores the server's proof and sends a
+proof it cannot make without the credential — claiming to be a node (a member's
+id, without the cluster secret) or a client (a made-up key id, or a real one
+without its secret) — followed at once by requests sealed with keys of its
+own. The node must close the connection at the handshake, answer nothing, and
+store nothing.
 
 The handshake frames are built by hand from the wire format (a 4-byte
 big-endian length, then a msgpack map; see `blocknode.rpc.handshake`).
@@ -24,7 +26,7 @@ from blocknode import fastpath
 from blocknode.errors import AuthenticationError
 from blocknode.protocol import ADMIN_BLOCK_INFO
 from blocknode.rpc.connect import open_client as open_rpc_client
-from blocknode.rpc.handshake import PROTOCOL_VERSION, SessionKeys
+from blocknode.rpc.handshake import PROTOCOL_VERSION, ClientKey, SessionKeys
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import MSG_REQUEST, OutgoingMessage, encode_head
 from tests.cluster.harness import InProcessCluster, in_process_cluster
@@ -81,13 +83,15 @@ def sealed_requests(requests: list[tuple[str, dict[str, Any], bytes | None]]) ->
     return out
 
 
-async def intrude(addr: str, after_proof: bytes = b"") -> bytes:
-    """Handshake without the secret; returns what the node sent after its hello."""
+async def intrude(addr: str, after_proof: bytes = b"", *, role: str = "node",
+                  claim: str = "node2") -> bytes:
+    """Handshake without the credential, claiming to be `claim` (a node id or a client
+    key id); returns what the node sent after its hello."""
     host, _, port = addr.rpartition(":")
     stream = await trio.open_tcp_stream(host, int(port))
     try:
-        await stream.send_all(frame({"t": "hello", "v": PROTOCOL_VERSION, "id": "intruder",
-                                     "nonce": os.urandom(32)}))
+        await stream.send_all(frame({"t": "hello", "v": PROTOCOL_VERSION, "role": role,
+                                     "id": claim, "nonce": os.urandom(32)}))
         hello = await read_frame(stream)
         assert hello["t"] == "hello" and hello["id"] == "node1"
         # The server's proof is not checked (an attacker does not care); the client
@@ -136,11 +140,19 @@ async def test_wrong_secret_cannot_put_get_or_probe_a_running_node(tmp_path):
             assert await intrude(addr, sealed_requests(requests)) == b""
             assert node.net.handshake_failures == before_failures + 2
 
-            # 3. An honest client holding the wrong secret is refused too.
+            # 3. The same as a client: a made-up key id, then the node's own admin key's
+            #    id without its secret.
+            admin_id = ClientKey.parse((tmp_path / "node1" / "admin_key").read_text()).id
+            for claim in (ClientKey.generate().id, admin_id):
+                assert await intrude(addr, sealed_requests(requests), role="client",
+                                     claim=claim) == b""
+            assert node.net.handshake_failures == before_failures + 4
+
+            # 4. An honest client holding a wrong key is refused too.
             with pytest.raises(AuthenticationError):
-                async with open_rpc_client(addr, os.urandom(32), timeout=5):
+                async with open_rpc_client(addr, ClientKey.generate(), timeout=5):
                     pass
-            assert node.net.handshake_failures == before_failures + 3
+            assert node.net.handshake_failures == before_failures + 5
 
             # Nothing was written anywhere; the known block kept exactly its reference.
             for nid in cl.nodes:

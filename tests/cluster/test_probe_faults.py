@@ -26,7 +26,8 @@ import trio
 
 from blocknode import fastpath
 from blocknode.client import open_client
-from blocknode.config import NodeConfig, load_config
+from blocknode.config import NodeConfig, load_config, load_or_create_secret
+from blocknode.rpc.connect import open_connection
 from tests.cluster.harness import ServeProcesses, write_cluster
 
 pytestmark = pytest.mark.slow
@@ -91,9 +92,24 @@ class Probe:
         reply, _ = await self.call(i, "admin_block_info", {"hash": h})
         return reply
 
+    async def node_call(self, i: int, kind: str, fields: dict[str, Any],
+                        *, timeout: float = 10.0) -> tuple[dict[str, Any], bytes | None]:
+        """A node-internal RPC to node index `i`, made as a node (with the cluster secret:
+        a client key may not make one)."""
+        cfg = self.cfgs[i]
+        conn = await open_connection(cfg.public_addr, load_or_create_secret(cfg, create=False),
+                                     local_id=cfg.node_id, connect_timeout=timeout,
+                                     handshake_timeout=timeout)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn.run)
+            try:
+                return await conn.call(kind, fields, timeout=timeout)
+            finally:
+                nursery.cancel_scope.cancel()
+
     async def local_bytes(self, i: int, h: bytes) -> bytes:
         """The block as node index `i` alone holds it (`get_block`: no fetch from peers)."""
-        _, data = await self.call(i, "get_block", {"hash": h})
+        _, data = await self.node_call(i, "get_block", {"hash": h})
         assert data is not None
         return data
 

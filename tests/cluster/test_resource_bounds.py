@@ -20,8 +20,9 @@ import pytest
 import trio
 
 from blocknode import fastpath
+from blocknode.auth import load_client_key
 from blocknode.client import open_client
-from blocknode.config import NodeConfig, load_config, load_or_create_secret
+from blocknode.config import NodeConfig, load_config
 from blocknode.rpc.connect import handshake
 from blocknode.rpc.handshake import TAG_SIZE, ClientHandshake
 from blocknode.rpc.session import Session
@@ -89,15 +90,16 @@ def idle_connections(addr: str, n: int) -> list[socket.socket]:
 
 
 async def half_sent_messages(cfg: NodeConfig, conns: int, per_conn: int) -> list[trio.abc.Stream]:
-    """`conns` authenticated connections, each with `per_conn` messages of which only the
-    first 64 KiB chunk is sent (each announces a full block)."""
-    secret = load_or_create_secret(cfg, create=False)
+    """`conns` authenticated connections (a client key, as any CLI user has), each with
+    `per_conn` messages of which only the first 64 KiB chunk is sent (each announces a
+    full block)."""
+    key = load_client_key(cfg)
     host, port = split_addr(cfg.public_addr)
     total = max_message_size(cfg.block_size)
     streams: list[trio.abc.Stream] = []
-    for c in range(conns):
+    for _ in range(conns):
         stream = await trio.open_tcp_stream(host, port)
-        hs = ClientHandshake(f"client-half-{c}", secret)
+        hs = ClientHandshake.for_key(key)
         await handshake(stream, hs)
         cipher = Session(hs.keys, decoder=hs.decoder)._send_cipher
         assert cipher is not None

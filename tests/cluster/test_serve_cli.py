@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 
 from blocknode import fastpath
 from blocknode.config import load_config
+from blocknode.rpc.handshake import ClientKey
 from tests.cluster.harness import ServeProcesses, cli, free_ports, write_cluster
 
 pytestmark = pytest.mark.slow
@@ -115,16 +115,20 @@ def test_cli_errors_are_one_line(three, tmp_path):
         (cli("get", "ab" * 32, "-o", str(tmp_path / "out"), config=configs[0]), "not found"),
         (cli("put", str(tmp_path / "missing"), config=configs[0]), "no such file"),
     ]
-    # wrong secret
+    # a key the node does not know (a client's config holds a key, not the cluster secret)
+    (tmp_path / "stranger.key").write_text(f"{ClientKey.generate()}\n")
     bad = tmp_path / "bad.toml"
-    text = configs[0].read_text()
-    bad.write_text(re.sub(r'rpc_secret = "[0-9a-f]+"', 'rpc_secret = "' + "00" * 32 + '"', text)
-                   .replace('cluster_file = "../cluster.toml"', f'cluster_file = "{configs[0].parent.parent}/cluster.toml"'))
-    cases.append((cli("status", config=bad), "secret"))
+    bad.write_text(f'rpc_public_addr = "{load_config(configs[0]).public_addr}"\n'
+                   'client_key_file = "stranger.key"\n')
+    cases.append((cli("status", config=bad), "does not know client key"))
+    # no key at all
+    nokey = tmp_path / "nokey.toml"
+    nokey.write_text(f'rpc_public_addr = "{load_config(configs[0]).public_addr}"\n')
+    cases.append((cli("status", config=nokey), "no client key"))
     # unreachable node
     port = free_ports(1)[0]
     down = tmp_path / "down.toml"
-    down.write_text(f'rpc_bind_addr = "127.0.0.1:{port}"\nrpc_secret = "{"11" * 32}"\n')
+    down.write_text(f'rpc_bind_addr = "127.0.0.1:{port}"\nclient_key_file = "stranger.key"\n')
     cases.append((cli("status", config=down), "unreachable"))
     assert not list(tmp_path.glob("out*"))  # a failed get leaves no file behind
     for r, needle in cases:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from blocknode.errors import RemoteProtocolError
-from blocknode.rpc.handshake import MAX_HANDSHAKE_FRAME, ClientHandshake, ServerHandshake
+from blocknode.rpc.handshake import MAX_HANDSHAKE_FRAME, ClientHandshake, ClientKey, ServerHandshake
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import (
     MSG_REQUEST,
@@ -28,6 +28,13 @@ from blocknode.rpc.wire import (
 )
 
 SECRET = bytes(range(32))
+KEY = ClientKey(f"BK{'0' * 24}", bytes(range(2, 34)))
+KEYS = {KEY.id: KEY.verifier}
+
+
+def server() -> ServerHandshake:
+    """A node that takes node "a" and the client key KEY."""
+    return ServerHandshake("b", SECRET, members={"a", "b"}, lookup_key=KEYS.get)
 
 msgpack_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20) | st.binary(max_size=40),
@@ -139,7 +146,7 @@ def test_encrypted_stream_bit_flips_fail_authentication(size: int, flips: list[t
 
 @given(st.binary(max_size=MAX_HANDSHAKE_FRAME + 50), st.lists(st.integers(0, 2000), max_size=5), st.booleans())
 def test_handshake_garbage_is_protocol_error_or_need_data(data: bytes, cuts: list[int], server: bool) -> None:
-    hs = ServerHandshake("b", SECRET) if server else ClientHandshake("a", SECRET)
+    hs = ServerHandshake("b", SECRET, lookup_key=KEYS.get) if server else ClientHandshake("a", SECRET)
     hs.data_to_send()
     try:
         for piece in split(data, cuts):
@@ -150,12 +157,15 @@ def test_handshake_garbage_is_protocol_error_or_need_data(data: bytes, cuts: lis
     assert not hs.done
 
 
-@given(st.dictionaries(st.sampled_from(["t", "v", "id", "nonce", "mac", "why", "x"]), msgpack_values, max_size=6))
+@given(st.dictionaries(st.sampled_from(["t", "v", "role", "id", "nonce", "mac", "why", "detail", "x"]),
+                      msgpack_values | st.sampled_from(["hello", "finish", "reject", "node", "client",
+                                                        "busy", "member", "role", KEY.id, 2]),
+                      max_size=7))
 def test_handshake_typed_garbage(obj: dict) -> None:
     import msgpack
 
     body = msgpack.packb(obj, use_bin_type=True)
-    for hs in (ServerHandshake("b", SECRET), ClientHandshake("a", SECRET)):
+    for hs in (server(), ClientHandshake("a", SECRET), ClientHandshake.for_key(KEY)):
         hs.receive_data(pack_frame_prefix(len(body)) + body)
         try:
             hs.process()
@@ -167,14 +177,14 @@ def test_handshake_typed_garbage(obj: dict) -> None:
 class HandshakeMachine(RuleBasedStateMachine):
     """Client and server exchange frames in any order, with drops and corruption.
 
-    Invariant: whenever both finish, they agree on keys; corruption only ever
-    gives RemoteProtocolError/AuthenticationError.
+    Invariant: whenever both finish, they agree on keys and on who the client is;
+    corruption only ever gives RemoteProtocolError/AuthenticationError.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.client = ClientHandshake("a", SECRET)
-        self.server = ServerHandshake("b", SECRET)
+        self.client = self.make_client()
+        self.server = server()
         self.to_server = bytearray(self.client.data_to_send())
         self.to_client = bytearray()
         self.failed = False
@@ -227,6 +237,21 @@ class HandshakeMachine(RuleBasedStateMachine):
         if self.client.done and self.server.done:
             assert self.client.keys.send_key == self.server.keys.recv_key
             assert self.client.keys.recv_key == self.server.keys.send_key
+            assert (self.server.keys.role, self.server.keys.peer_id) == (self.client.role,
+                                                                         self.client.node_id)
+
+    @staticmethod
+    def make_client() -> ClientHandshake:
+        return ClientHandshake("a", SECRET)
+
+
+class ClientKeyHandshakeMachine(HandshakeMachine):
+    """The same with a client proving a client key."""
+
+    @staticmethod
+    def make_client() -> ClientHandshake:
+        return ClientHandshake.for_key(KEY)
 
 
 TestHandshakeMachine = HandshakeMachine.TestCase
+TestClientKeyHandshakeMachine = ClientKeyHandshakeMachine.TestCase

@@ -86,6 +86,7 @@ def test_unit_may_write_exactly_the_example_configs_dirs():
     assert sorted(writable) == sorted([cfg.data_dir, cfg.metadata_dir])
     # paths the read-only rest of the file system must hold
     assert cfg.rpc_secret_file.startswith("/etc/blocknode/")
+    assert cfg.admin_key_path.startswith("/etc/blocknode/")  # the node cannot make its own
     assert cfg.cluster_file == "/etc/blocknode/cluster.toml"
     assert not cfg.rpc_bind_addr.startswith("127.") and cfg.rpc_public_addr
 

@@ -140,7 +140,7 @@ def test_handshake_garbage_and_mismatches_blame_the_peer() -> None:
     s.receive_data(pack_frame_prefix(3) + b"\xc1\xc1\xc1")
     with pytest.raises(RemoteProtocolError, match="undecodable"):
         s.process()
-    c, s = ClientHandshake("a", SECRET, version=2), ServerHandshake("b", SECRET)
+    c, s = ClientHandshake("a", SECRET, version=99), ServerHandshake("b", SECRET)
     s.receive_data(c.data_to_send())
     with pytest.raises(RemoteProtocolError, match="version"):
         s.process()

@@ -10,7 +10,7 @@ import trio.testing
 
 from blocknode.rpc.connect import open_client
 from blocknode.rpc.network import RpcNetwork
-from tests.unit.test_rpc_connection import SECRET, MemoryNet
+from tests.unit.test_rpc_connection import KEY, OPEN, SECRET, MemoryNet
 
 MiB = 1024 * 1024
 
@@ -25,11 +25,11 @@ async def test_client_payloads_wait_for_the_request_budget() -> None:
         await release.wait()
         return {}, None
 
-    node = RpcNetwork("n", SECRET, {}, holding, connect=mem.connect, client_buffer_max=2 * MiB)
+    node = RpcNetwork("n", SECRET, {}, holding, **OPEN, connect=mem.connect, client_buffer_max=2 * MiB)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(node.serve_listener, mem.listener("mem-n"))
-            async with open_client("mem-n", SECRET, timeout=5, connect=mem.connect) as conn:
+            async with open_client("mem-n", KEY, timeout=5, connect=mem.connect) as conn:
                 async with trio.open_nursery() as calls:
                     for i in range(5):
                         calls.start_soon(lambda i=i: conn.call("put", {"i": i}, os.urandom(MiB), timeout=10))

@@ -11,12 +11,15 @@ import trio.testing
 
 from blocknode.errors import NodeUnreachable
 from blocknode.rpc.connect import handshake
-from blocknode.rpc.handshake import ClientHandshake
+from blocknode.rpc.handshake import ClientHandshake, ClientKey, Peer
 from blocknode.rpc.network import ByteBudget, RpcNetwork
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import MSG_REQUEST, NEED_DATA, OutgoingMessage, encode_head
 
 SECRET = bytes(range(32))
+KEY = ClientKey.generate()
+OPEN = {"members": {"a", "b", "n"}, "lookup_key": {KEY.id: KEY.verifier}.get}
+"""What a serving network here accepts: nodes a, b and n, and clients with KEY."""
 MiB = 1024 * 1024
 
 
@@ -49,8 +52,8 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
         await self.recv.aclose()
 
 
-async def echo(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-    return {"peer": peer, **fields}, data
+async def echo(peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    return {"peer": str(peer), **fields}, data
 
 
 async def test_byte_budget_is_fifo_and_clamps() -> None:
@@ -78,13 +81,13 @@ async def test_ram_budget_blocks_a_second_payload_until_the_first_is_done() -> N
     entered: list[int] = []
     release = trio.Event()
 
-    async def holding(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    async def holding(peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         entered.append(fields["i"])
         await release.wait()
         return {}, None
 
     a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect, ram_buffer_max=MiB + MiB // 2)
-    b = RpcNetwork("b", SECRET, {}, holding, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, holding, **OPEN, connect=mem.connect)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(b.serve_listener, mem.listener("mem-b"))
@@ -103,14 +106,14 @@ async def test_ram_budget_blocks_a_second_payload_until_the_first_is_done() -> N
 
 async def raw_client(mem: MemoryNet, addr: str) -> tuple[trio.abc.Stream, Session]:
     stream = await mem.connect(addr)
-    hs = ClientHandshake("client-raw", SECRET)
+    hs = ClientHandshake.for_key(KEY)
     await handshake(stream, hs)
     return stream, Session(hs.keys, decoder=hs.decoder)
 
 
 async def test_tampered_frame_closes_only_that_connection() -> None:
     mem = MemoryNet()
-    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, echo, **OPEN, connect=mem.connect)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(b.serve_listener, mem.listener("mem-b"))
@@ -131,14 +134,14 @@ async def test_tampered_frame_closes_only_that_connection() -> None:
             await good_stream.send_all(good.data_to_send()[0])
             while (item := good.next_message()) is NEED_DATA:
                 good.receive_data(await good_stream.receive_some(65536))
-            assert item[2].fields == {"peer": "client-raw", "v": 7}  # type: ignore[index]
+            assert item[2].fields == {"peer": f"client key {KEY.id}", "v": 7}  # type: ignore[index]
             nursery.cancel_scope.cancel()
 
 
 async def test_cancelled_call_drops_its_transfer_and_connection_survives() -> None:
     mem = MemoryNet()
     a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
-    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, echo, **OPEN, connect=mem.connect)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(b.serve_listener, mem.listener("mem-b"))
@@ -159,12 +162,12 @@ async def test_pending_calls_fail_when_the_peer_goes_away() -> None:
     mem = MemoryNet()
     never = trio.Event()
 
-    async def stuck(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    async def stuck(peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         await never.wait()
         return {}, None
 
     a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
-    b = RpcNetwork("b", SECRET, {}, stuck, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, stuck, **OPEN, connect=mem.connect)
     with trio.fail_after(10):
         async with trio.open_nursery() as outer:
             await outer.start(a.run)
@@ -190,7 +193,7 @@ async def test_pending_calls_fail_when_the_peer_goes_away() -> None:
 async def test_payload_sizes_round_trip_in_memory(size: int) -> None:
     mem = MemoryNet()
     a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
-    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, echo, **OPEN, connect=mem.connect)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(b.serve_listener, mem.listener("mem-b"))
@@ -204,7 +207,7 @@ async def test_duplicate_request_id_closes_only_that_connection() -> None:
     # Issue 9 A.2: two requests with one id made SendScheduler.push raise inside the
     # connection, which escaped into the network's nursery and stopped the node.
     mem = MemoryNet()
-    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, echo, **OPEN, connect=mem.connect)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(b.serve_listener, mem.listener("mem-b"))
@@ -216,13 +219,13 @@ async def test_duplicate_request_id_closes_only_that_connection() -> None:
                 pass
             await trio.testing.wait_all_tasks_blocked()
             assert b.incoming_connections == 0
-            assert b.connection_faults == {"client-raw": 1}
+            assert b.connection_faults == {KEY.id: 1}
             good_stream, good = await raw_client(mem, "mem-b")
             good.queue(OutgoingMessage(7, False, encode_head(MSG_REQUEST, "echo", {"v": 1}, False), None))
             await good_stream.send_all(good.data_to_send()[0])
             while (item := good.next_message()) is NEED_DATA:
                 good.receive_data(await good_stream.receive_some(65536))
-            assert item[2].fields == {"peer": "client-raw", "v": 1}  # type: ignore[index]
+            assert item[2].fields == {"peer": f"client key {KEY.id}", "v": 1}  # type: ignore[index]
             nursery.cancel_scope.cancel()
 
 
@@ -231,7 +234,7 @@ async def test_an_exception_inside_a_connection_closes_only_that_connection(monk
     from blocknode.rpc.connection import RpcConnection
 
     mem = MemoryNet()
-    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect)
+    b = RpcNetwork("b", SECRET, {}, echo, **OPEN, connect=mem.connect)
     real_dispatch = RpcConnection._dispatch
 
     def dispatch(self: RpcConnection, sid: int, msg: Any, taken: int = 0) -> None:
@@ -248,7 +251,7 @@ async def test_an_exception_inside_a_connection_closes_only_that_connection(monk
             await stream.send_all(sess.data_to_send()[0])
             assert await stream.receive_some(65536) == b""
             await trio.testing.wait_all_tasks_blocked()
-            assert b.connection_faults == {"client-raw": 1}
+            assert b.connection_faults == {KEY.id: 1}
             a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
             await nursery.start(a.run)
             assert (await a.call("b", "echo", {"ok": 1}, timeout=5))[0] == {"peer": "a", "ok": 1}
@@ -262,7 +265,7 @@ async def test_messages_beyond_the_receive_budget_are_answered_busy() -> None:
 
     mem = MemoryNet()
     a = RpcNetwork("a", SECRET, {"b": "mem-b"}, echo, connect=mem.connect)
-    b = RpcNetwork("b", SECRET, {}, echo, connect=mem.connect, receive_buffer_max=2 * MiB + MiB // 2)
+    b = RpcNetwork("b", SECRET, {}, echo, **OPEN, connect=mem.connect, receive_buffer_max=2 * MiB + MiB // 2)
     outcomes: list[str] = []
 
     async def put(i: int) -> None:
@@ -294,7 +297,7 @@ async def test_unread_replies_are_bounded_and_stop_the_reading() -> None:
 
     calls: list[int] = []
 
-    async def get(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    async def get(peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         calls.append(fields.get("i", -1))
         return {}, bytes(MiB)
 
@@ -307,14 +310,14 @@ async def test_unread_replies_are_bounded_and_stop_the_reading() -> None:
         await listener.send.send(server)
         return client
 
-    node = RpcNetwork("n", SECRET, {}, get, reply_buffer_max=8 * MiB,
+    node = RpcNetwork("n", SECRET, {}, get, **OPEN, reply_buffer_max=8 * MiB,
                       reply_size=lambda kind: MiB if kind == "get" else 0)
     assert node.reply_share == 2 * MiB
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(node.serve_listener, listener)
             stream = await lockstep_connect("n")
-            hs = ClientHandshake("client-greedy", SECRET)
+            hs = ClientHandshake.for_key(KEY)
             await handshake(stream, hs)
             greedy = Session(hs.keys, decoder=hs.decoder)
             for i in range(64):
@@ -328,7 +331,7 @@ async def test_unread_replies_are_bounded_and_stop_the_reading() -> None:
             assert len(calls) <= 3
             assert node.reply_budget.used <= node.reply_share + MiB
             # another client is still served
-            async with open_client("n", SECRET, timeout=5, connect=lockstep_connect) as other:
+            async with open_client("n", KEY, timeout=5, connect=lockstep_connect) as other:
                 fields, data = await other.call("get", {}, timeout=5)
                 assert data == bytes(MiB)
             await stream.aclose()
@@ -343,12 +346,12 @@ async def test_reserved_replies_that_come_back_small_let_reading_go_on() -> None
     from blocknode.rpc.connect import open_client
 
     mem = MemoryNet()
-    node = RpcNetwork("n", SECRET, {}, echo, connect=mem.connect, reply_buffer_max=8 * MiB,
+    node = RpcNetwork("n", SECRET, {}, echo, **OPEN, connect=mem.connect, reply_buffer_max=8 * MiB,
                       reply_size=lambda kind: MiB)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(node.serve_listener, mem.listener("mem-n"))
-            async with open_client("mem-n", SECRET, timeout=5, connect=mem.connect) as client:
+            async with open_client("mem-n", KEY, timeout=5, connect=mem.connect) as client:
                 got: list[int] = []
 
                 async def one(i: int) -> None:

@@ -1,4 +1,4 @@
-"""Sans-io handshake and session encryption."""
+"""Sans-io handshake and session encryption; nodes and client keys (issue 10)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import os
 import pytest
 
 from blocknode.errors import AuthenticationError, ProtocolError
-from blocknode.rpc.handshake import ClientHandshake, ServerHandshake
+from blocknode.rpc.handshake import (
+    ROLE_CLIENT,
+    ClientHandshake,
+    ClientKey,
+    HandshakeBusy,
+    Peer,
+    ServerHandshake,
+)
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import MSG_REQUEST, NEED_DATA, OutgoingMessage, encode_head
 
@@ -211,3 +218,147 @@ def test_shortened_frame_fails_authentication() -> None:
     b.receive_data(n.to_bytes(4, "big") + frame[4 : 4 + n])
     with pytest.raises(AuthenticationError):
         b.next_message()
+
+
+# ---------------------------------------------------------------- client keys (issue 10)
+
+KEY = ClientKey.generate()
+KEYS = {KEY.id: KEY.verifier}
+
+
+def key_server(**kw: object) -> ServerHandshake:
+    return ServerHandshake("node-a", SECRET, members={"node-a", "node-b"}, lookup_key=KEYS.get,
+                           **kw)  # type: ignore[arg-type]
+
+
+def test_client_key_handshake_proves_the_client_role() -> None:
+    c, s = ClientHandshake.for_key(KEY), key_server()
+    run_handshake(c, s)
+    assert c.done and s.done
+    assert s.keys.peer == Peer.client(KEY.id) and not s.keys.peer.is_node
+    assert c.keys.peer == Peer.node("node-a")
+    assert c.keys.send_key == s.keys.recv_key and c.keys.recv_key == s.keys.send_key
+
+
+@pytest.mark.parametrize("key", [ClientKey(KEY.id, OTHER), ClientKey.generate()],
+                         ids=["wrong-secret", "unknown-id"])
+def test_a_wrong_or_unknown_key_is_refused_alike(key: ClientKey) -> None:
+    c, s = ClientHandshake.for_key(key), key_server()
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(AuthenticationError, match=f"does not know client key {key.id}"):
+        c.process()
+    s.receive_data(c.data_to_send())  # the client's reject
+    with pytest.raises(AuthenticationError, match="its key is unknown here"):
+        s.process()
+    assert not s.done
+
+
+def _fixed(nonce: bytes):  # an rng giving this nonce: replays a handshake's numbers
+    return lambda n: nonce
+
+
+def test_an_unknown_key_id_cannot_finish_even_ignoring_the_server_proof() -> None:
+    # An attacker ignores the (random) proof it got and sends the finish an honest
+    # client of that key would send to a node that knew the key: refused.
+    stranger = ClientKey.generate()
+    nc, ns = os.urandom(32), os.urandom(32)
+    c, s = ClientHandshake.for_key(stranger, rng=_fixed(nc)), key_server(rng=_fixed(ns))
+    s.receive_data(c.data_to_send())
+    s.process()
+    assert s.data_to_send()  # a hello with a proof from a random verifier
+    c2 = ClientHandshake.for_key(stranger, rng=_fixed(nc))
+    knows = ServerHandshake("node-a", SECRET, lookup_key={stranger.id: stranger.verifier}.get,
+                            rng=_fixed(ns))
+    knows.receive_data(c2.data_to_send())
+    knows.process()
+    c2.receive_data(knows.data_to_send())
+    c2.process()
+    s.receive_data(c2.data_to_send())
+    with pytest.raises(AuthenticationError, match="unknown or revoked key"):
+        s.process()
+
+
+def test_a_stolen_verifier_does_not_authenticate() -> None:
+    # The keys table holds verifiers; one leaked is not a key.
+    c, s = ClientHandshake.for_key(ClientKey(KEY.id, KEY.verifier)), key_server()
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(AuthenticationError):
+        c.process()
+
+
+def test_a_client_cannot_claim_to_be_a_node() -> None:
+    # With its key's secret as if it were the cluster secret, under a member's id.
+    c, s = ClientHandshake("node-b", KEY.secret), key_server()
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(AuthenticationError, match="cluster secret"):
+        c.process()
+    # ... and when it ignores the node's proof and sends a valid client proof made
+    # with the same nonces, as if it were a node's.
+    nc, ns = os.urandom(32), os.urandom(32)
+    c, s = ClientHandshake("node-b", KEY.secret, rng=_fixed(nc)), key_server(rng=_fixed(ns))
+    s.receive_data(c.data_to_send())
+    s.process()
+    s.receive_data(honest_finish(nc, ns))
+    with pytest.raises(AuthenticationError, match="failed to prove it holds the cluster secret"):
+        s.process()
+
+
+def honest_finish(nc: bytes, ns: bytes) -> bytes:
+    """The finish frame KEY's holder sends in a client handshake with these nonces."""
+    c, s = ClientHandshake.for_key(KEY, rng=_fixed(nc)), key_server(rng=_fixed(ns))
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    c.process()
+    return c.data_to_send()
+
+
+def test_a_node_id_outside_the_cluster_is_refused_at_the_hello() -> None:
+    c, s = ClientHandshake("node-z", SECRET), key_server()
+    s.receive_data(c.data_to_send())
+    with pytest.raises(AuthenticationError, match="not a node of this cluster"):
+        s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(AuthenticationError, match="'node-z' is not a node of its cluster"):
+        c.process()
+
+
+def test_a_key_id_equal_to_a_node_id_is_still_a_client() -> None:
+    c = ClientHandshake("node-b", KEY.secret, role=ROLE_CLIENT)
+    s = ServerHandshake("node-a", SECRET, lookup_key={"node-b": KEY.verifier}.get)
+    run_handshake(c, s)
+    assert s.keys.peer == Peer.client("node-b") and not s.keys.peer.is_node
+
+
+def test_refusals_at_the_hello_are_named() -> None:
+    c, s = ClientHandshake.for_key(KEY), ServerHandshake("node-a", SECRET)  # takes no keys
+    s.receive_data(c.data_to_send())
+    with pytest.raises(ProtocolError, match="takes none"):
+        s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(ProtocolError, match="accepts no client keys"):
+        c.process()
+    c, s = ClientHandshake.for_key(KEY), key_server(admit=lambda role, pid: "at its cap")
+    s.receive_data(c.data_to_send())
+    with pytest.raises(HandshakeBusy):
+        s.process()
+    c.receive_data(s.data_to_send())
+    with pytest.raises(HandshakeBusy, match="refused the connection: at its cap"):
+        c.process()
+
+
+def test_the_key_string_round_trips_and_never_shows_the_secret() -> None:
+    text = str(KEY)
+    assert text == f"{KEY.id}:{KEY.secret.hex()}" and ClientKey.parse(text + "\n") == KEY
+    assert KEY.secret.hex() not in repr(KEY)
+    for bad in ["", KEY.id, f"{KEY.id}:", f"{KEY.id}:{'zz' * 32}", f"XX{KEY.id[2:]}:{'00' * 32}",
+                f"{KEY.id}:{KEY.secret.hex()[:-2]}"]:
+        with pytest.raises(ValueError) as info:
+            ClientKey.parse(bad)
+        assert KEY.secret.hex()[:16] not in str(info.value)

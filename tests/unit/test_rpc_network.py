@@ -21,15 +21,18 @@ from blocknode.errors import (
 )
 from blocknode.rpc.connect import open_client
 from blocknode.rpc.errors import RemoteCallError, RemoteNotFound
+from blocknode.rpc.handshake import ClientKey, Peer
 from blocknode.rpc.network import RpcNetwork
 from blocknode.rpc.wire import PRIO_BACKGROUND
 
 SECRET = bytes(range(32))
+KEY = ClientKey.generate()
+KEYS = {KEY.id: KEY.verifier}
 
 
-async def handler(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+async def handler(peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
     if kind == "echo":
-        return {"peer": peer, **fields}, data
+        return {"peer": str(peer), **fields}, data
     if kind == "missing":
         raise BlockNotFound("ab" * 32)
     if kind == "crash":
@@ -59,7 +62,8 @@ async def cluster(ids: str = "abc", *, extra_peers: dict[str, str] | None = None
     addrs = free_addrs(ids)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            nets = {i: RpcNetwork(i, SECRET, {**addrs, **(extra_peers or {})}, handler, **kw) for i in ids}
+            nets = {i: RpcNetwork(i, SECRET, {**addrs, **(extra_peers or {})}, handler,
+                                  lookup_key=KEYS.get, **kw) for i in ids}
             for i in ids:
                 await nursery.start(nets[i].serve, addrs[i])
             yield nets, addrs
@@ -124,7 +128,7 @@ async def test_call_many_quorum_error_names_every_failed_node() -> None:
 
 
 async def test_call_many_with_a_hanging_node_returns_at_quorum() -> None:
-    async def slow_c(peer: str, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    async def slow_c(peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         await trio.sleep_forever()
         raise AssertionError
 
@@ -184,7 +188,7 @@ async def test_node_keeps_serving_after_garbage_and_silent_clients() -> None:
 
 async def test_client_connection_calls_and_wrong_secret() -> None:
     async with cluster("ab") as (_, addrs):
-        async with open_client(addrs["b"], SECRET, timeout=5) as client:
+        async with open_client(addrs["b"], KEY, timeout=5) as client:
             assert client.peer_id == "b"
             async with trio.open_nursery() as nursery:  # concurrent calls share the connection
                 results: dict[int, Any] = {}
@@ -195,28 +199,35 @@ async def test_client_connection_calls_and_wrong_secret() -> None:
                 for i in range(5):
                     nursery.start_soon(one, i)
             assert sorted(r[0]["i"] for r in results.values()) == list(range(5))
-            assert all(r[0]["peer"].startswith("client-") for r in results.values())
+            assert all(r[0]["peer"] == f"client key {KEY.id}" for r in results.values())
             with pytest.raises(RpcTimeout):
                 await client.call("hang", {}, timeout=0.2)
             with pytest.raises(RemoteNotFound):
                 await client.call("missing", {}, timeout=5)
-        with pytest.raises(AuthenticationError, match="cluster secret"):
-            async with open_client(addrs["b"], bytes(32), timeout=5):
+        with pytest.raises(AuthenticationError, match="does not know client key"):
+            async with open_client(addrs["b"], ClientKey(KEY.id, bytes(32)), timeout=5):
+                pass
+        with pytest.raises(AuthenticationError, match="does not know client key"):
+            async with open_client(addrs["b"], ClientKey.generate(), timeout=5):
                 pass
         with pytest.raises(NodeUnreachable):
-            async with open_client("127.0.0.1:1", SECRET, timeout=5):
+            async with open_client("127.0.0.1:1", KEY, timeout=5):
                 pass
 
 
-async def test_node_with_wrong_secret_is_refused() -> None:
+async def test_node_with_wrong_secret_or_not_a_member_is_refused() -> None:
     async with cluster("ab") as (nets, addrs):
-        intruder = RpcNetwork("x", bytes(32), {"b": addrs["b"]}, handler)
+        intruder = RpcNetwork("a", bytes(32), {"b": addrs["b"]}, handler)  # a member's id
+        stranger = RpcNetwork("x", SECRET, {"b": addrs["b"]}, handler)  # not a member
         async with trio.open_nursery() as nursery:
             await nursery.start(intruder.run)
+            await nursery.start(stranger.run)
             with pytest.raises(NodeUnreachable, match="cluster secret"):
                 await intruder.call("b", "echo", {}, timeout=5)
+            with pytest.raises(NodeUnreachable, match="'x' is not a node of its cluster"):
+                await stranger.call("b", "echo", {}, timeout=5)
             nursery.cancel_scope.cancel()
-        assert nets["b"].handshake_failures >= 1
+        assert nets["b"].handshake_failures >= 2
 
 
 async def test_a_peer_that_comes_up_late_is_called_at_once_not_after_its_backoff() -> None:
@@ -227,7 +238,7 @@ async def test_a_peer_that_comes_up_late_is_called_at_once_not_after_its_backoff
     port = s.getsockname()[1]
     s.close()
     a = RpcNetwork("a", SECRET, {"b": f"127.0.0.1:{port}"}, handler, backoff_initial=30)
-    b = RpcNetwork("b", SECRET, {}, handler)
+    b = RpcNetwork("b", SECRET, {}, handler, members={"a", "b"})
     async with trio.open_nursery() as nursery:
         with trio.fail_after(10):
             await nursery.start(a.run)
