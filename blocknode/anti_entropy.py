@@ -104,7 +104,7 @@ class AntiEntropy:
         if any(not r.hash.startswith(prefix) for r in theirs):
             raise RemoteProtocolError("refs: entry outside the prefix")
         ours = await trio.to_thread.run_sync(refs_under, self.meta, prefix)
-        changed = await self.manager.blocks.apply_refs(theirs)
+        changed = await self.manager.blocks.apply_refs(self.manager.versions_from_peer(peer, theirs))
         return {"refs": ours, "changed": changed}, None
 
     # ------------------------------------------------------------ rounds
@@ -174,7 +174,8 @@ class AntiEntropy:
         stats["ranges_exchanged"] += 1
         stats["merged_there"] += int(reply.get("changed", 0) or 0)
         if theirs:
-            stats["merged_here"] += await self.manager.blocks.apply_refs(theirs)
+            stats["merged_here"] += await self.manager.blocks.apply_refs(
+                self.manager.versions_from_peer(peer, theirs))
 
     async def run(self, *, first_delay: float | None = None) -> None:
         """The worker task: a round shortly after start, then every `interval` (jittered)."""

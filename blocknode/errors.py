@@ -19,6 +19,7 @@ __all__ = [
     "BlockNotFound",
     "BlocknodeError",
     "CliError",
+    "ClockSkewError",
     "ConfigError",
     "CorruptEntry",
     "HashMismatch",
@@ -36,6 +37,7 @@ __all__ = [
     "StoreError",
     "StreamTruncated",
     "UnknownNode",
+    "VersionConflict",
     "single_error",
 ]
 
@@ -125,6 +127,11 @@ class RemoteProtocolError(ProtocolError):
     """
 
 
+class ClockSkewError(RemoteProtocolError):
+    """A peer sent a reference version timestamped further ahead of this node's clock
+    than `max_clock_skew` allows: refused (one bad clock must not decide the order)."""
+
+
 class LocalProtocolError(ProtocolError):
     """This process misused the protocol API: unencodable fields, an unknown
     priority, a block over `block_size` handed to a coordinator, bytes fed after
@@ -166,6 +173,14 @@ class QuorumError(RpcError):
         super().__init__(
             f"{what}: quorum not reached ({successes}/{quorum} succeeded); failed: {detail}"
         )
+
+
+class VersionConflict(BlocknodeError):
+    """A reference change lost to a newer version of the same reference, made elsewhere
+    (last writer wins): the change is not in effect. Running the command again applies
+    it after that version."""
+
+    rpc_code = "conflict"
 
 
 def single_error(group: BaseExceptionGroup) -> BaseException:

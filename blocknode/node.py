@@ -105,6 +105,7 @@ class Node:
             hedge_delay=cfg.hedge_delay,
             block_size=cfg.block_size,
             run_sync=self.ctx.run_sync,
+            max_clock_skew_ms=max(1, int(cfg.max_clock_skew * 1000)),
         )
         self._handlers: dict[str, Handler] = dict(self.manager.handlers())
         self._handlers[STATUS] = self.handle_status

@@ -357,7 +357,7 @@ class Resync:
         if any(r.hash != h for r in theirs):
             raise ResyncError(f"{peer} answered with references of other blocks")
         if theirs:
-            await self.blocks.apply_refs(theirs)
+            await self.blocks.apply_refs(self.manager.versions_from_peer(peer, theirs))
 
     async def _fetch(self, h: bytes) -> None:
         nodes = [n for n in self.manager.read_order(h) if n != self.node_id]

@@ -34,7 +34,6 @@ from blocknode.client.manifest import (
     parse_hash,
     split,
 )
-from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, load_or_create_secret
 from blocknode.errors import (
     BlocknodeError,
@@ -75,17 +74,16 @@ class Client:
 
     # ---- blocks ----
 
-    async def put_block(self, data: bytes, ref_id: str, ts_ms: int | None = None) -> bytes:
+    async def put_block(self, data: bytes, ref_id: str) -> bytes:
         """Put one block (at most `block_size` bytes) with a reference; returns its hash.
 
         Small blocks put concurrently through one client travel together (see
-        `PutBatcher`); each caller still gets its own result or error.
+        `PutBatcher`); each caller still gets its own result or error. The
+        reference's time is set by the cluster.
         """
-        ts = wall_ms() if ts_ms is None else ts_ms
         if len(data) <= BATCH_MAX_BLOCK:
-            return await self._batcher.put(data, ref_id, ts)
-        fields = {"ref_id": ref_id, "ts": ts}
-        reply, _ = await self.call(CLIENT_PUT, fields, data)
+            return await self._batcher.put(data, ref_id)
+        reply, _ = await self.call(CLIENT_PUT, {"ref_id": ref_id}, data)
         return reply["hash"]
 
     async def get_block(self, h: bytes) -> bytes:
@@ -96,9 +94,11 @@ class Client:
         except HashMismatch:
             raise RemoteProtocolError(f"node returned bad data for block {h.hex()}") from None
 
-    async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool) -> None:
-        """Add or delete one block's reference."""
-        await self.call(CLIENT_REF, {"hash": h, "ref_id": ref_id, "deleted": deleted, "ts": wall_ms()})
+    async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool) -> bool:
+        """Add or delete one block's reference; True when it was live before on a
+        write node that answered (the cluster sets the version's time)."""
+        reply, _ = await self.call(CLIENT_REF, {"hash": h, "ref_id": ref_id, "deleted": deleted})
+        return reply.get("existed") is True
 
     # ---- data of any size ----
 
@@ -127,16 +127,15 @@ class Client:
         thread): blocks are uploaded while the next is read, a few at a time.
         """
         ref_id = ref or new_ref_id()
-        ts = wall_ms()
         if small is not None and len(small) <= self.block_size and not small.startswith(MANIFEST_MAGIC):
-            return (await self.put_block(small, ref_id, ts)).hex()
+            return (await self.put_block(small, ref_id)).hex()
         hashes: list[bytes] = []
         total = 0
         limiter = trio.Semaphore(_PARALLEL_BLOCKS)
 
         async def put_one(i: int, chunk: bytes) -> None:
             try:
-                hashes[i] = await self.put_block(chunk, ref_id, ts)
+                hashes[i] = await self.put_block(chunk, ref_id)
             finally:
                 limiter.release()
 
@@ -151,7 +150,7 @@ class Client:
             raise BlocknodeError(
                 f"data of {total} bytes needs {len(hashes)} blocks: too many for one manifest"
             )
-        return (await self.put_block(manifest, ref_id, ts)).hex()
+        return (await self.put_block(manifest, ref_id)).hex()
 
     async def get(self, hash_hex: str) -> bytes:
         """The exact bytes stored under `hash_hex` (manifests reassembled and verified)."""
@@ -191,7 +190,11 @@ class Client:
         return [h] if manifest is None else [*manifest[1], h]
 
     async def ref(self, hash_hex: str, ref_id: str) -> None:
-        """Add reference `ref_id` to the data (to every block of a manifest too)."""
+        """Add reference `ref_id` to the data (to every block of a manifest too).
+
+        Raises `RemoteError` with code ``conflict`` when the change lost to a newer
+        version made meanwhile elsewhere (running it again applies it after that).
+        """
         h = parse_hash(hash_hex)
         for bh in await self._blocks_of(h):
             await self.set_ref(bh, ref_id, deleted=False)

@@ -27,14 +27,14 @@ BATCH_MAX_BLOCK = 64 * 1024  # puts up to this size may share one RPC with concu
 BATCH_MAX_BYTES = 1024 * 1024
 BATCH_MAX_ITEMS = MAX_BATCH_ROWS  # a node refuses larger batches
 _BATCH_HEAD_ROOM = HEAD_MAX - 1024  # the rows of one batch must fit in its message head
-_ROW_HEAD_BYTES = 20  # msgpack cost of a row besides its ref id: [str hdr, u64 ts, u32 length]
+_ROW_HEAD_BYTES = 12  # msgpack cost of a row besides its ref id: [str hdr, u32 length]
 
 
 class _PendingPut:
-    __slots__ = ("data", "ref_id", "ts", "done", "hash", "error")
+    __slots__ = ("data", "ref_id", "done", "hash", "error")
 
-    def __init__(self, data: bytes, ref_id: str, ts: int) -> None:
-        self.data, self.ref_id, self.ts = data, ref_id, ts
+    def __init__(self, data: bytes, ref_id: str) -> None:
+        self.data, self.ref_id = data, ref_id
         self.done = trio.Event()
         self.hash: bytes | None = None
         self.error: BaseException | None = None
@@ -55,8 +55,8 @@ class PutBatcher:
         self._pending: list[_PendingPut] = []
         self._collecting = False
 
-    async def put(self, data: bytes, ref_id: str, ts: int) -> bytes:
-        item = _PendingPut(data, ref_id, ts)
+    async def put(self, data: bytes, ref_id: str) -> bytes:
+        item = _PendingPut(data, ref_id)
         self._pending.append(item)
         if not self._collecting:
             self._collecting = True
@@ -93,7 +93,7 @@ class PutBatcher:
         try:
             reply, _ = await self._client.call(
                 CLIENT_PUT_MANY,
-                {"items": [[it.ref_id, it.ts, len(it.data)] for it in batch]},
+                {"items": [[it.ref_id, len(it.data)] for it in batch]},
                 b"".join(it.data for it in batch),
             )
             hashes, errors = reply.get("hashes"), reply.get("errors")

@@ -92,6 +92,10 @@ class MetadataStore:
         """Every reference version (live and deleted) of one block."""
         return self.refs.refs_of(hash)
 
+    def ref_versions(self, keys: Iterable[tuple[bytes, str]]) -> list[RefEntry | None]:
+        """The stored version of each (hash, ref id), None where there is none."""
+        return self.refs.versions(keys)
+
     def iter_refs(self, prefix: bytes = b"") -> Iterator[RefEntry]:
         """Every reference whose hash starts with `prefix`."""
         return self.refs.iter_refs(prefix)
