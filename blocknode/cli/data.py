@@ -123,9 +123,20 @@ def cmd_ref(args: argparse.Namespace) -> int:
 
 
 def cmd_unref(args: argparse.Namespace) -> int:
-    """Delete a reference (the block is collected once no reference is left)."""
+    """Delete a reference (the block is collected once no reference is left).
+
+    A reference that did not exist is not an error (the deletion is recorded all
+    the same: exit 0), but it is said on stderr.
+    """
     hash_arg(args.hash)
-    return run_with_client(args, lambda c: _done(c.unref(args.hash, args.ref)))
+
+    async def go(client: Client) -> int:
+        if not await client.unref(args.hash, args.ref):
+            print(f"note: {args.hash} had no reference {args.ref!r}: nothing was deleted",
+                  file=sys.stderr)
+        return 0
+
+    return run_with_client(args, go)
 
 
 async def _done(aw: Awaitable[Any]) -> int:

@@ -199,15 +199,21 @@ class Client:
         for bh in await self._blocks_of(h):
             await self.set_ref(bh, ref_id, deleted=False)
 
-    async def unref(self, hash_hex: str, ref_id: str) -> None:
-        """Delete reference `ref_id` (from every block of a manifest too)."""
+    async def unref(self, hash_hex: str, ref_id: str) -> bool:
+        """Delete reference `ref_id` (from every block of a manifest too).
+
+        Returns whether the reference existed (was live on a write node of the
+        data's block that answered); a deletion is recorded either way.
+        """
         h = parse_hash(hash_hex)
         try:
             blocks = await self._blocks_of(h)
         except BlocknodeError:
             blocks = [h]  # the data may already be gone: the deletion must still go through
+        existed = False
         for bh in blocks:
-            await self.set_ref(bh, ref_id, deleted=True)
+            existed |= await self.set_ref(bh, ref_id, deleted=True) and bh == h
+        return existed
 
     async def status(self) -> dict[str, Any]:
         """The node's status (see `Node.status`)."""

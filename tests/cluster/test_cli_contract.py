@@ -301,6 +301,19 @@ def test_block_info_with_the_largest_timestamp(serving, node, tmp_path, capsys):
 
 # ---------------------------------------------------------------- ref / unref
 
+def test_unref_of_a_reference_that_does_not_exist_says_so(node, tmp_path, capsys):
+    """Issue 9 C.14: `unref` of a reference that does not exist succeeded silently (and
+    wrote a tombstone). It still exits 0 (the deletion is recorded), with a note."""
+    h = put_bytes(node, tmp_path, b"unref me", capsys)
+    assert run(node, "unref", h, "nosuch") == 0
+    err = capsys.readouterr().err
+    assert err == f"note: {h} had no reference 'nosuch': nothing was deleted\n"
+    assert run(node, "unref", h, "t") == 0
+    assert capsys.readouterr().err == ""
+    assert run(node, "unref", h, "t") == 0  # again: it is gone now
+    assert "had no reference 't'" in capsys.readouterr().err
+
+
 def test_a_change_that_lost_to_a_newer_version_says_so_and_exits_1(serving, node, tmp_path, capsys):
     """Issue 10 part 2: a deletion timestamped an hour ahead (stored before the cluster
     set the times) wins over a `ref` until then: the command says so, exit 1."""
