@@ -163,15 +163,23 @@ class RemoteError(RpcError):
 
 
 class QuorumError(RpcError):
-    """Fewer nodes than the quorum succeeded; `failures` maps each node to its error."""
+    """Fewer nodes than the quorum succeeded; `failures` maps each node to its error.
 
-    def __init__(self, what: str, quorum: int, successes: int, failures: dict[str, str]) -> None:
+    `applied` names the nodes that did succeed (a write below quorum is still
+    applied there: the message says where, so that nobody reads "0/2" as "nothing
+    happened").
+    """
+
+    def __init__(self, what: str, quorum: int, successes: int, failures: dict[str, str],
+                 applied: list[str] | None = None) -> None:
         self.quorum = quorum
         self.successes = successes
         self.failures = failures
+        self.applied = sorted(applied or [])
         detail = "; ".join(f"{node}: {err}" for node, err in sorted(failures.items()))
+        where = f", applied on {', '.join(self.applied)}" if self.applied else ""
         super().__init__(
-            f"{what}: quorum not reached ({successes}/{quorum} succeeded); failed: {detail}"
+            f"{what}: quorum not reached ({successes}/{quorum} succeeded{where}); failed: {detail}"
         )
 
 
