@@ -23,7 +23,7 @@ def cmd_put(args: argparse.Namespace) -> int:
 
     async def go(client: Client) -> int:
         try:
-            h = await put_stream(client, source, ref, name=args.path)
+            h = await put_stream(client, source, ref, name=args.path, fresh_ref=not args.ref)
         finally:
             if source is not sys.stdin.buffer:
                 source.close()
@@ -63,14 +63,23 @@ def _read_block(f: BinaryIO, size: int) -> bytes:
     return b"".join(parts)
 
 
-async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str) -> str:
+async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str,
+                     fresh_ref: bool = False) -> str:
     """Store everything `f` yields, reading one block at a time in a worker thread.
 
     Memory stays at a few blocks whatever the size. Blocks are always full
     (`block_size`) but the last, so a file, a pipe and stdin with the same bytes
     get the same hash; data up to one block is one block (hash = its blake2sum).
+    A regular file's size is known up front: data too large for one manifest is
+    refused before anything is uploaded. `fresh_ref`: `ref` was made for this put
+    (on failure it is released from what was stored, see `Client.put_chunks`).
     """
     size = client.block_size
+    try:
+        st = os.fstat(f.fileno())
+        known = st.st_size - f.tell() if stat.S_ISREG(st.st_mode) else None
+    except (OSError, ValueError, AttributeError):
+        known = None
 
     async def read() -> bytes:
         try:
@@ -80,10 +89,10 @@ async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str) -> str
 
     first = await read()
     if len(first) < size:
-        return await client.put(first, ref)
+        return await client.put(first, ref, fresh_ref=fresh_ref)
     second = await read()
     if not second:
-        return await client.put(first, ref)
+        return await client.put(first, ref, fresh_ref=fresh_ref)
     head = [first, second]
     del first, second
 
@@ -93,7 +102,7 @@ async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str) -> str
         while chunk := await read():
             yield chunk
 
-    return await client.put_chunks(chunks(), ref=ref)
+    return await client.put_chunks(chunks(), ref=ref, size=known, fresh_ref=fresh_ref)
 
 
 def cmd_get(args: argparse.Namespace) -> int:
