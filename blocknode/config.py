@@ -15,6 +15,7 @@ otherwise silently fall back to a default).
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -43,6 +44,7 @@ class NodeConfig:
     rpc_public_addr: str | None = None
     rpc_secret: str | None = field(default=None, repr=False)  # 64 hex chars; or rpc_secret_file
     rpc_secret_file: str | None = None  # default: <root>/rpc_secret, made on first start
+    allow_world_readable_secrets: bool = False  # accept a secret file readable by group/others
     cluster_file: str | None = None  # none: a single-node cluster of this node
     zone: str = "default"
     replication_factor: int = DEFAULT_REPLICATION_FACTOR
@@ -142,6 +144,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "rpc_public_addr": (_is_opt_addr, 'an address "host:port"'),
     "rpc_secret": (_is_secret, "64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`"),
     "rpc_secret_file": (_is_opt_str, "a file path"),
+    "allow_world_readable_secrets": (_is_bool, "true or false"),
     "cluster_file": (_is_opt_str, "a file path"),
     "zone": (_is_str, "a non-empty string"),
     "replication_factor": (_is_pos_int, "an integer >= 1"),
@@ -334,6 +337,28 @@ def cluster_of(cfg: NodeConfig) -> ClusterConfig:
     )
 
 
+def check_private_file(path: str | os.PathLike[str], what: str, *,
+                       allow_world_readable: bool = False) -> None:
+    """Refuse a secret or key file that users other than its owner may access.
+
+    Any permission bit for group or others (mode & 0o077) is refused with a
+    `ConfigError` saying how to fix it, as Garage does for its secret files;
+    `allow_world_readable` (the `allow_world_readable_secrets` config field)
+    accepts it. `FileNotFoundError` passes through for the caller.
+    """
+    st = os.stat(path)
+    if allow_world_readable or not st.st_mode & 0o077:
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    who = " and ".join(w for w, bits in (("its group", 0o070), ("other users", 0o007))
+                       if st.st_mode & bits)
+    raise ConfigError(
+        f"{what} {path} is accessible to {who} (mode {mode:04o}, expected 0600): "
+        f"run `chmod 600 {path}`, or set allow_world_readable_secrets = true in the "
+        "node config to accept it"
+    )
+
+
 def load_or_create_secret(cfg: NodeConfig, *, create: bool) -> bytes:
     """The 32-byte cluster secret: `rpc_secret`, else the secret file.
 
@@ -344,6 +369,8 @@ def load_or_create_secret(cfg: NodeConfig, *, create: bool) -> bytes:
         return bytes.fromhex(cfg.rpc_secret)
     path = Path(cfg.secret_file)
     try:
+        check_private_file(path, "cluster secret file",
+                           allow_world_readable=cfg.allow_world_readable_secrets)
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
         if not create:

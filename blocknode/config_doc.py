@@ -50,6 +50,11 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
                         "File holding the cluster secret (64 hex characters), mode 0600. The default "
                         "file is created on first start; a named file must exist.",
                         "`<metadata_dir>/../rpc_secret`"),
+    "allow_world_readable_secrets": ("Network",
+                                     "Accept a secret or key file that its group or other users "
+                                     "may access. Off (the default), such a file is refused with "
+                                     "an error saying to `chmod 600` it (as Garage's option of the "
+                                     "same name)."),
     "max_clock_skew": ("Network",
                        "A reference version a peer sends timestamped further ahead of this node's "
                        "clock than this is refused and logged (times are set by the coordinating "

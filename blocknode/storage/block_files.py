@@ -79,7 +79,7 @@ class BlockFiles:
         self.fsync = fsync
         self.limiter = trio.CapacityLimiter(threads)
         self._run_sync = run_sync
-        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)  # private: blocks are user data
 
     # ---- paths ----
 
@@ -111,7 +111,7 @@ class BlockFiles:
         try:
             self._ensure_dir(directory)
             tmp = final + TMP_SUFFIX
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 view = memoryview(data)
                 while view:
@@ -145,7 +145,9 @@ class BlockFiles:
             return
         parent = os.path.dirname(directory)
         new_parent = not os.path.isdir(parent)
-        os.makedirs(directory, exist_ok=True)
+        if new_parent:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         if self.fsync:
             # New directory entries must be durable too, or the block is unreachable.
             _fsync_dir(parent)
