@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
-from blocknode.config import NodeConfig
+from blocknode.config import NodeConfig, check_private_file
 from blocknode.errors import ConfigError, Forbidden
 from blocknode.protocol import (
     ADMIN_KINDS,
@@ -112,11 +112,14 @@ def authorize(peer: Peer, kind: str,
 # ------------------------------------------------------------------ key files
 
 
-def read_key_file(path: str | os.PathLike[str], *, what: str = "client key file") -> ClientKey:
+def read_key_file(path: str | os.PathLike[str], *, what: str = "client key file",
+                  allow_world_readable: bool = False) -> ClientKey:
     """The key a file holds (one line ``ID:SECRET``); `ConfigError` naming the file
-    (never the secret) when it is missing or malformed."""
+    (never the secret) when it is missing or malformed, or readable by other users
+    (unless `allow_world_readable`, the `allow_world_readable_secrets` field)."""
     p = Path(path)
     try:
+        check_private_file(p, what, allow_world_readable=allow_world_readable)
         text = p.read_text(encoding="ascii")
     except FileNotFoundError:
         raise ConfigError(f"{what} {p} does not exist") from None
@@ -163,11 +166,12 @@ def load_client_key(cfg: NodeConfig, environ: Mapping[str, str] | None = None) -
             return ClientKey.parse(text)
         except ValueError as exc:
             raise ConfigError(f"{KEY_ENV}: {exc}") from None
+    allow = cfg.allow_world_readable_secrets
     if cfg.client_key_file:
-        return read_key_file(cfg.client_key_file)
+        return read_key_file(cfg.client_key_file, allow_world_readable=allow)
     admin = cfg.admin_key_path
     if os.path.exists(admin):
-        return read_key_file(admin, what="admin key file")
+        return read_key_file(admin, what="admin key file", allow_world_readable=allow)
     raise ConfigError(
         f"no client key: set {KEY_ENV}=ID:SECRET, or client_key_file in {cfg.source} (a node "
         f"makes its admin key {admin} on its first start; `key create` makes others)"

@@ -20,6 +20,7 @@ zstd level (an integer) or ``"none"``.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -63,6 +64,7 @@ class NodeConfig:
     rpc_secret_file: str | None = None  # default: <root>/rpc_secret, made on first start
     client_key_file: str | None = None  # the client key (ID:SECRET) a client uses; BLOCKNODE_KEY wins
     admin_key_file: str | None = None  # default: <root>/admin_key, made on first start
+    allow_world_readable_secrets: bool = False  # accept a secret file readable by group/others
     cluster_file: str | None = None  # none: a single-node cluster of this node
     zone: str = "default"
     replication_factor: int = DEFAULT_REPLICATION_FACTOR
@@ -77,6 +79,7 @@ class NodeConfig:
     need_block_timeout: float = 5.0
     connect_timeout: float = 5.0
     hedge_delay: float = 0.05
+    max_clock_skew: float = 5.0  # a reference version further ahead of this node's clock is refused
     block_ram_buffer_max: int = 256 * MiB
     rpc_handshake_timeout: float = 2.0
     rpc_idle_timeout: float = 300.0
@@ -189,6 +192,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "rpc_public_addr": (_is_opt_addr, 'an address "host:port"'),
     "rpc_secret": (_is_secret, "64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`"),
     "rpc_secret_file": (_is_opt_str, "a file path"),
+    "allow_world_readable_secrets": (_is_bool, "true or false"),
     "cluster_file": (_is_opt_str, "a file path"),
     "client_key_file": (_is_opt_str, "a file path"),
     "admin_key_file": (_is_opt_str, "a file path"),
@@ -206,6 +210,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "need_block_timeout": (_is_pos_num, "a number of seconds > 0"),
     "connect_timeout": (_is_pos_num, "a number of seconds > 0"),
     "hedge_delay": (_is_nonneg_num, "a number of seconds >= 0"),
+    "max_clock_skew": (lambda v: _is_nonneg_num(v) and v >= 0.01, "a number of seconds >= 0.01"),
     "block_ram_buffer_max": (_is_pos_int,
                              f"a size > 0: a number of bytes, or a string such as {SIZE_FORMS}"),
     "rpc_handshake_timeout": (_is_pos_num, "a number of seconds > 0"),
@@ -435,6 +440,28 @@ def cluster_of(cfg: NodeConfig) -> ClusterConfig:
     )
 
 
+def check_private_file(path: str | os.PathLike[str], what: str, *,
+                       allow_world_readable: bool = False) -> None:
+    """Refuse a secret or key file that users other than its owner may access.
+
+    Any permission bit for group or others (mode & 0o077) is refused with a
+    `ConfigError` saying how to fix it, as Garage does for its secret files;
+    `allow_world_readable` (the `allow_world_readable_secrets` config field)
+    accepts it. `FileNotFoundError` passes through for the caller.
+    """
+    st = os.stat(path)
+    if allow_world_readable or not st.st_mode & 0o077:
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    who = " and ".join(w for w, bits in (("its group", 0o070), ("other users", 0o007))
+                       if st.st_mode & bits)
+    raise ConfigError(
+        f"{what} {path} is accessible to {who} (mode {mode:04o}, expected 0600): "
+        f"run `chmod 600 {path}`, or set allow_world_readable_secrets = true in the "
+        "node config to accept it"
+    )
+
+
 def load_or_create_secret(cfg: NodeConfig, *, create: bool) -> bytes:
     """The 32-byte cluster secret: `rpc_secret`, else the secret file.
 
@@ -445,6 +472,8 @@ def load_or_create_secret(cfg: NodeConfig, *, create: bool) -> bytes:
         return bytes.fromhex(cfg.rpc_secret)
     path = Path(cfg.secret_file)
     try:
+        check_private_file(path, "cluster secret file",
+                           allow_world_readable=cfg.allow_world_readable_secrets)
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
         if not create:

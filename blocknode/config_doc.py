@@ -59,6 +59,16 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
                         "File holding the cluster secret (64 hex characters), mode 0600. The default "
                         "file is created on first start; a named file must exist.",
                         "`<metadata_dir>/../rpc_secret`"),
+    "allow_world_readable_secrets": ("Network",
+                                     "Accept a secret or key file that its group or other users "
+                                     "may access. Off (the default), such a file is refused with "
+                                     "an error saying to `chmod 600` it (as Garage's option of the "
+                                     "same name)."),
+    "max_clock_skew": ("Network",
+                       "A reference version a peer sends timestamped further ahead of this node's "
+                       "clock than this is refused and logged (times are set by the coordinating "
+                       "node's hybrid logical clock, never by clients). Keep the nodes' clocks in "
+                       "sync (NTP) well within it."),
     "rpc_timeout": ("Network", "Deadline of one RPC to another node (a put, a get, a batch)."),
     "connect_timeout": ("Network", "Deadline to open a connection to a peer and finish the handshake."),
     "need_block_timeout": ("Network",

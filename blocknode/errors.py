@@ -19,6 +19,7 @@ __all__ = [
     "BlockNotFound",
     "BlocknodeError",
     "CliError",
+    "ClockSkewError",
     "ConfigError",
     "CorruptEntry",
     "Forbidden",
@@ -37,6 +38,7 @@ __all__ = [
     "StoreError",
     "StreamTruncated",
     "UnknownNode",
+    "VersionConflict",
     "single_error",
 ]
 
@@ -126,6 +128,11 @@ class RemoteProtocolError(ProtocolError):
     """
 
 
+class ClockSkewError(RemoteProtocolError):
+    """A peer sent a reference version timestamped further ahead of this node's clock
+    than `max_clock_skew` allows: refused (one bad clock must not decide the order)."""
+
+
 class LocalProtocolError(ProtocolError):
     """This process misused the protocol API: unencodable fields, an unknown
     priority, a block over `block_size` handed to a coordinator, bytes fed after
@@ -171,16 +178,32 @@ class RemoteError(RpcError):
 
 
 class QuorumError(RpcError):
-    """Fewer nodes than the quorum succeeded; `failures` maps each node to its error."""
+    """Fewer nodes than the quorum succeeded; `failures` maps each node to its error.
 
-    def __init__(self, what: str, quorum: int, successes: int, failures: dict[str, str]) -> None:
+    `applied` names the nodes that did succeed (a write below quorum is still
+    applied there: the message says where, so that nobody reads "0/2" as "nothing
+    happened").
+    """
+
+    def __init__(self, what: str, quorum: int, successes: int, failures: dict[str, str],
+                 applied: list[str] | None = None) -> None:
         self.quorum = quorum
         self.successes = successes
         self.failures = failures
+        self.applied = sorted(applied or [])
         detail = "; ".join(f"{node}: {err}" for node, err in sorted(failures.items()))
+        where = f", applied on {', '.join(self.applied)}" if self.applied else ""
         super().__init__(
-            f"{what}: quorum not reached ({successes}/{quorum} succeeded); failed: {detail}"
+            f"{what}: quorum not reached ({successes}/{quorum} succeeded{where}); failed: {detail}"
         )
+
+
+class VersionConflict(BlocknodeError):
+    """A reference change lost to a newer version of the same reference, made elsewhere
+    (last writer wins): the change is not in effect. Running the command again applies
+    it after that version."""
+
+    rpc_code = "conflict"
 
 
 def single_error(group: BaseExceptionGroup) -> BaseException:

@@ -233,7 +233,7 @@ class KeyService:
 
     # ------------------------------------------------------------ the node's admin key
 
-    async def ensure_admin_key(self, path: str) -> bool:
+    async def ensure_admin_key(self, path: str, *, allow_world_readable: bool = False) -> bool:
         """Make the node's admin key file on first start, and make sure the table has
         its key (see module docstring); True when it made the key (`announce_admin_key`
         says so once the node runs)."""
@@ -252,7 +252,7 @@ class KeyService:
                                         key.verifier, now)])
             self._made_admin_key = (key.id, path)
             return True
-        key = read_key_file(path, what="admin key file")
+        key = read_key_file(path, what="admin key file", allow_world_readable=allow_world_readable)
         record = KeyRecord(key.id, BOOTSTRAP_VERSION, False, "admin", PERMISSIONS, key.verifier, 0)
         if await self.table.add_if_absent(record):
             self._live[key.id] = record

@@ -19,6 +19,16 @@ store the form they receive, so nothing is compressed twice, and verify it
 (decompress within `block_size`, hash). Reads between nodes ask for the stored
 form too (`get_block` with ``z: true``); clients always get the plain bytes.
 
+Reference times come from this node's hybrid logical clock (`blocknode.hlc`),
+never from a client: a client request carrying `ts` is refused. A replica
+refuses a version further ahead of its wall clock than `max_clock_skew` (and
+logs it) and answers with the version it holds when that one wins over the
+version sent (`newer`). A coordinator that sees its change lose to a version
+made elsewhere observes that version and applies its change once more, newer
+than it (a change made after seeing a version wins over it); if it loses
+again, or the version is beyond the allowed skew, the caller gets a
+`VersionConflict`.
+
 Calls to this node itself go straight to the handlers (the RPC layer
 short-circuits them), so a single node and a cluster run the same code. Message
 kinds, request parsing and limits live in `blocknode.protocol`.
@@ -26,22 +36,28 @@ kinds, request parsing and limits live in `blocknode.protocol`.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import trio
 
 from blocknode import block, fastpath
 from blocknode.block import VerifiedBlock
+from blocknode.clock import wall_ms
 from blocknode.context import RunSync, run_in_thread
 from blocknode.errors import (
     BlockCorrupted,
     BlocknodeError,
     BlockNotFound,
+    ClockSkewError,
     HashMismatch,
     QuorumError,
+    VersionConflict,
 )
+from blocknode.hlc import HLC_STATE_KEY, HybridClock
 from blocknode.layout import Layout
 from blocknode.protocol import (
     ADD_REF,
@@ -59,16 +75,21 @@ from blocknode.protocol import (
     get_flag,
     get_flags,
     get_hash,
-    get_opt_int,
     get_ref,
     get_str,
     parse_batch_items,
+    refuse_client_ts,
 )
 from blocknode.rpc.wire import PRIO_HIGH, PRIO_NORMAL, fit_texts
 from blocknode.storage import LocalBlocks, MetadataStore, RefEntry
 
 Reply = tuple[dict[str, Any], bytes | None]
 Handler = Callable[[str, dict[str, Any], bytes | None], Awaitable[Reply]]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CLOCK_SKEW_MS = 5000
+_SKEW_LOG_EVERY_S = 10.0
 
 
 class Network(Protocol):
@@ -97,6 +118,34 @@ def ref_from_fields(hash: bytes, fields: dict[str, Any], *, deleted: bool) -> Re
     return RefEntry(hash, ref_id, deleted, ts)
 
 
+def version_of(value: Any) -> tuple[bool, int] | None:
+    """A ``[deleted, ts]`` version from a reply (None when absent or malformed)."""
+    if (isinstance(value, list | tuple) and len(value) == 2 and isinstance(value[0], bool)
+            and isinstance(value[1], int) and not isinstance(value[1], bool)):
+        return value[0], value[1]
+    return None
+
+
+def node_clock(meta: MetadataStore | None, max_skew_ms: int) -> HybridClock:
+    """The node's hybrid logical clock: `meta`'s time base, its high-water mark kept in `meta`."""
+    if meta is None:
+        return HybridClock(wall_ms, max_skew_ms=max_skew_ms)
+    clock = HybridClock(
+        meta.now_ms, max_skew_ms=max_skew_ms,
+        load=lambda: meta.state_get(HLC_STATE_KEY),
+        store=lambda mark: meta.state_set(HLC_STATE_KEY, mark),
+    )
+    if clock.too_far_ahead(clock.last):
+        log.warning("this node's reference clock starts %.1f s ahead of its wall clock (the "
+                    "clock was set back since it last ran?): the other nodes refuse its "
+                    "versions until the wall clock catches up", (clock.last - clock.now_ms()) / 1000)
+    return clock
+
+
+def _describe(deleted: bool) -> str:
+    return "deletion" if deleted else "reference"
+
+
 class BlockManager:
     """Block operations of one node (see module docstring)."""
 
@@ -113,6 +162,8 @@ class BlockManager:
         block_size: int = DEFAULT_BLOCK_SIZE,
         run_sync: RunSync = run_in_thread,
         compression_level: int | None = None,
+        max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS,
+        clock: HybridClock | None = None,
     ) -> None:
         self.node_id = node_id
         self.layout = layout
@@ -126,6 +177,8 @@ class BlockManager:
         self.compression_level = compression_level
         """zstd level of the blocks this node coordinates (None: stored plain)."""
         self.zone = layout.node(node_id).zone
+        self.clock = clock or node_clock(meta, max_clock_skew_ms)
+        self._skew_log: dict[str, tuple[float, int]] = {}
 
     def handlers(self) -> dict[str, Handler]:
         """The RPC handlers this manager serves, by message kind."""
@@ -144,6 +197,51 @@ class BlockManager:
 
     # ------------------------------------------------------------ replica side
 
+    def accept_version(self, peer: str, ts: int) -> None:
+        """Check a version time a peer sent: refused (`ClockSkewError`, logged) when it is
+        further ahead of this node's clock than `max_clock_skew`; else observed."""
+        ahead = self.clock.too_far_ahead(ts)
+        if ahead:
+            self._log_skew(peer, 1, ts)
+            raise ClockSkewError(
+                f"reference version at {ts} ms is {self._ahead_s(ts)} s ahead of node "
+                f"{self.node_id}'s clock (max_clock_skew {self.clock.max_skew_ms / 1000:g} s): "
+                "refused; check the clocks (NTP)")
+        self.clock.observe(ts)
+
+    def versions_from_peer(self, peer: str, refs: list[RefEntry]) -> list[RefEntry]:
+        """The versions of `refs` this node accepts from `peer` (anti-entropy): those too
+        far ahead of its clock are left out and logged; the rest are observed."""
+        ok = [r for r in refs if not self.clock.too_far_ahead(r.ts_ms)]
+        if len(ok) < len(refs):
+            self._log_skew(peer, len(refs) - len(ok), max(r.ts_ms for r in refs))
+        if ok:
+            self.clock.observe(max(r.ts_ms for r in ok))
+        return ok
+
+    def _ahead_s(self, ts: int) -> str:
+        return f"{(ts - self.clock.now_ms()) / 1000:.1f}"
+
+    def _log_skew(self, peer: str, count: int, ts: int) -> None:
+        # One line per peer per _SKEW_LOG_EVERY_S at most, with what was left unsaid.
+        now = time.monotonic()
+        last, held = self._skew_log.get(peer, (-math.inf, 0))
+        held += count
+        if now - last < _SKEW_LOG_EVERY_S:
+            self._skew_log[peer] = (last, held)
+            return
+        self._skew_log[peer] = (now, 0)
+        log.warning("refused %d reference version(s) from %s timestamped up to %s s ahead of "
+                    "this node's clock (max_clock_skew %g s): check the clocks (NTP)",
+                    held, peer, self._ahead_s(ts), self.clock.max_skew_ms / 1000)
+
+    def _newer(self, refs: list[RefEntry]) -> list[RefEntry | None]:
+        """For each version just applied: the stored version when it is a different one
+        that wins over it (the change lost here), else None."""
+        current = self.meta.ref_versions([(r.hash, r.ref_id) for r in refs])
+        return [c if c is not None and c != r and c.wins_over(r) else None
+                for r, c in zip(refs, current, strict=True)]
+
     async def handle_put_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Store a block (the receiver verifies the hash: the seed did not).
 
@@ -153,9 +251,14 @@ class BlockManager:
         h = get_hash(fields)
         data = get_data(data, PUT_BLOCK, block_size=self.block_size)
         ref = ref_from_fields(h, fields, deleted=False) if "ref_id" in fields else None
+        if ref is not None:
+            self.accept_version(peer, ref.ts_ms)
         blk = await block.accept(data, h, block_size=self.block_size, run_sync=self.run_sync,
                                  compressed=get_flag(fields, "z"))
-        return {"stored": await self.blocks.write(blk, ref=ref)}, None
+        reply: dict[str, Any] = {"stored": await self.blocks.write(blk, ref=ref)}
+        if ref is not None and (newer := self._newer([ref])[0]) is not None:
+            reply["newer"] = [newer.deleted, newer.ts_ms]
+        return reply, None
 
     async def handle_put_blocks(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Store a batch of blocks with their references (all verified; inline ones in one commit).
@@ -165,19 +268,27 @@ class BlockManager:
         fails as a whole.
         """
         items = parse_batch_items(fields, data, with_hash=True, block_size=self.block_size)
+        for it in items:
+            self.accept_version(peer, it.ts)
         blks = await block.accept_batch(data, [(h, chunk) for h, _, _, chunk in items],
                                         block_size=self.block_size, run_sync=self.run_sync,
                                         compressed=get_flags(fields, "z", len(items)))
         small: list[tuple[VerifiedBlock, RefEntry]] = []
+        refs: list[RefEntry] = []
         for blk, (h, ref_id, ts, _) in zip(blks, items, strict=True):
             ref = RefEntry(h, ref_id, False, ts)
+            refs.append(ref)
             if self.blocks.is_inline_size(len(blk)):
                 small.append((blk, ref))
             else:
                 await self.blocks.write(blk, ref=ref)
         if small:
             await self.blocks.write_inline_many(small)
-        return {"stored": len(items)}, None
+        reply: dict[str, Any] = {"stored": len(items)}
+        newer = [[i, n.deleted, n.ts_ms] for i, n in enumerate(self._newer(refs)) if n is not None]
+        if newer:
+            reply["newer"] = newer
+        return reply, None
 
     async def handle_get_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Return a verified block; a corrupt one is quarantined and queued for resync.
@@ -200,13 +311,24 @@ class BlockManager:
 
     async def handle_add_ref(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Apply a live reference version (idempotent, last writer wins)."""
-        h = get_hash(fields)
-        return {"changed": await self.blocks.apply_ref(ref_from_fields(h, fields, deleted=False))}, None
+        return await self._apply_from(peer, ref_from_fields(get_hash(fields), fields, deleted=False))
 
     async def handle_del_ref(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Apply a deleted reference version (idempotent, last writer wins)."""
-        h = get_hash(fields)
-        return {"changed": await self.blocks.apply_ref(ref_from_fields(h, fields, deleted=True))}, None
+        return await self._apply_from(peer, ref_from_fields(get_hash(fields), fields, deleted=True))
+
+    async def _apply_from(self, peer: str, ref: RefEntry) -> Reply:
+        # `had`: the reference was live here before (absent when this very version was
+        # already here: then nobody can tell); `newer`: the version that won over this one.
+        self.accept_version(peer, ref.ts_ms)
+        (before,) = self.meta.ref_versions([(ref.hash, ref.ref_id)])
+        changed = await self.blocks.apply_ref(ref)
+        reply: dict[str, Any] = {"changed": changed}
+        if before != ref:
+            reply["had"] = before is not None and not before.deleted
+        if not changed and (newer := self._newer([ref])[0]) is not None:
+            reply["newer"] = [newer.deleted, newer.ts_ms]
+        return reply, None
 
     async def read_local(self, h: bytes) -> VerifiedBlock:
         """Read a local block; on corruption quarantine it and queue a resync at once."""
@@ -227,59 +349,64 @@ class BlockManager:
 
     # --------------------------------------------------------- coordinator side
 
-    async def put(self, data: bytes, ref_id: str, ts_ms: int | None = None,
-                  *, priority: int = PRIO_NORMAL) -> bytes:
+    async def put(self, data: bytes, ref_id: str, *, priority: int = PRIO_NORMAL) -> bytes:
         """Store `data` as a block with reference `ref_id` on a write quorum; returns its hash.
 
         The block is compressed here, once (`compression_level`), and every replica
         gets its stored form; the local replica gets the `VerifiedBlock` itself and
-        neither hashes nor decompresses it again.
+        neither hashes nor decompresses it again. When the reference lost to a newer
+        deletion somewhere, it is applied again, newer than that (`set_ref`).
         """
         blk = await block.ahashed(data, block_size=self.block_size, run_sync=self.run_sync,
                                   level=self.compression_level)
-        ts = self.meta.now_ms() if ts_ms is None else ts_ms
+        ts = await self.clock.next()
         form, z = block.wire_form(blk)
         fields: dict[str, Any] = {"hash": blk.hash, "ref_id": ref_id, "ts": ts}
         if z:
             fields["z"] = True
-        await self.net.call_many(
+        ok = await self.net.call_many(
             list(self.layout.write_nodes(blk.hash)), PUT_BLOCK, fields, form,
             quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
             interrupt_after_quorum=False, priority=priority,
         )
+        newer = self._newest(version_of(reply.get("newer")) for _, (reply, _) in ok)
+        if newer is not None and newer[0]:
+            await self._after_loss(blk.hash, ref_id, False, newer)
         return blk.hash
 
-    async def put_many(self, blocks: list[tuple[bytes, str, int]]) -> list[bytes | BlocknodeError]:
-        """Store many (data, ref_id, ts) at once; per block its hash or its error.
+    async def put_many(self, blocks: list[tuple[bytes, str]]) -> list[bytes | BlocknodeError]:
+        """Store many (data, ref_id) at once; per block its hash or its error.
 
         Blocks are grouped by their write nodes; each group goes to its nodes as
         one `put_blocks` message with the group's quorum, so a batch of small puts
-        costs one RPC and one commit per node instead of one per block.
+        costs one RPC and one commit per node instead of one per block. The
+        references of one call share one time.
         """
-        for d, _, _ in blocks:
+        for d, _ in blocks:
             block.check_size(len(d), self.block_size)
 
         level = self.compression_level
 
         def hash_all() -> list[VerifiedBlock]:
-            return [block.compress(block.hashed(d), level) for d, _, _ in blocks]
+            return [block.compress(block.hashed(d), level) for d, _ in blocks]
 
-        total = sum(len(d) for d, _, _ in blocks)
+        total = sum(len(d) for d, _ in blocks)
         blks = await self.run_sync(hash_all) if total > block.HASH_IN_THREAD_MIN else hash_all()
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, blk in enumerate(blks):
             groups.setdefault(tuple(self.layout.write_nodes(blk.hash)), []).append(i)
         results: list[bytes | BlocknodeError] = [blk.hash for blk in blks]
+        ts = await self.clock.next()
 
         async def send(nodes: tuple[str, ...], idx: list[int]) -> None:
             payload = block.join([blks[i] for i in idx])
-            items = [[h, blocks[i][1], blocks[i][2], length]
+            items = [[h, blocks[i][1], ts, length]
                      for i, (h, length, _) in zip(idx, payload.items, strict=True)]
             fields: dict[str, Any] = {"items": items}
             if any(z for _, _, z in payload.items):
                 fields["z"] = [z for _, _, z in payload.items]
             try:
-                await self.net.call_many(
+                ok = await self.net.call_many(
                     list(nodes), PUT_BLOCKS, fields, payload,
                     quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
                     interrupt_after_quorum=False,
@@ -287,6 +414,22 @@ class BlockManager:
             except BlocknodeError as exc:
                 for i in idx:
                     results[i] = exc
+                return
+            lost: dict[int, list[tuple[bool, int] | None]] = {}
+            for _, (reply, _) in ok:
+                rows = reply.get("newer")
+                for row in rows if isinstance(rows, list) else []:
+                    if (isinstance(row, list) and len(row) == 3 and isinstance(row[0], int)
+                            and 0 <= row[0] < len(idx)):
+                        lost.setdefault(row[0], []).append(version_of(row[1:]))
+            for j, versions in sorted(lost.items()):
+                newer = self._newest(versions)
+                if newer is not None and newer[0]:
+                    i = idx[j]
+                    try:
+                        await self._after_loss(blks[i].hash, blocks[i][1], False, newer)
+                    except BlocknodeError as exc:
+                        results[i] = exc
 
         if len(groups) == 1:
             ((nodes, idx),) = groups.items()
@@ -297,15 +440,56 @@ class BlockManager:
                     nursery.start_soon(send, nodes, idx)
         return results
 
-    async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool, ts_ms: int | None = None) -> None:
-        """Add or delete a reference on a write quorum of the block's nodes."""
-        ts = self.meta.now_ms() if ts_ms is None else ts_ms
-        await self.net.call_many(
-            list(self.layout.write_nodes(h)), DEL_REF if deleted else ADD_REF,
-            {"hash": h, "ref_id": ref_id, "ts": ts},
-            quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
-            interrupt_after_quorum=False, priority=PRIO_HIGH,
-        )
+    async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool, ts_ms: int | None = None) -> bool:
+        """Add or delete a reference on a write quorum of the block's nodes.
+
+        The version's time is this node's clock (at least `ts_ms`). Returns whether
+        the reference was live before on a write node that answered. When the change
+        lost to a version made elsewhere, it is applied once more, newer than that
+        one; `VersionConflict` if that is not possible or it loses again.
+        """
+        at_least = ts_ms or 0
+        if self.clock.too_far_ahead(at_least):  # it would carry this node's clock away
+            raise self._conflict(h, ref_id, deleted, (not deleted, at_least))
+        for attempt in range(2):
+            ts = await self.clock.next(at_least)
+            ok = await self.net.call_many(
+                list(self.layout.write_nodes(h)), DEL_REF if deleted else ADD_REF,
+                {"hash": h, "ref_id": ref_id, "ts": ts},
+                quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
+                interrupt_after_quorum=False, priority=PRIO_HIGH,
+            )
+            existed = any(reply.get("had") is True for _, (reply, _) in ok)
+            newer = self._newest(version_of(reply.get("newer")) for _, (reply, _) in ok)
+            if newer is None or newer[0] == deleted:
+                return existed
+            if attempt or not self.clock.observe(newer[1]):
+                raise self._conflict(h, ref_id, deleted, newer)
+        raise AssertionError("unreachable")
+
+    async def _after_loss(self, h: bytes, ref_id: str, deleted: bool,
+                          newer: tuple[bool, int]) -> None:
+        # A put's reference lost to a newer deletion: apply it again, newer than that.
+        if not self.clock.observe(newer[1]):
+            raise self._conflict(h, ref_id, deleted, newer)
+        await self.set_ref(h, ref_id, deleted=deleted)
+
+    @staticmethod
+    def _newest(versions: Iterable[tuple[bool, int] | None]) -> tuple[bool, int] | None:
+        # The version that wins among those replicas answered with (ts, then deletion).
+        found = [v for v in versions if v is not None]
+        return max(found, key=lambda v: (v[1], v[0])) if found else None
+
+    def _conflict(self, h: bytes, ref_id: str, deleted: bool,
+                  newer: tuple[bool, int]) -> VersionConflict:
+        ahead = newer[1] - self.clock.now_ms()
+        when = (f"timestamped {ahead / 1000:.1f} s ahead of node {self.node_id}'s clock, beyond "
+                f"max_clock_skew: it wins until then" if self.clock.too_far_ahead(newer[1])
+                else f"at {newer[1]} ms, made meanwhile elsewhere; run the command again to apply "
+                "yours after it")
+        return VersionConflict(
+            f"reference {ref_id!r} of {fastpath.hash_to_hex(h)}: this {_describe(deleted)} lost to "
+            f"a newer {_describe(newer[0])} ({when}); it is not in effect")
 
     def read_order(self, h: bytes) -> list[str]:
         """The block's nodes in the order a read asks them."""
@@ -385,14 +569,16 @@ class BlockManager:
 
     async def handle_client_put(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """A client asks this node to put a block with a reference."""
+        refuse_client_ts(fields, CLIENT_PUT)
         data = get_data(data, CLIENT_PUT, block_size=self.block_size)
-        h = await self.put(data, get_str(fields, "ref_id"), get_opt_int(fields, "ts"))
+        h = await self.put(data, get_str(fields, "ref_id"))
         return {"hash": h}, None
 
     async def handle_client_put_many(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """A client puts a batch of blocks; the reply lists each block's hash or error."""
+        refuse_client_ts(fields, CLIENT_PUT_MANY)
         items = parse_batch_items(fields, data, with_hash=False, block_size=self.block_size)
-        results = await self.put_many([(chunk, ref_id, ts) for _, ref_id, ts, chunk in items])
+        results = await self.put_many([(chunk, ref_id) for _, ref_id, _, chunk in items])
         return {
             "hashes": [r if isinstance(r, bytes) else None for r in results],
             "errors": fit_texts([None if isinstance(r, bytes) else str(r) for r in results]),
@@ -403,12 +589,13 @@ class BlockManager:
         return {}, await self.get(get_hash(fields))
 
     async def handle_client_ref(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
-        """A client adds (`deleted` false) or deletes a reference."""
+        """A client adds (`deleted` false) or deletes a reference; `existed`: it was live
+        before on a write node that answered."""
+        refuse_client_ts(fields, CLIENT_REF)
         h = get_hash(fields)
         deleted = bool(fields.get("deleted", False))
-        await self.set_ref(h, get_str(fields, "ref_id"), deleted=deleted,
-                           ts_ms=get_opt_int(fields, "ts"))
-        return {}, None
+        existed = await self.set_ref(h, get_str(fields, "ref_id"), deleted=deleted)
+        return {"existed": existed}, None
 
 
-__all__ = ["BlockManager", "Handler", "Network", "Reply", "ref_from_fields"]
+__all__ = ["BlockManager", "Handler", "Network", "Reply", "node_clock", "ref_from_fields", "version_of"]

@@ -136,6 +136,7 @@ class Node:
             block_size=cfg.block_size,
             run_sync=self.ctx.run_sync,
             compression_level=cfg.compression_level,
+            max_clock_skew_ms=max(1, int(cfg.max_clock_skew * 1000)),
         )
         self.resync = Resync(self.manager, self.ctx, need_block_timeout=cfg.need_block_timeout,
                              workers=cfg.resync_workers, tranquility=cfg.resync_tranquility)
@@ -178,7 +179,9 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.meta.run_writer)
-                await self.keys.ensure_admin_key(self.cfg.admin_key_path)
+                await self.keys.ensure_admin_key(
+                    self.cfg.admin_key_path,
+                    allow_world_readable=self.cfg.allow_world_readable_secrets)
                 try:
                     self.addr = await nursery.start(self.net.serve, self.cfg.rpc_bind_addr)
                 except OSError as exc:

@@ -18,11 +18,11 @@ Message kinds (fields → reply; ``data`` is the raw payload next to the fields)
 | `put_blocks`       | items: [[hash, ref_id, ts, length]], z? + data | stored                |
 | `get_block`        | hash, z?                                  | z? + data                  |
 | `need_block`       | hash                                      | needed, referenced         |
-| `add_ref`/`del_ref`| hash, ref_id, ts                          | changed                    |
-| `client_put`       | ref_id, ts? + data                        | hash                       |
-| `client_put_many`  | items: [[ref_id, ts, length]] + data      | hashes, errors             |
+| `add_ref`/`del_ref`| hash, ref_id, ts                          | changed, had, newer?       |
+| `client_put`       | ref_id + data                             | hash                       |
+| `client_put_many`  | items: [[ref_id, length]] + data          | hashes, errors             |
 | `client_get`       | hash                                      | + data                     |
-| `client_ref`       | hash, ref_id, deleted, ts?                | —                          |
+| `client_ref`       | hash, ref_id, deleted                     | existed                    |
 | `status`           | —                                         | the node's status          |
 | `ae_digests`, `ae_exchange` | see `blocknode.workers.anti_entropy` (paged exchange) |  |
 | `admin_*`          | see `blocknode.admin`                     |                            |
@@ -41,6 +41,15 @@ gets the plain bytes. A message without ``z`` is plain, as before.
 
 Who may send what (`blocknode.auth`): nodes every kind; a client key only the
 client and admin kinds its permissions allow — never a `REPLICA_KINDS` kind.
+
+Reference times (`ts`, ms) are set by the coordinator's hybrid logical clock
+(`blocknode.hlc`); a client request carrying one is refused (`refuse_client_ts`).
+A replica refuses a version further ahead of its clock than `max_clock_skew`.
+Replies about a version: `newer` = ``[deleted, ts]`` when the replica holds a
+different version of that reference that wins over the one sent (`put_block`:
+one; `put_blocks`: ``[[index, deleted, ts], ...]``); `had` = the reference was
+live there before (`add_ref`/`del_ref`); `existed` = it was live on a write node
+that answered (`client_ref`).
 """
 
 from __future__ import annotations
@@ -105,6 +114,7 @@ __all__ = [
     "get_str",
     "max_message_size",
     "parse_batch_items",
+    "refuse_client_ts",
 ]
 
 # ---------------------------------------------------------------- message kinds
@@ -262,6 +272,13 @@ def get_ref(fields: dict[str, Any]) -> tuple[str, int]:
     return get_str(fields, "ref_id"), get_int(fields, "ts")
 
 
+def refuse_client_ts(fields: dict[str, Any], kind: str) -> None:
+    """A client may not choose a reference time: `ts` in a client request is refused."""
+    if "ts" in fields:
+        raise RemoteProtocolError(
+            f"{kind}: field 'ts' is refused: reference times are set by the cluster, not by clients")
+
+
 def get_data(data: bytes | None, kind: str, *, block_size: int) -> bytes:
     """The block a request carries as its data: present, at most `block_size` bytes."""
     if data is None:
@@ -272,7 +289,8 @@ def get_data(data: bytes | None, kind: str, *, block_size: int) -> bytes:
 
 
 class BatchItem(NamedTuple):
-    """One block of a batch message; `hash` is ``b""`` in a client batch (not hashed yet)."""
+    """One block of a batch message; `hash` is ``b""`` and `ts` 0 in a client batch
+    (not hashed yet; the coordinator sets the time)."""
 
     hash: bytes
     ref_id: str
@@ -285,8 +303,9 @@ def parse_batch_items(fields: dict[str, Any], data: bytes | None, *, with_hash: 
     """Split a batch message: its `items` rows and the blocks' bytes back to back.
 
     Rows are ``[hash, ref_id, ts, length]`` (`with_hash`: `put_blocks`) or
-    ``[ref_id, ts, length]`` (`client_put_many`); the lengths must cover the
-    data exactly. With `block_size`, a longer block is refused too.
+    ``[ref_id, length]`` (`client_put_many`: a client row carrying a ts is
+    refused); the lengths must cover the data exactly. With `block_size`, a
+    longer block is refused too.
     """
     rows = fields.get("items")
     if not isinstance(rows, list) or not rows or len(rows) > MAX_BATCH_ROWS:
@@ -296,12 +315,20 @@ def parse_batch_items(fields: dict[str, Any], data: bytes | None, *, with_hash: 
     out = []
     offset = 0
     for row in rows:
-        if not isinstance(row, list) or len(row) != (4 if with_hash else 3):
+        if not with_hash and isinstance(row, list) and len(row) == 3:
+            raise RemoteProtocolError(
+                "field 'items': rows are [ref_id, length]; a ts is refused: reference times "
+                "are set by the cluster, not by clients")
+        if not isinstance(row, list) or len(row) != (4 if with_hash else 2):
             raise RemoteProtocolError("field 'items': malformed row")
-        h = get_hash({"hash": row[0]}) if with_hash else b""
-        ref_id, ts, length = row[1:] if with_hash else row
+        if with_hash:
+            h = get_hash({"hash": row[0]})
+            ref_id, ts, length = row[1:]
+            ts = get_int({"ts": ts}, "ts")
+        else:
+            h, ts = b"", 0
+            ref_id, length = row
         ref_id = get_str({"ref_id": ref_id}, "ref_id")
-        ts = get_int({"ts": ts}, "ts")
         length = get_int({"length": length}, "length")
         if block_size is not None and length > block_size:
             raise RemoteProtocolError(f"block of {length} bytes exceeds block_size {block_size}")

@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None, *, prog: str = PROG_SCRIPT) -> int:
         message, status = explain(exc)
         print(f"error: {message}", file=sys.stderr)
         return status
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        notes = getattr(exc, "__notes__", None)
+        print("interrupted" + (f" ({'; '.join(notes)})" if notes else ""), file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the contract is one line, never a traceback
         if os.environ.get("BLOCKNODE_DEBUG"):
@@ -95,6 +96,14 @@ def explain(exc: BaseException) -> tuple[str, int]:
     A remote error shows the node and its message; its code is for programs,
     not for people.
     """
+    text, status = _explain(exc)
+    notes = getattr(exc, "__notes__", None)  # what a failed put did about it (PEP 678)
+    if isinstance(notes, list) and notes:
+        text += " (" + "; ".join(str(n) for n in notes) + ")"
+    return text, status
+
+
+def _explain(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, CliError):
         return str(exc), exc.status
     code, message, node = (getattr(exc, a, None) for a in ("code", "message", "node"))

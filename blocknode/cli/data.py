@@ -23,7 +23,7 @@ def cmd_put(args: argparse.Namespace) -> int:
 
     async def go(client: Client) -> int:
         try:
-            h = await put_stream(client, source, ref, name=args.path)
+            h = await put_stream(client, source, ref, name=args.path, fresh_ref=not args.ref)
         finally:
             if source is not sys.stdin.buffer:
                 source.close()
@@ -63,14 +63,23 @@ def _read_block(f: BinaryIO, size: int) -> bytes:
     return b"".join(parts)
 
 
-async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str) -> str:
+async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str,
+                     fresh_ref: bool = False) -> str:
     """Store everything `f` yields, reading one block at a time in a worker thread.
 
     Memory stays at a few blocks whatever the size. Blocks are always full
     (`block_size`) but the last, so a file, a pipe and stdin with the same bytes
     get the same hash; data up to one block is one block (hash = its blake2sum).
+    A regular file's size is known up front: data too large for one manifest is
+    refused before anything is uploaded. `fresh_ref`: `ref` was made for this put
+    (on failure it is released from what was stored, see `Client.put_chunks`).
     """
     size = client.block_size
+    try:
+        st = os.fstat(f.fileno())
+        known = st.st_size - f.tell() if stat.S_ISREG(st.st_mode) else None
+    except (OSError, ValueError, AttributeError):
+        known = None
 
     async def read() -> bytes:
         try:
@@ -80,10 +89,10 @@ async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str) -> str
 
     first = await read()
     if len(first) < size:
-        return await client.put(first, ref)
+        return await client.put(first, ref, fresh_ref=fresh_ref)
     second = await read()
     if not second:
-        return await client.put(first, ref)
+        return await client.put(first, ref, fresh_ref=fresh_ref)
     head = [first, second]
     del first, second
 
@@ -93,7 +102,7 @@ async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str) -> str
         while chunk := await read():
             yield chunk
 
-    return await client.put_chunks(chunks(), ref=ref)
+    return await client.put_chunks(chunks(), ref=ref, size=known, fresh_ref=fresh_ref)
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -123,9 +132,20 @@ def cmd_ref(args: argparse.Namespace) -> int:
 
 
 def cmd_unref(args: argparse.Namespace) -> int:
-    """Delete a reference (the block is collected once no reference is left)."""
+    """Delete a reference (the block is collected once no reference is left).
+
+    A reference that did not exist is not an error (the deletion is recorded all
+    the same: exit 0), but it is said on stderr.
+    """
     hash_arg(args.hash)
-    return run_with_client(args, lambda c: _done(c.unref(args.hash, args.ref)))
+
+    async def go(client: Client) -> int:
+        if not await client.unref(args.hash, args.ref):
+            print(f"note: {args.hash} had no reference {args.ref!r}: nothing was deleted",
+                  file=sys.stderr)
+        return 0
+
+    return run_with_client(args, go)
 
 
 async def _done(aw: Awaitable[Any]) -> int:

@@ -19,6 +19,7 @@ from blocknode.errors import single_error
 from blocknode.logs import FORMATS, LEVELS, configure_logging
 
 LOCK_NAME = "blocknode.lock"
+PRIVATE_UMASK = 0o077
 log = logging.getLogger("blocknode.serve")
 
 
@@ -51,7 +52,12 @@ def serve(cfg: NodeConfig) -> int:
     same data_dir or metadata_dir refuses to start. A failure to start (e.g. the
     address is in use) comes out of the nurseries wrapped in exception groups:
     the one error inside is re-raised for the CLI to print as one line.
+
+    Everything the node creates is private to its user: the process runs with
+    umask 077 (directories 0700, files 0600: block files, LMDB files holding the
+    small blocks, the secret), whatever the umask it was started with.
     """
+    os.umask(PRIVATE_UMASK)
     with DirLocks(cfg) as locks:
         try:
             trio.run(functools.partial(serve_async, cfg, locks=locks))
@@ -122,8 +128,8 @@ class DirLocks:
     def _lock(self, what: str, directory: str) -> int:
         lock_path = os.path.join(directory, LOCK_NAME)
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise CliError(f"cannot lock {what} {directory}: {exc.strerror or exc}") from None
         try:

@@ -17,8 +17,9 @@ so a manifest can never be mistaken for data.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,18 +30,20 @@ from blocknode.auth import ClientKey, load_client_key
 from blocknode.client.batcher import BATCH_MAX_BLOCK, PutBatcher
 from blocknode.client.manifest import (
     MANIFEST_MAGIC,
+    block_count,
     decode_manifest,
     encode_manifest,
+    max_manifest_blocks,
     new_ref_id,
     parse_hash,
     split,
 )
-from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig
 from blocknode.errors import (
     BlocknodeError,
     HashMismatch,
     RemoteProtocolError,
+    single_error,
 )
 from blocknode.protocol import (
     CLIENT_GET,
@@ -51,6 +54,8 @@ from blocknode.protocol import (
 )
 from blocknode.rpc.connect import open_client as _open_connection
 from blocknode.rpc.connection import RpcConnection
+
+log = logging.getLogger("blocknode.client")
 
 _PARALLEL_BLOCKS = 8
 """Blocks of one large put or get in flight at once."""
@@ -76,17 +81,16 @@ class Client:
 
     # ---- blocks ----
 
-    async def put_block(self, data: bytes, ref_id: str, ts_ms: int | None = None) -> bytes:
+    async def put_block(self, data: bytes, ref_id: str) -> bytes:
         """Put one block (at most `block_size` bytes) with a reference; returns its hash.
 
         Small blocks put concurrently through one client travel together (see
-        `PutBatcher`); each caller still gets its own result or error.
+        `PutBatcher`); each caller still gets its own result or error. The
+        reference's time is set by the cluster.
         """
-        ts = wall_ms() if ts_ms is None else ts_ms
         if len(data) <= BATCH_MAX_BLOCK:
-            return await self._batcher.put(data, ref_id, ts)
-        fields = {"ref_id": ref_id, "ts": ts}
-        reply, _ = await self.call(CLIENT_PUT, fields, data)
+            return await self._batcher.put(data, ref_id)
+        reply, _ = await self.call(CLIENT_PUT, {"ref_id": ref_id}, data)
         return reply["hash"]
 
     async def get_block(self, h: bytes) -> bytes:
@@ -97,62 +101,182 @@ class Client:
         except HashMismatch:
             raise RemoteProtocolError(f"node returned bad data for block {h.hex()}") from None
 
-    async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool) -> None:
-        """Add or delete one block's reference."""
-        await self.call(CLIENT_REF, {"hash": h, "ref_id": ref_id, "deleted": deleted, "ts": wall_ms()})
+    async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool) -> bool:
+        """Add or delete one block's reference; True when it was live before on a
+        write node that answered (the cluster sets the version's time)."""
+        reply, _ = await self.call(CLIENT_REF, {"hash": h, "ref_id": ref_id, "deleted": deleted})
+        return reply.get("existed") is True
 
     # ---- data of any size ----
 
-    async def put(self, data: bytes, ref: str | None = None) -> str:
-        """Store `data` under reference `ref` (default: a fresh one); returns the hash hex."""
-        return await self.put_chunks(split(data, self.block_size), ref=ref, small=data)
+    async def put(self, data: bytes, ref: str | None = None, *, fresh_ref: bool = False) -> str:
+        """Store `data` under reference `ref` (default: a fresh one); returns the hash hex.
 
-    async def put_file(self, path: str, ref: str | None = None) -> str:
+        `fresh_ref`: the caller made `ref` just now (see `put_chunks`).
+        """
+        return await self.put_chunks(split(data, self.block_size), ref=ref, small=data,
+                                     size=len(data), fresh_ref=fresh_ref)
+
+    async def put_file(self, path: str, ref: str | None = None, *, fresh_ref: bool = False) -> str:
         """Store a file's bytes, streaming it block by block."""
         size = os.path.getsize(path)
         if size <= self.block_size:
             with open(path, "rb") as f:
-                return await self.put(f.read(), ref)
+                return await self.put(f.read(), ref, fresh_ref=fresh_ref)
 
         def chunks() -> Iterable[bytes]:
             with open(path, "rb") as f:
                 while chunk := f.read(self.block_size):
                     yield chunk
-        return await self.put_chunks(chunks(), ref=ref)
+        return await self.put_chunks(chunks(), ref=ref, size=size, fresh_ref=fresh_ref)
 
     async def put_chunks(self, chunks: Iterable[bytes] | AsyncIterable[bytes], *, ref: str | None,
-                         small: bytes | None = None) -> str:
+                         small: bytes | None = None, size: int | None = None,
+                         fresh_ref: bool = False) -> str:
         """Store a sequence of blocks and, when more than one, their manifest.
 
         `chunks` may be an async iterable (e.g. reading a pipe in a worker
         thread): blocks are uploaded while the next is read, a few at a time.
+        `size`, when known, lets a put too large for one manifest be refused
+        before anything is uploaded (else it is refused at the first block past
+        the limit).
+
+        A put that fails (quorum lost, a node error, cancelled, Ctrl-C) leaves no
+        reference nobody knows behind, best effort (the error says what was done):
+        with a fresh reference (none given, or `fresh_ref`: the caller made `ref`
+        just now) the blocks stored are released by deleting it from them; with a
+        reference given, the blocks are staged under a temporary reference, the
+        manifest is stored under `ref`, `ref` is added to the blocks, and the
+        temporary reference is deleted: a failure before the manifest releases the
+        staging reference; one after it names the manifest's hash (run the command
+        again to complete it, or `unref HASH REF`).
         """
+        fresh = ref is None or fresh_ref
         ref_id = ref or new_ref_id()
-        ts = wall_ms()
         if small is not None and len(small) <= self.block_size and not small.startswith(MANIFEST_MAGIC):
-            return (await self.put_block(small, ref_id, ts)).hex()
+            try:
+                return (await self.put_block(small, ref_id)).hex()
+            except BaseException as exc:
+                if not fresh:
+                    raise
+                raise await self._failed(exc, ref_id, [block.hashed(small).hash]) from None
+        limit = max_manifest_blocks(self.block_size)
+        if size is not None:
+            count = block_count(size, self.block_size)
+            limit = max_manifest_blocks(self.block_size, size)
+            if count > limit:
+                raise BlocknodeError(
+                    f"data of {size} bytes needs {count} blocks of {self.block_size} bytes: more "
+                    f"than one manifest can list ({limit}); nothing was stored")
+        stage = ref_id if fresh else new_ref_id("staging-")
         hashes: list[bytes] = []
+        sending: dict[int, bytes] = {}  # blocks being put: their data, to release them too
         total = 0
         limiter = trio.Semaphore(_PARALLEL_BLOCKS)
+        manifest_hash: bytes | None = None
+        referenced = False
 
         async def put_one(i: int, chunk: bytes) -> None:
             try:
-                hashes[i] = await self.put_block(chunk, ref_id, ts)
+                hashes[i] = await self.put_block(chunk, stage)
+                del sending[i]
             finally:
                 limiter.release()
 
-        async with trio.open_nursery() as nursery:
-            async for chunk in _aiter(chunks):
-                await limiter.acquire()
-                hashes.append(b"")
-                total += len(chunk)
-                nursery.start_soon(put_one, len(hashes) - 1, chunk)
-        manifest = encode_manifest(total, hashes)
-        if len(manifest) > self.block_size:
-            raise BlocknodeError(
-                f"data of {total} bytes needs {len(hashes)} blocks: too many for one manifest"
-            )
-        return (await self.put_block(manifest, ref_id, ts)).hex()
+        try:
+            async with trio.open_nursery() as nursery:
+                async for chunk in _aiter(chunks):
+                    if len(hashes) == limit:
+                        raise BlocknodeError(
+                            f"data of more than {total} bytes needs more than {limit} blocks of "
+                            f"{self.block_size} bytes: more than one manifest can list")
+                    await limiter.acquire()
+                    hashes.append(b"")
+                    sending[len(hashes) - 1] = chunk
+                    total += len(chunk)
+                    nursery.start_soon(put_one, len(hashes) - 1, chunk)
+            manifest = encode_manifest(total, hashes)
+            if len(manifest) > self.block_size:  # only if the size given was wrong
+                raise BlocknodeError(
+                    f"data of {total} bytes needs {len(hashes)} blocks: too many for one manifest")
+            manifest_hash = block.hashed(manifest).hash
+            await self.put_block(manifest, ref_id)
+            if fresh:
+                return manifest_hash.hex()
+            referenced = True
+            await self._each(hashes, lambda bh: self.set_ref(bh, ref_id, deleted=False))
+        except BaseException as exc:
+            stored = [h for h in hashes if h] + [block.hashed(c).hash for c in sending.values()]
+            if fresh and manifest_hash is not None:
+                stored.append(manifest_hash)
+            err = await self._failed(exc, stage, stored)
+            if referenced and manifest_hash is not None:
+                err.add_note(f"stored as {manifest_hash.hex()} with reference {ref_id!r} on part of "
+                             f"its blocks: run the same command again to complete it, or "
+                             f"`unref {manifest_hash.hex()} {ref_id}` to release it")
+            elif manifest_hash is not None and not fresh:
+                err.add_note(f"its manifest {manifest_hash.hex()} may hold reference {ref_id!r} "
+                             "where it was applied: run the same command again to complete it")
+            raise err from None
+        # Done: the temporary reference goes (best effort: its deletion is newer than it,
+        # so wherever it lands, anti-entropy carries it to the other replicas).
+        with trio.move_on_after(self.timeout):
+            try:
+                await self._each(hashes, lambda bh: self.set_ref(bh, stage, deleted=True))
+            except BlocknodeError as exc:
+                log.warning("put %s: the staging reference %s could not be deleted everywhere: %s",
+                            manifest_hash.hex(), stage, exc)
+        return manifest_hash.hex()
+
+    async def _each(self, hashes: list[bytes], fn: Callable[[bytes], Awaitable[object]]) -> None:
+        """`fn(h)` for each distinct hash, a few at a time; the first error ends it."""
+        limiter = trio.Semaphore(_PARALLEL_BLOCKS)
+
+        async def one(h: bytes) -> None:
+            async with limiter:
+                await fn(h)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for h in dict.fromkeys(hashes):
+                    nursery.start_soon(one, h)
+        except BaseExceptionGroup as group:
+            raise single_error(group) from None
+
+    async def _failed(self, exc: BaseException, ref_id: str, hashes: list[bytes]) -> BaseException:
+        """A put failed: delete `ref_id` from the blocks it stored (best effort, shielded,
+        within the client's timeout); the error to raise, with a note saying what was done."""
+        err = single_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        cancelled = isinstance(exc, trio.Cancelled) or (
+            isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled) is not None)
+        if not hashes:
+            return exc if cancelled else err
+        distinct = list(dict.fromkeys(hashes))
+        failed: list[str] = []
+
+        async def release(h: bytes) -> None:
+            try:
+                await self.set_ref(h, ref_id, deleted=True)
+            except (BlocknodeError, OSError) as e:
+                failed.append(f"{h.hex()[:16]}…: {e}")
+
+        with trio.CancelScope(shield=True), trio.move_on_after(self.timeout) as scope:
+            async with trio.open_nursery() as nursery:
+                for h in distinct:
+                    nursery.start_soon(release, h)
+        if scope.cancelled_caught:
+            note = (f"releasing the {len(distinct)} block(s) stored under reference {ref_id!r} "
+                    f"did not finish within {self.timeout:g}s")
+        elif failed:
+            note = (f"reference {ref_id!r} was released from {len(distinct) - len(failed)} of the "
+                    f"{len(distinct)} block(s) stored; not everywhere from {len(failed)} "
+                    f"(first: {failed[0]}); anti-entropy spreads the deletion where it landed")
+        else:
+            note = f"reference {ref_id!r} was released from the {len(distinct)} block(s) stored"
+        if cancelled:
+            return exc  # a cancellation goes on as it is
+        err.add_note(note)
+        return err
 
     async def get(self, hash_hex: str) -> bytes:
         """The exact bytes stored under `hash_hex` (manifests reassembled and verified)."""
@@ -192,20 +316,30 @@ class Client:
         return [h] if manifest is None else [*manifest[1], h]
 
     async def ref(self, hash_hex: str, ref_id: str) -> None:
-        """Add reference `ref_id` to the data (to every block of a manifest too)."""
+        """Add reference `ref_id` to the data (to every block of a manifest too).
+
+        Raises `RemoteError` with code ``conflict`` when the change lost to a newer
+        version made meanwhile elsewhere (running it again applies it after that).
+        """
         h = parse_hash(hash_hex)
         for bh in await self._blocks_of(h):
             await self.set_ref(bh, ref_id, deleted=False)
 
-    async def unref(self, hash_hex: str, ref_id: str) -> None:
-        """Delete reference `ref_id` (from every block of a manifest too)."""
+    async def unref(self, hash_hex: str, ref_id: str) -> bool:
+        """Delete reference `ref_id` (from every block of a manifest too).
+
+        Returns whether the reference existed (was live on a write node of the
+        data's block that answered); a deletion is recorded either way.
+        """
         h = parse_hash(hash_hex)
         try:
             blocks = await self._blocks_of(h)
         except BlocknodeError:
             blocks = [h]  # the data may already be gone: the deletion must still go through
+        existed = False
         for bh in blocks:
-            await self.set_ref(bh, ref_id, deleted=True)
+            existed |= await self.set_ref(bh, ref_id, deleted=True) and bh == h
+        return existed
 
     async def status(self) -> dict[str, Any]:
         """The node's status (see `Node.status`)."""

@@ -10,6 +10,7 @@ from blocknode.errors import (
     RemoteError,
     RemoteProtocolError,
     RpcError,
+    RpcTimeout,
 )
 from blocknode.protocol import (
     CLIENT_PUT_MANY,
@@ -27,17 +28,23 @@ BATCH_MAX_BLOCK = 64 * 1024  # puts up to this size may share one RPC with concu
 BATCH_MAX_BYTES = 1024 * 1024
 BATCH_MAX_ITEMS = MAX_BATCH_ROWS  # a node refuses larger batches
 _BATCH_HEAD_ROOM = HEAD_MAX - 1024  # the rows of one batch must fit in its message head
-_ROW_HEAD_BYTES = 20  # msgpack cost of a row besides its ref id: [str hdr, u64 ts, u32 length]
+_ROW_HEAD_BYTES = 12  # msgpack cost of a row besides its ref id: [str hdr, u32 length]
 
 
 class _PendingPut:
-    __slots__ = ("data", "ref_id", "ts", "done", "hash", "error")
+    __slots__ = ("data", "ref_id", "wakeup", "finished", "taken", "hash", "error")
 
-    def __init__(self, data: bytes, ref_id: str, ts: int) -> None:
-        self.data, self.ref_id, self.ts = data, ref_id, ts
-        self.done = trio.Event()
+    def __init__(self, data: bytes, ref_id: str) -> None:
+        self.data, self.ref_id = data, ref_id
+        self.wakeup = trio.Event()  # set when finished, or when asked to take over collecting
+        self.finished = False
+        self.taken = False  # in a batch being sent (no longer in the queue)
         self.hash: bytes | None = None
         self.error: BaseException | None = None
+
+    def finish(self) -> None:
+        self.finished = True
+        self.wakeup.set()
 
 
 class PutBatcher:
@@ -45,9 +52,15 @@ class PutBatcher:
 
     The first caller to find no batch being collected becomes its collector: it
     yields once so that concurrent callers can join, then sends everything
-    queued (bounded in items and bytes) as one RPC and wakes each caller with its
-    own result. Several batches may be in flight at once. A lone put pays one
-    scheduler round of latency; 64 concurrent ones share one RPC and one commit.
+    queued (bounded in items and bytes) as one RPC at a time and wakes each caller
+    with its own result. A lone put pays one scheduler round of latency; 64
+    concurrent ones share one RPC and one commit.
+
+    Every caller gets an answer: a batch that fails gives its error to its own
+    callers only, and the collector goes on with the queue; a collector that
+    stops (its own put answered, or cancelled) hands the queue to the caller at
+    its head. Each `put` has a deadline (`timeout`, the client's by default):
+    waiting past it raises `RpcTimeout` (a put not yet sent is then not sent).
     """
 
     def __init__(self, client: Client) -> None:
@@ -55,24 +68,45 @@ class PutBatcher:
         self._pending: list[_PendingPut] = []
         self._collecting = False
 
-    async def put(self, data: bytes, ref_id: str, ts: int) -> bytes:
-        item = _PendingPut(data, ref_id, ts)
+    async def put(self, data: bytes, ref_id: str, *, timeout: float | None = None) -> bytes:
+        item = _PendingPut(data, ref_id)
         self._pending.append(item)
-        if not self._collecting:
-            self._collecting = True
-            try:
-                await trio.sleep(0)
-            finally:
-                self._collecting = False
-            # Drain everything queued, not just up to our own item: a caller that
-            # joined this collection relies on it and must not be left behind.
-            while self._pending:
-                await self._send(self._take())
-        await item.done.wait()
+        deadline = self._client.timeout if timeout is None else timeout
+        give_up = trio.current_time() + deadline
+        try:
+            while not item.finished:
+                if not self._collecting and not item.taken:
+                    # Sending is bounded by the call's own timeout; the deadline is not
+                    # applied to it, so a batch is never cut short for its other callers.
+                    await self._collect(item)
+                    continue
+                item.wakeup = trio.Event()
+                with trio.move_on_at(give_up):
+                    await item.wakeup.wait()
+                if not item.finished and trio.current_time() >= give_up:
+                    raise RpcTimeout(f"put of {len(data)} bytes: no answer within {deadline:g}s")
+        finally:
+            if not item.taken and item in self._pending:
+                self._pending.remove(item)  # given up before it was sent
+                if self._pending and not self._collecting:
+                    self._pending[0].wakeup.set()
         if item.error is not None:
             raise item.error
         assert item.hash is not None
         return item.hash
+
+    async def _collect(self, mine: _PendingPut) -> None:
+        # Send batches in queue order until our own item is answered, then hand the
+        # rest of the queue to the caller at its head.
+        self._collecting = True
+        try:
+            await trio.sleep(0)  # let concurrent callers join
+            while self._pending and not mine.finished:
+                await self._send(self._take())
+        finally:
+            self._collecting = False
+            if self._pending:
+                self._pending[0].wakeup.set()
 
     def _take(self) -> list[_PendingPut]:
         batch: list[_PendingPut] = []
@@ -84,16 +118,20 @@ class PutBatcher:
             if batch and (size + n > min(BATCH_MAX_BYTES, self._client.block_size)
                           or head + row > _BATCH_HEAD_ROOM):
                 break
-            batch.append(self._pending.pop(0))
+            item = self._pending.pop(0)
+            item.taken = True
+            batch.append(item)
             size += n
             head += row
         return batch
 
     async def _send(self, batch: list[_PendingPut]) -> None:
+        """Send one batch; its callers get their results or its error (which stops here,
+        unless it is a cancellation)."""
         try:
             reply, _ = await self._client.call(
                 CLIENT_PUT_MANY,
-                {"items": [[it.ref_id, it.ts, len(it.data)] for it in batch]},
+                {"items": [[it.ref_id, len(it.data)] for it in batch]},
                 b"".join(it.data for it in batch),
             )
             hashes, errors = reply.get("hashes"), reply.get("errors")
@@ -105,13 +143,15 @@ class PutBatcher:
                     it.error = RemoteError(str(err))
                 else:
                     it.hash = h
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - this batch's callers get it; the queue goes on
             for it in batch:
                 if it.hash is None and it.error is None:
-                    it.error = exc if isinstance(exc, Exception) else RpcError("put cancelled")
+                    it.error = exc
+        except BaseException:
+            for it in batch:
+                if it.hash is None and it.error is None:
+                    it.error = RpcError("put cancelled: the call sending it was interrupted")
             raise
         finally:
             for it in batch:
-                it.done.set()
-
-
+                it.finish()

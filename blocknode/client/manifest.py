@@ -15,14 +15,24 @@ import msgpack
 from blocknode import fastpath
 from blocknode.errors import RemoteProtocolError
 
-__all__ = ["MANIFEST_MAGIC", "decode_manifest", "encode_manifest", "new_ref_id", "parse_hash", "split"]
+__all__ = [
+    "MANIFEST_MAGIC",
+    "block_count",
+    "decode_manifest",
+    "encode_manifest",
+    "manifest_size",
+    "max_manifest_blocks",
+    "new_ref_id",
+    "parse_hash",
+    "split",
+]
 
 MANIFEST_MAGIC = b"BLOCKNODE-MANIFEST-1\n"
 
 
-def new_ref_id() -> str:
+def new_ref_id(prefix: str = "ref-") -> str:
     """A fresh random reference id."""
-    return "ref-" + uuid.uuid4().hex
+    return prefix + uuid.uuid4().hex
 
 
 def parse_hash(text: str) -> bytes:
@@ -33,6 +43,35 @@ def parse_hash(text: str) -> bytes:
 def encode_manifest(size: int, hashes: list[bytes]) -> bytes:
     """The bytes of a manifest block."""
     return MANIFEST_MAGIC + msgpack.packb({"size": size, "blocks": hashes})
+
+
+def _uint_len(n: int) -> int:
+    # msgpack's encoding of a non-negative int
+    return 1 if n < 0x80 else 2 if n < 0x100 else 3 if n < 0x10000 else 5 if n < 2**32 else 9
+
+
+def manifest_size(size: int, count: int) -> int:
+    """``len(encode_manifest(size, hashes))`` for `count` hashes, without building it.
+
+    The magic, a 2-entry map: "size" and its int, "blocks" and an array of
+    `count` 32-byte bin values (2 bytes of header each).
+    """
+    array_head = 1 if count < 16 else 3 if count < 0x10000 else 5
+    return len(MANIFEST_MAGIC) + 1 + 5 + _uint_len(size) + 7 + array_head + 34 * count
+
+
+def max_manifest_blocks(block_size: int, size: int = 2**64 - 1) -> int:
+    """The most blocks one manifest of `block_size` bytes can list (for data of `size` bytes;
+    by default the worst case, for data whose size is not known yet)."""
+    count = max(0, (block_size - manifest_size(size, 0)) // 34)
+    while count and manifest_size(size, count) > block_size:
+        count -= 1
+    return count
+
+
+def block_count(size: int, block_size: int) -> int:
+    """How many blocks `split` makes of `size` bytes."""
+    return max(1, -(-size // block_size))
 
 
 def decode_manifest(data: bytes) -> tuple[int, list[bytes]] | None:

@@ -746,7 +746,9 @@ class RpcNetwork:
         they run on to completion (bounded by `timeout`) in the network's
         nursery. The payload's RAM budget is taken once and held until every
         call is done. If the quorum becomes impossible, raises `QuorumError`
-        listing every failed node and its error.
+        listing every failed node and its error; without `interrupt_after_quorum`
+        (a write) it first waits for every call to end (within `timeout`), so that the
+        error names each node where the write was applied nonetheless.
         """
         targets = list(dict.fromkeys(node_ids))
         if not 0 <= quorum <= len(targets):
@@ -787,7 +789,17 @@ class RpcNetwork:
             failed: dict[str, str] = {}
             while len(ok) < quorum:
                 if len(failed) > len(targets) - quorum:
-                    return QuorumError(f"{kind} on {len(targets)} nodes", quorum, len(ok), failed)
+                    if not interrupt_after_quorum:
+                        # A write: the calls still running may apply it; wait for them
+                        # (each ends by the deadline) to say where it was applied.
+                        while len(ok) + len(failed) < len(targets):
+                            nid, res, exc = await recv.receive()
+                            if exc is None:
+                                ok.append((nid, res))
+                            else:
+                                failed[nid] = f"{type(exc).__name__}: {exc}"
+                    return QuorumError(f"{kind} on {len(targets)} nodes", quorum, len(ok), failed,
+                                       applied=[nid for nid, _ in ok])
                 nid, res, exc = await recv.receive()
                 if exc is None:
                     ok.append((nid, res))

@@ -274,7 +274,7 @@ class BlockFiles:
                 lost.append(d.path)
             try:
                 made = not exists
-                os.makedirs(d.path, exist_ok=True)
+                os.makedirs(d.path, mode=0o700, exist_ok=True)  # private: blocks are user data
                 if made and self.fsync:
                     _fsync_dir(os.path.dirname(d.path))
                 self._write_marker(d.path)
@@ -437,7 +437,7 @@ class BlockFiles:
         directory = os.path.dirname(final)
         self._ensure_dir(d, directory)
         tmp = final + TMP_SUFFIX
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(form)
             while view:
@@ -487,7 +487,11 @@ class BlockFiles:
         if new_parent and d.marked and not os.path.isfile(os.path.join(d.path, MARKER_NAME)):
             # Never write into a mount point whose disk went away.
             raise OSError(errno.ENODEV, f"marker file {MARKER_NAME} missing: not mounted?", d.path)
-        os.makedirs(directory, exist_ok=True)
+        if new_parent:
+            # makedirs gives `mode` to the last directory only: make each level private.
+            os.makedirs(d.path, mode=0o700, exist_ok=True)
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         if self.fsync:
             # New directory entries must be durable too, or the block is unreachable.
             _fsync_dir(parent)

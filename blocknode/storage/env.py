@@ -93,10 +93,11 @@ class MetadataEnv:
         sync: bool = True,
         run_sync: RunSync = run_in_thread,
     ) -> None:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # private: inline blocks live in data.mdb
         try:
             self.env = lmdb.open(
                 path,
+                mode=0o600,
                 map_size=map_size,
                 max_readers=max_readers,
                 max_dbs=MAX_DBS,

@@ -95,6 +95,10 @@ class MetadataStore:
         """Every reference version (live and deleted) of one block."""
         return self.refs.refs_of(hash)
 
+    def ref_versions(self, keys: Iterable[tuple[bytes, str]]) -> list[RefEntry | None]:
+        """The stored version of each (hash, ref id), None where there is none."""
+        return self.refs.versions(keys)
+
     def iter_refs(self, prefix: bytes = b"", *,
                   after: tuple[bytes, str] | None = None) -> Iterator[RefEntry]:
         """Every reference whose hash starts with `prefix` (after the (hash, ref_id) `after`)."""

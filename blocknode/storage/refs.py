@@ -260,6 +260,16 @@ class RefTable:
         with self.env.read() as txn:
             return list(self._iter_hash(txn, hash))
 
+    def versions(self, keys: Iterable[tuple[bytes, str]]) -> list[RefEntry | None]:
+        """The stored version of each (hash, ref id), None where there is none (one read)."""
+        out: list[RefEntry | None] = []
+        with self.env.read() as txn:
+            for hash, ref_id in keys:
+                key = _ref_key(hash, ref_id)
+                raw = txn.get(key, db=self.refs_db)
+                out.append(_decode_ref(key, raw) if raw is not None else None)
+        return out
+
     def _iter_hash(self, txn: Txn, hash: bytes) -> Iterator[RefEntry]:
         cur = txn.cursor(db=self.refs_db)
         if not cur.set_range(hash):

@@ -185,7 +185,8 @@ async def exchange_range(manager: BlockManager, ctx: NodeContext, peer: str, pre
             raise RemoteProtocolError("ae_exchange: 'changed' is not a count")
         merged_there += changed
         if theirs:
-            merged_here += await manager.blocks.apply_refs(theirs)
+            merged_here += await manager.blocks.apply_refs(
+                manager.versions_from_peer(peer, theirs))
         if answered is None:
             return calls, merged_here, merged_there
         after = answered
@@ -233,7 +234,8 @@ class AntiEntropy(Worker):
             if any(not r.hash.startswith(prefix) for r in theirs):
                 raise RemoteProtocolError("refs: entry outside the prefix")
             ours = await self.ctx.run_sync(refs_under, self.meta, prefix)
-            changed = await self.manager.blocks.apply_refs(theirs)
+            changed = await self.manager.blocks.apply_refs(
+                self.manager.versions_from_peer(peer, theirs))
             return {"refs": ours, "changed": changed}, None
         after = _key_from_wire(fields, "after", prefix)
         until = _key_from_wire(fields, "until", prefix)
@@ -242,7 +244,8 @@ class AntiEntropy(Worker):
         _check_window(theirs, prefix, after, until, "refs")
         ours, more = await self.ctx.run_sync(refs_page, self.meta, prefix, after, until)
         answered = (ours[-1][0], ours[-1][1]) if more else until
-        changed = await self.manager.blocks.apply_refs(theirs)
+        changed = await self.manager.blocks.apply_refs(
+            self.manager.versions_from_peer(peer, theirs))
         return {"refs": ours, "changed": changed, "until": _key_to_wire(answered)}, None
 
     # ------------------------------------------------------------ rounds

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-import trio
 
 from blocknode import fastpath
 from blocknode.cli import main
-from blocknode.client import open_client
 from blocknode.config import load_config
 from tests.cluster.harness import ServeProcesses, cli, free_ports, write_cluster
 
@@ -270,19 +268,61 @@ def test_second_serve_on_the_same_dir_refuses_to_start(serving, tmp_path, shared
 
 # ---------------------------------------------------------------- block info
 
-def test_block_info_with_the_largest_timestamp(node, tmp_path, capsys):
+def store_while_stopped(serving: ServeProcesses, node: Path, *refs: tuple[str, str, bool, int]) -> None:
+    """Store reference versions (hash hex, ref id, deleted, ts) into the node's metadata
+    while it is stopped, then start it again: how a version written before issue 10
+    (when clients chose the times) may still be there. No client can do it any more."""
+    from blocknode.storage import MetadataStore, RefEntry
+
+    cfg = load_config(node)
+    serving.kill(0)
+    meta = MetadataStore(cfg.metadata_dir, map_size=cfg.lmdb_map_size)
+    try:
+        for h, ref_id, deleted, ts in refs:
+            version = RefEntry(bytes.fromhex(h), ref_id, deleted, ts)
+            meta.env.write_now(lambda txn, v=version: meta.refs.tx_apply(txn, v))
+    finally:
+        meta.close()
+    serving.start(0)
+    serving.wait_ready(0)
+
+
+def test_block_info_with_the_largest_timestamp(serving, node, tmp_path, capsys):
     """D8: a reference timestamped 2**63 - 1 made `block info` print a traceback."""
     h = put_bytes(node, tmp_path, b"far future", capsys)
-
-    async def far_ref() -> None:
-        async with open_client(load_config(node)) as client:
-            await client.call("client_ref", {"hash": bytes.fromhex(h), "ref_id": "far",
-                                             "deleted": False, "ts": 2**63 - 1})
-
-    trio.run(far_ref)
+    store_while_stopped(serving, node, (h, "far", False, 2**63 - 1))
     assert run(node, "block", "info", h) == 0
     out = capsys.readouterr().out
     assert f"ref      far  live  {2**63 - 1} ms since the epoch (not a calendar date)" in out
     assert run(node, "block", "info", h, "--json") == 0
     assert {"ref_id": "far", "deleted": False, "ts": 2**63 - 1}.items() <= next(
         r for r in json.loads(capsys.readouterr().out)["refs"] if r["ref_id"] == "far").items()
+
+
+# ---------------------------------------------------------------- ref / unref
+
+def test_unref_of_a_reference_that_does_not_exist_says_so(node, tmp_path, capsys):
+    """Issue 9 C.14: `unref` of a reference that does not exist succeeded silently (and
+    wrote a tombstone). It still exits 0 (the deletion is recorded), with a note."""
+    h = put_bytes(node, tmp_path, b"unref me", capsys)
+    assert run(node, "unref", h, "nosuch") == 0
+    err = capsys.readouterr().err
+    assert err == f"note: {h} had no reference 'nosuch': nothing was deleted\n"
+    assert run(node, "unref", h, "t") == 0
+    assert capsys.readouterr().err == ""
+    assert run(node, "unref", h, "t") == 0  # again: it is gone now
+    assert "had no reference 't'" in capsys.readouterr().err
+
+
+def test_a_change_that_lost_to_a_newer_version_says_so_and_exits_1(serving, node, tmp_path, capsys):
+    """Issue 10 part 2: a deletion timestamped an hour ahead (stored before the cluster
+    set the times) wins over a `ref` until then: the command says so, exit 1."""
+    import time
+
+    h = put_bytes(node, tmp_path, b"lost ref", capsys)
+    store_while_stopped(serving, node, (h, "gone", True, time.time_ns() // 1_000_000 + 3600_000))
+    assert run(node, "ref", h, "gone") == 1
+    err = capsys.readouterr().err
+    assert "lost to a newer deletion" in err and "it is not in effect" in err, err
+    assert err.count("\n") == 1 and "[conflict]" not in err
+    assert run(node, "ref", h, "other") == 0  # any other reference is fine

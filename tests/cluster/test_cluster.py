@@ -400,7 +400,7 @@ async def test_put_many_batches_are_refused_up_front_or_answered_in_full(tmp_pat
     with trio.fail_after(30):
         async with in_process_cluster(tmp_path, 3) as cl:
             async with cl.client("node1") as c:
-                rows = [[f"r{i}", 1, 8] for i in range(4096)]
+                rows = [[f"r{i}", 8] for i in range(4096)]
                 payload = b"".join(i.to_bytes(8, "big") for i in range(4096))
                 with pytest.raises(RemoteCallError) as info:
                     await c.call("client_put_many", {"items": rows}, payload)
@@ -411,7 +411,7 @@ async def test_put_many_batches_are_refused_up_front_or_answered_in_full(tmp_pat
                 await cl.stop("node3")
                 n = MAX_BATCH_ROWS
                 reply, _ = await c.call(
-                    "client_put_many", {"items": [["r" * 200, 1, 8] for _ in range(n)]},
+                    "client_put_many", {"items": [["r" * 200, 8] for _ in range(n)]},
                     b"".join(i.to_bytes(8, "big") for i in range(n)))
                 assert reply["hashes"] == [None] * n
                 assert len(reply["errors"]) == n and all("quorum" in e for e in reply["errors"])

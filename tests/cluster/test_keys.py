@@ -264,6 +264,7 @@ async def test_a_node_that_cannot_write_its_admin_key_runs_on_and_says_so(tmp_pa
                     pass
             key = ClientKey.generate()
             (tmp_path / "admin_key").write_text(f"{key}\n")  # an operator-made key file
+            (tmp_path / "admin_key").chmod(0o600)
     cfg = replace(cl.configs[0], admin_key_file=str(tmp_path / "admin_key"))
     async with trio.open_nursery() as nursery:
         cl2 = InProcessCluster([cfg], nursery)

@@ -63,6 +63,7 @@ def test_key_create_prints_exactly_the_key_and_the_key_works(node, tmp_path):
 
     # An application's config: the node's address and a key file; no cluster secret.
     (tmp_path / "app.key").write_text(key + "\n")
+    (tmp_path / "app.key").chmod(0o600)
     app = tmp_path / "app.toml"
     app.write_text(tomli_w.dumps({"rpc_public_addr": load_config(node).public_addr,
                                   "client_key_file": "app.key"}))

@@ -117,6 +117,7 @@ def test_cli_errors_are_one_line(three, tmp_path):
     ]
     # a key the node does not know (a client's config holds a key, not the cluster secret)
     (tmp_path / "stranger.key").write_text(f"{ClientKey.generate()}\n")
+    (tmp_path / "stranger.key").chmod(0o600)
     bad = tmp_path / "bad.toml"
     bad.write_text(f'rpc_public_addr = "{load_config(configs[0]).public_addr}"\n'
                    'client_key_file = "stranger.key"\n')

@@ -24,7 +24,10 @@ def test_arbitrary_items_parse_or_protocol_error(items, payload, with_hash):
 
 @given(st.lists(st.binary(max_size=50), min_size=1, max_size=8))
 def test_well_formed_items_round_trip(chunks):
-    items = [["ref", 5, len(c)] for c in chunks]
+    items = [["ref", len(c)] for c in chunks]
     out = parse_batch_items({"items": items}, b"".join(chunks), with_hash=False)
     assert [c for *_, c in out] == chunks
-    assert all(r == "ref" and ts == 5 for _, r, ts, _ in out)
+    assert all(r == "ref" and ts == 0 for _, r, ts, _ in out)
+    rows = [[b"\x01" * 32, "ref", 5, len(c)] for c in chunks]
+    out = parse_batch_items({"items": rows}, b"".join(chunks), with_hash=True)
+    assert [c for *_, c in out] == chunks and all(ts == 5 for _, _, ts, _ in out)

@@ -79,6 +79,7 @@ def test_a_bad_key_is_named_never_shown(tmp_path) -> None:
         load_client_key(NodeConfig(), {KEY_ENV: f"BK{'0' * 24}:{secret}"})
     assert secret[:20] not in str(info.value)
     (tmp_path / "k").write_text(f"BK{'0' * 24}:{secret}\n")
+    (tmp_path / "k").chmod(0o600)
     with pytest.raises(ConfigError, match="client key file .*/k: the secret") as info:
         read_key_file(tmp_path / "k")
     assert secret[:20] not in str(info.value)
@@ -89,3 +90,19 @@ def test_a_bad_key_is_named_never_shown(tmp_path) -> None:
     with pytest.raises(ConfigError, match="looks like a key itself") as info:
         load_config(tmp_path / "c.toml")
     assert key.secret.hex() not in str(info.value)
+
+
+def test_a_key_file_other_users_can_read_is_refused(tmp_path) -> None:
+    """Issue 10 part 3: a key file is a secret; group/other bits are refused unless the
+    config says `allow_world_readable_secrets`."""
+    key = ClientKey.generate()
+    assert write_key_file(tmp_path / "app.key", key)
+    (tmp_path / "c.toml").write_text('client_key_file = "app.key"\n')
+    cfg = load_config(tmp_path / "c.toml")
+    (tmp_path / "app.key").chmod(0o640)
+    with pytest.raises(ConfigError, match=r"app.key is accessible to its group .*chmod 600") as e:
+        load_client_key(cfg, {})
+    assert key.secret.hex() not in str(e.value)
+    (tmp_path / "c.toml").write_text('client_key_file = "app.key"\n'
+                                     "allow_world_readable_secrets = true\n")
+    assert load_client_key(load_config(tmp_path / "c.toml"), {}) == key

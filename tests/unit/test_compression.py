@@ -155,9 +155,9 @@ async def test_round_trip_at_each_level(tmp_path, level):
                                    + ZST_SUFFIX)
             assert size < 300_000 / 3
         # a batch (put_many) stores the same forms
-        more = [(text(2000, seed=7), "r", 1), (os.urandom(9000), "r", 1), (text(9000, 3), "r", 1)]
+        more = [(text(2000, seed=7), "r"), (os.urandom(9000), "r"), (text(9000, 3), "r")]
         hs = await n1.manager.put_many(more)
-        for (d, _, _), h in zip(more, hs, strict=True):
+        for (d, _), h in zip(more, hs, strict=True):
             assert await n1.manager.get(h) == d
         assert forms(n1, hs[0]) == {"inline.zst" if z else "inline"}
         assert forms(n1, hs[2]) == {"file.zst" if z else "file"}

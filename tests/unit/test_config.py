@@ -157,7 +157,51 @@ def test_a_bad_secret_file_is_never_echoed(tmp_path):
     cfg = NodeConfig(rpc_secret_file=str(f))
     for content in (SECRET[:-1].encode(), SECRET.encode()[:-2] + b"\xc3\xa9", SECRET[:-2].encode() + b"zz"):
         f.write_bytes(content + b"\n")
+        f.chmod(0o600)
         with pytest.raises(ConfigError, match="expected 64 hex characters") as e:
             load_or_create_secret(cfg, create=False)
         msg = str(e.value)
         assert SECRET[:8] not in msg and "c3" not in msg and "zz" not in msg, msg
+
+
+def test_a_secret_file_others_may_access_is_refused(tmp_path):
+    """Issue 10 part 3 (a cluster test runs `serve` and `status` against one)."""
+    from blocknode.config import check_private_file
+
+    f = tmp_path / "secret"
+    f.write_text(SECRET + "\n")
+    cfg = NodeConfig(rpc_secret_file=str(f))
+    for mode in (0o600, 0o400):
+        f.chmod(mode)
+        assert load_or_create_secret(cfg, create=False) == bytes.fromhex(SECRET)
+    for mode, who in ((0o640, "its group"), (0o604, "other users"), (0o666, "its group and other users")):
+        f.chmod(mode)
+        with pytest.raises(ConfigError, match=f"accessible to {who} .mode {mode:04o}, expected 0600.") as e:
+            load_or_create_secret(cfg, create=False)
+        assert "chmod 600" in str(e.value) and SECRET[:8] not in str(e.value)
+        with pytest.raises(ConfigError):
+            check_private_file(f, "key file")
+        check_private_file(f, "key file", allow_world_readable=True)
+        allowed = NodeConfig(rpc_secret_file=str(f), allow_world_readable_secrets=True)
+        assert load_or_create_secret(allowed, create=False) == bytes.fromhex(SECRET)
+
+
+def test_storage_creates_private_files_whatever_the_umask(tmp_path):
+    """Issue 10 part 3: block files, fan-out directories and LMDB files are 0600/0700
+    even in a process whose umask lets others read (serve sets 077 besides)."""
+    from blocknode.block import hashed
+    from blocknode.storage import BlockFiles, MetadataStore
+
+    old = os.umask(0o022)
+    try:
+        files = BlockFiles(str(tmp_path / "data"), fsync=False)
+        files.write(hashed(os.urandom(100)))
+        meta = MetadataStore(str(tmp_path / "meta"), map_size=1 << 22, sync=False)
+        meta.close()
+    finally:
+        os.umask(old)
+    for root, _, names in os.walk(tmp_path):
+        if root != str(tmp_path):
+            assert stat.S_IMODE(os.stat(root).st_mode) == 0o700, root
+        for n in names:
+            assert stat.S_IMODE(os.stat(os.path.join(root, n)).st_mode) == 0o600, n

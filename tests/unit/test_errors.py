@@ -193,11 +193,11 @@ def test_an_oversized_block_is_local_misuse_from_the_api_and_remote_from_a_reque
         with pytest.raises(LocalProtocolError, match="exceeds block_size 10"):
             await mgr.put(b"x" * 11, "r")
         with pytest.raises(LocalProtocolError, match="exceeds block_size 10"):
-            await mgr.put_many([(b"x" * 11, "r", 1)])
+            await mgr.put_many([(b"x" * 11, "r")])
         with pytest.raises(RemoteProtocolError, match="exceeds block_size 10"):
             await mgr.handle_client_put("peer", {"ref_id": "r"}, b"x" * 11)
         with pytest.raises(RemoteProtocolError, match="exceeds block_size 10"):
-            await mgr.handle_client_put_many("peer", {"items": [["r", 1, 11]]}, b"x" * 11)
+            await mgr.handle_client_put_many("peer", {"items": [["r", 11]]}, b"x" * 11)
         with pytest.raises(RemoteProtocolError, match="exceeds block_size 10"):
             await mgr.handle_put_block("peer", {"hash": b"\x00" * 32}, b"x" * 11)
         with pytest.raises(RemoteProtocolError, match="carries no data"):

@@ -121,8 +121,15 @@ def test_batch_rows_split_the_payload() -> None:
     items = parse_batch_items({"items": [[H, "a", 1, 2], [H, "b", 2, 0], [H, "c", 3, 3]]},
                               b"xxyyy", with_hash=True)
     assert [tuple(i) for i in items] == [(H, "a", 1, b"xx"), (H, "b", 2, b""), (H, "c", 3, b"yyy")]
-    client = parse_batch_items({"items": [["a", 1, 2]]}, b"xx", with_hash=False)
+    client = parse_batch_items({"items": [["a", 2]]}, b"xx", with_hash=False)
     assert client[0].hash == b"" and client[0].data == b"xx" and client[0].ref_id == "a"
+    assert client[0].ts == 0  # the coordinator sets the time
+
+
+def test_a_client_batch_row_carrying_a_time_is_refused() -> None:
+    # Issue 10 part 2: reference times are set by the cluster, never by a client.
+    with pytest.raises(RemoteProtocolError, match="ts is refused"):
+        parse_batch_items({"items": [["a", 1, 2]]}, b"xx", with_hash=False)
 
 
 @pytest.mark.parametrize(
@@ -131,17 +138,17 @@ def test_batch_rows_split_the_payload() -> None:
         (None, b""),
         ([], b""),
         ("rows", b""),
-        ([["a", 1]], b""),                      # short row
+        ([["a"]], b""),                         # short row
         ([["a", 1, 0, 0]], b""),                # long row (without hash)
-        ([("a", 1, 0)], b""),                   # a tuple is not a msgpack row
-        ([["", 1, 0]], b""),                    # empty ref id
-        (["a" * 256, 1, 0], b""),               # not rows at all
-        ([["a" * 256, 1, 0]], b""),             # ref id over 255 bytes
-        ([["a", -1, 0]], b""),                  # negative ts
-        ([["a", 2**63, 0]], b""),               # ts over 2**63 - 1
-        ([["a", 1, True]], b"x"),               # a bool length
-        ([["a", 1, 2]], b"x"),                  # lengths exceed the payload
-        ([["a", 1, 1]], b"xy"),                 # lengths do not cover the payload
+        ([["a", 1, 0]], b""),                   # a row carrying a ts
+        ([("a", 0)], b""),                      # a tuple is not a msgpack row
+        ([["", 0]], b""),                       # empty ref id
+        (["a" * 256, 0], b""),                  # not rows at all
+        ([["a" * 256, 0]], b""),                # ref id over 255 bytes
+        ([["a", -1]], b""),                     # negative length
+        ([["a", True]], b"x"),                  # a bool length
+        ([["a", 2]], b"x"),                     # lengths exceed the payload
+        ([["a", 1]], b"xy"),                    # lengths do not cover the payload
     ],
 )
 def test_malformed_batches_are_remote_protocol_errors(items: object, payload: bytes) -> None:
@@ -157,14 +164,14 @@ def test_batch_rows_need_a_hash_when_asked() -> None:
 
 
 def test_batch_row_count_is_bounded() -> None:
-    rows = [["a", 1, 0]] * MAX_BATCH_ROWS
+    rows = [["a", 0]] * MAX_BATCH_ROWS
     assert len(parse_batch_items({"items": rows}, b"", with_hash=False)) == MAX_BATCH_ROWS
     with pytest.raises(RemoteProtocolError, match=f"1 to {MAX_BATCH_ROWS} rows"):
-        parse_batch_items({"items": rows + [["a", 1, 0]]}, b"", with_hash=False)
+        parse_batch_items({"items": rows + [["a", 0]]}, b"", with_hash=False)
 
 
 def test_batch_block_size_bound() -> None:
-    fields = {"items": [["a", 1, 3], ["b", 1, 4]]}
+    fields = {"items": [["a", 3], ["b", 4]]}
     assert len(parse_batch_items(fields, b"x" * 7, with_hash=False)) == 2
     assert len(parse_batch_items(fields, b"x" * 7, with_hash=False, block_size=4)) == 2
     with pytest.raises(RemoteProtocolError, match="block of 4 bytes exceeds block_size 3"):
