@@ -123,3 +123,33 @@ def test_the_client_is_not_a_node() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=PKG.parent)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _modules_in_architecture_md() -> set[str]:
+    """The file paths (relative to blocknode/) of the module tree in ARCHITECTURE.md."""
+    import re
+
+    text = (PKG.parent / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    tree = text.split("```", 2)[1]
+    out: set[str] = set()
+    dirs: list[str] = []
+    for line in tree.splitlines():
+        m = re.match(r"^(?P<indent>[│ ]*)[├└]── (?P<name>[\w./]+)", line)
+        if not m:
+            continue
+        depth = len(m["indent"]) // 4
+        del dirs[depth:]
+        name = m["name"]
+        if name.endswith("/"):
+            dirs.append(name.rstrip("/"))
+        else:
+            out.add("/".join([*dirs, name]))
+    return out
+
+
+def test_architecture_md_lists_every_module_and_no_other() -> None:
+    listed = _modules_in_architecture_md()
+    on_disk = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py")} | {
+        str(p.relative_to(PKG)) for p in PKG.rglob("*.pyx")}
+    assert sorted(on_disk - listed) == [], "modules missing from ARCHITECTURE.md"
+    assert sorted(listed - on_disk) == [], "ARCHITECTURE.md lists modules that do not exist"
