@@ -17,8 +17,10 @@ from typing import Any
 import trio
 
 from blocknode.client import Client, open_client
+from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, load_config
 from blocknode.node import Node
+from tests.fakes import FakeClock
 
 
 def free_ports(n: int) -> list[int]:
@@ -199,3 +201,27 @@ def cli(*args: str, config: Path | None = None, input: bytes | None = None,
     if config is not None:
         cmd += ["--config", str(config)]
     return subprocess.run(cmd, input=input, capture_output=True, timeout=timeout)
+
+
+GC_DELAY = 600.0
+"""The GC delay of `cluster3` (a fake clock makes it pass at once)."""
+
+
+async def settled(cl: InProcessCluster, hashes: list[bytes], *, referenced: bool = True) -> None:
+    """Wait until every running node holds each block with (or without) a live reference.
+
+    A put or unref returns once the write quorum acknowledged; the third call
+    is still in flight. Nothing signals its arrival on the other node, so poll.
+    """
+    while not all(n.blocks.exists(h) and n.meta.rc_get(h).is_nonzero() == referenced
+                  for n in cl.nodes.values() for h in hashes):
+        await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def cluster3(root: Path, **kw: Any) -> AsyncIterator[InProcessCluster]:
+    """A 3-node in-process cluster on a shared `FakeClock`, with short timeouts."""
+    fields = {"gc_delay": GC_DELAY, "rpc_timeout": 3.0, "need_block_timeout": 1.0,
+              "inline_threshold": 1024, "resync_tranquility": 0, **kw}
+    async with in_process_cluster(root, 3, clock=FakeClock(wall_ms()), **fields) as cl:
+        yield cl

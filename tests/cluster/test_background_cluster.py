@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,41 +23,8 @@ from blocknode.protocol import (
     ADMIN_BLOCK_RETRY_NOW,
     ADMIN_RESYNC_RUN_ONCE,
 )
-from tests.cluster.harness import InProcessCluster, in_process_cluster
-
-GC_DELAY = 600.0
-
-
-class Clock:
-    """A shared, settable millisecond clock for the nodes' persisted times."""
-
-    def __init__(self) -> None:
-        self.t = wall_ms()
-
-    def __call__(self) -> int:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += int(seconds * 1000)
-
-
-async def settled(cl: InProcessCluster, hashes: list[bytes], *, referenced: bool = True) -> None:
-    """Wait until every running node holds each block with (or without) a live reference.
-
-    A put or unref returns once the write quorum acknowledged; the third call
-    is still in flight. Nothing signals its arrival on the other node, so poll.
-    """
-    while not all(n.blocks.exists(h) and n.meta.rc_get(h).is_nonzero() == referenced
-                  for n in cl.nodes.values() for h in hashes):
-        await trio.sleep(0.01)
-
-
-@asynccontextmanager
-async def cluster3(root: Path, **kw: Any) -> AsyncIterator[InProcessCluster]:
-    fields = {"gc_delay": GC_DELAY, "rpc_timeout": 3.0, "need_block_timeout": 1.0,
-              "inline_threshold": 1024, "resync_tranquility": 0, **kw}
-    async with in_process_cluster(root, 3, clock=Clock(), **fields) as cl:
-        yield cl
+from tests.cluster.harness import GC_DELAY, InProcessCluster, cluster3, in_process_cluster, settled
+from tests.fakes import FakeClock
 
 
 async def test_node_down_during_writes_catches_up(tmp_path):
@@ -227,7 +191,7 @@ async def test_repair_after_losing_the_metadata_keeps_every_block(tmp_path, capl
     # issue 9 C.9: single node, put a 3 MB file, stop, move meta/ away, start, repair: the
     # three block files were deleted within seconds (an absent RC counted as deletable).
     with trio.fail_after(30):
-        async with in_process_cluster(tmp_path, 1, rf=1, clock=Clock(), gc_delay=GC_DELAY,
+        async with in_process_cluster(tmp_path, 1, rf=1, clock=FakeClock(wall_ms()), gc_delay=GC_DELAY,
                                       inline_threshold=1024, resync_tranquility=0) as cl:
             async with cl.client("node1") as c:
                 await c.put(os.urandom(3 * 1024 * 1024), "big-file")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.cluster.test_probe_faults import GC_DELAY, LARGE, probe_cluster
+from tests.cluster.probes import GC_DELAY, LARGE, probe_cluster
 
 pytestmark = pytest.mark.slow
 

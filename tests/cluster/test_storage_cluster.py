@@ -14,8 +14,7 @@ import trio
 from blocknode import block, fastpath
 from blocknode.config import DataDir
 from blocknode.storage.block_files import MARKER_NAME, ZST_SUFFIX
-from tests.cluster.harness import ServeProcesses, cli, write_cluster
-from tests.cluster.test_background_cluster import cluster3, settled
+from tests.cluster.harness import ServeProcesses, cli, cluster3, settled, write_cluster
 
 
 def text(n: int) -> bytes:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import trio
 
+from blocknode.clock import wall_ms
 from blocknode.config import load_config
 from blocknode.errors import BlocknodeError
 from blocknode.node import Node
@@ -27,7 +28,7 @@ from blocknode.rpc.errors import RemoteCallError
 from blocknode.storage import RefEntry
 from blocknode.workers.base import NodeFoundationError
 from tests.cluster.harness import InProcessCluster, in_process_cluster, write_cluster
-from tests.cluster.test_background_cluster import Clock
+from tests.fakes import FakeClock
 
 BACKOFF_S = 0.05
 
@@ -72,7 +73,7 @@ async def test_an_exception_in_a_worker_or_a_handler_does_not_stop_the_node(tmp_
                                                                              caplog):
     caplog.set_level(logging.WARNING, logger="blocknode")
     with trio.fail_after(60):
-        async with in_process_cluster(tmp_path, 3, clock=Clock(), gc_delay=600.0, rpc_timeout=3.0,
+        async with in_process_cluster(tmp_path, 3, clock=FakeClock(wall_ms()), gc_delay=600.0, rpc_timeout=3.0,
                                       need_block_timeout=1.0, resync_tranquility=0,
                                       scrub_tranquility=0, anti_entropy_interval=0.2) as cl:
             n1 = cl.nodes["node1"]

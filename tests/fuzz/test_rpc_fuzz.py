@@ -26,8 +26,8 @@ from blocknode.rpc.wire import (
     encode_head,
     pack_frame_prefix,
 )
+from tests.fakes import SECRET
 
-SECRET = bytes(range(32))
 KEY = ClientKey(f"BK{'0' * 24}", bytes(range(2, 34)))
 KEYS = {KEY.id: KEY.verifier}
 

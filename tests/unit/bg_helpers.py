@@ -22,19 +22,7 @@ from blocknode.layout import Layout
 from blocknode.manager import BlockManager
 from blocknode.rpc.errors import error_reply, remote_error
 from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
-
-
-class FakeClock:
-    """A settable millisecond clock."""
-
-    def __init__(self, t: int = 1_700_000_000_000) -> None:
-        self.t = t
-
-    def __call__(self) -> int:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += int(seconds * 1000)
+from tests.fakes import FakeClock
 
 
 class FakeNet:

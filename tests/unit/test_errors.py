@@ -35,8 +35,7 @@ from blocknode.rpc.wire import (
     encode_head,
     pack_frame_prefix,
 )
-
-SECRET = bytes(range(32))
+from tests.fakes import SECRET
 
 
 def test_every_error_class_is_a_blocknode_error() -> None:

@@ -18,21 +18,14 @@ from blocknode.errors import MetadataFull
 from blocknode.notify import Notify
 from blocknode.storage import ABSENT, MetadataStore, RcEntry, RefEntry
 from blocknode.storage.resync_queue import ERROR_COUNT_MAX, ErrorEntry, encode_error
+from tests.fakes import FakeClock
 
 H1 = fastpath.block_hash(b"one")
 H2 = fastpath.block_hash(b"two")
 
 
-class FakeClock:
-    def __init__(self, t: int = 1_000_000) -> None:
-        self.t = t
-
-    def __call__(self) -> int:
-        return self.t
-
-
 def _meta(tmp_path, clock=None, **kw) -> MetadataStore:
-    return MetadataStore(str(tmp_path / "meta"), ctx=NodeContext(now_ms=clock or FakeClock()),
+    return MetadataStore(str(tmp_path / "meta"), ctx=NodeContext(now_ms=clock or FakeClock(1_000_000)),
                          map_size=1 << 26, **kw)
 
 
@@ -57,7 +50,7 @@ def test_rc_transitions_like_the_seed():
 
 
 async def test_incref_decref_gc_delay_with_injected_clock(tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(1_000_000)
     m = _meta(tmp_path, clock, gc_delay_ms=10_000)
     await incref(m, H1)
     await incref(m, H1)
@@ -75,7 +68,7 @@ async def test_incref_decref_gc_delay_with_injected_clock(tmp_path):
 
 
 async def test_incref_queues_resync_and_decref_queues_gc_check(tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(1_000_000)
     m = _meta(tmp_path, clock, gc_delay_ms=10_000, incref_resync_delay_ms=60_000)
     await incref(m, H1)
     assert m.resync_due(clock.t) == []
@@ -124,7 +117,7 @@ ops = st.lists(
 @settings(max_examples=60, deadline=None)
 @given(ops)
 def test_rc_equals_live_refs_after_any_sequence(tmp_path_factory, seq):
-    m = MetadataStore(str(tmp_path_factory.mktemp("m")), ctx=NodeContext(now_ms=FakeClock()),
+    m = MetadataStore(str(tmp_path_factory.mktemp("m")), ctx=NodeContext(now_ms=FakeClock(1_000_000)),
                       map_size=1 << 24)
     try:
         for h, rid, deleted, ts in seq:
@@ -149,7 +142,7 @@ def test_rc_equals_live_refs_after_any_sequence(tmp_path_factory, seq):
 # ---- resync queue ----
 
 async def test_resync_queue_order_and_never_lost(tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(1_000_000)
     m = _meta(tmp_path, clock)
     await m.resync_put(H2, 5)
     await m.resync_put(H1, 1)
@@ -208,7 +201,7 @@ def test_notify_wait_returns_at_once_when_notified_since_the_snapshot():
 # ---- errors and state ----
 
 async def test_error_backoff_doubles_and_caps(tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(1_000_000)
     m = _meta(tmp_path, clock)
     delays = []
     for _ in range(9):
@@ -223,7 +216,7 @@ async def test_error_backoff_doubles_and_caps(tmp_path):
 
 async def test_backoff_survives_any_number_of_failures(tmp_path):
     # issue 9 A.1: the 1025th failure of one block overflowed 2 ** (count - 1) as a float.
-    clock = FakeClock()
+    clock = FakeClock(1_000_000)
     m = _meta(tmp_path, clock, sync=False)
     for _ in range(1030):
         e = await m.error_record(H1, "lost everywhere")

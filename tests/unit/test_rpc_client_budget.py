@@ -10,7 +10,7 @@ import trio.testing
 
 from blocknode.rpc.connect import open_client
 from blocknode.rpc.network import RpcNetwork
-from tests.unit.test_rpc_connection import KEY, OPEN, SECRET, MemoryNet
+from tests.fakes import KEY, OPEN, SECRET, MemoryNet
 
 MiB = 1024 * 1024
 

@@ -11,45 +11,13 @@ import trio.testing
 
 from blocknode.errors import NodeUnreachable
 from blocknode.rpc.connect import handshake
-from blocknode.rpc.handshake import ClientHandshake, ClientKey, Peer
+from blocknode.rpc.handshake import ClientHandshake, Peer
 from blocknode.rpc.network import ByteBudget, RpcNetwork
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import MSG_REQUEST, NEED_DATA, OutgoingMessage, encode_head
+from tests.fakes import KEY, OPEN, SECRET, MemoryListener, MemoryNet
 
-SECRET = bytes(range(32))
-KEY = ClientKey.generate()
-OPEN = {"members": {"a", "b", "n"}, "lookup_key": {KEY.id: KEY.verifier}.get}
-"""What a serving network here accepts: nodes a, b and n, and clients with KEY."""
 MiB = 1024 * 1024
-
-
-class MemoryNet:
-    """In-memory listeners by address, and a connector for RpcNetwork."""
-
-    def __init__(self) -> None:
-        self.listeners: dict[str, MemoryListener] = {}
-
-    def listener(self, addr: str) -> MemoryListener:
-        self.listeners[addr] = MemoryListener()
-        return self.listeners[addr]
-
-    async def connect(self, addr: str) -> trio.abc.Stream:
-        if addr not in self.listeners:
-            raise OSError(f"connection refused: {addr}")
-        client, server = trio.testing.memory_stream_pair()
-        await self.listeners[addr].send.send(server)
-        return client
-
-
-class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
-    def __init__(self) -> None:
-        self.send, self.recv = trio.open_memory_channel[trio.abc.Stream](100)
-
-    async def accept(self) -> trio.abc.Stream:
-        return await self.recv.receive()
-
-    async def aclose(self) -> None:
-        await self.recv.aclose()
 
 
 async def echo(peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:

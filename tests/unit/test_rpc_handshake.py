@@ -17,8 +17,8 @@ from blocknode.rpc.handshake import (
 )
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import MSG_REQUEST, NEED_DATA, OutgoingMessage, encode_head
+from tests.fakes import SECRET
 
-SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
 
 

@@ -21,8 +21,8 @@ from blocknode.rpc.network import (
 )
 from blocknode.rpc.session import Session
 from blocknode.rpc.wire import CHUNK_HEADER, FLAG_FIRST, MSG_REQUEST, encode_head
+from tests.fakes import SECRET
 
-SECRET = bytes(range(32))
 KEY = ClientKey.generate()
 KEYS = {KEY.id: KEY.verifier}
 

@@ -24,8 +24,8 @@ from blocknode.rpc.errors import RemoteCallError, RemoteNotFound
 from blocknode.rpc.handshake import ClientKey, Peer
 from blocknode.rpc.network import RpcNetwork
 from blocknode.rpc.wire import PRIO_BACKGROUND
+from tests.fakes import SECRET
 
-SECRET = bytes(range(32))
 KEY = ClientKey.generate()
 KEYS = {KEY.id: KEY.verifier}
 
