@@ -172,6 +172,7 @@ class BlockManager:
         self.meta = meta
         self.rpc_timeout = rpc_timeout
         self.hedge_delay = hedge_delay
+        self.hedged_reads = 0  # reads that asked a next node because one was slow (metrics)
         self.block_size = block_size
         self.run_sync = run_sync
         self.compression_level = compression_level
@@ -554,6 +555,7 @@ class BlockManager:
                     failures[node] = f"{type(outcome).__name__}: {outcome}"
                     continue
                 # No answer within the hedge delay: ask the next node as well.
+                self.hedged_reads += 1
                 nursery.start_soon(ask, order[started])
                 started += 1
                 pending += 1
