@@ -272,6 +272,9 @@ class Node:
             "errors": counts["errors"],
             "connections": self.net.connection_status(),
             "data_dirs": self.files.dir_status(),
+            "capacity": self.layout.node(self.node_id).capacity,
+            "uptime": time.monotonic() - self.started_monotonic,
+            "admin_addr": self.admin_addr,
         }
 
     async def handle_status(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:

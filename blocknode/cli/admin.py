@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from blocknode.cli.base import EXIT_USAGE, fail, hash_arg, run_with_client
+from blocknode.cli.base import EXIT_USAGE, add_all_nodes, fail, hash_arg, run_on_nodes
 from blocknode.cli.output import bar, print_json, when
 from blocknode.client import Client
 from blocknode.protocol import block_info_all
@@ -90,7 +90,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                   f"{st['progress'] * 100:.1f} % done)")
         return 0
 
-    return run_with_client(args, go)
+    return run_on_nodes(args, go)
 
 
 # ------------------------------------------------------------------ repair
@@ -101,7 +101,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if getattr(args, "what", None) == "rebalance":
         if args.rc:
             raise fail("repair rebalance takes no --rc", EXIT_USAGE)
-        return run_with_client(args, lambda client: _rebalance(client, wait=args.wait))
+        return run_on_nodes(args, lambda client: _rebalance(client, wait=args.wait))
 
     async def go(client: Client) -> int:
         st, _ = await client.call("admin_repair", {"action": "start", "rc": bool(args.rc)})
@@ -124,7 +124,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
               + (f", {st['rc_recalculated']} RCs recalculated" if st.get("rc") else ""))
         return 0
 
-    return run_with_client(args, go)
+    return run_on_nodes(args, go)
 
 
 def _print_rebalance_line(st: dict[str, Any], tty: bool) -> None:
@@ -212,7 +212,7 @@ def cmd_block(args: argparse.Namespace) -> int:
             return 0
         raise fail(f"unknown block action {action!r}", EXIT_USAGE)
 
-    return run_with_client(args, go)
+    return run_on_nodes(args, go)
 
 
 # ------------------------------------------------------------------ worker
@@ -259,7 +259,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             _print_worker(w)
         return 0
 
-    return run_with_client(args, go)
+    return run_on_nodes(args, go)
 
 
 # ------------------------------------------------------------------ parser
@@ -270,16 +270,20 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     s = sub.add_parser("scrub", parents=[common], help="verify every block held by the node")
     ss = s.add_subparsers(dest="scrub_action", metavar="ACTION", required=True)
     a = ss.add_parser("start", parents=[common], help="start a scrub (a paused one resumes)")
-    a.add_argument("--tranquility", type=_nonneg, default=None,
+    a.add_argument("--tranquility", type=_nonneg, default=None, metavar="N",
                    help="rest this many times the step time after each block")
     a.add_argument("--wait", action="store_true", help="show progress until it finishes")
+    add_all_nodes(a)
     for name, what in (("pause", "pause the running scrub"), ("resume", "resume a paused scrub"),
                        ("cancel", "stop the scrub and forget its position")):
-        ss.add_parser(name, parents=[common], help=what)
+        add_all_nodes(ss.add_parser(name, parents=[common], help=what))
     a = ss.add_parser("set-tranquility", parents=[common], help="change the scrub's tranquility")
-    a.add_argument("tranquility", type=_nonneg, metavar="N")
+    a.add_argument("tranquility", type=_nonneg, metavar="N",
+                   help="rest N times the step time after each block (0: full speed)")
+    add_all_nodes(a)
     a = ss.add_parser("status", parents=[common], help="show the scrub state")
     a.add_argument("--json", action="store_true", help="print JSON")
+    add_all_nodes(a)
     s.set_defaults(func=cmd_scrub)
 
     s = sub.add_parser("repair", parents=[common],
@@ -290,35 +294,41 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                         "gives it (after a change of data_dir)")
     s.add_argument("--wait", action="store_true", help="wait until it finishes, showing progress")
     s.add_argument("--rc", action="store_true", help="first recalculate every RC from its references")
+    add_all_nodes(s)
     s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("block", parents=[common], help="inspect and manage single blocks")
     bs = s.add_subparsers(dest="block_action", metavar="ACTION", required=True)
     a = bs.add_parser("info", parents=[common], help="what this node knows about a block")
-    a.add_argument("hash", metavar="HASH")
+    a.add_argument("hash", metavar="HASH", help="the block's hash (64 hex digits)")
     a.add_argument("--json", action="store_true", help="print JSON")
     a = bs.add_parser("list-errors", parents=[common], help="blocks whose resync failed")
     a.add_argument("--json", action="store_true", help="print JSON")
+    add_all_nodes(a)
     a = bs.add_parser("retry-now", parents=[common], help="retry failed resyncs now")
-    a.add_argument("hash", metavar="HASH", nargs="?")
+    a.add_argument("hash", metavar="HASH", nargs="?", help="the block to retry (or --all)")
     a.add_argument("--all", action="store_true", help="every failed block")
     a = bs.add_parser("purge", parents=[common],
                       help="delete every reference of a block, cluster-wide")
-    a.add_argument("hash", metavar="HASH")
+    a.add_argument("hash", metavar="HASH", help="the block's hash (64 hex digits)")
     a.add_argument("--yes", action="store_true", help="confirm the deletion")
     a = bs.add_parser("repair-rc", parents=[common], help="recalculate every RC (repair --rc)")
-    a.add_argument("--wait", action="store_true")
+    a.add_argument("--wait", action="store_true", help="wait until it finishes, showing progress")
     s.set_defaults(func=cmd_block)
 
     s = sub.add_parser("worker", parents=[common], help="background workers")
     ws = s.add_subparsers(dest="worker_action", metavar="ACTION", required=True)
     a = ws.add_parser("list", parents=[common], help="every background task and its state")
     a.add_argument("--json", action="store_true", help="print JSON")
+    add_all_nodes(a)
     a = ws.add_parser("get", parents=[common], help="show worker settings (all, or NAME)")
-    a.add_argument("name", metavar="NAME", nargs="?", help="a setting, e.g. resync-workers")
+    a.add_argument("name", metavar="NAME", nargs="?",
+                   help="a setting, e.g. resync-workers (Garage's names work too, e.g. "
+                        "resync-worker-count)")
     a.add_argument("--json", action="store_true", help="print JSON")
+    add_all_nodes(a)
     a = ws.add_parser("set", parents=[common], help="change a worker setting (persisted)")
     a.add_argument("name", metavar="NAME", help="a setting (see `worker get`), e.g. resync-workers")
     a.add_argument("value", metavar="VALUE", help="its new value (the node validates it)")
+    add_all_nodes(a)
     s.set_defaults(func=cmd_worker)
-

@@ -11,9 +11,19 @@ from typing import Any, BinaryIO
 
 import trio
 
-from blocknode.cli.base import EXIT_USAGE, fail, hash_arg, run_with_client
-from blocknode.cli.output import OutputFile, print_json
-from blocknode.client import Client, new_ref_id
+from blocknode.auth import load_client_key
+from blocknode.cli.base import (
+    EXIT_USAGE,
+    client_config_for,
+    fail,
+    hash_arg,
+    node_config,
+    run_with_client,
+)
+from blocknode.cli.output import OutputFile, duration, print_json, print_table, size
+from blocknode.client import Client, new_ref_id, open_client
+from blocknode.config import NodeConfig
+from blocknode.errors import BlocknodeError
 
 
 def cmd_put(args: argparse.Namespace) -> int:
@@ -154,47 +164,75 @@ async def _done(aw: Awaitable[Any]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show the node's status."""
+    """Show the cluster overview (a table, one row per node) and this node's details;
+    ``--json``: this node's status (the contract keys)."""
+    cfg = node_config(args)
 
     async def go(client: Client) -> int:
         st = await client.status()
         if args.json:
             print_json(st)
             return 0
+        others = await _statuses(cfg, [p for p in st["peers"] if p["up"] and p["id"] != st["node_id"]])
+        others[st["node_id"]] = st
         lay = st.get("layout", {})
-        print(f"node        {st['node_id']} at {st.get('addr')} (zone {st.get('zone')}, fast path {st.get('fast_path')})")
+        zone_of = {nid: z for z, ids in (lay.get("zones") or {}).items() for nid in ids}
+        rows = []
+        for p in st["peers"]:
+            o = others.get(p["id"]) or {}
+            free = [d["free"] for d in o.get("data_dirs", []) if d.get("free") is not None]
+            rows.append([p["id"], o.get("zone") or zone_of.get(p["id"]), o.get("capacity"), p["addr"],
+                         bool(p["up"]), o.get("blocks"), size(sum(free)) if free else None,
+                         o.get("version"), duration(o["uptime"]) if "uptime" in o else None])
+        print_table(["node", "zone", "capacity", "address", "up", "blocks", "disk free", "version",
+                     "uptime"], rows)
+        print()
+        print(f"this node   {st['node_id']} at {st.get('addr')} (zone {st.get('zone')}, fast path "
+              f"{st.get('fast_path')})")
         print(f"layout      {lay.get('nodes')} node(s), replication {lay.get('replication_factor')}, "
               f"write quorum {lay.get('write_quorum')}")
-        for p in st["peers"]:
-            print(f"peer        {p['id']:<12} {p['addr']:<22} {'up' if p['up'] else 'DOWN'}")
-        print(f"blocks      {st['blocks']} ({st.get('inline_blocks', 0)} inline)")
-        print(f"rc entries  {st['rc_entries']}")
-        print(f"resync      {st['resync_queue']} queued")
-        print(f"errors      {st['errors']}")
+        print(f"blocks      {st['blocks']} ({st.get('inline_blocks', 0)} inline), "
+              f"{st['rc_entries']} RC entries")
+        print(f"resync      {st['resync_queue']} queued, {st['errors']} errors")
         for d in st.get("data_dirs", []):
             print(f"data dir    {_dir_line(d)}")
+        if st.get("admin_addr"):
+            print(f"metrics     http://{st['admin_addr']}/metrics, health at /health")
         return 0
 
     return run_with_client(args, go)
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+async def _statuses(cfg: NodeConfig, peers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The status of each of `peers` (those that answer within the connect timeout)."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        key = load_client_key(cfg)
+    except BlocknodeError:
+        return out
+
+    async def one(p: dict[str, Any]) -> None:
+        with trio.move_on_after(cfg.connect_timeout + cfg.rpc_handshake_timeout):
+            try:
+                async with open_client(client_config_for(cfg, p["addr"]), key=key,
+                                       timeout=cfg.connect_timeout) as c:
+                    out[p["id"]] = await c.status()
+            except (BlocknodeError, OSError):
+                pass  # shown as "-": the node did not answer
+
+    async with trio.open_nursery() as nursery:
+        for p in peers:
+            nursery.start_soon(one, p)
+    return out
 
 
 def _dir_line(d: dict[str, Any]) -> str:
     """One data directory of `status`: path, state, blocks, bytes, free space, errors."""
     state = d["state"] + (", read-only" if d.get("read_only") else "")
-    line = (f"{d['path']}  {state}  {d['blocks']} blocks, {_size(d['bytes'])}, "
-            f"{_size(d.get('free'))} free, {d['errors']} errors")
+    line = (f"{d['path']}  {state}  {d['blocks']} blocks, {size(d['bytes'])}, "
+            f"{size(d.get('free'))} free, {d['errors']} errors")
     if d.get("capacity"):
-        line += f", capacity {_size(d['capacity'])}"
+        line += f", capacity {size(d['capacity'])}"
     if d.get("failure"):
         line += f" ({d['failure']})"
     return line
