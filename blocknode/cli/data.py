@@ -20,10 +20,13 @@ from blocknode.cli.base import (
     node_config,
     run_with_client,
 )
-from blocknode.cli.output import OutputFile, duration, print_json, print_table, size
+from blocknode.cli.output import OutputFile, duration, print_json, print_table, progress, size
 from blocknode.client import Client, new_ref_id, open_client
 from blocknode.config import NodeConfig
 from blocknode.errors import BlocknodeError
+
+PROGRESS_DELAY_S = 0.5
+"""`put` and `get` show a progress bar (on a terminal) once they have run this long."""
 
 
 def cmd_put(args: argparse.Namespace) -> int:
@@ -106,13 +109,18 @@ async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str,
     head = [first, second]
     del first, second
 
-    async def chunks() -> AsyncIterator[bytes]:
-        while head:
-            yield head.pop(0)
-        while chunk := await read():
-            yield chunk
+    with progress(known, "put", delay=PROGRESS_DELAY_S) as bar:
 
-    return await client.put_chunks(chunks(), ref=ref, size=known, fresh_ref=fresh_ref)
+        async def chunks() -> AsyncIterator[bytes]:
+            while head:
+                chunk = head.pop(0)
+                bar.update(len(chunk))
+                yield chunk
+            while chunk := await read():
+                bar.update(len(chunk))
+                yield chunk
+
+        return await client.put_chunks(chunks(), ref=ref, size=known, fresh_ref=fresh_ref)
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -120,16 +128,19 @@ def cmd_get(args: argparse.Namespace) -> int:
     hash_arg(args.hash)
 
     async def go(client: Client) -> int:
-        if args.output:
-            with OutputFile(args.output) as out:
+        with progress(None, "get", delay=PROGRESS_DELAY_S) as bar:
+            if args.output:
+                with OutputFile(args.output) as out:
+                    async for chunk in client.iter_get(args.hash):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+                    out.commit()
+            else:
+                stdout = sys.stdout.buffer
                 async for chunk in client.iter_get(args.hash):
-                    out.write(chunk)
-                out.commit()
-        else:
-            stdout = sys.stdout.buffer
-            async for chunk in client.iter_get(args.hash):
-                stdout.write(chunk)
-            stdout.flush()
+                    stdout.write(chunk)
+                    bar.update(len(chunk))
+                stdout.flush()
         return 0
 
     return run_with_client(args, go)
@@ -246,16 +257,17 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     s.set_defaults(func=cmd_put)
 
     s = sub.add_parser("get", parents=[common], help="fetch the bytes stored under a hash")
-    s.add_argument("hash", metavar="HASH")
+    s.add_argument("hash", metavar="HASH", help="the hash `put` printed (64 hex digits)")
     s.add_argument("-o", "--output", metavar="PATH", help="write to PATH instead of stdout")
     s.set_defaults(func=cmd_get)
 
     for name, fn, what in (("ref", cmd_ref, "add"), ("unref", cmd_unref, "delete")):
         s = sub.add_parser(name, parents=[common], help=f"{what} a reference to a block")
-        s.add_argument("hash", metavar="HASH")
-        s.add_argument("ref", metavar="REF")
+        s.add_argument("hash", metavar="HASH", help="the block's hash (64 hex digits)")
+        s.add_argument("ref", metavar="REF", help="the reference name (e.g. the object's key)")
         s.set_defaults(func=fn)
 
-    s = sub.add_parser("status", parents=[common], help="show the node's status")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    s = sub.add_parser("status", parents=[common],
+                       help="show the cluster (a row per node) and this node's details")
+    s.add_argument("--json", action="store_true", help="print this node's status as JSON")
     s.set_defaults(func=cmd_status)

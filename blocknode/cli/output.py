@@ -15,7 +15,7 @@ import secrets
 import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -102,21 +102,32 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print(line)
 
 
-def progress(total: float | None, desc: str, *, unit: str = "B") -> tqdm:
+def progress(total: float | None, desc: str, *, unit: str = "B", delay: float = 0.0) -> tqdm:
     """A progress bar on stderr when it is a terminal; disabled (silent) otherwise.
 
-    ``unit="B"`` counts bytes (shown as KiB, MiB, ...); use ``update(n)``, or set
-    ``n`` and call ``refresh()`` for polled progress.
+    ``unit="B"`` counts bytes (shown as KiB, MiB, ...); use ``update(n)``, or
+    `set_progress` for polled progress. `delay`: show it only once that many
+    seconds have passed (a quick transfer shows nothing).
     """
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
-                file=sys.stderr, disable=not sys.stderr.isatty(), leave=True, dynamic_ncols=True)
+                file=sys.stderr, disable=not sys.stderr.isatty(), leave=True, dynamic_ncols=True,
+                delay=delay)
 
 
-def chunks_with_progress(chunks: Iterator[bytes], bar: tqdm) -> Iterator[bytes]:
-    """`chunks`, advancing `bar` by each one's length."""
-    for chunk in chunks:
-        bar.update(len(chunk))
-        yield chunk
+def fraction_progress(desc: str) -> tqdm:
+    """A polled bar of a fraction done (scrub, repair, rebalance): `set_progress` it
+    with a percentage from 0 to 100."""
+    return tqdm(total=100, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(),
+                leave=True, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:5.1f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+
+
+def set_progress(bar: tqdm, n: float, postfix: str = "") -> None:
+    """Move a polled bar to `n` (with a status text after it)."""
+    bar.n = n
+    if postfix:
+        bar.set_postfix_str(postfix, refresh=False)
+    bar.refresh()
 
 
 def bar(fraction: float, width: int = 30) -> str:
