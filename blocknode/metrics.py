@@ -150,6 +150,11 @@ class NodeMetrics:
             elif kind in GET_KINDS:
                 self.get_seconds.observe(elapsed)
 
+    def count_quorum_failures(self, kind: str, n: int) -> None:
+        """Items of a batch request (`kind`) that failed for want of a quorum."""
+        if n:
+            self.quorum_failures.labels(kind).inc(n)
+
     def exposition(self) -> bytes:
         """The Prometheus text format of everything."""
         return generate_latest(self.registry)
@@ -219,7 +224,7 @@ class NodeCollector(Collector):
             yield fam
         yield _c("blocknode_blocks_quarantined", "Corrupt copies found and quarantined (files "
                  "renamed .corrupted, inline entries dropped)",
-                 sum(d["corrupted"] or 0 for d in dirs) + getattr(n.blocks, "inline_corrupted", 0))
+                 sum(d["corrupted"] or 0 for d in dirs) + n.blocks.inline_corrupted)
 
         # ---- client path
         yield _c("blocknode_hedged_reads", "Reads that also asked the next node because the "

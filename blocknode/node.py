@@ -170,6 +170,7 @@ class Node:
         self.admin_addr: str | None = None  # the admin HTTP listener's address, once it listens
         self.started_monotonic = time.monotonic()
         self.metrics = NodeMetrics(self)
+        self.manager.on_quorum_failures = self.metrics.count_quorum_failures
 
     async def dispatch(self, peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Route one request to its handler, if `peer` may make it (`blocknode.auth`)."""

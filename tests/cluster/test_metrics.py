@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,6 +28,15 @@ def _http(addr: str, path: str, token: str | None = None) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def _raw(addr: str, request: bytes) -> int:
+    """Send raw bytes; the status code of the answer."""
+    host, _, port = addr.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        head = sock.recv(4096)
+    return int(head.split(b" ", 2)[1])
 
 
 async def http(addr: str, path: str, token: str | None = None) -> tuple[int, str]:
@@ -124,9 +134,23 @@ async def test_health_flips_to_503_when_quorum_is_lost(tmp_path):
                 await cl.nodes["node1"].net.check_peers()
                 await trio.sleep(0.1)
             assert "write_quorum=2" in body and "node2" in body and "node3" in body
+            async with cl.client("node1") as c:
+                for data in (b"tiny", os.urandom(100_000)):  # batched, then a single put
+                    try:
+                        await c.put(data, "r")
+                    except Exception:  # noqa: BLE001, S110 - the quorum failure is the point
+                        pass
             status, text = await http(addr, "/metrics", TOKEN)
-            assert value(samples(text), "blocknode_healthy") == 0
+            got = samples(text)
+            assert value(got, "blocknode_healthy") == 0
+            assert value(got, "blocknode_peer_up", peer="node2") == 0
+            assert sum(v for (n, _), v in got.items() if n == "blocknode_quorum_failures_total") >= 2
+            assert sum(v for (n, lb), v in got.items() if n == "blocknode_requests_total"
+                       and ("outcome", "quorum_failed") in lb) >= 1  # the single put
             assert (await http(addr, "/nope"))[0] == 404
+            assert await trio.to_thread.run_sync(_raw, addr, b"POST /health HTTP/1.1\r\nHost: x\r\n"
+                                                 b"Content-Length: 0\r\n\r\n") == 405
+            assert await trio.to_thread.run_sync(_raw, addr, b"GARBAGE\r\n\r\n") == 400
             await cl.start("node2")
             await cl.nodes["node1"].net.check_peers()
             with trio.fail_after(20):
@@ -142,3 +166,30 @@ def test_admin_table_and_defaults():
     assert config_from_dict({}, source="x.toml").admin_api_bind_addr is None  # off in a file
     from blocknode.config import NodeConfig
     assert NodeConfig().admin_api_bind_addr == "127.0.0.1:3903"  # on for the embedded default
+
+
+async def test_resync_and_anti_entropy_series_move(tmp_path):
+    with trio.fail_after(60):
+        async with in_process_cluster(tmp_path, 3, admin_api_bind_addr="127.0.0.1:0") as cl:
+            await cl.stop("node3")
+            data = os.urandom(200_000)
+            async with cl.client("node1") as c:
+                h = await c.put(data, "r")
+            node3 = await cl.start("node3")
+            await node3.anti_entropy.run_round()  # learns the reference (its resync is queued)
+            await node3.resync.resync_block(bytes.fromhex(h))  # fetched from the others now
+            got = samples((await http(node3.admin_addr, "/metrics"))[1])
+            assert value(got, "blocknode_anti_entropy_refs_merged_total", direction="here") >= 1
+            assert value(got, "blocknode_resync_bytes_total", direction="fetched") >= 100_000
+            assert value(got, "blocknode_resync_queue_length") >= 1  # due later: still queued
+            assert value(got, "blocknode_blocks") >= 1
+            # a corrupt copy found by a scrub: counted and quarantined
+            copy = node3.files.copies(bytes.fromhex(h))[0]
+            with open(copy.path, "r+b") as f:
+                f.write(b"\xff" * 16)
+            node3.scrub.st["tranquility"] = 0
+            await node3.scrub.start()
+            await node3.scrub.run_to_completion()
+            got = samples((await http(node3.admin_addr, "/metrics"))[1])
+            assert value(got, "blocknode_scrub_corruptions") == 1
+            assert value(got, "blocknode_blocks_quarantined_total") == 1
