@@ -276,7 +276,8 @@ class Admin:
         name = fields.get("name")
         settings = self.workers.settings()
         if name is not None:
-            self.workers.setting(name)  # InvalidSetting (bad request) naming the valid ones
+            # InvalidSetting (bad request) naming the valid ones; Garage's names find theirs
+            name = self.workers.setting(name).name
             settings = [s for s in settings if s["name"] == name]
         return {"settings": settings}, None
 
@@ -284,6 +285,7 @@ class Admin:
         """Change a worker setting at runtime (validated by the setting; persisted)."""
         name = fields.get("name")
         value = await self.workers.set(name, fields.get("value"))
+        name = self.workers.setting(name).name  # the setting's own name for Garage's
         return {"name": name, "value": value, "workers": self.workers.rows()}, None
 
     async def handle_anti_entropy(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:

@@ -35,6 +35,7 @@ from blocknode.sizes import SIZE_FORMS, parse_size
 
 DEFAULT_ROOT = "blocknode-data"
 DEFAULT_PORT = 3901
+DEFAULT_ADMIN_PORT = 3903  # Garage's admin API port
 MiB = 1024 * 1024
 DEFAULT_COMPRESSION_LEVEL = 1
 ZSTD_LEVEL_MIN, ZSTD_LEVEL_MAX = -131072, 22
@@ -95,6 +96,10 @@ class NodeConfig:
     log_level: str = "info"  # debug, info, warning, error (`serve --log-level` overrides)
     log_format: str = "text"  # text, or json: one object per line (`serve --log-format` overrides)
     compression_level: int | None = DEFAULT_COMPRESSION_LEVEL  # zstd level; None: "none"
+    # The admin HTTP listener (/metrics, /health): on for the embedded default, off
+    # unless set in a config file (`[admin] api_bind_addr` there, as in Garage).
+    admin_api_bind_addr: str | None = f"127.0.0.1:{DEFAULT_ADMIN_PORT}"
+    metrics_token: str | None = field(default=None, repr=False)  # bearer token for /metrics
     source: str = field(default="<embedded default>", compare=False)
 
     @property
@@ -226,6 +231,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "anti_entropy_interval": (_is_pos_num, "a number of seconds > 0"),
     "log_level": (lambda v: v in LOG_LEVELS, " or ".join(f'"{x}"' for x in LOG_LEVELS)),
     "log_format": (lambda v: v in LOG_FORMATS, " or ".join(f'"{x}"' for x in LOG_FORMATS)),
+    "admin_api_bind_addr": (_is_opt_addr, 'an address "host:port"'),
+    "metrics_token": (_is_opt_str, "a non-empty string (a bearer token)"),
     "compression_level": (_is_level, f'a zstd level (an integer from {ZSTD_LEVEL_MIN} to '
                           f'{ZSTD_LEVEL_MAX}, e.g. 1 or 3) or "none"'),
 }
@@ -234,7 +241,9 @@ _PATH_FIELDS = ("data_dir", "metadata_dir", "rpc_secret_file", "cluster_file", "
 # Byte sizes: an integer, or a string such as "256M" or "1MiB" (`blocknode.sizes`), as in Garage.
 SIZE_FIELDS = frozenset({"block_size", "inline_threshold", "lmdb_map_size", "block_ram_buffer_max"})
 # Fields whose values no message may show, however malformed they are.
-_SECRET_FIELDS = frozenset({"rpc_secret"})
+_SECRET_FIELDS = frozenset({"rpc_secret", "metrics_token"})
+# The `[admin]` table of a config file (Garage's form): its keys and the fields they set.
+ADMIN_TABLE = {"api_bind_addr": "admin_api_bind_addr", "metrics_token": "metrics_token"}
 
 
 def _describe_secret(v: Any) -> str:
@@ -289,9 +298,30 @@ def _data_dirs(value: list[Any], *, source: str, base_dir: Path | None) -> tuple
     return tuple(out)
 
 
+def _flatten_admin(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The `[admin]` table's keys as the flat fields they stand for."""
+    table = raw.get("admin")
+    if table is None:
+        return raw
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: field 'admin': expected a table [admin] with "
+                          f"{', '.join(ADMIN_TABLE)}, got {table!r}")
+    out = {k: v for k, v in raw.items() if k != "admin"}
+    for key, value in table.items():
+        flat = ADMIN_TABLE.get(key)
+        if flat is None:
+            raise ConfigError(f"{source}: [admin]: unknown field {key!r} "
+                              f"(known: {', '.join(sorted(ADMIN_TABLE))})")
+        if flat in out:
+            raise ConfigError(f"{source}: [admin] {key} and {flat} both set: keep one")
+        out[flat] = value
+    return out
+
+
 def config_from_dict(raw: dict[str, Any], *, source: str, base_dir: Path | None = None) -> NodeConfig:
     """Validate a parsed TOML table into a `NodeConfig`; `ConfigError` names the bad field."""
     values: dict[str, Any] = {}
+    raw = _flatten_admin(raw, source)
     for key, value in raw.items():
         if key not in _FIELDS:
             raise ConfigError(f"{source}: unknown field {key!r} (known fields: {', '.join(sorted(_FIELDS))})")
@@ -317,6 +347,7 @@ def config_from_dict(raw: dict[str, Any], *, source: str, base_dir: Path | None 
         elif key in _PATH_FIELDS and value is not None and base_dir is not None:
             value = str((base_dir / value).resolve()) if not os.path.isabs(value) else value
         values[key] = value
+    values.setdefault("admin_api_bind_addr", None)  # off unless the file configures it
     cfg = replace(NodeConfig(), source=source, **values)
     if base_dir is not None:
         # Defaults of path fields are relative to the config file too.

@@ -162,9 +162,21 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
                    '`"text"`: `TIME LEVEL NODE LOGGER: MESSAGE` lines; `"json"`: one JSON object per '
                    "line (`time`, `level`, `node`, `logger`, `message`) for log shippers "
                    "(`--log-format` overrides)."),
+    "admin_api_bind_addr": ("Metrics and health",
+                            "Where the admin HTTP listener answers `GET /metrics` (Prometheus) and "
+                            "`GET /health` (200, or 503 with the reason when the node cannot serve "
+                            "reads and writes at quorum). Also `api_bind_addr` in an `[admin]` "
+                            "table, as in Garage. On for the embedded default; in a config file, "
+                            "off unless set.",
+                            '`"127.0.0.1:3903"` for the embedded default; unset (off) in a config file'),
+    "metrics_token": ("Metrics and health",
+                      "When set, `/metrics` answers only requests with `Authorization: Bearer "
+                      "TOKEN` (`/health` stays open). Also `metrics_token` in `[admin]`.",
+                      "unset (no token)"),
 }
 
-SECTIONS = ("Identity and paths", "Network", "Client keys", "Storage", "Background work", "Logging")
+SECTIONS = ("Identity and paths", "Network", "Client keys", "Storage", "Background work", "Logging",
+            "Metrics and health")
 
 # The cluster file: ClusterConfig / ClusterNode field -> meaning (default from the dataclass).
 CLUSTER_DOCS: dict[str, str] = {

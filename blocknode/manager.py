@@ -172,6 +172,9 @@ class BlockManager:
         self.meta = meta
         self.rpc_timeout = rpc_timeout
         self.hedge_delay = hedge_delay
+        self.hedged_reads = 0  # reads that asked a next node because one was slow (metrics)
+        # (kind, count): items of a batch that failed for want of a quorum (the node's metrics)
+        self.on_quorum_failures: Callable[[str, int], None] = lambda kind, n: None
         self.block_size = block_size
         self.run_sync = run_sync
         self.compression_level = compression_level
@@ -554,6 +557,7 @@ class BlockManager:
                     failures[node] = f"{type(outcome).__name__}: {outcome}"
                     continue
                 # No answer within the hedge delay: ask the next node as well.
+                self.hedged_reads += 1
                 nursery.start_soon(ask, order[started])
                 started += 1
                 pending += 1
@@ -579,6 +583,7 @@ class BlockManager:
         refuse_client_ts(fields, CLIENT_PUT_MANY)
         items = parse_batch_items(fields, data, with_hash=False, block_size=self.block_size)
         results = await self.put_many([(chunk, ref_id) for _, ref_id, _, chunk in items])
+        self.on_quorum_failures(CLIENT_PUT_MANY, sum(isinstance(r, QuorumError) for r in results))
         return {
             "hashes": [r if isinstance(r, bytes) else None for r in results],
             "errors": fit_texts([None if isinstance(r, bytes) else str(r) for r in results]),

@@ -24,7 +24,9 @@ complete, LMDB commits are atomic, stray `.tmp` files are swept at start).
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,6 +41,7 @@ from blocknode.errors import ConfigError, RemoteProtocolError
 from blocknode.keys import KeyService
 from blocknode.layout import Layout
 from blocknode.manager import BlockManager, Handler, Reply
+from blocknode.metrics import NodeMetrics, serve_admin_http
 from blocknode.protocol import ADMIN_REBALANCE, STATUS, max_message_size
 from blocknode.rpc.handshake import Peer
 from blocknode.rpc.network import ConnectionLimits, RpcNetwork
@@ -49,6 +52,8 @@ from blocknode.workers.rebalance import Rebalance
 from blocknode.workers.repair import Repair
 from blocknode.workers.resync import Resync
 from blocknode.workers.scrub import Scrub
+
+log = logging.getLogger(__name__)
 
 BLOCK_REPLY_KINDS = frozenset({"get_block", "client_get"})
 """Request kinds whose reply carries a block (the rest answer with a head only)."""
@@ -162,14 +167,22 @@ class Node:
                     raise ValueError(f"two handlers for {kind!r}")
                 self._handlers[kind] = handler
         self.addr: str | None = None
+        self.admin_addr: str | None = None  # the admin HTTP listener's address, once it listens
+        self.started_monotonic = time.monotonic()
+        self.metrics = NodeMetrics(self)
+        self.manager.on_quorum_failures = self.metrics.count_quorum_failures
 
     async def dispatch(self, peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Route one request to its handler, if `peer` may make it (`blocknode.auth`)."""
-        auth.authorize(peer, kind, self.keys.permissions)
         handler = self._handlers.get(kind)
-        if handler is None:
-            raise RemoteProtocolError(f"unknown request kind {kind!r}")
-        return await handler(peer.id, fields, data)
+        with self.metrics.request(from_node=peer.is_node, kind=kind, known=handler is not None,
+                                  data=data) as replied:
+            auth.authorize(peer, kind, self.keys.permissions)
+            if handler is None:
+                raise RemoteProtocolError(f"unknown request kind {kind!r}")
+            reply = await handler(peer.id, fields, data)
+            replied(reply[1])
+            return reply
 
     # ---- life cycle ----
 
@@ -190,12 +203,33 @@ class Node:
                         f"{self.cfg.source}): {exc.strerror or exc}"
                     ) from None
                 self.keys.announce_admin_key()
+                await self._start_admin_api(nursery)
                 nursery.start_soon(self.keys.run)
                 nursery.start_soon(self.workers.run)
                 task_status.started(self.addr)
         finally:
             with trio.CancelScope(shield=True):
                 await self.ctx.run_sync(self.meta.close)
+
+    async def _start_admin_api(self, nursery: trio.Nursery) -> None:
+        """The admin HTTP listener (/metrics, /health), when `admin_api_bind_addr` is set.
+
+        The embedded default has one on 127.0.0.1; should its port be taken (another
+        node on this machine), the node runs without it and says so. A configured
+        address that cannot be listened on stops the node, like `rpc_bind_addr`.
+        """
+        addr = self.cfg.admin_api_bind_addr
+        if addr is None:
+            return
+        try:
+            self.admin_addr = await nursery.start(serve_admin_http, self, addr, self.cfg.metrics_token)
+        except OSError as exc:
+            message = f"cannot listen on {addr} (admin_api_bind_addr in {self.cfg.source}): " \
+                      f"{exc.strerror or exc}"
+            if self.cfg.source.startswith("<embedded default"):
+                log.warning("%s; running without the admin API (/metrics, /health)", message)
+                return
+            raise ConfigError(message) from None
 
     def _startup_sweep(self) -> None:
         self.blocks.startup()
@@ -239,6 +273,9 @@ class Node:
             "errors": counts["errors"],
             "connections": self.net.connection_status(),
             "data_dirs": self.files.dir_status(),
+            "capacity": self.layout.node(self.node_id).capacity,
+            "uptime": time.monotonic() - self.started_monotonic,
+            "admin_addr": self.admin_addr,
         }
 
     async def handle_status(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:

@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 
+from blocknode import __version__
 from blocknode.cli import admin, data, init_cluster, keys, serve
 from blocknode.cli.base import (
     EXIT_DENIED,
@@ -44,6 +45,8 @@ def build_parser(prog: str = PROG_SCRIPT) -> argparse.ArgumentParser:
     common = common_parser()
     p = argparse.ArgumentParser(prog=prog, parents=[common],
                                 description="blocknode: a distributed content-addressed block store node")
+    p.add_argument("--version", action="version", version=f"blocknode {__version__}",
+                   help="print the version and exit")
     p.set_defaults(prog=prog)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve.add_command(sub, common)

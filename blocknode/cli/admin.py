@@ -25,8 +25,17 @@ from typing import Any
 
 import trio
 
-from blocknode.cli.base import EXIT_USAGE, fail, hash_arg, run_with_client
-from blocknode.cli.output import bar, print_json, when
+from blocknode.cli.base import EXIT_USAGE, add_all_nodes, fail, hash_arg, run_on_nodes
+from blocknode.cli.output import (
+    cell,
+    duration,
+    fraction_progress,
+    print_json,
+    print_table,
+    progress,
+    set_progress,
+    when,
+)
 from blocknode.client import Client
 from blocknode.protocol import block_info_all
 
@@ -50,22 +59,20 @@ def _print_scrub(st: dict[str, Any]) -> None:
     print(f"progress        {st['progress'] * 100:.1f} %")
     print(f"blocks checked  {st['blocks_checked']}")
     print(f"corruptions     {st['corruptions']}")
-    print(f"tranquility     {st['tranquility']}")
+    print(f"tranquility     {st['tranquility']:g}")
     print(f"last completed  {when(st.get('last_completed'))}")
     print(f"next run        {when(st.get('next_run'))}")
 
 
 async def _wait_scrub(client: Client) -> dict[str, Any]:
-    tty = sys.stderr.isatty()
-    while True:
-        st, _ = await client.call("admin_scrub", {"action": "status"})
-        line = f"scrub {bar(st['progress'])} {st['blocks_checked']} checked, {st['corruptions']} corrupt"
-        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
-        if st["state"] != "running":
-            if tty:
-                print(file=sys.stderr)
-            return st
-        await trio.sleep(POLL_S)
+    with fraction_progress("scrub") as pbar:
+        while True:
+            st, _ = await client.call("admin_scrub", {"action": "status"})
+            set_progress(pbar, st["progress"] * 100,
+                         f"{st['blocks_checked']} checked, {st['corruptions']} corrupt")
+            if st["state"] != "running":
+                return st
+            await trio.sleep(POLL_S)
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
@@ -86,11 +93,11 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         elif action == "status" or (action == "start" and args.wait):
             _print_scrub(st)
         else:
-            print(f"scrub {st['state']} (tranquility {st['tranquility']}, "
+            print(f"scrub {st['state']} (tranquility {st['tranquility']:g}, "
                   f"{st['progress'] * 100:.1f} % done)")
         return 0
 
-    return run_with_client(args, go)
+    return run_on_nodes(args, go)
 
 
 # ------------------------------------------------------------------ repair
@@ -101,7 +108,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if getattr(args, "what", None) == "rebalance":
         if args.rc:
             raise fail("repair rebalance takes no --rc", EXIT_USAGE)
-        return run_with_client(args, lambda client: _rebalance(client, wait=args.wait))
+        return run_on_nodes(args, lambda client: _rebalance(client, wait=args.wait))
 
     async def go(client: Client) -> int:
         st, _ = await client.call("admin_repair", {"action": "start", "rc": bool(args.rc)})
@@ -111,26 +118,22 @@ def cmd_repair(args: argparse.Namespace) -> int:
             print(f"repair started{' (with RC recalculation)' if args.rc else ''}; "
                   "poll with `repair --wait` or `worker list`")
             return 0
-        while True:
-            st, _ = await client.call("admin_repair", {"action": "status"})
-            print(f"repair: {st['state']} phase={st['phase']} queued={st['queued']} "
-                  f"rc_recalculated={st['rc_recalculated']}", file=sys.stderr)
-            if st["state"] != "running":
-                break
-            await trio.sleep(POLL_S)
+        with progress(None, "repair", unit="blocks") as pbar:
+            while True:
+                st, _ = await client.call("admin_repair", {"action": "status"})
+                pbar.set_postfix_str(f"phase {st['phase'] or '-'}, "
+                                     f"{st['rc_recalculated']} RCs recalculated", refresh=False)
+                set_progress(pbar, st["queued"])
+                if st["state"] != "running":
+                    break
+                await trio.sleep(POLL_S)
         if st.get("error"):
             raise fail(f"repair failed: {st['error']}")
         print(f"repair done: {st['queued']} blocks queued for resync"
               + (f", {st['rc_recalculated']} RCs recalculated" if st.get("rc") else ""))
         return 0
 
-    return run_with_client(args, go)
-
-
-def _print_rebalance_line(st: dict[str, Any], tty: bool) -> None:
-    line = (f"rebalance {bar(st['progress'])} {st['scanned']} looked at, {st['moved']} moved, "
-            f"{st['errors']} errors")
-    print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+    return run_on_nodes(args, go)
 
 
 async def _rebalance(client: Client, *, wait: bool) -> int:
@@ -138,15 +141,14 @@ async def _rebalance(client: Client, *, wait: bool) -> int:
     if not wait:
         print("rebalance started; poll with `repair rebalance --wait`")
         return 0
-    tty = sys.stderr.isatty()
-    while True:
-        st, _ = await client.call("admin_rebalance", {"action": "status"})
-        _print_rebalance_line(st, tty)
-        if st["state"] != "running":
-            if tty:
-                print(file=sys.stderr)
-            break
-        await trio.sleep(POLL_S)
+    with fraction_progress("rebalance") as pbar:
+        while True:
+            st, _ = await client.call("admin_rebalance", {"action": "status"})
+            set_progress(pbar, st["progress"] * 100, f"{st['scanned']} looked at, "
+                         f"{st['moved']} moved, {st['errors']} errors")
+            if st["state"] != "running":
+                break
+            await trio.sleep(POLL_S)
     print(f"rebalance done: {st['scanned']} blocks looked at, {st['moved']} moved, "
           f"{st['errors']} errors")
     return 1 if st["errors"] else 0
@@ -197,8 +199,9 @@ def cmd_block(args: argparse.Namespace) -> int:
                 return 0
             if not errors:
                 print("no block errors")
-            for e in errors:
-                print(f"{e['hash']}  {e['count']:>3} failure(s)  next {when(e['next_try'])}  {e['message']}")
+                return 0
+            print_table(["hash", "failures", "next try", "last error"],
+                        [[e["hash"], e["count"], when(e["next_try"]), e["message"]] for e in errors])
             return 0
         if action == "retry-now":
             fields: dict[str, Any] = {"all": True} if args.all else {"hash": h}
@@ -212,7 +215,7 @@ def cmd_block(args: argparse.Namespace) -> int:
             return 0
         raise fail(f"unknown block action {action!r}", EXIT_USAGE)
 
-    return run_with_client(args, go)
+    return run_on_nodes(args, go)
 
 
 # ------------------------------------------------------------------ worker
@@ -221,15 +224,35 @@ _ROW_HIDDEN = ("name", "state", "tranquility", "settings", "errors", "last_error
                "last_error_at", "last_round", "worker_states", "position")
 
 
-def _print_worker(w: dict[str, Any]) -> None:
-    tq = "-" if w.get("tranquility") is None else f"{w['tranquility']:g}"
-    details = [f"{k}={v}" for k, v in (w.get("settings") or {}).items()]
-    details += [f"{k}={v}" for k, v in w.items()
-                if k not in _ROW_HIDDEN and v is not None and not isinstance(v, dict | list)]
-    details.append(f"errors={w.get('errors', 0)}")
-    print(f"{w['name']:<13} {w['state']:<8} tranquility={tq:<5} {' '.join(details)}")
-    if w.get("last_error"):
-        print(f"{'':<13} last error {when(w.get('last_error_at'))}: {w['last_error']}")
+_TIME_KEYS = frozenset({"next_run", "last_completed", "started", "finished", "last_error_at",
+                        "next_try"})
+
+
+def _human(key: str, v: Any) -> str:
+    """A worker row value for people: times as dates, progress as a percentage."""
+    if key in _TIME_KEYS:
+        return when(v)
+    if key == "interval":
+        return duration(v)
+    if key == "progress" and isinstance(v, int | float):
+        return f"{v * 100:.1f} %"
+    return cell(v)
+
+
+def _worker_row(w: dict[str, Any]) -> list[Any]:
+    details = [f"{k}={_human(k, v)}" for k, v in (w.get("settings") or {}).items()]
+    details += [f"{k}={_human(k, v)}" for k, v in w.items()
+                if k not in _ROW_HIDDEN and k not in (w.get("settings") or {})
+                and v is not None and not isinstance(v, dict | list)]
+    return [w["name"], w["state"], w.get("tranquility"), w.get("errors", 0), ", ".join(details)]
+
+
+def _print_workers(workers: list[dict[str, Any]]) -> None:
+    print_table(["worker", "state", "tranquility", "errors", "details"],
+                [_worker_row(w) for w in workers])
+    for w in workers:
+        if w.get("last_error"):
+            print(f"{w['name']}: last error {when(w.get('last_error_at'))}: {w['last_error']}")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -247,19 +270,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
             if args.json:
                 print_json(settings)
                 return 0
-            for st in settings:
-                print(f"{st['name']} = {st['value']:g}    ({st['worker']}: {st['valid']}; {st['help']})")
+            if args.name is not None:  # one setting: one line
+                for st in settings:
+                    print(f"{st['name']} = {st['value']:g}    ({st['worker']}: {st['valid']}; "
+                          f"{st['help']})")
+                return 0
+            print_table(["setting", "value", "worker", "valid values", "what it does"],
+                        [[st["name"], st["value"], st["worker"], st["valid"], st["help"]]
+                         for st in settings])
             return 0
         reply, _ = await client.call("admin_worker_list", {})
         workers = reply["workers"]
         if args.json:
             print_json(workers)
             return 0
-        for w in workers:
-            _print_worker(w)
+        _print_workers(workers)
         return 0
 
-    return run_with_client(args, go)
+    return run_on_nodes(args, go)
 
 
 # ------------------------------------------------------------------ parser
@@ -270,16 +298,20 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     s = sub.add_parser("scrub", parents=[common], help="verify every block held by the node")
     ss = s.add_subparsers(dest="scrub_action", metavar="ACTION", required=True)
     a = ss.add_parser("start", parents=[common], help="start a scrub (a paused one resumes)")
-    a.add_argument("--tranquility", type=_nonneg, default=None,
+    a.add_argument("--tranquility", type=_nonneg, default=None, metavar="N",
                    help="rest this many times the step time after each block")
     a.add_argument("--wait", action="store_true", help="show progress until it finishes")
+    add_all_nodes(a)
     for name, what in (("pause", "pause the running scrub"), ("resume", "resume a paused scrub"),
                        ("cancel", "stop the scrub and forget its position")):
-        ss.add_parser(name, parents=[common], help=what)
+        add_all_nodes(ss.add_parser(name, parents=[common], help=what))
     a = ss.add_parser("set-tranquility", parents=[common], help="change the scrub's tranquility")
-    a.add_argument("tranquility", type=_nonneg, metavar="N")
+    a.add_argument("tranquility", type=_nonneg, metavar="N",
+                   help="rest N times the step time after each block (0: full speed)")
+    add_all_nodes(a)
     a = ss.add_parser("status", parents=[common], help="show the scrub state")
     a.add_argument("--json", action="store_true", help="print JSON")
+    add_all_nodes(a)
     s.set_defaults(func=cmd_scrub)
 
     s = sub.add_parser("repair", parents=[common],
@@ -290,35 +322,41 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                         "gives it (after a change of data_dir)")
     s.add_argument("--wait", action="store_true", help="wait until it finishes, showing progress")
     s.add_argument("--rc", action="store_true", help="first recalculate every RC from its references")
+    add_all_nodes(s)
     s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("block", parents=[common], help="inspect and manage single blocks")
     bs = s.add_subparsers(dest="block_action", metavar="ACTION", required=True)
     a = bs.add_parser("info", parents=[common], help="what this node knows about a block")
-    a.add_argument("hash", metavar="HASH")
+    a.add_argument("hash", metavar="HASH", help="the block's hash (64 hex digits)")
     a.add_argument("--json", action="store_true", help="print JSON")
     a = bs.add_parser("list-errors", parents=[common], help="blocks whose resync failed")
     a.add_argument("--json", action="store_true", help="print JSON")
+    add_all_nodes(a)
     a = bs.add_parser("retry-now", parents=[common], help="retry failed resyncs now")
-    a.add_argument("hash", metavar="HASH", nargs="?")
+    a.add_argument("hash", metavar="HASH", nargs="?", help="the block to retry (or --all)")
     a.add_argument("--all", action="store_true", help="every failed block")
     a = bs.add_parser("purge", parents=[common],
                       help="delete every reference of a block, cluster-wide")
-    a.add_argument("hash", metavar="HASH")
+    a.add_argument("hash", metavar="HASH", help="the block's hash (64 hex digits)")
     a.add_argument("--yes", action="store_true", help="confirm the deletion")
     a = bs.add_parser("repair-rc", parents=[common], help="recalculate every RC (repair --rc)")
-    a.add_argument("--wait", action="store_true")
+    a.add_argument("--wait", action="store_true", help="wait until it finishes, showing progress")
     s.set_defaults(func=cmd_block)
 
     s = sub.add_parser("worker", parents=[common], help="background workers")
     ws = s.add_subparsers(dest="worker_action", metavar="ACTION", required=True)
     a = ws.add_parser("list", parents=[common], help="every background task and its state")
     a.add_argument("--json", action="store_true", help="print JSON")
+    add_all_nodes(a)
     a = ws.add_parser("get", parents=[common], help="show worker settings (all, or NAME)")
-    a.add_argument("name", metavar="NAME", nargs="?", help="a setting, e.g. resync-workers")
+    a.add_argument("name", metavar="NAME", nargs="?",
+                   help="a setting, e.g. resync-workers (Garage's names work too, e.g. "
+                        "resync-worker-count)")
     a.add_argument("--json", action="store_true", help="print JSON")
+    add_all_nodes(a)
     a = ws.add_parser("set", parents=[common], help="change a worker setting (persisted)")
     a.add_argument("name", metavar="NAME", help="a setting (see `worker get`), e.g. resync-workers")
     a.add_argument("value", metavar="VALUE", help="its new value (the node validates it)")
+    add_all_nodes(a)
     s.set_defaults(func=cmd_worker)
-

@@ -7,11 +7,18 @@ it imports none of them.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
+import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from blocknode.auth import load_client_key
 from blocknode.client import Client, open_client, parse_hash
 from blocknode.config import (
     DEFAULT_ROOT,
@@ -23,6 +30,7 @@ from blocknode.config import (
 )
 from blocknode.errors import (
     AuthenticationError,
+    BlocknodeError,
     CliError,
     ConfigError,
     InvalidHash,
@@ -101,6 +109,73 @@ def run_with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[i
                    f"(is `{prog_of(args)} serve` running?)") from None
     except AuthenticationError as exc:
         raise fail(str(exc), EXIT_DENIED) from None  # it names the node and the key
+
+
+def add_all_nodes(parser: argparse.ArgumentParser) -> None:
+    """`-a` / `--all-nodes`: run the command on every node of the cluster (as Garage's `-a`)."""
+    parser.add_argument("-a", "--all-nodes", action="store_true",
+                        help="run it on every node of the cluster, one after the other (the "
+                        "node --config names lists them; the same client key is used)")
+
+
+async def cluster_nodes(client: Client) -> list[tuple[str, str]]:
+    """Every node of the cluster as (id, address), from the status of the node `client` talks to."""
+    st = await client.status()
+    return [(p["id"], p["addr"]) for p in st["peers"]]
+
+
+def client_config_for(cfg: NodeConfig, addr: str) -> NodeConfig:
+    """`cfg`, but dialling `addr` (another node of the same cluster)."""
+    return replace(cfg, rpc_public_addr=addr)
+
+
+def run_on_nodes(args: argparse.Namespace, fn: Callable[[Client], Awaitable[int]]) -> int:
+    """`run_with_client`, or with ``--all-nodes`` `fn` on every node of the cluster in turn.
+
+    Each node's output is collected: a JSON command prints one object keyed by
+    node id; a one-line answer is printed after the node's id; a longer one under
+    a ``== NODE (ADDRESS) ==`` header. A node that fails (down, or refusing) is
+    reported on stderr and the others still run; the exit status is the worst.
+    """
+    if not getattr(args, "all_nodes", False):
+        return run_with_client(args, fn)
+    cfg = node_config(args)
+    as_json = bool(getattr(args, "json", False))
+
+    async def main(first: Client) -> int:
+        from blocknode.cli import explain  # the package imports this module
+
+        nodes = await cluster_nodes(first)
+        key = load_client_key(cfg)
+        worst, collected = 0, dict[str, Any]()
+        for node_id, addr in nodes:
+            out = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    if addr == cfg.public_addr:
+                        status = await fn(first)
+                    else:
+                        async with open_client(client_config_for(cfg, addr), key=key) as c:
+                            status = await fn(c)
+            except (CliError, BlocknodeError, OSError) as exc:
+                message, status = explain(exc)
+                print(f"{node_id}: error: {message}", file=sys.stderr)
+                worst = max(worst, status)
+                continue
+            worst = max(worst, status)
+            text = out.getvalue()
+            if as_json:
+                collected[node_id] = json.loads(text) if text.strip() else None
+            elif text.count("\n") <= 1:
+                print(f"{node_id:<12} {text}", end="" if text.endswith("\n") else "\n")
+            else:
+                print(f"== {node_id} ({addr}) ==")
+                print(text, end="")
+        if as_json:
+            print(json.dumps(collected, indent=2, sort_keys=True))
+        return worst
+
+    return run_with_client(args, main)
 
 
 def hash_arg(text: str) -> bytes:

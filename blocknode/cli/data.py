@@ -11,9 +11,22 @@ from typing import Any, BinaryIO
 
 import trio
 
-from blocknode.cli.base import EXIT_USAGE, fail, hash_arg, run_with_client
-from blocknode.cli.output import OutputFile, print_json
-from blocknode.client import Client, new_ref_id
+from blocknode.auth import load_client_key
+from blocknode.cli.base import (
+    EXIT_USAGE,
+    client_config_for,
+    fail,
+    hash_arg,
+    node_config,
+    run_with_client,
+)
+from blocknode.cli.output import OutputFile, duration, print_json, print_table, progress, size
+from blocknode.client import Client, new_ref_id, open_client
+from blocknode.config import NodeConfig
+from blocknode.errors import BlocknodeError
+
+PROGRESS_DELAY_S = 0.5
+"""`put` and `get` show a progress bar (on a terminal) once they have run this long."""
 
 
 def cmd_put(args: argparse.Namespace) -> int:
@@ -96,13 +109,18 @@ async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str,
     head = [first, second]
     del first, second
 
-    async def chunks() -> AsyncIterator[bytes]:
-        while head:
-            yield head.pop(0)
-        while chunk := await read():
-            yield chunk
+    with progress(known, "put", delay=PROGRESS_DELAY_S) as bar:
 
-    return await client.put_chunks(chunks(), ref=ref, size=known, fresh_ref=fresh_ref)
+        async def chunks() -> AsyncIterator[bytes]:
+            while head:
+                chunk = head.pop(0)
+                bar.update(len(chunk))
+                yield chunk
+            while chunk := await read():
+                bar.update(len(chunk))
+                yield chunk
+
+        return await client.put_chunks(chunks(), ref=ref, size=known, fresh_ref=fresh_ref)
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -110,16 +128,19 @@ def cmd_get(args: argparse.Namespace) -> int:
     hash_arg(args.hash)
 
     async def go(client: Client) -> int:
-        if args.output:
-            with OutputFile(args.output) as out:
+        with progress(None, "get", delay=PROGRESS_DELAY_S) as bar:
+            if args.output:
+                with OutputFile(args.output) as out:
+                    async for chunk in client.iter_get(args.hash):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+                    out.commit()
+            else:
+                stdout = sys.stdout.buffer
                 async for chunk in client.iter_get(args.hash):
-                    out.write(chunk)
-                out.commit()
-        else:
-            stdout = sys.stdout.buffer
-            async for chunk in client.iter_get(args.hash):
-                stdout.write(chunk)
-            stdout.flush()
+                    stdout.write(chunk)
+                    bar.update(len(chunk))
+                stdout.flush()
         return 0
 
     return run_with_client(args, go)
@@ -154,47 +175,75 @@ async def _done(aw: Awaitable[Any]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show the node's status."""
+    """Show the cluster overview (a table, one row per node) and this node's details;
+    ``--json``: this node's status (the contract keys)."""
+    cfg = node_config(args)
 
     async def go(client: Client) -> int:
         st = await client.status()
         if args.json:
             print_json(st)
             return 0
+        others = await _statuses(cfg, [p for p in st["peers"] if p["up"] and p["id"] != st["node_id"]])
+        others[st["node_id"]] = st
         lay = st.get("layout", {})
-        print(f"node        {st['node_id']} at {st.get('addr')} (zone {st.get('zone')}, fast path {st.get('fast_path')})")
+        zone_of = {nid: z for z, ids in (lay.get("zones") or {}).items() for nid in ids}
+        rows = []
+        for p in st["peers"]:
+            o = others.get(p["id"]) or {}
+            free = [d["free"] for d in o.get("data_dirs", []) if d.get("free") is not None]
+            rows.append([p["id"], o.get("zone") or zone_of.get(p["id"]), o.get("capacity"), p["addr"],
+                         bool(p["up"]), o.get("blocks"), size(sum(free)) if free else None,
+                         o.get("version"), duration(o["uptime"]) if "uptime" in o else None])
+        print_table(["node", "zone", "capacity", "address", "up", "blocks", "disk free", "version",
+                     "uptime"], rows)
+        print()
+        print(f"this node   {st['node_id']} at {st.get('addr')} (zone {st.get('zone')}, fast path "
+              f"{st.get('fast_path')})")
         print(f"layout      {lay.get('nodes')} node(s), replication {lay.get('replication_factor')}, "
               f"write quorum {lay.get('write_quorum')}")
-        for p in st["peers"]:
-            print(f"peer        {p['id']:<12} {p['addr']:<22} {'up' if p['up'] else 'DOWN'}")
-        print(f"blocks      {st['blocks']} ({st.get('inline_blocks', 0)} inline)")
-        print(f"rc entries  {st['rc_entries']}")
-        print(f"resync      {st['resync_queue']} queued")
-        print(f"errors      {st['errors']}")
+        print(f"blocks      {st['blocks']} ({st.get('inline_blocks', 0)} inline), "
+              f"{st['rc_entries']} RC entries")
+        print(f"resync      {st['resync_queue']} queued, {st['errors']} errors")
         for d in st.get("data_dirs", []):
             print(f"data dir    {_dir_line(d)}")
+        if st.get("admin_addr"):
+            print(f"metrics     http://{st['admin_addr']}/metrics, health at /health")
         return 0
 
     return run_with_client(args, go)
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+async def _statuses(cfg: NodeConfig, peers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The status of each of `peers` (those that answer within the connect timeout)."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        key = load_client_key(cfg)
+    except BlocknodeError:
+        return out
+
+    async def one(p: dict[str, Any]) -> None:
+        with trio.move_on_after(cfg.connect_timeout + cfg.rpc_handshake_timeout):
+            try:
+                async with open_client(client_config_for(cfg, p["addr"]), key=key,
+                                       timeout=cfg.connect_timeout) as c:
+                    out[p["id"]] = await c.status()
+            except (BlocknodeError, OSError):
+                pass  # shown as "-": the node did not answer
+
+    async with trio.open_nursery() as nursery:
+        for p in peers:
+            nursery.start_soon(one, p)
+    return out
 
 
 def _dir_line(d: dict[str, Any]) -> str:
     """One data directory of `status`: path, state, blocks, bytes, free space, errors."""
     state = d["state"] + (", read-only" if d.get("read_only") else "")
-    line = (f"{d['path']}  {state}  {d['blocks']} blocks, {_size(d['bytes'])}, "
-            f"{_size(d.get('free'))} free, {d['errors']} errors")
+    line = (f"{d['path']}  {state}  {d['blocks']} blocks, {size(d['bytes'])}, "
+            f"{size(d.get('free'))} free, {d['errors']} errors")
     if d.get("capacity"):
-        line += f", capacity {_size(d['capacity'])}"
+        line += f", capacity {size(d['capacity'])}"
     if d.get("failure"):
         line += f" ({d['failure']})"
     return line
@@ -208,16 +257,17 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     s.set_defaults(func=cmd_put)
 
     s = sub.add_parser("get", parents=[common], help="fetch the bytes stored under a hash")
-    s.add_argument("hash", metavar="HASH")
+    s.add_argument("hash", metavar="HASH", help="the hash `put` printed (64 hex digits)")
     s.add_argument("-o", "--output", metavar="PATH", help="write to PATH instead of stdout")
     s.set_defaults(func=cmd_get)
 
     for name, fn, what in (("ref", cmd_ref, "add"), ("unref", cmd_unref, "delete")):
         s = sub.add_parser(name, parents=[common], help=f"{what} a reference to a block")
-        s.add_argument("hash", metavar="HASH")
-        s.add_argument("ref", metavar="REF")
+        s.add_argument("hash", metavar="HASH", help="the block's hash (64 hex digits)")
+        s.add_argument("ref", metavar="REF", help="the reference name (e.g. the object's key)")
         s.set_defaults(func=fn)
 
-    s = sub.add_parser("status", parents=[common], help="show the node's status")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    s = sub.add_parser("status", parents=[common],
+                       help="show the cluster (a row per node) and this node's details")
+    s.add_argument("--json", action="store_true", help="print this node's status as JSON")
     s.set_defaults(func=cmd_status)

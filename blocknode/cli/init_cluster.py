@@ -128,10 +128,13 @@ def cmd_init_cluster(args: argparse.Namespace) -> int:
 def add_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add `init-cluster`."""
     s = sub.add_parser("init-cluster", help="write configs for N local nodes (and an admin key)")
-    s.add_argument("dir", metavar="DIR")
-    s.add_argument("--nodes", type=int, required=True)
-    s.add_argument("--replication", type=int, default=None, help="default: min(3, nodes)")
-    s.add_argument("--base-port", type=int, default=3901)
+    s.add_argument("dir", metavar="DIR", help="where to write the cluster file and one "
+                   "directory per node (node1, node2, ...)")
+    s.add_argument("--nodes", type=int, required=True, metavar="N", help="how many nodes")
+    s.add_argument("--replication", type=int, default=None, metavar="R",
+                   help="copies of each block (default: min(3, nodes))")
+    s.add_argument("--base-port", type=int, default=3901, metavar="P",
+                   help="node i listens on P + i - 1 (default: 3901)")
     s.add_argument("--host", default="127.0.0.1",
                    help="the address (IPv4, IPv6 or DNS name) the nodes listen on and dial; "
                    "not 0.0.0.0 or :: (default: 127.0.0.1)")

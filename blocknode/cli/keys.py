@@ -19,7 +19,7 @@ import sys
 
 from blocknode.auth import PERMISSIONS, ClientKey
 from blocknode.cli.base import EXIT_USAGE, fail, run_with_client
-from blocknode.cli.output import print_json, when
+from blocknode.cli.output import print_json, print_table, when
 from blocknode.client import Client
 from blocknode.protocol import ADMIN_KEY_CREATE, ADMIN_KEY_DELETE, ADMIN_KEY_LIST
 
@@ -55,10 +55,10 @@ def cmd_key(args: argparse.Namespace) -> int:
                 return 0
             if not keys:
                 print("no keys")
-            for k in keys:
-                created = when(k.get("created")) if k.get("created") else "-"
-                print(f"{k['id']}  {k['name']:<20}  {','.join(k['permissions']):<16}  "
-                      f"created {created}")
+                return 0
+            print_table(["id", "name", "permissions", "created"],
+                        [[k["id"], k["name"], ",".join(k["permissions"]),
+                          when(k["created"]) if k.get("created") else None] for k in keys])
             return 0
 
         return run_with_client(args, show)
@@ -81,7 +81,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     ks = s.add_subparsers(dest="key_action", metavar="ACTION", required=True)
     a = ks.add_parser("create", parents=[common],
                       help="make a client key; prints ID:SECRET, shown only this once")
-    a.add_argument("name", metavar="NAME")
+    a.add_argument("name", metavar="NAME", help="a name for the key (unique), e.g. the application's")
     a.add_argument("--read", action="store_true", help="may get")
     a.add_argument("--write", action="store_true", help="may put, ref and unref")
     a.add_argument("--admin", action="store_true",

@@ -1,4 +1,10 @@
-"""How the CLI writes: JSON, times, progress bars, and `get -o PATH`'s output file."""
+"""How the CLI writes: JSON, tables, times and sizes for people, progress bars, and
+`get -o PATH`'s output file.
+
+Human output never shows ``None`` or raw epoch milliseconds: times are a date
+and how long ago (or until) it is, sizes are ``2.3 MiB`` (`humanize`), a value
+that is missing is ``-``. The ``--json`` forms keep the raw values.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,18 @@ import json
 import os
 import secrets
 import stat
+import sys
+import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import humanize
+from tqdm import tqdm
+
 from blocknode.cli.base import EXIT_USAGE, CliError
+
+MISSING = "-"
 
 
 def print_json(obj: Any) -> None:
@@ -35,9 +49,85 @@ def when(ms: Any) -> str:
     if not isinstance(ms, int | float) or isinstance(ms, bool):
         return repr(ms)
     try:
-        return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        t = datetime.fromtimestamp(ms / 1000, tz=UTC)
+        return f"{t.strftime('%Y-%m-%d %H:%M:%S UTC')} ({ago(ms / 1000 - time.time())})"
     except (OverflowError, ValueError, OSError):
         return f"{ms} ms since the epoch (not a calendar date)"
+
+
+def ago(delta_s: float) -> str:
+    """``5 minutes ago`` for a negative `delta_s` (seconds from now), ``in 3 days`` for a
+    positive one, ``now`` within a second."""
+    if abs(delta_s) < 1:
+        return "now"
+    text = humanize.naturaldelta(abs(delta_s))
+    return f"in {text}" if delta_s > 0 else f"{text} ago"
+
+
+def duration(seconds: Any) -> str:
+    """A duration for people (``3 hours``), `MISSING` for none."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return MISSING
+    return humanize.naturaldelta(seconds)
+
+
+def size(n: Any) -> str:
+    """A byte count for people (``2.3 MiB``), `MISSING` for none."""
+    if not isinstance(n, int | float) or isinstance(n, bool):
+        return MISSING
+    return humanize.naturalsize(n, binary=True)
+
+
+def cell(v: Any) -> str:
+    """One table cell: `MISSING` for None, ``yes``/``no`` for booleans, floats as %g."""
+    if v is None:
+        return MISSING
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Left-aligned columns under upper-case headers (the last column is not padded)."""
+    cells = [[h.upper() for h in headers]] + [[cell(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print `table`."""
+    for line in table(headers, rows):
+        print(line)
+
+
+def progress(total: float | None, desc: str, *, unit: str = "B", delay: float = 0.0) -> tqdm:
+    """A progress bar on stderr when it is a terminal; disabled (silent) otherwise.
+
+    ``unit="B"`` counts bytes (shown as KiB, MiB, ...); use ``update(n)``, or
+    `set_progress` for polled progress. `delay`: show it only once that many
+    seconds have passed (a quick transfer shows nothing).
+    """
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
+                file=sys.stderr, disable=not sys.stderr.isatty(), leave=True, dynamic_ncols=True,
+                delay=delay)
+
+
+def fraction_progress(desc: str) -> tqdm:
+    """A polled bar of a fraction done (scrub, repair, rebalance): `set_progress` it
+    with a percentage from 0 to 100."""
+    return tqdm(total=100, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(),
+                leave=True, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:5.1f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+
+
+def set_progress(bar: tqdm, n: float, postfix: str = "") -> None:
+    """Move a polled bar to `n` (with a status text after it)."""
+    bar.n = n
+    if postfix:
+        bar.set_postfix_str(postfix, refresh=False)
+    bar.refresh()
 
 
 def bar(fraction: float, width: int = 30) -> str:

@@ -120,6 +120,11 @@ class MetadataEnv:
         except lmdb.Error as exc:
             raise MetadataError(f"cannot open metadata table {name.decode()}: {exc}") from exc
 
+    def map_usage(self) -> tuple[int, int]:
+        """(map size, bytes in use: the pages up to the last one written), for metrics."""
+        info, st = self.env.info(), self.env.stat()
+        return info["map_size"], (info["last_pgno"] + 1) * st["psize"]
+
     def close(self) -> None:
         """Close the environment (no transaction may be running)."""
         self.env.close()

@@ -61,6 +61,7 @@ class LocalBlocks:
         self.meta = meta
         self.inline_threshold = inline_threshold
         self._locks = [trio.Lock() for _ in range(_STRIPES)]
+        self.inline_corrupted = 0  # corrupt inline entries dropped (metrics)
 
     def lock(self, hash: bytes) -> trio.Lock:
         """The lock that serialises mutations of `hash`."""
@@ -187,6 +188,7 @@ class LocalBlocks:
             except BlockCorrupted:
                 repaired = await self.meta.env.submit(lambda txn: self._tx_drop_corrupt(txn, hash))
                 if repaired is None:
+                    self.inline_corrupted += 1
                     raise
                 return repaired
         try:

@@ -41,7 +41,7 @@ shortly after start (a node that was down catches up), and on demand
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import trio
@@ -208,6 +208,7 @@ class AntiEntropy(Worker):
         self.rpc_timeout = rpc_timeout
         self.last_round: dict[str, Any] | None = None
         self.rounds = 0
+        self.merged: Counter[str] = Counter()  # refs merged here / there, all rounds (metrics)
         self._lock = trio.Lock()
 
     # ------------------------------------------------------------ handlers
@@ -276,6 +277,7 @@ class AntiEntropy(Worker):
                     self.supervisor.record(exc, f"peer {peer}")
             stats["finished"] = self.meta.now_ms()
             self.rounds += 1
+            self.merged.update(here=stats["merged_here"], there=stats["merged_there"])
             self.last_round = stats
             return stats
 

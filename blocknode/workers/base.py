@@ -257,6 +257,10 @@ class Worker(ABC):
         """The tunables of this worker (none by default)."""
         return ()
 
+# Garage's names for the same tunables (`garage worker set resync-worker-count 4`):
+# `setting` answers to them too; `worker get` shows the blocknode name.
+SETTING_ALIASES: dict[str, str] = {"resync-worker-count": "resync-workers"}
+
 
 class WorkerRegistry:
     """The node's workers by name, and every setting of every worker (see module docstring).
@@ -305,7 +309,7 @@ class WorkerRegistry:
 
     def setting(self, name: object) -> Setting:
         """The setting called `name`; `InvalidSetting` naming the valid ones if none is."""
-        s = self._settings.get(name) if isinstance(name, str) else None
+        s = self._settings.get(SETTING_ALIASES.get(name, name)) if isinstance(name, str) else None
         if s is None:
             valid = ", ".join(self._settings) or "none"
             raise InvalidSetting(f"unknown setting {name!r} (valid settings: {valid})")

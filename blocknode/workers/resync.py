@@ -116,6 +116,8 @@ class Resync(Worker):
         self.worker_states: dict[int, str] = {}
         self.done = 0
         self.failed = 0
+        self.retries = self.deleted = self.offloaded = 0  # for metrics
+        self.bytes_moved = {"fetched": 0, "offloaded": 0}
         self._workers_setting = Setting(
             "resync-workers", int, 1, MAX_WORKERS, lambda: self.workers, self._apply_workers,
             help="resync worker tasks (takes effect at once)")
@@ -268,6 +270,7 @@ class Resync(Worker):
             # Still backing off: push the entry to the next try, do no work.
             await self.meta.resync_requeue(key, (err.next_try_ms - now) / 1000)
             return
+        self.retries += err is not None
         try:
             await self.resync_block(h)
         except Exception as exc:  # one block's failure, whatever it is, moves it aside
@@ -373,8 +376,10 @@ class Resync(Worker):
                 quorum=len(need), timeout=self.manager.rpc_timeout,
                 interrupt_after_quorum=False, priority=PRIO_BACKGROUND,
             )
+            self.offloaded += 1
+            self.bytes_moved["offloaded"] += len(data) * len(need)
         log.info("deleting unneeded block %s (offloaded to %d of %d)", h.hex(), len(need), len(others))
-        await self.blocks.delete_if_deletable(h)
+        self.deleted += await self.blocks.delete_if_deletable(h)
         await self.meta.clear_deleted(h)
 
     async def _pull_refs(self, h: bytes, peer: str) -> None:
@@ -390,6 +395,7 @@ class Resync(Worker):
         except RpcError as exc:
             raise ResyncError(f"fetch failed: {exc}") from None
         await self.blocks.write(data)
+        self.bytes_moved["fetched"] += len(data)
         log.info("block %s was missing or corrupt here: restored from another node", h.hex())
 
     # ------------------------------------------------------------ admin

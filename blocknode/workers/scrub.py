@@ -87,6 +87,7 @@ class Scrub(Worker):
         super().__init__(ctx)
         self.manager = manager
         self.meta = manager.meta
+        self.bytes_checked = 0  # block bytes verified, all runs (metrics)
         self.blocks = manager.blocks
         self.interval = interval
         self.batch = batch
@@ -242,7 +243,7 @@ class Scrub(Worker):
 
     async def _check(self, h: bytes) -> None:
         try:
-            await self.manager.read_local(h)
+            self.bytes_checked += len(await self.manager.read_local(h))
         except BlockCorrupted:
             # read_local quarantined it and queued its resync (delay 0).
             self.st["corruptions"] += 1

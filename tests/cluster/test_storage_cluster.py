@@ -135,7 +135,7 @@ def test_cli_repair_rebalance_and_status_per_data_dir(tmp_path):
         assert {"path", "state", "blocks", "bytes", "free", "errors"} <= set(dirs["data"])
         r = cli("repair", "rebalance", "--wait", config=cfg)
         assert r.returncode == 0, r.stderr
-        assert "rebalance done" in r.stdout.decode() and b"moved" in r.stderr
+        assert "rebalance done" in r.stdout.decode() and b"moved" in r.stdout
         for h, d in zip(hashes, datas, strict=True):
             r = cli("get", h, config=cfg)
             assert r.returncode == 0 and r.stdout == d
