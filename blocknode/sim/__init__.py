@@ -1,0 +1,1 @@
+"""Deterministic simulation of a blocknode cluster (see README, "Simulation")."""
