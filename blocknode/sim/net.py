@@ -58,7 +58,7 @@ class _Pipe:
                 now = trio.current_time()
                 if at <= now:
                     n = len(buf)
-                    if n > 1 and self.net.rng.random() < 0.3:
+                    if n > 1 and self.net.rng.random() < 0.1:
                         n = self.net.rng.randint(1, n)  # a partial read
                     if max_bytes is not None:
                         n = min(n, max_bytes)
@@ -72,8 +72,11 @@ class _Pipe:
                 return b""
             else:
                 deadline = math.inf
-            with trio.move_on_at(deadline):
+            if deadline == math.inf:
                 await self.lot.park()
+            else:
+                with trio.move_on_at(deadline):
+                    await self.lot.park()
 
     def wake(self) -> None:
         self.lot.unpark_all()

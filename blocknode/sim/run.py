@@ -547,10 +547,16 @@ class Sim:
                         if v is None or v.deleted:
                             self.violation(f"unconverged: live ref {ref} of {h.hex()[:16]} is "
                                            f"{'missing' if v is None else 'deleted'} on {nid}")
-            elif states["dead"] and not states["unknown"]:
+            elif states["dead"] and not states["unknown"] and not states["live"]:
                 anywhere = [nid for nid in self.ids if self.nodes[nid].blocks.exists(h)]
                 if anywhere:
-                    self.violation(f"not collected: {h.hex()} (all refs deleted) still on {anywhere}")
+                    detail = "; ".join(
+                        f"{nid}: rc={self.nodes[nid].meta.rc_get(h).describe()} refs="
+                        f"{[(r.ref_id, r.deleted, r.ts_ms - EPOCH_MS) for r in self.nodes[nid].meta.refs_of(h)]}"
+                        for nid in anywhere)
+                    self.violation(f"not collected: {h.hex()} (all refs deleted) still on {anywhere} "
+                                   f"(replicas {list(layout.nodes_of(h))}; {detail}; "
+                                   f"now {self.nodes[anywhere[0]].meta.now_ms() - EPOCH_MS})")
         for nid in self.ids:
             meta = self.nodes[nid].meta
             live: Counter = Counter()
