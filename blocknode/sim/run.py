@@ -369,7 +369,7 @@ class Sim:
             if x < 0.3:
                 if len(up) <= len(self.ids) - 2:
                     continue
-                nid = rng.choice(up)
+                nid = self.victim if self.victim in up and rng.random() < 0.3 else rng.choice(up)
                 await self.crash(nid)
                 self.res.faults["crash"] += 1
                 loss = None
@@ -514,7 +514,12 @@ class Sim:
                 await trio.sleep(5)
 
         await rounds(2)
-        await self.each("scrub", lambda node: node.scrub.run_to_completion())
+        async def full_scrub(node: Node) -> None:
+            await node.scrub.cancel()  # a scrub running since the chaos: start one from the top
+            await node.scrub.start()
+            await node.scrub.run_to_completion()
+
+        await self.each("scrub", full_scrub)
         await rounds(2)
         t_gc = trio.current_time()
         await trio.sleep(GC_DELAY + 2 * MAX_SKEW_MS / 1000)
@@ -537,7 +542,14 @@ class Sim:
                     msg = f"LOST {h.hex()}: live refs {states['live']}, on {holders} (< wq {wq})"
                     (self.res.beyond_budget.append if over_budget else self.violation)(msg)
                 elif len(holders) < layout.replication_factor:
-                    self.event(f"under-replicated {h.hex()[:8]} on {holders}")
+                    missing = [n for n in layout.nodes_of(h) if n not in holders]
+                    detail = "; ".join(
+                        f"{n}: rc={self.nodes[n].meta.rc_get(h).describe()} "
+                        f"err={self.nodes[n].meta.error_get(h)} queued="
+                        f"{[k.hex() for k, qh in self.nodes[n].meta.resync_due(2**62, 10**6) if qh == h]}"
+                        for n in missing)
+                    self.event(f"under-replicated {h.hex()[:8]} on {holders} "
+                               f"(replicas {list(layout.nodes_of(h))}; {detail})")
                     self.res.ops["under_replicated"] += 1
                 for (hh, ref), state in self.pairs.items():
                     if hh != h or state != "live":
