@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=5, choices=range(3, 8), metavar="3..7")
     p.add_argument("--ops", type=int, default=40, help="client operations per seed")
     p.add_argument("--workers", type=int, default=3, help="concurrent client tasks")
+    p.add_argument("--hot-refs", type=int, default=0,
+                   help="one burst of this many references to one block")
     p.add_argument("--no-faults", action="store_true", help="the workload alone")
     p.add_argument("--trace", action="store_true", help="print the event trace as it happens")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per seed")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     sim_s = 0.0
     t0 = time.perf_counter()
     for seed in seeds:
-        r = run_seed(SimConfig(seed=seed, nodes=args.nodes, ops=args.ops, workers=args.workers,
+        r = run_seed(SimConfig(seed=seed, nodes=args.nodes, ops=args.ops, workers=args.workers, hot_refs=args.hot_refs,
                                faults=not args.no_faults,
                                trace=args.trace))
         ops.update(r.ops)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 for line in r.trace[-60:]:
                     print(f"    {line}", file=sys.stderr)
             print(f"  REPLAY: python -m blocknode.sim --seed {seed} --nodes {args.nodes} "
-                  f"--ops {args.ops} --workers {args.workers} --trace", file=sys.stderr)
+                  f"--ops {args.ops} --workers {args.workers} --hot-refs {args.hot_refs} --trace", file=sys.stderr)
     wall = time.perf_counter() - t0
     kinds = sorted({k.split(":")[0] for k in ops if ":" in k})
     print()

@@ -62,6 +62,7 @@ class SimConfig:
     ops: int = 40
     workers: int = 3
     faults: bool = True
+    hot_refs: int = 0  # one burst of this many refs to the popular block (thousands: a soak)
     trace: bool = False  # print the trace as it happens
 
 
@@ -282,13 +283,19 @@ class Sim:
             except Exception:  # noqa: BLE001
                 results[r] = False
 
+        limit = trio.Semaphore(32)
+
+        async def limited(c: Client, r: str) -> None:
+            async with limit:
+                await one(c, r)
+
         async def all_(c: Client) -> None:
             async with trio.open_nursery() as nursery:
                 for r in refs:
-                    nursery.start_soon(one, c, r)
+                    nursery.start_soon(limited, c, r)
 
         try:
-            with trio.move_on_after(OP_TIMEOUT):
+            with trio.move_on_after(OP_TIMEOUT + n / 10):
                 await self.with_client(all_)
         except Exception as exc:  # noqa: BLE001
             self.event(f"  many_refs failed: {type(exc).__name__}")
@@ -351,7 +358,13 @@ class Sim:
             self.event(f"  admin failed: {type(exc).__name__}: {exc}"[:200])
         self.res.ops[f"admin:{'ok' if ok else 'fail'}"] += 1
 
-    async def worker(self) -> None:
+    async def worker(self, first: bool = False) -> None:
+        if first and self.cfg.hot_refs:
+            await trio.sleep(1)
+            if self.hot is None and self.data:
+                self.hot = next(iter(self.data))
+            if self.hot is not None:
+                await self.many_refs(self.hot, self.cfg.hot_refs)
         while self.ops_left > 0:
             self.ops_left -= 1
             await trio.sleep(self.rng.expovariate(1.0))
@@ -478,8 +491,8 @@ class Sim:
             if self.cfg.faults:
                 nursery.start_soon(self.nemesis, nursery)
             async with trio.open_nursery() as load:
-                for _ in range(self.cfg.workers):
-                    load.start_soon(self.worker)
+                for i in range(self.cfg.workers):
+                    load.start_soon(self.worker, i == 0)
             self.chaos = False
             self.event("heal: faults stop")
             await self.heal(nursery)
