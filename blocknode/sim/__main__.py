@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hot-refs", type=int, default=0,
                    help="one burst of this many references to one block")
     p.add_argument("--no-faults", action="store_true", help="the workload alone")
+    p.add_argument("--shrink", action="store_true",
+                   help="on a violation, look for a smaller run of the same seed that fails too")
     p.add_argument("--trace", action="store_true", help="print the event trace as it happens")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per seed")
     args = p.parse_args(argv)
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    {line}", file=sys.stderr)
             print(f"  REPLAY: python -m blocknode.sim --seed {seed} --nodes {args.nodes} "
                   f"--ops {args.ops} --workers {args.workers} --hot-refs {args.hot_refs} --trace", file=sys.stderr)
+            if args.shrink:
+                shrink(seed, args)
     wall = time.perf_counter() - t0
     kinds = sorted({k.split(":")[0] for k in ops if ":" in k})
     print()
@@ -78,6 +82,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'invariant violations':<24}{sum(len(r.violations) for r in failed)}"
           f"  in {len(failed)} seed(s){': ' + ' '.join(str(r.seed) for r in failed) if failed else ''}")
     return 1 if failed else 0
+
+
+def shrink(seed: int, args: argparse.Namespace) -> None:
+    """Crude shrinking: the same seed with fewer operations, fewer clients, no faults.
+
+    Every choice comes from the one seeded RNG, so a smaller run is a different
+    schedule; the smallest one that still fails is printed (a shorter trace to read).
+    """
+    best = (args.ops, args.workers, True)
+    for ops, workers, faults in [(max(1, args.ops // d), w, f) for d in (8, 4, 2)
+                                 for w in (1, args.workers) for f in (False, True)]:
+        if (ops, workers) >= best[:2]:
+            continue
+        r = run_seed(SimConfig(seed=seed, nodes=args.nodes, ops=ops, workers=workers,
+                               faults=faults, hot_refs=args.hot_refs))
+        if r.violations:
+            best = (ops, workers, faults)
+            print(f"  shrunk: --ops {ops} --workers {workers}{'' if faults else ' --no-faults'} "
+                  f"fails too ({r.violations[0][:100]}); {len(r.trace)} events", file=sys.stderr)
+    print(f"  SMALLEST: python -m blocknode.sim --seed {seed} --nodes {args.nodes} --ops {best[0]} "
+          f"--workers {best[1]}{'' if best[2] else ' --no-faults'} --hot-refs {args.hot_refs} "
+          f"--trace", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,19 @@ def test_replay_in_another_process_gives_the_same_trace() -> None:
     out = subprocess.run([sys.executable, "-m", "blocknode.sim", "--seed", "5", "--ops", "15"],
                          capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert f"trace={here.digest}" in out.stdout, out.stdout + out.stderr
+
+
+def test_shrink_finds_a_smaller_failing_run(monkeypatch, capsys) -> None:
+    import blocknode.sim.__main__ as cli
+    from blocknode.sim.run import Result
+
+    def fake(cfg: SimConfig, sim_class: object = None) -> Result:
+        r = Result(cfg.seed, trace=["e"] * cfg.ops)
+        if cfg.ops >= 10 and cfg.workers == 1 or cfg.ops >= 40:
+            r.violations.append("LOST something")
+        return r
+
+    monkeypatch.setattr(cli, "run_seed", fake)
+    assert cli.main(["--seed", "9", "--ops", "80", "--shrink"]) == 1
+    err = capsys.readouterr().err
+    assert "SMALLEST: python -m blocknode.sim --seed 9 --nodes 5 --ops 10 --workers 1" in err
