@@ -26,7 +26,6 @@ from blocknode.auth import load_client_key
 from blocknode.client.api import Client
 from blocknode.config import NodeConfig
 from blocknode.context import NodeContext
-from blocknode.layout import Layout
 from blocknode.node import Node
 from blocknode.protocol import (
     ADMIN_ANTI_ENTROPY,
@@ -616,17 +615,7 @@ def run_seed(cfg: SimConfig, sim_class: type[Sim] | None = None) -> Result:
     """Run one seed (deterministic: same seed, same trace) and check the invariants."""
     from trio._core import _run as trio_run  # the scheduler's RNG: seeded for determinism
 
-    import blocknode.node as node_mod
-
     result = Result(cfg.seed)
-    layouts: dict[Any, Layout] = {}
-
-    def layout(cluster: Any) -> Layout:  # one layout per run (it is immutable; costly to build)
-        if cluster not in layouts:
-            layouts[cluster] = Layout(cluster)
-        return layouts[cluster]
-
-    node_mod.Layout = layout  # type: ignore[assignment,misc]
     root = tempfile.mkdtemp(prefix=f"blocknode-sim-{cfg.seed}-")
     saved = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
     trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
@@ -639,7 +628,6 @@ def run_seed(cfg: SimConfig, sim_class: type[Sim] | None = None) -> Result:
     finally:
         result.wall_s = time.perf_counter() - t0
         trio_run._ALLOW_DETERMINISTIC_SCHEDULING = saved  # type: ignore[misc]
-        node_mod.Layout = Layout  # type: ignore[misc]
         logging.disable(logging.NOTSET)
         shutil.rmtree(root, ignore_errors=True)
     return result
