@@ -72,13 +72,19 @@ class Node:
         *,
         now_ms: Callable[[], int] = wall_ms,
         connect: Callable[[str], Awaitable[trio.abc.Stream]] | None = None,
+        ctx: NodeContext | None = None,
+        listener: trio.abc.Listener[trio.abc.Stream] | None = None,
     ) -> None:
         self.cfg = cfg
         self.node_id = cfg.node_id
         self.cluster = cluster_of(cfg)
         self.layout = Layout(self.cluster)
         self.secret = load_or_create_secret(cfg, create=True)
-        self.ctx = NodeContext(now_ms=now_ms)
+        # `ctx` (the simulation): every seam from it; `listener`: serve it instead of TCP.
+        self.ctx = ctx if ctx is not None else NodeContext(now_ms=now_ms)
+        if ctx is not None and connect is None:
+            connect = ctx.connect
+        self._listener = listener
         self.files = BlockFiles(cfg.data_dirs, fsync=cfg.data_fsync, run_sync=self.ctx.run_sync,
                                 block_size=cfg.block_size)
         self.meta = MetadataStore(
@@ -94,7 +100,7 @@ class Node:
         peers = {n.id: n.addr for n in self.cluster.nodes if n.id != cfg.node_id}
         members = [n.id for n in self.cluster.nodes]
         self.keys = KeyService(cfg.node_id, self.meta.keys, members, now_ms=self.ctx.now_ms,
-                               rpc_timeout=cfg.rpc_timeout)
+                               rpc_timeout=cfg.rpc_timeout, rng=self.ctx.random)
         self.net = RpcNetwork(
             cfg.node_id,
             self.secret,
@@ -103,6 +109,8 @@ class Node:
             members=members,
             lookup_key=self.keys.verifier,
             connect=connect,
+            rng=self.ctx.urandom,
+            jitter=self.ctx.random,
             # block_ram_buffer_max bounds block bytes in RAM, a quarter each for: payloads
             # this node sends, client requests it is handling, messages being received
             # (half from nodes, half from clients), replies waiting to be sent.
@@ -196,7 +204,11 @@ class Node:
                     self.cfg.admin_key_path,
                     allow_world_readable=self.cfg.allow_world_readable_secrets)
                 try:
-                    self.addr = await nursery.start(self.net.serve, self.cfg.rpc_bind_addr)
+                    if self._listener is not None:
+                        await nursery.start(self.net.serve_listener, self._listener)
+                        self.addr = self.cfg.public_addr
+                    else:
+                        self.addr = await nursery.start(self.net.serve, self.cfg.rpc_bind_addr)
                 except OSError as exc:
                     raise ConfigError(
                         f"cannot listen on {self.cfg.rpc_bind_addr} (rpc_bind_addr in "

@@ -32,6 +32,7 @@ nothing outside the storage package can apply one without the lock.
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -278,6 +279,18 @@ class LocalBlocks:
                 "grace period of gc_delay, and none is deleted unless another write node "
                 "confirms it is unreferenced. Check metadata_dir and data_dir in the config.",
                 self.meta.path, ", ".join(d.path for d in self.files.dirs), file_count)
+            # Each block file is checked by resync (no RC: the grace period starts, then
+            # the usual GC check): without this, a block whose references were all
+            # deleted before the loss (their tombstones come back, but queue nothing)
+            # would stay forever.
+            batch: list[bytes] = []
+            for h in itertools.chain(self.files.walk(), [None]):
+                if h is not None:
+                    batch.append(h)
+                if batch and (h is None or len(batch) >= 4096):
+                    self.meta.env.write_now(
+                        lambda txn, b=tuple(batch): [self.meta.queue.tx_put(txn, x, 0) for x in b])
+                    batch = []
         return file_count
 
     def count(self) -> int:

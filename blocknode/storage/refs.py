@@ -205,6 +205,10 @@ class RefTable:
         old_raw = txn.get(key, db=self.refs_db)
         old = _decode_ref(key, old_raw) if old_raw is not None else None
         if not ref.wins_over(old):
+            if block_present:
+                # A put that lost to a newer version (its reference deleted here before the
+                # block arrived): the block must not stay without an RC, never collected.
+                self.tx_start_grace(txn, ref.hash)
             return False
         txn.put(key, _REF_VALUE.pack(ref.deleted, ref.ts_ms), db=self.refs_db)
         was_live = old is not None and not old.deleted
@@ -212,6 +216,8 @@ class RefTable:
             self.tx_decref(txn, ref.hash)
         elif not was_live and not ref.deleted:
             self.tx_incref(txn, ref.hash, check_later=not block_present)
+        elif block_present and ref.deleted:
+            self.tx_start_grace(txn, ref.hash)  # a deleted version stored with its block
         return True
 
     def tx_apply_many(self, txn: Txn, refs: Iterable[RefEntry]) -> int:
