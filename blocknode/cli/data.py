@@ -165,6 +165,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"node        {st['node_id']} at {st.get('addr')} (zone {st.get('zone')}, fast path {st.get('fast_path')})")
         print(f"layout      {lay.get('nodes')} node(s), replication {lay.get('replication_factor')}, "
               f"write quorum {lay.get('write_quorum')}")
+        if "version" in lay:
+            live = lay.get("live_versions") or []
+            sync = ("synced" if not lay.get("pending_sync") else
+                    f"migrating (versions {', '.join(map(str, live))}), waiting for "
+                    f"{', '.join(lay['pending_sync'])}")
+            print(f"layout      version {lay['version']} ({lay.get('digest')}), {sync}")
+            for nid, view in sorted((lay.get("disagree") or {}).items()):
+                print(f"layout      DIFFERS on {nid}: version {view.get('version')} "
+                      f"({view.get('digest')})")
         for p in st["peers"]:
             print(f"peer        {p['id']:<12} {p['addr']:<22} {'up' if p['up'] else 'DOWN'}")
         print(f"blocks      {st['blocks']} ({st.get('inline_blocks', 0)} inline)")
