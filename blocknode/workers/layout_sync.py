@@ -157,9 +157,22 @@ class LayoutSync(Worker):
                          s.node_synced(self.node_id) >= s.current else "not in layout",
                          "dropped_refs": dropped}
 
+    def describe(self) -> str:
+        """One line of migration progress (the `worker list` column)."""
+        s = self.service.state
+        if len(s.live) == 1 and not s.pending_sync():
+            return f"v{s.current} synced everywhere"
+        p = self.progress
+        here = ("synced here" if s.node_synced(self.node_id) >= s.current else
+                f"syncing here ({p.get('blocks_missing', '?')} of {p.get('blocks_checked', '?')} "
+                "blocks missing)")
+        return (f"v{s.live[0]}->v{s.current}: {here}; waiting for "
+                f"{','.join(s.pending_sync()) or '-'}")
+
     def status(self) -> dict[str, Any]:
         s = self.service.state
         return {"state": "busy" if self.busy else "idle", "tranquility": None,
+                "migration": self.describe(),
                 "version": s.current, "live_versions": s.live,
                 "synced": s.node_synced(self.node_id), "pending_nodes": s.pending_sync(),
                 "dropped_partitions": self.dropped_partitions, "progress": self.progress}
