@@ -275,6 +275,11 @@ class LayoutService:
             "disagree": self.disagreements(),
         }
 
+    def _is_up(self, nid: str) -> bool:
+        if nid == self.node_id or self.net is None:
+            return True
+        return self.net.is_up(nid)
+
     def show(self) -> dict[str, Any]:
         """The `layout show` reply (JSON keys are a contract: version, nodes, staged)."""
         s = self.state
@@ -291,7 +296,7 @@ class LayoutService:
                        "partitions": per_node.get(n.id, 0),
                        "synced": s.node_synced(n.id)}
                       for n in sorted(s.current_cluster.nodes, key=lambda n: n.id)],
-            "staged": [{"id": nid, "remove": True} if n is None else
+            "staged": [{"id": nid, "remove": True, "up": self._is_up(nid)} if n is None else
                        {"id": nid, "zone": n.zone, "capacity": n.capacity, "addr": n.addr}
                        for nid, n in sorted(staged.items())],
             "pending_sync": s.pending_sync(),

@@ -59,7 +59,9 @@ def print_layout(st: dict[str, Any]) -> None:
     print("staged changes:")
     for c in st["staged"]:
         if c.get("remove"):
-            print(f"  remove {c['id']}")
+            print(f"  remove {c['id']}" + ("" if c.get("up", True) else
+                  " (DOWN: the migration goes on without it; copies only it held are lost, "
+                  "the others are rebuilt from the survivors)"))
         else:
             print(f"  assign {c['id']} zone={c['zone']} capacity={c['capacity']} addr={c['addr']}")
     if "staged_error" in st:
