@@ -107,6 +107,9 @@ class LayoutService:
         self.peer_views: dict[str, dict[str, Any]] = {}
         """Per peer: its version and digest as of the last exchange, or the error."""
         self.sync_rounds = 0
+        self.conflicts: dict[int, list[str]] = {}
+        """Versions seen with two different digests (nodes started with different cluster
+        files, or two versions applied at once): version → both digests."""
         if not self.live.has_node(node_id):
             log.warning("node %s is not in the cluster layout (version %d): it holds no data "
                         "until `layout assign %s --zone Z --capacity C --addr HOST:PORT` and "
@@ -173,6 +176,7 @@ class LayoutService:
             for v, h in other.history.items():
                 mine = self.state.history.get(v)
                 if mine is not None and mine.digest != h.digest:
+                    self.conflicts[v] = sorted({mine.digest, h.digest})
                     log.error("two different layouts carry version %d (%s here, %s elsewhere): "
                               "were the nodes started with different cluster files? The one "
                               "with the larger digest is kept everywhere", v, mine.digest,
@@ -273,6 +277,7 @@ class LayoutService:
                      for n in nodes},
             "pending_sync": s.pending_sync(),
             "disagree": self.disagreements(),
+            "conflicts": {str(v): d for v, d in sorted(self.conflicts.items())},
         }
 
     def _is_up(self, nid: str) -> bool:

@@ -171,6 +171,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                     f"migrating (versions {', '.join(map(str, live))}), waiting for "
                     f"{', '.join(lay['pending_sync'])}")
             print(f"layout      version {lay['version']} ({lay.get('digest')}), {sync}")
+            for v, digests in sorted((lay.get("conflicts") or {}).items()):
+                print(f"layout      CONFLICT: version {v} exists as {' and '.join(digests)} "
+                      "(different cluster files?); the larger digest was kept")
             for nid, view in sorted((lay.get("disagree") or {}).items()):
                 print(f"layout      DIFFERS on {nid}: version {view.get('version')} "
                       f"({view.get('digest')})")

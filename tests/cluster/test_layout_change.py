@@ -133,3 +133,29 @@ async def test_add_a_node_then_remove_one_every_put_readable_blocks_on_new_nodes
         st = cl.nodes["node2"].status()["layout"]
         assert st["version"] == 3 and st["pending_sync"] == [] and st["live_versions"] == [3]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_node_started_with_another_cluster_file_is_reported(tmp_path: Path, caplog) -> None:
+    paths = write_cluster(tmp_path, 3, rf=3)
+    other = tmp_path / "other.toml"
+    other.write_text((tmp_path / "cluster.toml").read_text().replace(
+        'id = "node3"', 'id = "node3"\ncapacity = 5'))
+    cfg3 = paths[2].read_text().replace('cluster_file = "../cluster.toml"',
+                                        f'cluster_file = "{other}"')
+    paths[2].write_text(cfg3)
+    configs = [load_config(p) for p in paths]
+    async with trio.open_nursery() as nursery:
+        cl = InProcessCluster(configs, nursery)
+        for c in configs:
+            await cl.start(c.node_id)
+        for n in cl.nodes.values():
+            await n.net.check_peers()
+        await cl.nodes["node1"].layouts.broadcast()
+        # The node that saw both versions says so (status and log).
+        assert any("1" in n.status()["layout"]["conflicts"] for n in cl.nodes.values())
+        assert "two different layouts carry version 1" in caplog.text
+        # Every node ends up with one and the same version 1.
+        for n in cl.nodes.values():
+            await n.layouts.broadcast()
+        assert len({n.layouts.state.digest() for n in cl.nodes.values()}) == 1
+        nursery.cancel_scope.cancel()
