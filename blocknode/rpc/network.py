@@ -642,8 +642,8 @@ class RpcNetwork:
 
     def set_peers(self, peers: dict[str, str], members: Iterable[str] | None = None) -> None:
         """Change the cluster's nodes (a new layout version): peers added or re-addressed
-        (a changed address closes the old connection); `peers` and `members` may connect
-        from now on. Nothing is taken away while the node runs: a node that left the
+        (a changed address closes the old connection; a peer not connected is retried at
+        once, without its backoff); `peers` and `members` may connect from now on. Nothing is taken away while the node runs: a node that left the
         layout can still reach this one (and learn that it left)."""
         for nid, addr in peers.items():
             if nid == self.node_id:
@@ -652,7 +652,11 @@ class RpcNetwork:
             p = self._peers.get(nid)
             if p is None:
                 self._peers[nid] = _Peer(nid, addr)
-            elif p.addr != addr:
+                continue
+            if p.live() is None:
+                # The layout changed: a node that refused or was absent may take us now.
+                p.failures, p.next_attempt = 0, -float("inf")
+            if p.addr != addr:
                 p.addr = addr
                 conn = p.live()
                 if conn is not None and self._nursery is not None:

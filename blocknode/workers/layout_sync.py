@@ -10,9 +10,12 @@ node of it runs, until it succeeds:
    (a node leaving, maybe dead) is tried but may fail: what it alone held is
    lost with it (its copies are rebuilt from the survivors).
 2. a scan of its partitions in the newest version: every block referenced here
-   and not held is queued for resync (the resync worker fetches it from the
-   old and new nodes, `BlockManager.read_order`). The step is done when none is
-   missing.
+   (by a reference older than the version, `APPLY_MARGIN_MS` included) and not
+   held is queued for resync (the resync worker fetches it from the old and new
+   nodes, `BlockManager.read_order`). The step is done when none is missing.
+   Newer references were written to a write quorum of every live version, the
+   newest included (the resync worker's arrival check fetches any copy that
+   is still missing here), so a steady write load does not hold the migration up.
 
 Then it reports the version synced (`LayoutService.ack_synced`, gossiped); once
 every node of the newest version has, the older versions retire everywhere.
@@ -46,6 +49,10 @@ log = logging.getLogger(__name__)
 
 RETRY_S: Final = 5.0
 """Seconds between two attempts while the newest version is not synced."""
+APPLY_MARGIN_MS: Final = 10_000
+"""References made up to this long after a version was applied count as older than it
+(a coordinator may not have heard of the version yet, and wrote to the old nodes only);
+later ones were written to a quorum of every live version, the new one included."""
 
 
 class LayoutSync(Worker):
@@ -107,13 +114,15 @@ class LayoutSync(Worker):
         failed = sorted(p for p in stats["peers_failed"] if p in newest.node_ids)
         lost = sorted(p for p in stats["peers_failed"] if p not in newest.node_ids)
         parts = newest.partitions_of_node(self.node_id)
+        applied = self.service.state.history[version].applied_ms
+        cutoff = applied + APPLY_MARGIN_MS if applied else 2**63
         missing = 0
         checked = 0
         for p in parts:
             hashes: list[bytes] = []
             last: bytes | None = None
             for r in self.meta.iter_refs(bytes([p])):
-                if r.hash != last and not r.deleted:
+                if r.hash != last and not r.deleted and r.ts_ms <= cutoff:
                     hashes.append(r.hash)
                     last = r.hash
             for h in hashes:
