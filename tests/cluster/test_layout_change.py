@@ -159,3 +159,48 @@ async def test_a_node_started_with_another_cluster_file_is_reported(tmp_path: Pa
             await n.layouts.broadcast()
         assert len({n.layouts.state.digest() for n in cl.nodes.values()}) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_during_a_migration_a_put_needs_the_quorum_of_each_live_version(
+        tmp_path: Path) -> None:
+    """v1 = node1..3, v2 adds node4 (never started); node2 stopped. A block whose v2 nodes
+    are node4, node2 and one other has a v1 quorum and 2 answers in the union, but only
+    1 of 3 in v2: the put fails. A block whose v2 nodes avoid node2 and node4 succeeds."""
+    from blocknode.errors import BlocknodeError
+    from blocknode.fastpath import block_hash
+
+    paths = write_cluster(tmp_path, 4, rf=3, rpc_timeout=2.0)
+    text = (tmp_path / "cluster.toml").read_text()
+    (tmp_path / "cluster.toml").write_text(
+        re.sub(r'\[\[nodes\]\]\nid = "node4"\n[^\[]*', "", text))
+    configs = [load_config(p) for p in paths]
+    async with trio.open_nursery() as nursery:
+        cl = InProcessCluster(configs, nursery)
+        for nid in ("node1", "node2", "node3"):
+            await cl.start(nid)
+        async with cl.client("node1") as c:
+            await c.call(ADMIN_LAYOUT_ASSIGN, {"node": "node4", "zone": "z4", "capacity": 1,
+                                               "addr": cl.cfg("node4").rpc_bind_addr})
+            await c.call(ADMIN_LAYOUT_APPLY, {"version": 2})
+        await _until(lambda: all(n.layouts.state.current == 2 for n in cl.nodes.values()), "v2")
+        await cl.stop("node2")
+        v2 = Layout(cl.nodes["node1"].layouts.state.versions[2])
+
+        def data_in(pred) -> bytes:  # noqa: ANN001
+            while True:
+                d = os.urandom(100)
+                if pred(set(v2.nodes_of(block_hash(d)))):
+                    return d
+
+        bad = data_in(lambda ns: {"node2", "node4"} <= ns)
+        good = data_in(lambda ns: ns == {"node1", "node3", "node4"})
+        async with cl.client("node1") as c:
+            try:
+                await c.put_block(bad, "r")
+            except BlocknodeError as exc:
+                assert "quorum" in str(exc).lower() or "node" in str(exc), exc
+            else:
+                raise AssertionError("a put with 1 of 3 nodes of version 2 succeeded")
+            h = await c.put_block(good, "r")
+            assert await c.get_block(h) == good
+        nursery.cancel_scope.cancel()
