@@ -204,3 +204,33 @@ async def test_during_a_migration_a_put_needs_the_quorum_of_each_live_version(
             h = await c.put_block(good, "r")
             assert await c.get_block(h) == good
         nursery.cancel_scope.cancel()
+
+
+async def test_a_dead_node_can_be_removed(tmp_path: Path) -> None:
+    """node4 dies for good; `layout remove node4` + apply: the migration completes without
+    it (its copies are rebuilt from the survivors) and every put stays readable."""
+    now = [T0]
+    paths = write_cluster(tmp_path, 4, rf=3, gc_delay=60.0, anti_entropy_interval=3600.0,
+                          rpc_timeout=2.0)
+    configs = [load_config(p) for p in paths]
+    acked: dict[bytes, bytes] = {}
+    async with trio.open_nursery() as nursery:
+        cl = InProcessCluster(configs, nursery, lambda: now[0])
+        for c in configs:
+            await cl.start(c.node_id)
+        async with cl.client("node1") as c:
+            for i in range(30):
+                data = os.urandom(1500 + i)
+                acked[await c.put_block(data, f"r{i}")] = data
+        await cl.stop("node4")
+        async with cl.client("node1") as c:
+            shown, _ = await c.call(ADMIN_LAYOUT_REMOVE, {"node": "node4"})
+            await c.call(ADMIN_LAYOUT_APPLY, {"version": 2})
+        await _migrate(cl, now, 2)
+        await _gc(cl, now)
+        v2 = Layout(cl.nodes["node1"].layouts.state.current_cluster)
+        async with cl.client("node2") as c:
+            for h, data in acked.items():
+                assert await c.get_block(h) == data
+                assert await _holders(cl, h) == set(v2.nodes_of(h))
+        nursery.cancel_scope.cancel()
