@@ -157,15 +157,17 @@ def report(r: dict[str, Any]) -> str:
         f"--tranquility {r['tranquility']:g}` — {_dt.date.today()}, {os.cpu_count()} cores "
         f"({platform.machine()}), Python {platform.python_version()}. 3 nodes (rf 3, write "
         f"quorum 2) hold {r['blocks']} blocks of {r['size'] // 1024} KiB ({mib:.0f} MiB); "
-        "node4 is assigned and applied (version 2) and started; the migration runs from "
+        "node4 is started, assigned and applied (version 2); the migration runs from "
         "`layout apply` until version 1 retired (every node of version 2 synced). "
         "Foreground: 4 KiB put then get, concurrency 8, clients → node2.",
         "",
         f"**Migration**: {r['migration_s']:.1f} s; the cluster held {r['blocks_before']} "
-        f"blocks at `apply` (the {r['blocks']} filled + the idle measurement's 4 KiB ones; "
-        f"node1 held them all); node4 ended with {r['node4_blocks']} (about a quarter of "
-        f"those fetched by resync at tranquility {r['tranquility']:g}, the rest written to it "
-        "directly by the puts during the migration).",
+        f"blocks at `apply` (the {r['blocks']} filled + the idle measurement's 4 KiB ones); "
+        f"node4 holds 3/4 of the partitions, so about {r['blocks_before'] * 3 // 4} of them "
+        f"were fetched by its resync (one worker, tranquility {r['tranquility']:g}), about "
+        f"{r['blocks_before'] * 3 / 4 / max(r['migration_s'], 1e-9):.0f} blocks/s; it ended "
+        f"with {r['node4_blocks']} blocks, the rest written to it directly by the puts during "
+        "the migration.",
         "",
         "| op | condition | ops | p50 ms | p99 ms | p50 × idle | p99 × idle |",
         "|---|---|---|---|---|---|---|",
