@@ -55,6 +55,7 @@ from blocknode.protocol import (
     get_int,
     get_str,
 )
+from blocknode.rpc.transport import split_addr
 from blocknode.rpc.wire import PRIO_HIGH
 
 if TYPE_CHECKING:
@@ -334,8 +335,13 @@ class LayoutService:
         zone = get_str(fields, "zone", max_bytes=255)
         capacity = get_int(fields, "capacity")
         addr = fields.get("addr")
-        if addr is not None and not isinstance(addr, str):
-            raise RemoteProtocolError("field 'addr': expected a string HOST:PORT")
+        if addr is not None:
+            try:
+                if not isinstance(addr, str):
+                    raise ValueError(addr)
+                split_addr(addr)
+            except ValueError:
+                raise RemoteProtocolError(f"field 'addr': expected HOST:PORT, got {addr!r}") from None
         now = self.now_ms()
         await self.change(lambda s: s.assign(node, zone=zone, capacity=capacity, addr=addr,
                                              now_ms=now))

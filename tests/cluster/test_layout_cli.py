@@ -40,6 +40,11 @@ def test_layout_commands_stage_apply_and_gossip(tmp_path: Path, capsys) -> None:
         assert main(["layout", "show", "--config", str(n1)]) == 0
         assert "partition slot(s) move" in capsys.readouterr().out
 
+        assert main(["layout", "assign", "node5", "--zone", "z", "--capacity", "1",
+                     "--addr", "nohost", "--config", str(n1)]) == 2  # a bad address
+        assert main(["layout", "assign", "node5", "--zone", "z", "--capacity", "1",
+                     "--config", str(n1)]) == 1  # a new node needs --addr
+        assert "--addr" in capsys.readouterr().err
         assert run_json(capsys, n1, "layout", "revert")["staged"] == []
         run_json(capsys, n1, "layout", "assign", "node4", "--zone", "z4", "--capacity", "2",
                  "--addr", addr)
