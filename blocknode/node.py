@@ -211,6 +211,8 @@ class Node:
     def _peers_changed(self, nodes: dict[str, str]) -> None:
         """A layout change: reach its nodes (a new node's address), let them connect."""
         self.net.set_peers(nodes)
+        if self.layout.has_node(self.node_id):  # assigned, or its zone changed
+            self.manager.zone = self.layout.node(self.node_id).zone
         self.keys.peers = sorted(set(self.keys.peers) | {n for n in nodes if n != self.node_id})
 
     def _startup_sweep(self) -> None:
