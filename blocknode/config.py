@@ -453,10 +453,15 @@ def cluster_from_dict(raw: dict[str, Any], *, source: str,
     return ClusterConfig(nodes=tuple(nodes), replication_factor=rf, write_quorum=wq)
 
 
-def cluster_of(cfg: NodeConfig) -> ClusterConfig:
-    """The cluster this node belongs to: its cluster file, or a single node of itself."""
+def cluster_of(cfg: NodeConfig, *, member: bool = True) -> ClusterConfig:
+    """The cluster this node belongs to: its cluster file, or a single node of itself.
+
+    `member`: the node must be listed in the file (False for a running node: a node
+    not listed joins the cluster by `layout assign` + `layout apply`)."""
     if cfg.cluster_file:
         cluster = load_cluster_file(cfg.cluster_file, default_rf=cfg.replication_factor)
+        if not member:
+            return cluster
         try:
             cluster.node(cfg.node_id)
         except UnknownNode:

@@ -254,8 +254,10 @@ def config_reference() -> str:
     out += [
         "## The cluster file",
         "",
-        "One TOML file, the same on every node (`cluster_file`); every node computes the same",
-        "layout from it.",
+        "One TOML file, the same on every node (`cluster_file`). It seeds version 1 of the",
+        "layout of a new cluster; from then on the layout lives in each node's metadata and",
+        "changes with the `layout` commands (a node not listed joins by `layout assign` +",
+        "`layout apply`).",
         "",
         "| field | default | meaning |",
         "| --- | --- | --- |",

@@ -63,7 +63,7 @@ from collections.abc import Callable, Sequence
 from blocknode.cluster_config import ClusterConfig, ClusterNode
 from blocknode.errors import ConfigError, InvalidHash, UnknownNode
 
-__all__ = ["HASH_LEN", "PARTITION_COUNT", "Layout", "partition_of"]
+__all__ = ["HASH_LEN", "PARTITION_COUNT", "Layout", "LiveLayout", "partition_of"]
 
 PARTITION_COUNT = 256
 HASH_LEN = 32  # a block hash: the first 32 bytes of BLAKE2b-512 (see blocknode.fastpath)
@@ -367,3 +367,157 @@ class Layout:
             f"Layout(nodes={len(self._nodes)}, zones={len(self._zones)}, "
             f"rf={self._rf}, write_quorum={self._write_quorum})"
         )
+
+
+class LiveLayout:
+    """The layout versions live on this node: one normally, several during a migration.
+
+    Mutable in place (`update`), so the manager, the workers and the admin handlers
+    share one object and see a new version at once. While an old and a new version
+    are live (`blocknode.layout_state`), a write must reach the write quorum of
+    *every* live version (`write_sets`), its targets are the union of their nodes
+    (`write_nodes`), a reader asks the new version's synced nodes first, then the
+    old version's nodes, then the rest (`read_nodes`), and a node deciding whether a
+    block is garbage asks every node of every live version (`write_nodes`).
+
+    Queries about a node that no live version lists (a node waiting to be
+    assigned, or one that left) answer "nothing" rather than raising, except `node`.
+    """
+
+    def __init__(self, layouts: Sequence[tuple[int, Layout]],
+                 synced: Callable[[str], int] | None = None) -> None:
+        self._layouts: list[tuple[int, Layout]] = []
+        self._synced: Callable[[str], int] = synced or (lambda nid: 0)
+        self.update(layouts)
+
+    @classmethod
+    def single(cls, layout: Layout, version: int = 1) -> LiveLayout:
+        """One live version (tests, single-layout callers)."""
+        return cls([(version, layout)])
+
+    def update(self, layouts: Sequence[tuple[int, Layout]],
+               synced: Callable[[str], int] | None = None) -> None:
+        """Replace the live versions (oldest first); `synced(node)`: the version it synced."""
+        if not layouts:
+            raise ValueError("a live layout needs at least one version")
+        self._layouts = sorted(layouts, key=lambda vl: vl[0])
+        if synced is not None:
+            self._synced = synced
+
+    # -- versions ------------------------------------------------------------------
+
+    @property
+    def current(self) -> Layout:
+        """The newest live version's layout."""
+        return self._layouts[-1][1]
+
+    @property
+    def version(self) -> int:
+        """The newest live version number."""
+        return self._layouts[-1][0]
+
+    @property
+    def versions(self) -> list[int]:
+        """The live version numbers, oldest first."""
+        return [v for v, _ in self._layouts]
+
+    @property
+    def layouts(self) -> list[tuple[int, Layout]]:
+        """(version, layout) of every live version, oldest first."""
+        return list(self._layouts)
+
+    @property
+    def migrating(self) -> bool:
+        """More than one version is live."""
+        return len(self._layouts) > 1
+
+    # -- the `Layout` queries, over every live version --------------------------------
+
+    @property
+    def replication_factor(self) -> int:
+        return self.current.replication_factor
+
+    @property
+    def write_quorum(self) -> int:
+        """The newest version's write quorum (each version's own in `write_sets`)."""
+        return self.current.write_quorum
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        """Every node of any live version, sorted."""
+        return tuple(sorted({n for _, lay in self._layouts for n in lay.node_ids}))
+
+    @property
+    def zones(self) -> tuple[str, ...]:
+        return tuple(sorted({z for _, lay in self._layouts for z in lay.zones}))
+
+    def has_node(self, node_id: str) -> bool:
+        return any(node_id in lay.node_ids for _, lay in self._layouts)
+
+    def node(self, node_id: str) -> ClusterNode:
+        """The node as the newest version listing it has it; `UnknownNode` if none does."""
+        for _, lay in reversed(self._layouts):
+            if node_id in lay.node_ids:
+                return lay.node(node_id)
+        raise UnknownNode(node_id)
+
+    def write_sets(self, hash: bytes) -> list[tuple[tuple[str, ...], int]]:
+        """Per live version (newest first, duplicates merged): its nodes and write quorum."""
+        out: list[tuple[tuple[str, ...], int]] = []
+        for _, lay in reversed(self._layouts):
+            entry = (lay.nodes_of(hash), lay.write_quorum)
+            if entry not in out:
+                out.append(entry)
+        return out
+
+    def nodes_of(self, hash: bytes) -> tuple[str, ...]:
+        """Every node of any live version that holds `hash`'s partition (newest first)."""
+        return tuple(dict.fromkeys(n for _, lay in reversed(self._layouts)
+                                   for n in lay.nodes_of(hash)))
+
+    def write_nodes(self, hash: bytes) -> tuple[str, ...]:
+        """The union of every live version's nodes of `hash` (a write goes to all of them)."""
+        return self.nodes_of(hash)
+
+    def partition_nodes(self, partition: int) -> tuple[str, ...]:
+        """The union of every live version's nodes of `partition` (newest first)."""
+        return tuple(dict.fromkeys(n for _, lay in reversed(self._layouts)
+                                   for n in lay.partition_nodes(partition)))
+
+    def partitions_of_node(self, node_id: str) -> list[int]:
+        """The partitions `node_id` holds in any live version (empty when it holds none)."""
+        parts: set[int] = set()
+        for _, lay in self._layouts:
+            if node_id in lay.node_ids:
+                parts.update(lay.partitions_of_node(node_id))
+        return sorted(parts)
+
+    def read_nodes(self, hash: bytes, local_id: str | None, *,
+                   is_up: Callable[[str], bool] | None = None,
+                   latency: Callable[[str], float | None] | None = None,
+                   local_zone: str | None = None) -> list[str]:
+        """The order a reader asks the nodes of `hash` in.
+
+        One live version: `Layout.read_nodes`. During a migration: the newest
+        version's nodes that finished syncing to it, then the older versions' nodes
+        (which hold everything written before the change), then the newest
+        version's nodes still syncing; each group in `Layout.read_nodes` order.
+        """
+        kw = {"is_up": is_up, "latency": latency, "local_zone": local_zone}
+        if len(self._layouts) == 1:
+            return self.current.read_nodes(hash, local_id, **kw)
+        newest_v, newest = self._layouts[-1]
+        first = newest.read_nodes(hash, local_id, **kw)
+        synced = [n for n in first if self._synced(n) >= newest_v]
+        order = list(synced)
+        for _, lay in reversed(self._layouts[:-1]):
+            order += [n for n in lay.read_nodes(hash, local_id, **kw) if n not in order]
+        order += [n for n in first if n not in order]
+        return order
+
+    def summary(self) -> dict:
+        """The newest version's `Layout.summary`, plus ``version`` and ``live_versions``."""
+        return {**self.current.summary(), "version": self.version, "live_versions": self.versions}
+
+    def __repr__(self) -> str:
+        return f"LiveLayout(versions={self.versions}, current={self.current!r})"

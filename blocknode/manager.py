@@ -58,7 +58,7 @@ from blocknode.errors import (
     VersionConflict,
 )
 from blocknode.hlc import HLC_STATE_KEY, HybridClock
-from blocknode.layout import Layout
+from blocknode.layout import Layout, LiveLayout
 from blocknode.protocol import (
     ADD_REF,
     CLIENT_GET,
@@ -105,6 +105,7 @@ class Network(Protocol):
     async def call_many(
         self, node_ids: list[str], kind: str, fields: dict[str, Any], data: bytes | None = None, *,
         quorum: int, timeout: float, interrupt_after_quorum: bool = True, priority: int = PRIO_NORMAL,
+        quorum_sets: list[tuple[tuple[str, ...], int]] | None = None,
     ) -> list[tuple[str, Reply]]: ...
 
     def is_up(self, node_id: str) -> bool: ...
@@ -153,7 +154,7 @@ class BlockManager:
         self,
         *,
         node_id: str,
-        layout: Layout,
+        layout: Layout | LiveLayout,
         net: Network,
         blocks: LocalBlocks,
         meta: MetadataStore,
@@ -164,9 +165,11 @@ class BlockManager:
         compression_level: int | None = None,
         max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS,
         clock: HybridClock | None = None,
+        zone: str | None = None,
     ) -> None:
         self.node_id = node_id
-        self.layout = layout
+        self.layout = layout if isinstance(layout, LiveLayout) else LiveLayout.single(layout)
+        """The live layout versions (updated in place by `blocknode.layout_service`)."""
         self.net = net
         self.blocks = blocks
         self.meta = meta
@@ -179,7 +182,8 @@ class BlockManager:
         self.run_sync = run_sync
         self.compression_level = compression_level
         """zstd level of the blocks this node coordinates (None: stored plain)."""
-        self.zone = layout.node(node_id).zone
+        self.zone = zone if zone is not None else (
+            self.layout.node(node_id).zone if self.layout.has_node(node_id) else "default")
         self.clock = clock or node_clock(meta, max_clock_skew_ms)
         self._skew_log: dict[str, tuple[float, int]] = {}
 
@@ -367,11 +371,7 @@ class BlockManager:
         fields: dict[str, Any] = {"hash": blk.hash, "ref_id": ref_id, "ts": ts}
         if z:
             fields["z"] = True
-        ok = await self.net.call_many(
-            list(self.layout.write_nodes(blk.hash)), PUT_BLOCK, fields, form,
-            quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
-            interrupt_after_quorum=False, priority=priority,
-        )
+        ok = await self.write_call(blk.hash, PUT_BLOCK, fields, form, priority=priority)
         newer = self._newest(version_of(reply.get("newer")) for _, (reply, _) in ok)
         if newer is not None and newer[0]:
             await self._after_loss(blk.hash, ref_id, False, newer)
@@ -395,13 +395,13 @@ class BlockManager:
 
         total = sum(len(d) for d, _ in blocks)
         blks = await self.run_sync(hash_all) if total > block.HASH_IN_THREAD_MIN else hash_all()
-        groups: dict[tuple[str, ...], list[int]] = {}
+        groups: dict[tuple[tuple[tuple[str, ...], int], ...], list[int]] = {}
         for i, blk in enumerate(blks):
-            groups.setdefault(tuple(self.layout.write_nodes(blk.hash)), []).append(i)
+            groups.setdefault(tuple(self.layout.write_sets(blk.hash)), []).append(i)
         results: list[bytes | BlocknodeError] = [blk.hash for blk in blks]
         ts = await self.clock.next()
 
-        async def send(nodes: tuple[str, ...], idx: list[int]) -> None:
+        async def send(sets: tuple[tuple[tuple[str, ...], int], ...], idx: list[int]) -> None:
             payload = block.join([blks[i] for i in idx])
             items = [[h, blocks[i][1], ts, length]
                      for i, (h, length, _) in zip(idx, payload.items, strict=True)]
@@ -409,11 +409,7 @@ class BlockManager:
             if any(z for _, _, z in payload.items):
                 fields["z"] = [z for _, _, z in payload.items]
             try:
-                ok = await self.net.call_many(
-                    list(nodes), PUT_BLOCKS, fields, payload,
-                    quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
-                    interrupt_after_quorum=False,
-                )
+                ok = await self._call_sets(list(sets), PUT_BLOCKS, fields, payload)
             except BlocknodeError as exc:
                 for i in idx:
                     results[i] = exc
@@ -435,12 +431,12 @@ class BlockManager:
                         results[i] = exc
 
         if len(groups) == 1:
-            ((nodes, idx),) = groups.items()
-            await send(nodes, idx)
+            ((sets, idx),) = groups.items()
+            await send(sets, idx)
         else:
             async with trio.open_nursery() as nursery:
-                for nodes, idx in groups.items():
-                    nursery.start_soon(send, nodes, idx)
+                for sets, idx in groups.items():
+                    nursery.start_soon(send, sets, idx)
         return results
 
     async def set_ref(self, h: bytes, ref_id: str, *, deleted: bool, ts_ms: int | None = None) -> bool:
@@ -456,12 +452,8 @@ class BlockManager:
             raise self._conflict(h, ref_id, deleted, (not deleted, at_least))
         for attempt in range(2):
             ts = await self.clock.next(at_least)
-            ok = await self.net.call_many(
-                list(self.layout.write_nodes(h)), DEL_REF if deleted else ADD_REF,
-                {"hash": h, "ref_id": ref_id, "ts": ts},
-                quorum=self.layout.write_quorum, timeout=self.rpc_timeout,
-                interrupt_after_quorum=False, priority=PRIO_HIGH,
-            )
+            ok = await self.write_call(h, DEL_REF if deleted else ADD_REF,
+                                       {"hash": h, "ref_id": ref_id, "ts": ts}, priority=PRIO_HIGH)
             existed = any(reply.get("had") is True for _, (reply, _) in ok)
             newer = self._newest(version_of(reply.get("newer")) for _, (reply, _) in ok)
             if newer is None or newer[0] == deleted:
@@ -469,6 +461,27 @@ class BlockManager:
             if attempt or not self.clock.observe(newer[1]):
                 raise self._conflict(h, ref_id, deleted, newer)
         raise AssertionError("unreachable")
+
+    async def write_call(self, h: bytes, kind: str, fields: dict[str, Any], data: Any = None, *,
+                         priority: int = PRIO_NORMAL) -> list[tuple[str, Reply]]:
+        """Send a write of block `h` to its write nodes: the write quorum of every live
+        layout version (one version: its quorum; during a migration, each version's
+        quorum among its own nodes, the union of their nodes called once)."""
+        return await self._call_sets(self.layout.write_sets(h), kind, fields, data,
+                                     priority=priority)
+
+    async def _call_sets(self, sets: list[tuple[tuple[str, ...], int]], kind: str,
+                         fields: dict[str, Any], data: Any, *,
+                         priority: int = PRIO_NORMAL) -> list[tuple[str, Reply]]:
+        if len(sets) == 1:
+            ((nodes, quorum),) = sets
+            return await self.net.call_many(
+                list(nodes), kind, fields, data, quorum=quorum, timeout=self.rpc_timeout,
+                interrupt_after_quorum=False, priority=priority)
+        union = list(dict.fromkeys(n for nodes, _ in sets for n in nodes))
+        return await self.net.call_many(
+            union, kind, fields, data, quorum=max(q for _, q in sets), timeout=self.rpc_timeout,
+            interrupt_after_quorum=False, priority=priority, quorum_sets=sets)
 
     async def _after_loss(self, h: bytes, ref_id: str, deleted: bool,
                           newer: tuple[bool, int]) -> None:

@@ -39,7 +39,7 @@ from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
 from blocknode.context import NodeContext
 from blocknode.errors import ConfigError, RemoteProtocolError
 from blocknode.keys import KeyService
-from blocknode.layout import Layout
+from blocknode.layout_service import LayoutService
 from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.metrics import NodeMetrics, serve_admin_http
 from blocknode.protocol import ADMIN_REBALANCE, STATUS, max_message_size
@@ -48,6 +48,7 @@ from blocknode.rpc.network import ConnectionLimits, RpcNetwork
 from blocknode.storage import BlockFiles, LocalBlocks, MetadataStore
 from blocknode.workers.anti_entropy import AntiEntropy
 from blocknode.workers.base import WorkerRegistry
+from blocknode.workers.layout_sync import LayoutSync
 from blocknode.workers.rebalance import Rebalance
 from blocknode.workers.repair import Repair
 from blocknode.workers.resync import Resync
@@ -77,8 +78,7 @@ class Node:
     ) -> None:
         self.cfg = cfg
         self.node_id = cfg.node_id
-        self.cluster = cluster_of(cfg)
-        self.layout = Layout(self.cluster)
+        self.cluster = cluster_of(cfg, member=False)
         self.secret = load_or_create_secret(cfg, create=True)
         # `ctx` (the simulation): every seam from it; `listener`: serve it instead of TCP.
         self.ctx = ctx if ctx is not None else NodeContext(now_ms=now_ms)
@@ -97,8 +97,13 @@ class Node:
             ctx=self.ctx,
         )
         self.blocks = LocalBlocks(self.files, self.meta, cfg.inline_threshold)
-        peers = {n.id: n.addr for n in self.cluster.nodes if n.id != cfg.node_id}
-        members = [n.id for n in self.cluster.nodes]
+        # The layout: stored in the metadata, seeded from the cluster file (version 1).
+        self.layouts = LayoutService(cfg.node_id, self.meta, self.cluster, now_ms=self.ctx.now_ms,
+                                     rpc_timeout=cfg.rpc_timeout)
+        self.layout = self.layouts.live
+        all_nodes = self.layouts.peers()
+        peers = {nid: addr for nid, addr in all_nodes.items() if nid != cfg.node_id}
+        members = sorted({cfg.node_id, *all_nodes})
         self.keys = KeyService(cfg.node_id, self.meta.keys, members, now_ms=self.ctx.now_ms,
                                rpc_timeout=cfg.rpc_timeout, rng=self.ctx.random)
         self.net = RpcNetwork(
@@ -138,6 +143,7 @@ class Node:
             ),
         )
         self.keys.attach(self.net)
+        self.layouts.attach(self.net, self._peers_changed)
         self.manager = BlockManager(
             node_id=cfg.node_id,
             layout=self.layout,
@@ -150,6 +156,8 @@ class Node:
             run_sync=self.ctx.run_sync,
             compression_level=cfg.compression_level,
             max_clock_skew_ms=max(1, int(cfg.max_clock_skew * 1000)),
+            zone=self.layout.node(cfg.node_id).zone if self.layout.has_node(cfg.node_id)
+            else cfg.zone,
         )
         self.resync = Resync(self.manager, self.ctx, need_block_timeout=cfg.need_block_timeout,
                              workers=cfg.resync_workers, tranquility=cfg.resync_tranquility)
@@ -159,15 +167,17 @@ class Node:
         self.anti_entropy = AntiEntropy(self.manager, self.ctx, interval=cfg.anti_entropy_interval,
                                         rpc_timeout=cfg.rpc_timeout)
         self.rebalance = Rebalance(self.blocks, self.ctx)
+        self.layout_sync = LayoutSync(self.layouts, self.manager, self.anti_entropy, self.ctx)
         self.workers = WorkerRegistry([self.resync, self.scrub, self.repair, self.anti_entropy,
-                                       self.rebalance], health=self.foundations_problem)
+                                       self.rebalance, self.layout_sync],
+                                      health=self.foundations_problem)
         admin = Admin(node_id=cfg.node_id, layout=self.layout, net=self.net, meta=self.meta,
                       blocks=self.blocks, manager=self.manager, ctx=self.ctx,
                       workers=self.workers, resync=self.resync, scrub=self.scrub,
                       repair=self.repair, anti_entropy=self.anti_entropy)
         self._handlers: dict[str, Handler] = {}
         for handlers in (self.manager.handlers(), self.anti_entropy.handlers(), admin.handlers(),
-                         self.keys.handlers(),
+                         self.keys.handlers(), self.layouts.handlers(),
                          {STATUS: self.handle_status,
                           ADMIN_REBALANCE: self.rebalance.handle_admin}):
             for kind, handler in handlers.items():
@@ -217,6 +227,7 @@ class Node:
                 self.keys.announce_admin_key()
                 await self._start_admin_api(nursery)
                 nursery.start_soon(self.keys.run)
+                nursery.start_soon(self.layouts.run)
                 nursery.start_soon(self.workers.run)
                 task_status.started(self.addr)
         finally:
@@ -242,6 +253,13 @@ class Node:
                 log.warning("%s; running without the admin API (/metrics, /health)", message)
                 return
             raise ConfigError(message) from None
+
+    def _peers_changed(self, nodes: dict[str, str]) -> None:
+        """A layout change: reach its nodes (a new node's address), let them connect."""
+        self.net.set_peers(nodes)
+        if self.layout.has_node(self.node_id):  # assigned, or its zone changed
+            self.manager.zone = self.layout.node(self.node_id).zone
+        self.keys.peers = sorted(set(self.keys.peers) | {n for n in nodes if n != self.node_id})
 
     def _startup_sweep(self) -> None:
         self.blocks.startup()
@@ -271,8 +289,8 @@ class Node:
             "version": __version__,
             "fast_path": fastpath.IMPLEMENTATION,
             "addr": self.addr or self.cfg.public_addr,
-            "zone": self.layout.node(self.node_id).zone,
-            "layout": self.layout.summary(),
+            "zone": self.manager.zone,
+            "layout": {**self.layout.summary(), **self.layouts.status()},
             "peers": [
                 {**p, "addr": p["addr"] or (self.addr or self.cfg.public_addr)}
                 for p in self.net.peer_status()

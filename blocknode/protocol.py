@@ -38,6 +38,8 @@ gets the plain bytes. A message without ``z`` is plain, as before.
 | `key_put`          | keys: [key rows]                          | changed                    |
 | `key_sync`         | digest, keys?: [key rows]                 | digest, keys?              |
 | `admin_key_*`      | see `blocknode.keys`                      |                            |
+| `layout_sync`      | state (layout state map), digest          | changed, version, digest, state? |
+| `admin_layout_*`   | see `blocknode.layout_service`            |                            |
 
 Who may send what (`blocknode.auth`): nodes every kind; a client key only the
 client and admin kinds its permissions allow — never a `REPLICA_KINDS` kind.
@@ -71,6 +73,12 @@ __all__ = [
     "ADMIN_KEY_DELETE",
     "ADMIN_KEY_LIST",
     "ADMIN_KINDS",
+    "ADMIN_LAYOUT_APPLY",
+    "ADMIN_LAYOUT_ASSIGN",
+    "ADMIN_LAYOUT_HISTORY",
+    "ADMIN_LAYOUT_REMOVE",
+    "ADMIN_LAYOUT_REVERT",
+    "ADMIN_LAYOUT_SHOW",
     "ADMIN_REBALANCE",
     "ADMIN_REPAIR",
     "ADMIN_RESYNC_RUN_ONCE",
@@ -93,6 +101,7 @@ __all__ = [
     "HEAD_MAX",
     "KEY_PUT",
     "KEY_SYNC",
+    "LAYOUT_SYNC",
     "MAX_BATCH_ROWS",
     "MAX_REF_ID_BYTES",
     "MAX_TS",
@@ -132,6 +141,8 @@ AE_EXCHANGE: Final = "ae_exchange"
 # Client keys (node to node): a key change broadcast, and the keys table's anti-entropy.
 KEY_PUT: Final = "key_put"
 KEY_SYNC: Final = "key_sync"
+# The cluster layout (node to node): gossip of the layout state.
+LAYOUT_SYNC: Final = "layout_sync"
 # Client-facing: the node coordinates the cluster operation.
 CLIENT_PUT: Final = "client_put"
 CLIENT_PUT_MANY: Final = "client_put_many"
@@ -154,10 +165,16 @@ ADMIN_REBALANCE: Final = "admin_rebalance"
 ADMIN_KEY_CREATE: Final = "admin_key_create"
 ADMIN_KEY_LIST: Final = "admin_key_list"
 ADMIN_KEY_DELETE: Final = "admin_key_delete"
+ADMIN_LAYOUT_SHOW: Final = "admin_layout_show"
+ADMIN_LAYOUT_ASSIGN: Final = "admin_layout_assign"
+ADMIN_LAYOUT_REMOVE: Final = "admin_layout_remove"
+ADMIN_LAYOUT_APPLY: Final = "admin_layout_apply"
+ADMIN_LAYOUT_REVERT: Final = "admin_layout_revert"
+ADMIN_LAYOUT_HISTORY: Final = "admin_layout_history"
 
 REPLICA_KINDS: Final = frozenset(
     {PUT_BLOCK, PUT_BLOCKS, GET_BLOCK, NEED_BLOCK, ADD_REF, DEL_REF, AE_DIGESTS, AE_EXCHANGE,
-     KEY_PUT, KEY_SYNC}
+     KEY_PUT, KEY_SYNC, LAYOUT_SYNC}
 )
 """Kinds one node sends another (node-internal: refused from any client key)."""
 CLIENT_KINDS: Final = frozenset({CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_GET, CLIENT_REF, STATUS})
@@ -166,6 +183,8 @@ ADMIN_KINDS: Final = frozenset({
     ADMIN_SCRUB, ADMIN_REPAIR, ADMIN_BLOCK_INFO, ADMIN_BLOCK_ERRORS, ADMIN_BLOCK_RETRY_NOW,
     ADMIN_BLOCK_PURGE, ADMIN_WORKER_LIST, ADMIN_WORKER_GET, ADMIN_WORKER_SET, ADMIN_ANTI_ENTROPY,
     ADMIN_RESYNC_RUN_ONCE, ADMIN_REBALANCE, ADMIN_KEY_CREATE, ADMIN_KEY_LIST, ADMIN_KEY_DELETE,
+    ADMIN_LAYOUT_SHOW, ADMIN_LAYOUT_ASSIGN, ADMIN_LAYOUT_REMOVE, ADMIN_LAYOUT_APPLY,
+    ADMIN_LAYOUT_REVERT, ADMIN_LAYOUT_HISTORY,
 })
 """Kinds of the admin commands (and of `admin_block_info`, which nodes send each other too)."""
 ALL_KINDS: Final = REPLICA_KINDS | CLIENT_KINDS | ADMIN_KINDS

@@ -13,6 +13,7 @@ stdout (`... | head`) ends a command quietly with 141 (`EXIT_PIPE`).
     data          put, get, ref, unref, status
     admin         scrub, repair, block, worker
     keys          key create, key list, key delete
+    layout        layout show, assign, remove, apply, revert, history
     serve         serve
     init_cluster  init-cluster
 """
@@ -24,7 +25,7 @@ import os
 import sys
 
 from blocknode import __version__
-from blocknode.cli import admin, data, init_cluster, keys, serve
+from blocknode.cli import admin, data, init_cluster, keys, layout, serve
 from blocknode.cli.base import (
     EXIT_DENIED,
     EXIT_ERROR,
@@ -54,6 +55,7 @@ def build_parser(prog: str = PROG_SCRIPT) -> argparse.ArgumentParser:
     init_cluster.add_command(sub, common)
     admin.add_commands(sub, common)
     keys.add_commands(sub, common)
+    layout.add_commands(sub, common)
     return p
 
 

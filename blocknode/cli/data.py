@@ -202,6 +202,18 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{st.get('fast_path')})")
         print(f"layout      {lay.get('nodes')} node(s), replication {lay.get('replication_factor')}, "
               f"write quorum {lay.get('write_quorum')}")
+        if "version" in lay:
+            live = lay.get("live_versions") or []
+            sync = ("synced" if not lay.get("pending_sync") else
+                    f"migrating (versions {', '.join(map(str, live))}), waiting for "
+                    f"{', '.join(lay['pending_sync'])}")
+            print(f"layout      version {lay['version']} ({lay.get('digest')}), {sync}")
+            for v, digests in sorted((lay.get("conflicts") or {}).items()):
+                print(f"layout      CONFLICT: version {v} exists as {' and '.join(digests)} "
+                      "(different cluster files?); the larger digest was kept")
+            for nid, view in sorted((lay.get("disagree") or {}).items()):
+                print(f"layout      DIFFERS on {nid}: version {view.get('version')} "
+                      f"({view.get('digest')})")
         print(f"blocks      {st['blocks']} ({st.get('inline_blocks', 0)} inline), "
               f"{st['rc_entries']} RC entries")
         print(f"resync      {st['resync_queue']} queued, {st['errors']} errors")

@@ -38,7 +38,7 @@ import errno
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -640,6 +640,29 @@ class RpcNetwork:
             await self.check_peers()
             await trio.sleep(self.ping_interval)
 
+    def set_peers(self, peers: dict[str, str], members: Iterable[str] | None = None) -> None:
+        """Change the cluster's nodes (a new layout version): peers added or re-addressed
+        (a changed address closes the old connection; a peer not connected is retried at
+        once, without its backoff); `peers` and `members` may connect from now on. Nothing is taken away while the node runs: a node that left the
+        layout can still reach this one (and learn that it left)."""
+        for nid, addr in peers.items():
+            if nid == self.node_id:
+                self._self_addr = addr
+                continue
+            p = self._peers.get(nid)
+            if p is None:
+                self._peers[nid] = _Peer(nid, addr)
+                continue
+            if p.live() is None:
+                # The layout changed: a node that refused or was absent may take us now.
+                p.failures, p.next_attempt = 0, -float("inf")
+            if p.addr != addr:
+                p.addr = addr
+                conn = p.live()
+                if conn is not None and self._nursery is not None:
+                    self._nursery.start_soon(conn.aclose)
+        self._members = self._members | {self.node_id, *peers} | set(members or ())
+
     async def check_peers(self) -> None:
         """One maintenance round: ping connected peers, reconnect due ones."""
         async with trio.open_nursery() as nursery:
@@ -736,6 +759,7 @@ class RpcNetwork:
         timeout: float,
         interrupt_after_quorum: bool = True,
         priority: int = PRIO_NORMAL,
+        quorum_sets: Sequence[tuple[Iterable[str], int]] | None = None,
     ) -> list[Outcome]:
         """Call `kind` on several nodes at once; return once `quorum` succeeded.
 
@@ -757,6 +781,11 @@ class RpcNetwork:
             raise RuntimeError("RpcNetwork is not running: start serve()/run() first")
         if targets == [self.node_id] and quorum == 1:
             return [(self.node_id, await self._call_local_only(kind, fields, data, timeout))]
+        sets = [(frozenset(ns), q) for ns, q in quorum_sets] if quorum_sets else None
+        if sets is not None:
+            # Several node sets (layout versions during a migration), each with its own
+            # quorum: done once every set has its quorum, impossible once one cannot.
+            quorum = len(targets)
         deadline = trio.current_time() + timeout
         remote = sum(1 for t in targets if t != self.node_id)
         taken = 0
@@ -787,8 +816,19 @@ class RpcNetwork:
         async def collect() -> list[Outcome] | QuorumError:
             ok: list[Outcome] = []
             failed: dict[str, str] = {}
-            while len(ok) < quorum:
-                if len(failed) > len(targets) - quorum:
+            def reached() -> bool:
+                if sets is None:
+                    return len(ok) >= quorum
+                done = {nid for nid, _ in ok}
+                return all(len(ns & done) >= q for ns, q in sets)
+
+            def hopeless() -> bool:
+                if sets is None:
+                    return len(failed) > len(targets) - quorum
+                return any(len(ns - failed.keys()) < q for ns, q in sets)
+
+            while not reached():
+                if hopeless():
                     if not interrupt_after_quorum:
                         # A write: the calls still running may apply it; wait for them
                         # (each ends by the deadline) to say where it was applied.

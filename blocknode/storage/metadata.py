@@ -8,6 +8,7 @@
 | `state` (`WorkerState`)       | `state`            | worker settings and progress               |
 | `inline` (`InlineTable`)      | `blocks`, `blocks_zst` | small blocks (plain, compressed)       |
 | `keys` (`KeyTable`)           | `keys`             | client keys (verifiers), replicated        |
+| `layout` (`LayoutTable`)      | `layout`           | the cluster layout state, replicated       |
 
 The rest of the node holds one `MetadataStore` (`node.meta`) and calls the named
 methods below; it never sees a transaction. Changes that can make a block live
@@ -29,6 +30,7 @@ from blocknode.notify import Notify
 from blocknode.storage.env import MetadataEnv
 from blocknode.storage.inline import InlineTable
 from blocknode.storage.keys import KeyTable
+from blocknode.storage.layout import LayoutTable
 from blocknode.storage.refs import RcEntry, RefEntry, RefTable
 from blocknode.storage.resync_queue import ErrorEntry, ResyncQueue
 from blocknode.storage.worker_state import WorkerState
@@ -67,6 +69,7 @@ class MetadataStore:
         self.state = WorkerState(self.env)
         self.inline = InlineTable(self.env)
         self.keys = KeyTable(self.env)
+        self.layout = LayoutTable(self.env)
 
     def now_ms(self) -> int:
         """The clock of persisted times (ms since the epoch)."""
@@ -124,6 +127,23 @@ class MetadataStore:
     async def clear_deleted(self, hash: bytes) -> bool:
         """Drop the RC entry if Deletable and past its time."""
         return await self.env.submit(lambda txn: self.refs.tx_clear_deleted(txn, hash))
+
+    async def drop_refs_under(self, prefix: bytes) -> int:
+        """Forget every reference under `prefix` (a partition this node no longer holds in
+        any live layout version): each block referenced here becomes Deletable after the
+        GC delay, so the resync worker hands it over and deletes it (`RefTable.tx_drop_under`).
+        Returns how many references were dropped."""
+        return await self.env.submit(lambda txn: self.refs.tx_drop_under(txn, prefix))
+
+    # ------------------------------------------------------------ layout
+
+    def layout_raw(self) -> bytes | None:
+        """The stored layout state (encoded), or None on a node that has none yet."""
+        return self.layout.get()
+
+    async def layout_store(self, raw: bytes) -> None:
+        """Store the layout state (encoded), durably."""
+        await self.layout.put(raw)
 
     # ------------------------------------------------------------ resync queue
 

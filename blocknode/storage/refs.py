@@ -254,6 +254,26 @@ class RefTable:
         self._queue_gc_check(txn, hash)
         return new
 
+    def tx_drop_under(self, txn: Txn, prefix: bytes) -> int:
+        """Delete every reference row under `prefix`; each block with a live RC becomes
+        Deletable after the GC delay (its GC check queued). Returns the rows deleted."""
+        keys = []
+        cur = txn.cursor(db=self.refs_db)
+        if cur.set_range(prefix):
+            for k in cur.iternext(values=False):
+                if not bytes(k).startswith(prefix):
+                    break
+                keys.append(bytes(k))
+        hashes = {k[:32] for k in keys}
+        for k in keys:
+            txn.delete(k, db=self.refs_db)
+        for h in sorted(hashes):
+            if self.tx_rc_get(txn, h).state == fastpath.RC_PRESENT:
+                self.tx_rc_set(txn, h, RcEntry(fastpath.RC_DELETABLE,
+                                               self.now_ms() + self.gc_delay_ms))
+                self._queue_gc_check(txn, h)
+        return len(keys)
+
     # ------------------------------------------------------------------- reads
 
     def rc_get(self, hash: bytes) -> RcEntry:

@@ -14,7 +14,9 @@ due block (`resync_block`, the seed's logic):
   of the block whether it needs it and whether it references it
   (`need_block`, timeout `need_block_timeout`), send it to those that need it,
   then delete it locally if it is still deletable under the block's lock, and
-  drop the Deletable RC entry. Any failed query fails the resync: we never
+  drop the Deletable RC entry. During a layout migration the write nodes are
+  those of every live version (`LiveLayout.write_nodes`): every live version
+  must agree the block is unneeded. Any failed query fails the resync: we never
   delete without having reached every other write node (hence never with
   fewer than the write quorum reachable). A write node deletes only what
   another write node confirmed it does not reference, or — as the only write
@@ -320,6 +322,10 @@ class Resync(Worker):
                 return
         if rc.is_nonzero() and not exists:
             await self._fetch(h)
+        elif not exists and rc.is_deletable(self.meta.now_ms()):
+            # Nothing held and nothing referenced (e.g. a partition this node left):
+            # the leftover RC entry goes.
+            await self.meta.clear_deleted(h)
 
     async def _offload_and_delete(self, h: bytes) -> None:
         write_nodes = list(self.layout.write_nodes(h))

@@ -146,6 +146,7 @@ async def test_a_client_key_cannot_call_any_node_internal_kind(tmp_path: Path) -
                 "key_put": ({"keys": [[ClientKey.generate().id, 1, False, "mine", ["admin"],
                                        os.urandom(32), 1]]}, None),
                 "key_sync": ({"digest": b"", "after": ""}, None),
+                "layout_sync": ({"state": {}, "digest": b""}, None),
             }
             assert set(attempts) == REPLICA_KINDS  # every node-internal kind is tried
             for nid in cl.nodes:

@@ -22,7 +22,8 @@ async def test_worker_list_shows_every_registered_worker_and_its_settings(tmp_pa
                 rows = (await c.call(ADMIN_WORKER_LIST, {}))[0]["workers"]
                 got = (await c.call(ADMIN_WORKER_GET, {}))[0]["settings"]
             assert [r["name"] for r in rows] == [w.name for w in node.workers]
-            assert [r["name"] for r in rows] == ["resync", "scrub", "repair", "anti-entropy", "rebalance"]
+            assert [r["name"] for r in rows] == ["resync", "scrub", "repair", "anti-entropy", "rebalance",
+                                                  "layout-sync"]
             for row, worker in zip(rows, node.workers, strict=True):
                 assert {"name", "state", "tranquility", "errors", "last_error", "settings"} <= set(row)
                 assert row["settings"] == {s.name: s.get() for s in worker.settings()}

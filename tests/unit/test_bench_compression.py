@@ -24,4 +24,6 @@ def test_compression_bench_runs(tmp_path: Path) -> None:
     assert len(cells) == 6
     assert cells[("text", 1)]["saved"] > 0.5 and cells[("text", None)]["saved"] == 0
     assert cells[("random", 3)]["saved"] == 0
-    assert all(c["put_mib_s"] > 0 and c["get_cpu_ms_per_mib"] > 0 for c in cells.values())
+    # Throughput is always measurable; CPU time comes in scheduler ticks, so two
+    # small blocks may cost "0 ms" (a smoke test checks the field, not its size).
+    assert all(c["put_mib_s"] > 0 and c["get_cpu_ms_per_mib"] >= 0 for c in cells.values())

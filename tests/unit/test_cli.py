@@ -30,7 +30,7 @@ def test_prog_is_python_m_blocknode_under_dash_m():
 def test_every_command_of_the_contract_is_there():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {"serve", "put", "get", "ref", "unref", "status", "init-cluster",
-                                "scrub", "repair", "block", "worker", "key"}
+                                "scrub", "repair", "block", "worker", "key", "layout"}
 
 
 def test_data_commands_do_not_load_the_node():
