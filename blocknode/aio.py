@@ -101,10 +101,15 @@ class Client:
     def block_size(self) -> int:
         return self._t.block_size
 
+    @staticmethod
+    def _notifier(loop: asyncio.AbstractEventLoop, pending: _Pending) -> Any:
+        """How a result reaches `loop` from the Trio thread."""
+        return _notifier(loop, pending)
+
     async def _call(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         pending = _Pending(loop.create_future())
-        call = self._t.submit(fn, args, _notifier(loop, pending))
+        call = self._t.submit(fn, args, self._notifier(loop, pending))
         try:
             await pending.fut
         except asyncio.CancelledError:
