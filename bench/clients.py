@@ -185,9 +185,9 @@ class _GuestThread(ClientThread):
 
 
 class _GuestClient(blocknode.aio.Client):
-    @staticmethod
-    def _notifier(loop: asyncio.AbstractEventLoop, pending: Any) -> Any:
-        return pending.resolve  # Trio runs in the loop's own thread
+    def _submit(self, loop: asyncio.AbstractEventLoop, fn: Any, args: tuple[Any, ...],
+                pending: Any) -> Any:
+        return self._t.submit(fn, args, pending.resolve)  # Trio runs in the loop's own thread
 
     async def close(self) -> None:
         self._t.close()

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import outcome
 
 from blocknode.auth import ClientKey
-from blocknode.client.portal import ClientThread, ConfigArg, unwrap
+from blocknode.client.portal import Call, ClientThread, ConfigArg, unwrap
 from blocknode.client.stream import put_reader
 from blocknode.config import NodeConfig
 from blocknode.errors import BlocknodeError
@@ -59,16 +59,40 @@ class _Inbox:
         self.loop = loop
         self.lock = threading.Lock()
         self.items: list[tuple[_Pending, outcome.Outcome]] = []
+        self.sending = False  # a `send` is due (under `lock`)
+        self.waking: set[ClientThread] = set()  # clients with calls to start (in the loop)
 
-    def put(self, pending: _Pending, result: outcome.Outcome) -> None:  # in the Trio thread
+    def put(self, thread: ClientThread, pending: _Pending, result: outcome.Outcome) -> None:
+        """In the Trio thread: a result; they leave together once the Trio tasks
+        runnable now have run (`ClientThread.after_tick`)."""
         with self.lock:
             self.items.append((pending, result))
-            if len(self.items) > 1:
-                return  # a drain is scheduled
+            if self.sending:
+                return
+            self.sending = True
+        thread.after_tick(self.send)
+
+    def send(self) -> None:  # in the Trio thread
+        with self.lock:
+            self.sending = False
+            if not self.items:
+                return
         try:
             self.loop.call_soon_threadsafe(self.drain)
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
+
+    def wake_soon(self, thread: ClientThread) -> None:
+        """In the loop: start `thread`'s new calls at the end of this loop iteration
+        (the calls of every task that runs now go in one wakeup)."""
+        if not self.waking:
+            self.loop.call_soon(self.wake)
+        self.waking.add(thread)
+
+    def wake(self) -> None:
+        threads, self.waking = self.waking, set()
+        for thread in threads:
+            thread.wake()
 
     def drain(self) -> None:  # in the loop
         with self.lock:
@@ -80,11 +104,15 @@ class _Inbox:
 _inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
 
 
-def _notifier(loop: asyncio.AbstractEventLoop, pending: _Pending) -> Any:
+def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
     inbox = _inboxes.get(loop)
     if inbox is None:
         inbox = _inboxes[loop] = _Inbox(loop)
-    return functools.partial(inbox.put, pending)
+    return inbox
+
+
+def _notifier(loop: asyncio.AbstractEventLoop, thread: ClientThread, pending: _Pending) -> Any:
+    return functools.partial(_inbox(loop).put, thread, pending)
 
 
 class Client:
@@ -101,15 +129,18 @@ class Client:
     def block_size(self) -> int:
         return self._t.block_size
 
-    @staticmethod
-    def _notifier(loop: asyncio.AbstractEventLoop, pending: _Pending) -> Any:
-        """How a result reaches `loop` from the Trio thread."""
-        return _notifier(loop, pending)
+    def _submit(self, loop: asyncio.AbstractEventLoop, fn: Any, args: tuple[Any, ...],
+                pending: _Pending) -> Call:
+        """Hand a call to the Trio thread; its result comes back to `loop`."""
+        inbox = _inbox(loop)
+        call = self._t.submit(fn, args, functools.partial(inbox.put, self._t, pending), wake=False)
+        inbox.wake_soon(self._t)
+        return call
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         pending = _Pending(loop.create_future())
-        call = self._t.submit(fn, args, self._notifier(loop, pending))
+        call = self._submit(loop, fn, args, pending)
         try:
             await pending.fut
         except asyncio.CancelledError:
@@ -196,7 +227,7 @@ async def connect(config: ConfigArg = None, *, key: str | ClientKey | None = Non
     loop = asyncio.get_running_loop()
     thread = ClientThread(config, key=key, timeout=timeout)
     pending = _Pending(loop.create_future())
-    thread.start(_notifier(loop, pending))
+    thread.start(_notifier(loop, thread, pending))
     try:
         await pending.fut
     except asyncio.CancelledError:

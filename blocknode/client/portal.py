@@ -109,6 +109,8 @@ class ClientThread:
         self._closing: trio.Event | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._after_tick: list[Callable[[], None]] = []
+        self._after_tick_event: trio.Event | None = None
         self._queue: list[Call] = []  # submitted, not yet started (under `_lock`)
         self._wake_pending = False  # a `_start_calls` is scheduled (under `_lock`)
         self._thread = threading.Thread(target=self._run, name="blocknode-client", daemon=True)
@@ -153,6 +155,8 @@ class ClientThread:
             self.client = client
             self._closing = trio.Event()
             self._nursery = nursery
+            self._after_tick_event = trio.Event()
+            nursery.start_soon(self._run_after_tick)
             with self._lock:
                 self._token = trio.lowlevel.current_trio_token()
                 closed_early = self._closed  # `close` came while connecting
@@ -164,24 +168,62 @@ class ClientThread:
 
     # ---- calls (any thread) ----
 
-    def submit(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], notify: Notify) -> Call:
-        """Run `await fn(*args)` in the Trio thread; `notify(outcome)` there when done."""
+    def submit(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], notify: Notify,
+               *, wake: bool = True) -> Call:
+        """Run `await fn(*args)` in the Trio thread; `notify(outcome)` there when done.
+
+        `wake=False`: the caller calls `wake()` soon (after submitting more calls:
+        one wakeup of the Trio thread for the lot).
+        """
         call = Call(fn, args, notify)
         with self._lock:
             if self._closed or self._token is None:
                 raise ClientClosed("the client is closed")
             self._queue.append(call)
-            if self._wake_pending:
-                return call
-            # One wakeup of the Trio thread per burst of calls: they start in the same
-            # scheduler round, so concurrent small puts still share RPCs (`PutBatcher`).
-            self._wake_pending = True
-            try:
-                self._token.run_sync_soon(self._start_calls)
-            except trio.RunFinishedError:
-                self._queue.pop()
-                raise ClientClosed("the client is closed") from None
+            if wake:
+                self._wake_locked()
         return call
+
+    def wake(self) -> None:
+        """Start the calls submitted with ``wake=False`` (any thread)."""
+        with self._lock:
+            if self._queue:
+                self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        # One wakeup of the Trio thread per burst of calls: they start in the same
+        # scheduler round, so concurrent small puts still share RPCs (`PutBatcher`).
+        if self._wake_pending or self._token is None:
+            return
+        self._wake_pending = True
+        try:
+            self._token.run_sync_soon(self._start_calls)
+        except trio.RunFinishedError:
+            self._wake_pending = False  # the thread's end notifies the queued calls
+
+    def after_tick(self, fn: Callable[[], None]) -> None:
+        """In the Trio thread: `fn()` once the tasks runnable now have run (so that the
+        results of calls finishing together leave together); at once if stopping."""
+        if self._after_tick_event is None:
+            fn()
+            return
+        self._after_tick.append(fn)
+        self._after_tick_event.set()
+
+    async def _run_after_tick(self) -> None:
+        try:
+            while True:
+                assert self._after_tick_event is not None
+                await self._after_tick_event.wait()
+                self._after_tick_event = trio.Event()
+                fns, self._after_tick = self._after_tick, []
+                for fn in fns:
+                    fn()
+        finally:
+            self._after_tick_event = None
+            fns, self._after_tick = self._after_tick, []
+            for fn in fns:
+                fn()
 
     def cancel(self, call: Call) -> None:
         """Cancel `call` (its cleanup still runs; its `notify` still comes)."""
