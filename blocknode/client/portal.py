@@ -116,6 +116,8 @@ class ClientThread:
         self._thread = threading.Thread(target=self._run, name="blocknode-client", daemon=True)
         self._on_ready: Notify | None = None
         self._on_exit: list[Callable[[], None]] = []
+        self._ended: BaseException | None = None  # why the Trio thread stopped, if not closed
+        self._pid = os.getpid()
 
     @property
     def block_size(self) -> int:
@@ -134,6 +136,7 @@ class ClientThread:
         try:
             trio.run(self._main)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self._ended = exc
             self._ready(outcome.Error(exc))
         finally:
             with self._lock:
@@ -176,13 +179,24 @@ class ClientThread:
         one wakeup of the Trio thread for the lot).
         """
         call = Call(fn, args, notify)
+        if os.getpid() != self._pid:
+            raise ClientClosed("this client was made in another process (before a fork): "
+                               "connect in the process that uses it")
         with self._lock:
             if self._closed or self._token is None:
-                raise ClientClosed("the client is closed")
+                raise self._closed_error()
             self._queue.append(call)
             if wake:
                 self._wake_locked()
         return call
+
+    def _closed_error(self) -> ClientClosed:
+        if self._ended is None:
+            return ClientClosed("the client is closed")
+        err = ClientClosed(f"the client is closed: its connection ended ({self._ended}); "
+                           "connect again")
+        err.__cause__ = self._ended
+        return err
 
     def wake(self) -> None:
         """Start the calls submitted with ``wake=False`` (any thread)."""

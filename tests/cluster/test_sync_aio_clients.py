@@ -220,3 +220,18 @@ def test_ctrl_c_leaves_the_sync_client_usable(one):
         h = client.put(data, ref="after")
         assert client.get(h) == data
         assert client.status()["node_id"] == "node1"
+
+
+def test_a_client_whose_node_went_away_says_so(tmp_path):
+    with cluster_in_thread(tmp_path, 1, rf=1, block_size=BLOCK) as configs:
+        client = blocknode.connect(configs[0], timeout=5)
+        h = client.put(b"still here?")
+    # The node stopped: every call fails with blocknode's own error, in the caller.
+    with pytest.raises(blocknode.BlocknodeError, match="closed"):
+        client.get(h)
+    with pytest.raises(blocknode.BlocknodeError, match="closed"):
+        client.put(b"x")
+    client.close()
+    client.close()  # idempotent
+    with pytest.raises(blocknode.BlocknodeError, match="client is closed"):
+        client.status()
