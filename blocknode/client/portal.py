@@ -115,7 +115,6 @@ class ClientThread:
         self._wake_pending = False  # a `_start_calls` is scheduled (under `_lock`)
         self._thread = threading.Thread(target=self._run, name="blocknode-client", daemon=True)
         self._on_ready: Notify | None = None
-        self._on_exit: list[Callable[[], None]] = []
         self._ended: BaseException | None = None  # why the Trio thread stopped, if not closed
         self._pid = os.getpid()
 
@@ -127,10 +126,6 @@ class ClientThread:
         """Start the thread; `on_ready(outcome)` is called (in it) once connected or failed."""
         self._on_ready = on_ready
         self._thread.start()
-
-    def on_exit(self, fn: Callable[[], None]) -> None:
-        """`fn()` runs in the thread when it ends (after `start`, before it returns)."""
-        self._on_exit.append(fn)
 
     def _run(self) -> None:
         try:
@@ -144,8 +139,6 @@ class ClientThread:
                 orphans, self._queue = self._queue, []
             for call in orphans:  # submitted as the run ended: never started
                 call.notify(outcome.Error(ClientClosed("the client is closed")))
-            for fn in self._on_exit:
-                fn()
 
     def _ready(self, result: outcome.Outcome) -> None:
         notify, self._on_ready = self._on_ready, None
