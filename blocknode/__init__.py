@@ -7,7 +7,8 @@ branch on. Everything else is internal (and may change).
 
 __version__ = "0.1.0"
 
-from blocknode import aio
+from typing import TYPE_CHECKING, Any
+
 from blocknode.client import Client, open_client
 from blocknode.client.sync import SyncClient, connect
 from blocknode.config import NodeConfig, load_config
@@ -60,3 +61,15 @@ __all__ = [
     "load_config",
     "open_client",
 ]
+
+if TYPE_CHECKING:
+    from blocknode import aio
+
+
+def __getattr__(name: str) -> Any:
+    # `blocknode.aio` on first use: importing asyncio costs every command tens of ms.
+    if name == "aio":
+        import blocknode.aio
+
+        return blocknode.aio
+    raise AttributeError(f"module 'blocknode' has no attribute {name!r}")
