@@ -87,11 +87,17 @@ class Client:
         Small blocks put concurrently through one client travel together (see
         `PutBatcher`); each caller still gets its own result or error. The
         reference's time is set by the cluster.
+
+        Not cancellable once called (it ends within the client's timeout): a put sent
+        is applied by the node whether or not its caller still waits, so a caller that
+        releases what a cancelled put stored (`put_chunks`) must know its outcome
+        first, or the put could land after the release and keep its reference.
         """
-        if len(data) <= BATCH_MAX_BLOCK:
-            return await self._batcher.put(data, ref_id)
-        reply, _ = await self.call(CLIENT_PUT, {"ref_id": ref_id}, data)
-        return reply["hash"]
+        with trio.CancelScope(shield=True):
+            if len(data) <= BATCH_MAX_BLOCK:
+                return await self._batcher.put(data, ref_id)
+            reply, _ = await self.call(CLIENT_PUT, {"ref_id": ref_id}, data)
+            return reply["hash"]
 
     async def get_block(self, h: bytes) -> bytes:
         """Get one block's verified bytes."""
@@ -204,7 +210,11 @@ class Client:
             if fresh:
                 return manifest_hash.hex()
             referenced = True
-            await self._each(hashes, lambda bh: self.set_ref(bh, ref_id, deleted=False))
+            # The manifest holds `ref`: the put is committed. A cancellation (a task
+            # cancelled, Ctrl-C) waits for the blocks' references (each call is bounded
+            # by the timeout) rather than leave a reference to blocks that may go.
+            with trio.CancelScope(shield=True):
+                await self._each(hashes, lambda bh: self.set_ref(bh, ref_id, deleted=False))
         except BaseException as exc:
             stored = [h for h in hashes if h] + [block.hashed(c).hash for c in sending.values()]
             if fresh and manifest_hash is not None:
@@ -219,8 +229,9 @@ class Client:
                              "where it was applied: run the same command again to complete it")
             raise err from None
         # Done: the temporary reference goes (best effort: its deletion is newer than it,
-        # so wherever it lands, anti-entropy carries it to the other replicas).
-        with trio.move_on_after(self.timeout):
+        # so wherever it lands, anti-entropy carries it to the other replicas). Shielded:
+        # a cancellation now must not leave a reference nobody knows behind.
+        with trio.CancelScope(shield=True), trio.move_on_after(self.timeout):
             try:
                 await self._each(hashes, lambda bh: self.set_ref(bh, stage, deleted=True))
             except BlocknodeError as exc:

@@ -9,10 +9,12 @@ def test_public_names_are_pinned():
         "ConfigError", "Forbidden", "HashMismatch", "InvalidHash", "LocalProtocolError", "MetadataFull",
         "NodeConfig", "NodeUnreachable", "ProtocolError", "QuorumError", "RemoteError",
         "RemoteProtocolError", "RpcError",
-        "RpcTimeout", "StoreError", "__version__", "load_config", "open_client",
+        "RpcTimeout", "StoreError", "SyncClient", "__version__", "aio", "connect", "load_config",
+        "open_client",
     ])
     for name in blocknode.__all__:
         assert hasattr(blocknode, name), name
+    assert sorted(blocknode.aio.__all__) == ["Client", "connect"]
 
 
 def test_errors_share_one_base():
