@@ -99,7 +99,7 @@ class Node:
         self.blocks = LocalBlocks(self.files, self.meta, cfg.inline_threshold)
         # The layout: stored in the metadata, seeded from the cluster file (version 1).
         self.layouts = LayoutService(cfg.node_id, self.meta, self.cluster, now_ms=self.ctx.now_ms,
-                                     rpc_timeout=cfg.rpc_timeout)
+                                     rpc_timeout=cfg.rpc_timeout, rng=self.ctx.random)
         self.layout = self.layouts.live
         all_nodes = self.layouts.peers()
         peers = {nid: addr for nid, addr in all_nodes.items() if nid != cfg.node_id}

@@ -137,6 +137,7 @@ class Sim:
                 gc_delay=GC_DELAY, rpc_timeout=RPC_TIMEOUT, need_block_timeout=2.0,
                 connect_timeout=1.0, anti_entropy_interval=AE_INTERVAL, scrub_interval=1e7,
                 resync_tranquility=0.0, scrub_tranquility=0.0, source=f"<sim {nid}>",
+                admin_api_bind_addr=None,  # no HTTP listener in a simulation
             )
 
     # ------------------------------------------------------------------ trace

@@ -46,9 +46,13 @@ async def test_a_deleted_version_stored_with_its_block_is_collectable(tmp_path):
 def test_seed_1005_a_block_orphaned_by_a_metadata_loss_is_collected() -> None:
     """Seed 1005 (150 ops, 6 clients): a node lost its metadata dir but kept a block file
     whose only reference had been deleted; the tombstone came back by anti-entropy, which
-    queues nothing, so the file stayed forever (no RC, never checked)."""
+    queues nothing, so the file stayed forever (no RC, never checked).
+
+    Live layout changes (a gossip task per node) changed this seed's schedule after
+    it was found, so it no longer loses a metadata dir; it stays as a clean run, and
+    `test_startup_with_lost_metadata_queues_every_block_file` pins the fix itself."""
     r = run_seed(SimConfig(seed=1005, ops=150, workers=6))
-    assert r.faults["meta_loss"] == 1
+    assert r.acked > 0
     assert not r.violations, r.violations
 
 

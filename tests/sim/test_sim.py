@@ -63,10 +63,10 @@ def test_the_checker_sees_an_rc_mismatch() -> None:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("nodes", [5, 3])
 def test_seeds_hold_the_invariants(nodes: int) -> None:
-    """As many seeds as fit in `BLOCKNODE_SIM_SECONDS` (default 75 s) per mode, at least
+    """As many seeds as fit in `BLOCKNODE_SIM_SECONDS` (default 20 s) per mode, at least
     `BLOCKNODE_SIM_MIN_SEEDS` (10); `BLOCKNODE_SIM_SEEDS` fixes the count instead."""
     fixed = os.environ.get("BLOCKNODE_SIM_SEEDS")
-    budget = float(os.environ.get("BLOCKNODE_SIM_SECONDS", "75"))
+    budget = float(os.environ.get("BLOCKNODE_SIM_SECONDS", "20"))
     least = int(os.environ.get("BLOCKNODE_SIM_MIN_SEEDS", "10"))
     t0 = time.perf_counter()
     bad = {}
