@@ -38,8 +38,10 @@ async def test_node_down_during_writes_catches_up(tmp_path):
             n3 = await cl.start("node3")
             assert not any(n3.blocks.exists(h) for h in hashes)
             stats = await n3.anti_entropy.run_round()
-            assert sorted(stats["peers_ok"]) == ["node1", "node2"] and stats["merged_here"] == 5
-            assert n3.meta.rc_get(hashes[1]).count == 2
+            # node3's own first round (a worker started with it) may have merged some
+            # refs already: what matters is that after this round it holds all five.
+            assert sorted(stats["peers_ok"]) == ["node1", "node2"] and stats["merged_here"] <= 5
+            assert [n3.meta.rc_get(h).count for h in hashes] == [1, 2, 1, 1]
             cl.clock.advance(2 * 3.0 + 1)  # the incref checks are due
             await n3.resync.run_once()
             for h, d in zip(hashes, datas, strict=True):
