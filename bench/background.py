@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._report import write_section  # noqa: E402
 from blocknode.client import open_client  # noqa: E402
 from blocknode.config import load_config  # noqa: E402
 from tests.cluster.harness import ServeProcesses, write_cluster  # noqa: E402
@@ -448,18 +449,6 @@ def render(rows: list[dict[str, Any]], env: dict[str, Any], quick: bool) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this module's section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    block = f"{SECTION}\n\n{body}"
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + ("" if nxt < 0 else "\n" + text[nxt + 1:])
-    path.write_text(text)
-
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry (see module docstring)."""
@@ -477,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
     if args.results:
-        write_section(Path(args.results), text)
+        write_section(Path(args.results), SECTION, text)
     return 0
 
 

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._report import cpu_model, write_section  # noqa: E402
 from blocknode.client import open_client  # noqa: E402
 from blocknode.config import load_config  # noqa: E402
 from tests.cluster.harness import ServeProcesses, write_cluster  # noqa: E402
@@ -190,13 +191,6 @@ def run(n: int, repeat: int = 1) -> dict[str, Any]:
     return {"zstd": zstd_alone(blocks), "cells": rows, "load": os.getloadavg()}
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    except OSError:
-        return "?"
-
 
 def render(res: dict[str, Any]) -> str:
     """The tables, as Markdown."""
@@ -224,18 +218,6 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this module's section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    block = f"{SECTION}\n\n{body}"
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + ("" if nxt < 0 else "\n" + text[nxt + 1:])
-    path.write_text(text)
-
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry (see module docstring)."""
@@ -255,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     if args.results:
-        write_section(Path(args.results), text)
+        write_section(Path(args.results), SECTION, text)
     return 0
 
 
