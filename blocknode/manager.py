@@ -260,9 +260,17 @@ class BlockManager:
         ref = ref_from_fields(h, fields, deleted=False) if "ref_id" in fields else None
         if ref is not None:
             self.accept_version(peer, ref.ts_ms)
-        blk = await block.accept(data, h, block_size=self.block_size, run_sync=self.run_sync,
-                                 compressed=get_flag(fields, "z"))
-        reply: dict[str, Any] = {"stored": await self.blocks.write(blk, ref=ref)}
+        compressed = get_flag(fields, "z")
+        if (not compressed and not isinstance(data, VerifiedBlock)
+                and len(data) > block.HASH_IN_THREAD_MIN and not self.blocks.is_inline_size(len(data))):
+            # Plain bytes of a file block from a peer: verify and write in one thread hop.
+            block.check_size(len(data), self.block_size)
+            stored = await self.blocks.write_from_wire(data, h, ref=ref)
+        else:
+            blk = await block.accept(data, h, block_size=self.block_size, run_sync=self.run_sync,
+                                     compressed=compressed)
+            stored = await self.blocks.write(blk, ref=ref)
+        reply: dict[str, Any] = {"stored": stored}
         if ref is not None and (newer := self._newer([ref])[0]) is not None:
             reply["newer"] = [newer.deleted, newer.ts_ms]
         return reply, None

@@ -746,6 +746,15 @@ class BlockFiles:
         """`write` off the event loop."""
         return await self._run_sync(self.write, blk, limiter=self.limiter)
 
+    async def averify_write(self, data: bytes, hash: bytes) -> tuple[VerifiedBlock, Written]:
+        """`block.verify` of bytes from the wire, then `write`, in one worker-thread hop
+        (call under the block's lock); `HashMismatch` before anything is written."""
+        def work() -> tuple[VerifiedBlock, Written]:
+            blk = block.verify(data, hash)
+            return blk, self.write(blk)
+
+        return await self._run_sync(work, limiter=self.limiter)
+
     async def aread(self, hash: bytes) -> VerifiedBlock:
         """`read` off the event loop."""
         return await self._run_sync(self.read, hash, limiter=self.limiter)
