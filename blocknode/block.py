@@ -162,6 +162,12 @@ def verify(data: bytes, hash: bytes, *, block_size: int | None = None) -> Verifi
     return data if isinstance(data, VerifiedBlock) and data.hash == hash else _trusted(data, hash)
 
 
+def check_hash(data: bytes | bytearray | memoryview, hash: bytes) -> None:
+    """`HashMismatch` unless `data` (any buffer) hashes to `hash`; nothing is copied."""
+    if not fastpath.verify(data, hash):
+        raise _mismatch(bytes(data), hash)
+
+
 def hashed(data: bytes, *, block_size: int | None = None) -> VerifiedBlock:
     """Bytes this process names: the size check, then the hash computed here."""
     if block_size is not None:
@@ -443,7 +449,7 @@ def from_inline_bytes(raw: bytes, hash: bytes, *, compressed: bool = False,
     return from_stored(raw, hash, compressed=compressed, cap=cap)
 
 
-def same_copy(stored: bytes, form: bytes) -> bool:
+def same_copy(stored: bytes, form: bytes | memoryview) -> bool:
     """Whether a stored copy is intact: its bytes equal `form`, the stored form
     (`stored_form`) of the verified block being put. Size first, then content.
 

@@ -249,11 +249,14 @@ class BlockManager:
         return [c if c is not None and c != r and c.wins_over(r) else None
                 for r, c in zip(refs, current, strict=True)]
 
-    async def handle_put_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
+    async def handle_put_block(self, peer: str, fields: dict[str, Any],
+                               data: bytes | memoryview | None) -> Reply:
         """Store a block (the receiver verifies the hash: the seed did not).
 
         Bytes from the wire are verified; the `VerifiedBlock` this node's own
         coordinator hands over in process is taken as it is (`block.accept`).
+        The plain bytes of a file block (a view of the receive buffer) are hashed
+        and written where they are, in one worker-thread hop (`write_from_wire`).
         """
         h = get_hash(fields)
         data = get_data(data, PUT_BLOCK, block_size=self.block_size)
@@ -267,6 +270,8 @@ class BlockManager:
             block.check_size(len(data), self.block_size)
             stored = await self.blocks.write_from_wire(data, h, ref=ref)
         else:
+            if not isinstance(data, bytes):  # a view of the receive buffer (Node.VIEW_KINDS)
+                data = bytes(data)
             blk = await block.accept(data, h, block_size=self.block_size, run_sync=self.run_sync,
                                      compressed=compressed)
             stored = await self.blocks.write(blk, ref=ref)

@@ -143,7 +143,8 @@ class LocalBlocks:
                         lambda txn: self.meta.refs.tx_apply(txn, ref, block_present=True))
             return written is not Written.PRESENT
 
-    async def write_from_wire(self, data: bytes, hash: bytes, *, ref: RefEntry | None = None) -> bool:
+    async def write_from_wire(self, data: bytes | memoryview, hash: bytes, *,
+                              ref: RefEntry | None = None) -> bool:
         """`write` for the plain bytes of a file-size block from a peer: verified against
         `hash` and written in one worker-thread hop (`BlockFiles.averify_write`), under the
         block's lock; `HashMismatch` (nothing stored) when they do not hash to `hash`."""
@@ -151,7 +152,7 @@ class LocalBlocks:
             raise ValueError("write_from_wire takes file-size blocks only")
         async with self.lock(hash):
             with trio.CancelScope(shield=True):  # as in `write`: file and reference together
-                _, written = await self.files.averify_write(data, hash)
+                written = await self.files.averify_write(data, hash)
                 if ref is not None:
                     await self.meta.env.submit(
                         lambda txn: self.meta.refs.tx_apply(txn, ref, block_present=True))

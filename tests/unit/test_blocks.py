@@ -168,7 +168,7 @@ async def test_a_reference_never_lands_between_the_deletion_check_and_the_unlink
 
 async def test_a_file_block_from_a_peer_is_verified_and_written_in_one_thread_hop(tmp_path):
     from blocknode import block as block_mod
-    from blocknode.errors import RemoteError
+    from blocknode.errors import HashMismatch, RemoteError
 
     c = FakeCluster(str(tmp_path), n=2, rf=2, inline_threshold=4096)
     try:
@@ -196,5 +196,15 @@ async def test_a_file_block_from_a_peer_is_verified_and_written_in_one_thread_ho
         assert n2.files.read(h) == data and [r.ref_id for r in n2.meta.refs_of(h)] == ["r"]
         reply, _ = await c["n1"].net.call("n2", "put_block", {"hash": h}, data, timeout=5)
         assert reply["stored"] is False  # already there
+        # a view of a receive buffer (what Node.dispatch hands over for put_block): not copied
+        data2 = os.urandom(len(data))
+        h2 = fastpath.block_hash(data2)
+        buf = bytearray(b"head" + data2)
+        reply, _ = await n2.manager.handle_put_block("n1", {"hash": h2}, memoryview(buf)[4:])
+        assert reply["stored"] is True and n2.files.read(h2) == data2
+        buf[10] ^= 1
+        with pytest.raises(HashMismatch):
+            await n2.manager.handle_put_block("n1", {"hash": fastpath.block_hash(bytes(buf))},
+                                              memoryview(buf)[4:])
     finally:
         c.close()
