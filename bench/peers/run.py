@@ -133,12 +133,14 @@ def _swift(base: str, quick: bool, reps: int, max_s: float, quiet: float,
 
 
 def run(quick: bool, *, base_dir: str | None = None, swift: bool = True, swift_base: str = SWIFT_BASE,
-        log: Any = print) -> dict[str, Any]:
+        reps: int | None = None, log: Any = print) -> dict[str, Any]:
     """Every measurement; the document `report.render` formats."""
     import blocknode.fastpath as fp
 
     base = base_dir or tempfile.gettempdir()
-    reps = 1 if quick else 3
+    reps = reps if reps is not None else 1 if quick else 3
+    if not 1 <= reps <= 10:
+        raise ValueError(f"reps must be 1..10, not {reps}")
     max_s = 8.0 if quick else 20.0
     quiet = 3.0 if quick else 10.0
     t0 = time.monotonic()
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry."""
     p = argparse.ArgumentParser(prog="python -m bench peers", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 rep, fewer blocks (≈ 4 minutes)")
+    p.add_argument("--reps", type=int, help="repetitions of each cell (default 1 with --quick, else 3)")
     p.add_argument("--no-swift", action="store_true", help="blocknode and the limits only")
     p.add_argument("--no-write", action="store_true", help="do not rewrite bench/RESULTS.md")
     p.add_argument("--dir", help="where blocknode and the limits write (default: the temp dir)")
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     signal.signal(signal.SIGTERM, _sigterm)
     doc = run(args.quick, base_dir=args.dir, swift=not args.no_swift, swift_base=args.swift_dir,
-              log=lambda s: print(s, flush=True))
+              reps=args.reps, log=lambda s: print(s, flush=True))
     md = report.render(doc)
     print("\n" + md)
     if args.json:
