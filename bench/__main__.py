@@ -8,6 +8,9 @@
 5. a summary: each macro figure as a fraction of its limit, the speed targets,
    compiled/pure ratios, and the OpenStack Swift comparison.
 
+``python -m bench peers [--quick]`` is the side-by-side comparison with
+OpenStack Swift (`bench.peers.run`).
+
 ``--quick`` takes about two minutes, the full run about ten. Options to shrink
 the run further (``--skip``, ``--sizes``, ``--concurrency``, ``--nodes``,
 ``--impls``, ``--duration``) exist for the smoke test and for exploring.
@@ -294,7 +297,12 @@ def render(doc: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ driver
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry."""
+    """Command-line entry (``python -m bench peers ...`` runs `bench.peers.run`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["peers"]:
+        from bench.peers.run import main as peers_main
+
+        return peers_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="≈ 2 minutes instead of ≈ 10")
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")

@@ -162,6 +162,12 @@ def verify(data: bytes, hash: bytes, *, block_size: int | None = None) -> Verifi
     return data if isinstance(data, VerifiedBlock) and data.hash == hash else _trusted(data, hash)
 
 
+def check_hash(data: bytes | bytearray | memoryview, hash: bytes) -> None:
+    """`HashMismatch` unless `data` (any buffer) hashes to `hash`; nothing is copied."""
+    if not fastpath.verify(data, hash):
+        raise _mismatch(bytes(data), hash)
+
+
 def hashed(data: bytes, *, block_size: int | None = None) -> VerifiedBlock:
     """Bytes this process names: the size check, then the hash computed here."""
     if block_size is not None:
@@ -252,11 +258,34 @@ def _plain_size_hint(raw: bytes, cap: int) -> int:
     return cap if declared < 0 else min(declared, cap)
 
 
+COMPRESS_PROBE_MIN = 256 * 1024
+"""Blocks at least this large are probed before being compressed whole (`compress`)."""
+
+COMPRESS_PROBE_PART = 32 * 1024
+"""The probe compresses this many bytes from the start and as many from the middle."""
+
+
+def _worth_compressing(blk: VerifiedBlock, level: int) -> bool:
+    # Incompressible data (media, archives, encrypted) is the common large block: zstd
+    # over a whole 1 MiB of it costs about half a BLAKE2b pass for nothing. A probe of
+    # two 32 KiB pieces costs ~3 % of that; a block whose pieces save less than half of
+    # COMPRESS_MIN_SAVING is stored plain without compressing the rest.
+    n, k = len(blk), COMPRESS_PROBE_PART
+    with memoryview(blk) as view:
+        sample = bytes(view[:k]) + bytes(view[n // 2:n // 2 + k])
+    z = _compressor(level).compress(sample)
+    return len(z) < len(sample) * (1 - COMPRESS_MIN_SAVING / 2)
+
+
 def compress(blk: VerifiedBlock, level: int | None) -> VerifiedBlock:
     """Decide `blk`'s form at zstd `level` (None: plain): sets `blk.zst` when the
-    frame saves more than `COMPRESS_MIN_SAVING`. A block already compressed (its
-    frame came from a peer) is left as it is. Returns `blk`."""
+    frame saves more than `COMPRESS_MIN_SAVING`. A block of `COMPRESS_PROBE_MIN`
+    bytes or more is compressed only if a probe of two pieces of it saves at least
+    half that share. A block already compressed (its frame came from a peer) is
+    left as it is. Returns `blk`."""
     if level is None or blk.zst is not None or not blk:
+        return blk
+    if len(blk) >= COMPRESS_PROBE_MIN and not _worth_compressing(blk, level):
         return blk
     z = _compressor(level).compress(blk)
     if len(z) < len(blk) * (1 - COMPRESS_MIN_SAVING):
@@ -420,7 +449,7 @@ def from_inline_bytes(raw: bytes, hash: bytes, *, compressed: bool = False,
     return from_stored(raw, hash, compressed=compressed, cap=cap)
 
 
-def same_copy(stored: bytes, form: bytes) -> bool:
+def same_copy(stored: bytes, form: bytes | memoryview) -> bool:
     """Whether a stored copy is intact: its bytes equal `form`, the stored form
     (`stored_form`) of the verified block being put. Size first, then content.
 

@@ -249,20 +249,33 @@ class BlockManager:
         return [c if c is not None and c != r and c.wins_over(r) else None
                 for r, c in zip(refs, current, strict=True)]
 
-    async def handle_put_block(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
+    async def handle_put_block(self, peer: str, fields: dict[str, Any],
+                               data: bytes | memoryview | None) -> Reply:
         """Store a block (the receiver verifies the hash: the seed did not).
 
         Bytes from the wire are verified; the `VerifiedBlock` this node's own
         coordinator hands over in process is taken as it is (`block.accept`).
+        The plain bytes of a file block (a view of the receive buffer) are hashed
+        and written where they are, in one worker-thread hop (`write_from_wire`).
         """
         h = get_hash(fields)
         data = get_data(data, PUT_BLOCK, block_size=self.block_size)
         ref = ref_from_fields(h, fields, deleted=False) if "ref_id" in fields else None
         if ref is not None:
             self.accept_version(peer, ref.ts_ms)
-        blk = await block.accept(data, h, block_size=self.block_size, run_sync=self.run_sync,
-                                 compressed=get_flag(fields, "z"))
-        reply: dict[str, Any] = {"stored": await self.blocks.write(blk, ref=ref)}
+        compressed = get_flag(fields, "z")
+        if (not compressed and not isinstance(data, VerifiedBlock)
+                and len(data) > block.HASH_IN_THREAD_MIN and not self.blocks.is_inline_size(len(data))):
+            # Plain bytes of a file block from a peer: verify and write in one thread hop.
+            block.check_size(len(data), self.block_size)
+            stored = await self.blocks.write_from_wire(data, h, ref=ref)
+        else:
+            if not isinstance(data, bytes):  # a view of the receive buffer (Node.VIEW_KINDS)
+                data = bytes(data)
+            blk = await block.accept(data, h, block_size=self.block_size, run_sync=self.run_sync,
+                                     compressed=compressed)
+            stored = await self.blocks.write(blk, ref=ref)
+        reply: dict[str, Any] = {"stored": stored}
         if ref is not None and (newer := self._newer([ref])[0]) is not None:
             reply["newer"] = [newer.deleted, newer.ts_ms]
         return reply, None

@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 BLOCK_REPLY_KINDS = frozenset({"get_block", "client_get"})
 """Request kinds whose reply carries a block (the rest answer with a head only)."""
 
+VIEW_KINDS = frozenset({"put_block"})
+"""Request kinds whose handler takes its data as a `memoryview` of the receive buffer
+(the rest get `bytes`): a 1 MiB block is hashed and written from where it was decrypted."""
+
 
 class Node:
     """One blocknode node (see module docstring).
@@ -193,6 +197,8 @@ class Node:
     async def dispatch(self, peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Route one request to its handler, if `peer` may make it (`blocknode.auth`)."""
         handler = self._handlers.get(kind)
+        if data is not None and not isinstance(data, bytes) and kind not in VIEW_KINDS:
+            data = bytes(data)
         with self.metrics.request(from_node=peer.is_node, kind=kind, known=handler is not None,
                                   data=data) as replied:
             auth.authorize(peer, kind, self.keys.permissions)
@@ -201,6 +207,8 @@ class Node:
             reply = await handler(peer.id, fields, data)
             replied(reply[1])
             return reply
+
+    dispatch.takes_views = True  # type: ignore[attr-defined]  # see RpcConnection._handle
 
     # ---- life cycle ----
 

@@ -473,8 +473,13 @@ class RpcConnection:
     async def _handle(self, sid: int, req: Message, taken: int = 0) -> None:
         assert self._handler is not None
         try:
-            data = bytes(req.data) if req.data is not None else None
-            req.data = None  # the reassembly buffer goes now, not when the handler is done
+            if req.data is None or getattr(self._handler, "takes_views", False):
+                # A handler that takes views gets the reassembly buffer's view: no copy of
+                # the block between the wire and the layer that hashes and writes it.
+                data = req.data
+            else:
+                data = bytes(req.data)
+            req.data = None  # the reassembly buffer goes once the handler lets go of it
             try:
                 result = await self._handler(self.peer, req.kind, req.fields, data)
                 fields, out = result

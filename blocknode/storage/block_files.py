@@ -398,11 +398,15 @@ class BlockFiles:
         An intact copy already there (in any directory, in any form) makes it a
         no-op; a corrupt one is quarantined and the block written to its primary.
         """
-        hash = blk.hash
         form, compressed = block.stored_form(blk)
+        return self._write_form(blk.hash, form, compressed, len(blk))
+
+    def _write_form(self, hash: bytes, form: bytes | memoryview, compressed: bool,
+                    plain_len: int) -> Written:
+        # `write`, for the stored form of a block already verified against `hash`.
         outcome = Written.STORED
         for c in self.copies(hash):
-            intact = self._copy_is_intact(c, hash, form, compressed, len(blk))
+            intact = self._copy_is_intact(c, hash, form, compressed, plain_len)
             if intact is None:
                 continue
             if intact:
@@ -414,7 +418,7 @@ class BlockFiles:
         self._write_new(hash, form, compressed)
         return outcome
 
-    def _write_new(self, hash: bytes, form: bytes, compressed: bool) -> Dir:
+    def _write_new(self, hash: bytes, form: bytes | memoryview, compressed: bool) -> Dir:
         # Into the primary; the next directory when a disk is full or fails.
         last: StoreError | None = None
         for d in self.ranking(hash):
@@ -432,7 +436,7 @@ class BlockFiles:
         raise StoreError(f"cannot write block {fastpath.hash_to_hex(hash)}: no writable data "
                          "directory is in service (see `status`)")
 
-    def _write_file(self, d: Dir, hash: bytes, form: bytes, compressed: bool) -> None:
+    def _write_file(self, d: Dir, hash: bytes, form: bytes | memoryview, compressed: bool) -> None:
         final = self._name(d, hash, compressed)
         directory = os.path.dirname(final)
         self._ensure_dir(d, directory)
@@ -451,7 +455,7 @@ class BlockFiles:
         if self.fsync:
             _fsync_dir(directory)
 
-    def _copy_is_intact(self, c: Copy, hash: bytes, form: bytes, compressed: bool,
+    def _copy_is_intact(self, c: Copy, hash: bytes, form: bytes | memoryview, compressed: bool,
                         plain_len: int) -> bool | None:
         # None: the copy is gone. The same form: size first (a file of the wrong size is not
         # read), then content. Another form (plain vs compressed, another level): verified.
@@ -745,6 +749,16 @@ class BlockFiles:
     async def awrite(self, blk: VerifiedBlock) -> Written:
         """`write` off the event loop."""
         return await self._run_sync(self.write, blk, limiter=self.limiter)
+
+    async def averify_write(self, data: bytes | memoryview, hash: bytes) -> Written:
+        """The plain bytes of a block from the wire (any buffer, not copied): checked
+        against `hash`, then written like `write`, in one worker-thread hop (call under
+        the block's lock); `HashMismatch` before anything is written."""
+        def work() -> Written:
+            block.check_hash(data, hash)
+            return self._write_form(hash, data, False, len(data))
+
+        return await self._run_sync(work, limiter=self.limiter)
 
     async def aread(self, hash: bytes) -> VerifiedBlock:
         """`read` off the event loop."""

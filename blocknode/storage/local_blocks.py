@@ -143,6 +143,21 @@ class LocalBlocks:
                         lambda txn: self.meta.refs.tx_apply(txn, ref, block_present=True))
             return written is not Written.PRESENT
 
+    async def write_from_wire(self, data: bytes | memoryview, hash: bytes, *,
+                              ref: RefEntry | None = None) -> bool:
+        """`write` for the plain bytes of a file-size block from a peer: verified against
+        `hash` and written in one worker-thread hop (`BlockFiles.averify_write`), under the
+        block's lock; `HashMismatch` (nothing stored) when they do not hash to `hash`."""
+        if self.is_inline_size(len(data)):
+            raise ValueError("write_from_wire takes file-size blocks only")
+        async with self.lock(hash):
+            with trio.CancelScope(shield=True):  # as in `write`: file and reference together
+                written = await self.files.averify_write(data, hash)
+                if ref is not None:
+                    await self.meta.env.submit(
+                        lambda txn: self.meta.refs.tx_apply(txn, ref, block_present=True))
+            return written is not Written.PRESENT
+
     def _tx_put_inline(self, txn: Txn, blk: VerifiedBlock) -> bool:
         # Store a small block unless an intact copy is there (in either form); a corrupt
         # copy is replaced.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 from bg_helpers import FakeCluster
 from storage_helpers import add_ref, del_ref
@@ -161,5 +162,49 @@ async def test_a_reference_never_lands_between_the_deletion_check_and_the_unlink
             assert n1.meta.rc_get(h).count == 1 and not n1.blocks.exists(h)
             due = [x for _, x in n1.meta.resync_due(now_ms=2**62)]
             assert h in due  # the node will fetch the block its new reference needs
+    finally:
+        c.close()
+
+
+async def test_a_file_block_from_a_peer_is_verified_and_written_in_one_thread_hop(tmp_path):
+    from blocknode import block as block_mod
+    from blocknode.errors import HashMismatch, RemoteError
+
+    c = FakeCluster(str(tmp_path), n=2, rf=2, inline_threshold=4096)
+    try:
+        n2 = c["n2"]
+        hops: list[str] = []
+        real = n2.files._run_sync
+
+        async def counting(fn, *args, **kw):
+            hops.append(getattr(fn, "__qualname__", repr(fn)))
+            return await real(fn, *args, **kw)
+
+        n2.files._run_sync = counting
+        data = os.urandom(block_mod.HASH_IN_THREAD_MIN + 1000)
+        h = fastpath.block_hash(data)
+        # bytes that do not hash to the name: refused, nothing stored, no reference
+        with pytest.raises(RemoteError, match="does not hash"):
+            await c["n1"].net.call("n2", "put_block", {"hash": h, "ref_id": "r", "ts": 1},
+                                   data[:-1] + b"\0", timeout=5)
+        assert n2.blocks.count() == 0 and n2.meta.refs_of(h) == []
+        hops.clear()
+        reply, _ = await c["n1"].net.call("n2", "put_block", {"hash": h, "ref_id": "r", "ts": 1},
+                                          data, timeout=5)
+        assert reply["stored"] is True
+        assert len(hops) == 1 and "averify_write" in hops[0]  # hash and write: one hop
+        assert n2.files.read(h) == data and [r.ref_id for r in n2.meta.refs_of(h)] == ["r"]
+        reply, _ = await c["n1"].net.call("n2", "put_block", {"hash": h}, data, timeout=5)
+        assert reply["stored"] is False  # already there
+        # a view of a receive buffer (what Node.dispatch hands over for put_block): not copied
+        data2 = os.urandom(len(data))
+        h2 = fastpath.block_hash(data2)
+        buf = bytearray(b"head" + data2)
+        reply, _ = await n2.manager.handle_put_block("n1", {"hash": h2}, memoryview(buf)[4:])
+        assert reply["stored"] is True and n2.files.read(h2) == data2
+        buf[10] ^= 1
+        with pytest.raises(HashMismatch):
+            await n2.manager.handle_put_block("n1", {"hash": fastpath.block_hash(bytes(buf))},
+                                              memoryview(buf)[4:])
     finally:
         c.close()

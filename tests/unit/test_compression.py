@@ -291,3 +291,28 @@ async def test_a_peer_answering_get_with_a_bomb_is_skipped(tmp_path):
         assert got == data
     finally:
         c.close()
+
+
+def test_a_large_incompressible_block_is_probed_not_compressed_whole(monkeypatch):
+    calls: list[int] = []
+    real = block._compressor
+
+    class Spy:
+        def __init__(self, c):
+            self.c = c
+
+        def compress(self, data):
+            calls.append(len(data))
+            return self.c.compress(data)
+
+    monkeypatch.setattr(block, "_compressor", lambda level: Spy(real(level)))
+    n = block.COMPRESS_PROBE_MIN * 4
+    blk = block.compress(block.hashed(os.urandom(n)), 1)
+    assert blk.zst is None
+    assert calls == [2 * block.COMPRESS_PROBE_PART]  # the probe only, never the whole block
+    calls.clear()
+    blk = block.compress(block.hashed(text(n)), 1)  # compressible: probe, then the whole block
+    assert blk.zst is not None and calls == [2 * block.COMPRESS_PROBE_PART, n]
+    calls.clear()
+    small = block.compress(block.hashed(os.urandom(block.COMPRESS_PROBE_MIN - 1)), 1)
+    assert small.zst is None and calls == [block.COMPRESS_PROBE_MIN - 1]  # below the probe size
