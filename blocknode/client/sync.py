@@ -23,7 +23,7 @@ import outcome
 
 from blocknode.auth import ClientKey
 from blocknode.client.portal import ClientThread, ConfigArg, unwrap
-from blocknode.client.stream import put_reader
+from blocknode.client.stream import put_reader, write_all
 from blocknode.config import NodeConfig
 from blocknode.errors import BlocknodeError
 
@@ -99,7 +99,7 @@ class SyncClient:
                     chunk = self._call(chunks.__anext__)
                 except StopAsyncIteration:
                     return written
-                fileobj.write(chunk)
+                write_all(fileobj.write, chunk)
                 written += len(chunk)
         finally:
             try:
