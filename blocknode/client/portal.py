@@ -34,7 +34,7 @@ from blocknode.config import (
     load_config,
     resolve_config_path,
 )
-from blocknode.errors import BlocknodeError, ConfigError, single_error
+from blocknode.errors import ClientClosed, ClientForked, ConfigError, single_error
 
 ConfigArg = str | os.PathLike[str] | NodeConfig | None
 Notify = Callable[[outcome.Outcome], None]
@@ -66,15 +66,6 @@ def resolve_key(key: str | ClientKey | None) -> ClientKey | None:
         return ClientKey.parse(key)
     except ValueError as exc:
         raise ConfigError(f"client key: {exc}") from None
-
-
-class ClientClosed(BlocknodeError):
-    """The client was closed (before or while the call ran)."""
-
-
-class ClientForked(ClientClosed):
-    """The client was made in a parent process and used in a forked child, where its
-    background thread does not exist: the child must connect again."""
 
 
 _pid = os.getpid()
