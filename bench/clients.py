@@ -8,9 +8,7 @@ in this process, one after the other: the Trio client (`blocknode.open_client`,
 8 tasks), the blocking client (`blocknode.connect`, 8 threads sharing one
 `SyncClient`) and the asyncio client (`blocknode.aio.connect`, 8 tasks sharing
 one client), and for comparison the asyncio design not shipped: the same Trio
-client run as a guest of the asyncio loop (`trio.lowlevel.start_guest_run`), and
-the blocking client with its earlier result hand-off (the Trio thread waking
-every waiting thread itself). Each puts distinct blocks of 4 KiB and of 1 MiB (`put(data,
+client run as a guest of the asyncio loop (`trio.lowlevel.start_guest_run`). Each puts distinct blocks of 4 KiB and of 1 MiB (`put(data,
 ref=...)`) for `duration` seconds, then gets them back for `duration` seconds.
 The flavours take turns, `rounds` times (the order rotated each round). Printed:
 the median ops/s per flavour; the bridges' cost, the median over rounds of
@@ -45,7 +43,7 @@ from blocknode.config import load_config
 KIB, MIB = 1 << 10, 1 << 20
 SIZES = (4 * KIB, MIB)
 CONCURRENCY = 8
-FLAVOURS = ("trio", "sync", "asyncio", "guest", "sync_direct")
+FLAVOURS = ("trio", "sync", "asyncio", "guest")
 TARGETS = {4 * KIB: 0.30, MIB: 0.15}
 
 
@@ -104,24 +102,8 @@ def _trio(cfg: Any, data: _Data, duration: float, hashes: list[str]) -> tuple[Ph
     return trio.run(main)
 
 
-class _DirectWakeups:
-    """The blocking client's earlier hand-off, for comparison: the Trio thread wakes
-    every waiting thread itself (`blocknode.client.sync._Wakeups` wakes one per tick,
-    which wakes the others)."""
-
-    def put(self, waiter: Any, result: Any) -> None:
-        waiter.result = result
-        waiter.wake()
-
-    def give_up(self, waiter: Any) -> None:
-        pass
-
-
-def _sync(cfg: Any, data: _Data, duration: float, hashes: list[str], *,
-          direct: bool = False) -> tuple[Phase, Phase]:
+def _sync(cfg: Any, data: _Data, duration: float, hashes: list[str]) -> tuple[Phase, Phase]:
     with blocknode.connect(cfg, timeout=30) as client:
-        if direct:
-            client._wakeups = _DirectWakeups()  # type: ignore[assignment]
         counts: list[Phase] = []
         for op in ("put", "get"):
             deadline = time.perf_counter() + duration
@@ -229,12 +211,8 @@ def _guest(cfg: Any, data: _Data, duration: float, hashes: list[str]) -> tuple[P
     return _asyncio(cfg, data, duration, hashes, connect=_guest_connect)
 
 
-def _sync_direct(cfg: Any, data: _Data, duration: float, hashes: list[str]) -> tuple[Phase, Phase]:
-    return _sync(cfg, data, duration, hashes, direct=True)
-
-
 RUNNERS: dict[str, Callable[[Any, _Data, float, list[str]], tuple[Phase, Phase]]] = {
-    "trio": _trio, "sync": _sync, "asyncio": _asyncio, "guest": _guest, "sync_direct": _sync_direct,
+    "trio": _trio, "sync": _sync, "asyncio": _asyncio, "guest": _guest,
 }
 
 
@@ -286,16 +264,15 @@ def cpu_model() -> str:
 
 def render(rows: list[dict[str, Any]]) -> str:
     lines = ["| size | op | Trio | blocking (cost) | asyncio (cost) | asyncio guest mode, not shipped (cost) "
-             "| blocking, earlier hand-off (cost) | target cost "
-             "| client CPU µs/op: Trio / blocking / asyncio / guest / earlier blocking |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| target cost | client CPU µs/op: Trio / blocking / asyncio / guest |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         def cell(flavour: str, row: dict[str, Any] = row) -> str:
             return f"{row[flavour]:,.0f}/s ({(1 - row[f'{flavour}_ratio']) * 100:+.0f} %)"
 
         cpu = " / ".join(f"{row[f'{f}_cpu_us']:,.0f}" for f in FLAVOURS)
         lines.append(f"| {size_label(row['size'])} | {row['op']} | {row['trio']:,.0f}/s | {cell('sync')} | "
-                     f"{cell('asyncio')} | {cell('guest')} | {cell('sync_direct')} | ≤ {TARGETS.get(row['size'], 0) * 100:.0f} % "
+                     f"{cell('asyncio')} | {cell('guest')} | ≤ {TARGETS.get(row['size'], 0) * 100:.0f} % "
                      f"| {cpu} |")
     return "\n".join(lines)
 
@@ -310,12 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else SIZES
     t0 = time.time()
-    load0 = os.getloadavg()
     rows = run(duration=args.duration, rounds=args.rounds, nodes=args.nodes, sizes=sizes)
     print(f"clients bench: {args.nodes} node(s), c={CONCURRENCY}, {args.rounds} rounds of "
           f"{args.duration:g}s per phase, {cpu_model()}, Python {sys.version.split()[0]} "
-          f"({time.time() - t0:.0f}s); load average {load0[0]:.1f} at the start, "
-          f"{os.getloadavg()[0]:.1f} at the end")
+          f"({time.time() - t0:.0f}s)")
     print("cost = median over rounds of how much fewer ops/s than the Trio client in the same "
           "round (negative: more); ops/s are medians over rounds")
     print(render(rows))

@@ -25,5 +25,5 @@ def test_bench_clients_runs(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [r["op"] for r in rows] == ["put", "get"]
     for r in rows:
-        for flavour in ("trio", "sync", "asyncio", "guest", "sync_direct"):
+        for flavour in ("trio", "sync", "asyncio", "guest"):
             assert r[flavour] > 0, (flavour, r)
