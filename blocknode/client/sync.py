@@ -15,7 +15,6 @@ runs (a put releases what it stored), and the client stays usable.
 
 from __future__ import annotations
 
-import functools
 import threading
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -32,83 +31,21 @@ from blocknode.errors import BlocknodeError
 class _Waiter:
     """A result handed from the Trio thread to one waiting thread."""
 
-    __slots__ = ("_lock", "chain", "gone", "result")
+    __slots__ = ("_lock", "result")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.result: outcome.Outcome | None = None
-        self.chain: list[_Waiter] = []  # waiters this one wakes once woken (`_Wakeups`)
-        self.gone = False  # its thread stopped waiting for it: never the head of a chain
 
     def set(self, result: outcome.Outcome) -> None:
-        """Hand `result` over and wake the waiting thread (for a lone waiter)."""
         self.result = result
-        self.wake()
-
-    def wake(self) -> None:
-        try:
-            self._lock.release()
-        except RuntimeError:  # woken twice (an interrupted chain, see `pass_on`): once is enough
-            pass
+        self._lock.release()
 
     def wait(self) -> outcome.Outcome:
         self._lock.acquire()  # interruptible (KeyboardInterrupt) on POSIX
-        self.pass_on()
         assert self.result is not None
         return self.result
-
-    def pass_on(self) -> None:
-        """Wake the waiters chained to this one (each is removed only once woken, so an
-        interruption midway leaves the rest to `_Wakeups.give_up`)."""
-        chain = self.chain
-        while chain:
-            chain[-1].wake()
-            chain.pop()
-
-
-class _Wakeups:
-    """Results of one client's calls on their way to the waiting threads.
-
-    The Trio thread wakes one waiting thread per scheduler tick, the head of the
-    results of that tick, and that thread wakes the others. Releasing a waiting
-    thread's lock is the bridge's dearest step when done by the Trio thread: the
-    woken thread may take the CPU while the Trio thread still holds the GIL, which
-    stops every Python thread until the Trio thread runs again (under load, ~100 µs
-    per wakeup, about half of a no-op call's cost; see `bench/RESULTS.md`). A
-    thread that stops waiting (interrupted) `give_up`s: it passes on the chain it
-    may hold, and later ticks wake it directly.
-    """
-
-    def __init__(self, thread: ClientThread) -> None:
-        self._thread = thread
-        self._lock = threading.Lock()  # the Trio thread choosing a head vs a thread giving up
-        self._ready: list[_Waiter] = []  # results of this tick (Trio thread only)
-
-    def put(self, waiter: _Waiter, result: outcome.Outcome) -> None:
-        """In the Trio thread: `waiter`'s result, woken at the end of this tick."""
-        waiter.result = result
-        self._ready.append(waiter)
-        if len(self._ready) == 1:
-            self._thread.after_tick(self._flush)
-
-    def _flush(self) -> None:
-        ready, self._ready = self._ready, []
-        with self._lock:
-            live = [w for w in ready if not w.gone]
-            if live:
-                live[0].chain = live[1:]
-        for w in ready:
-            if w.gone:
-                w.wake()
-        if live:
-            live[0].wake()
-
-    def give_up(self, waiter: _Waiter) -> None:
-        """In the waiting thread, once it stops waiting normally (interrupted)."""
-        with self._lock:
-            waiter.gone = True
-        waiter.pass_on()
 
 
 class SyncClient:
@@ -116,7 +53,6 @@ class SyncClient:
 
     def __init__(self, thread: ClientThread) -> None:
         self._t = thread
-        self._wakeups = _Wakeups(thread)
 
     @property
     def config(self) -> NodeConfig:
@@ -128,15 +64,13 @@ class SyncClient:
 
     def _call(self, fn: Any, *args: Any) -> Any:
         waiter = _Waiter()
-        call = self._t.submit(fn, args, functools.partial(self._wakeups.put, waiter))
+        call = self._t.submit(fn, args, waiter.set)
         try:
             result = waiter.wait()
         except BaseException:
             # Interrupted while waiting (KeyboardInterrupt, or an exception another
             # thread raised in this one): cancel the call and wait for its cleanup
             # (bounded by the client's timeout); a second interruption stops waiting.
-            # Either way the threads this one was to wake are woken (`give_up`).
-            self._wakeups.give_up(waiter)
             if waiter.result is None:
                 self._t.cancel(call)
                 waiter.wait()
