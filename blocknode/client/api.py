@@ -472,17 +472,21 @@ async def open_client(cfg: NodeConfig, *, timeout: float | None = None,
             await nursery.start(conn.run)
             return conn
 
-        conn = await connect(cfg.connect_timeout)
-        client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2,
-                        reconnect=lambda limit: connect(min(limit, cfg.connect_timeout)))
         try:
-            yield client
-        except BaseException as exc:  # re-raised below, outside the nursery
+            conn = await connect(cfg.connect_timeout)
+        except BaseException as exc:  # re-raised below as itself, outside the nursery
             failure = exc
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
-            nursery.cancel_scope.cancel()
+        else:
+            client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2,
+                            reconnect=lambda limit: connect(min(limit, cfg.connect_timeout)))
+            try:
+                yield client
+            except BaseException as exc:  # re-raised below, outside the nursery
+                failure = exc
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+        nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
 

@@ -137,3 +137,21 @@ async def test_no_reconnect_after_close(autojump_clock):
     with pytest.raises(NodeUnreachable):
         await client.call(CLIENT_GET, {})
     assert rc.attempts == []
+
+
+async def test_open_client_raises_a_failed_first_connect_as_itself(tmp_path):
+    """Not wrapped in an exception group by the nursery the connections run in."""
+    import socket
+
+    from blocknode.client import open_client
+    from blocknode.config import NodeConfig
+    from blocknode.rpc.handshake import ClientKey
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nobody listens there
+    cfg = NodeConfig(node_id="n1", rpc_bind_addr=f"127.0.0.1:{port}", connect_timeout=1.0)
+    with pytest.raises(NodeUnreachable, match="cannot connect"):
+        async with open_client(cfg, key=ClientKey.generate()):
+            pass  # pragma: no cover - never reached
