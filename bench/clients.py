@@ -287,10 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else SIZES
     t0 = time.time()
+    load0 = os.getloadavg()
     rows = run(duration=args.duration, rounds=args.rounds, nodes=args.nodes, sizes=sizes)
     print(f"clients bench: {args.nodes} node(s), c={CONCURRENCY}, {args.rounds} rounds of "
           f"{args.duration:g}s per phase, {cpu_model()}, Python {sys.version.split()[0]} "
-          f"({time.time() - t0:.0f}s)")
+          f"({time.time() - t0:.0f}s); load average {load0[0]:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")
     print("cost = median over rounds of how much fewer ops/s than the Trio client in the same "
           "round (negative: more); ops/s are medians over rounds")
     print(render(rows))

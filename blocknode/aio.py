@@ -24,6 +24,7 @@ import functools
 import inspect
 import threading
 import weakref
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, BinaryIO
 
@@ -31,7 +32,7 @@ import outcome
 
 from blocknode.auth import ClientKey
 from blocknode.client.portal import Call, ClientThread, ConfigArg, unwrap
-from blocknode.client.stream import put_reader
+from blocknode.client.stream import put_reader, write_all
 from blocknode.config import NodeConfig
 from blocknode.errors import BlocknodeError
 
@@ -111,6 +112,38 @@ def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
     return inbox
 
 
+def _block_writer(fileobj: Any) -> Callable[[bytes], Awaitable[None]]:
+    """``await write(block)`` for `fileobj`, as `Client.get_into` describes."""
+    write = getattr(fileobj, "write", None)
+    if not callable(write):
+        raise TypeError(f"get_into needs an object with a write method, not {type(fileobj).__name__}")
+    drain = getattr(fileobj, "drain", None)
+    if drain is not None or inspect.iscoroutinefunction(write):
+        async def in_loop(chunk: bytes) -> None:
+            result = write(chunk)
+            if inspect.isawaitable(result):
+                await result
+            if drain is not None:
+                result = drain()
+                if inspect.isawaitable(result):
+                    await result
+        return in_loop
+    try:
+        fileobj.fileno()
+    except (OSError, ValueError, AttributeError):  # in memory (io.UnsupportedOperation)
+        async def inline(chunk: bytes) -> None:
+            result = write(chunk)
+            if inspect.isawaitable(result):
+                await result
+            elif isinstance(result, int) and result < len(chunk):
+                write_all(write, chunk[result:])
+        return inline
+
+    async def in_thread(chunk: bytes) -> None:
+        await asyncio.to_thread(write_all, write, chunk)
+    return in_thread
+
+
 def _notifier(loop: asyncio.AbstractEventLoop, thread: ClientThread, pending: _Pending) -> Any:
     return functools.partial(_inbox(loop).put, thread, pending)
 
@@ -172,11 +205,19 @@ class Client:
     async def get_into(self, hash_hex: str, fileobj: Any) -> int:
         """Write the bytes under `hash_hex` to `fileobj` block by block; how many.
 
-        `fileobj.write` may return an awaitable (it is awaited); an object with a
-        ``drain()`` coroutine (an `asyncio.StreamWriter`) is drained after each block.
+        The next block is fetched only once the last one is written (memory stays at
+        a few blocks; a slow reader slows the download). `fileobj` may be:
+
+        - an asyncio stream writer (an object with a ``drain()``): each block is
+          written and the writer drained (awaited) before the next;
+        - an object with an async ``write`` (or one returning an awaitable, as
+          aiofiles' does): each write is awaited before the next;
+        - a plain binary file with a file descriptor: written in a worker thread, so
+          a slow disk does not stall the event loop; an in-memory one (`io.BytesIO`)
+          is written in the loop.
         """
+        write = _block_writer(fileobj)
         chunks = self._t.client.iter_get(hash_hex)  # type: ignore[union-attr]
-        drain = getattr(fileobj, "drain", None)
         written = 0
         try:
             while True:
@@ -184,11 +225,7 @@ class Client:
                     chunk = await self._call(chunks.__anext__)
                 except StopAsyncIteration:
                     return written
-                r = fileobj.write(chunk)
-                if inspect.isawaitable(r):
-                    await r
-                if drain is not None:
-                    await drain()
+                await write(chunk)
                 written += len(chunk)
         finally:
             try:

@@ -19,6 +19,8 @@ __all__ = [
     "BlockNotFound",
     "BlocknodeError",
     "CliError",
+    "ClientClosed",
+    "ClientForked",
     "ClockSkewError",
     "ConfigError",
     "CorruptEntry",
@@ -163,6 +165,15 @@ class Forbidden(BlocknodeError):
 
 class RpcError(BlocknodeError):
     """An RPC could not be completed."""
+
+
+class ClientClosed(BlocknodeError):
+    """A blocking or asyncio client was closed (before or while the call ran)."""
+
+
+class ClientForked(ClientClosed):
+    """A blocking or asyncio client made in a parent process was used in a forked
+    child, where its background thread does not exist: the child must connect again."""
 
 
 class NodeUnreachable(RpcError):

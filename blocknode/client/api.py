@@ -42,41 +42,120 @@ from blocknode.config import NodeConfig
 from blocknode.errors import (
     BlocknodeError,
     HashMismatch,
+    NodeUnreachable,
     RemoteProtocolError,
     single_error,
 )
 from blocknode.protocol import (
     CLIENT_GET,
     CLIENT_PUT,
+    CLIENT_PUT_MANY,
     CLIENT_REF,
     STATUS,
     max_message_size,
 )
-from blocknode.rpc.connect import open_client as _open_connection
+from blocknode.rpc.connect import open_connection
 from blocknode.rpc.connection import RpcConnection
+from blocknode.rpc.handshake import ROLE_CLIENT
 
 log = logging.getLogger("blocknode.client")
 
 _PARALLEL_BLOCKS = 8
 """Blocks of one large put or get in flight at once."""
 
+IDEMPOTENT_KINDS = frozenset({CLIENT_GET, CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_REF, STATUS})
+"""RPC kinds sent again on a new connection when the one they were sent on broke:
+a get and a status read; a ref change of the same (hash, ref) says the same thing
+twice; a put is named by its content's hash and its ref."""
+
+_MAX_RESENDS = 2
+"""How many times one idempotent call is sent again after its connection broke."""
+
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 1.0
+"""Seconds between reconnect attempts: doubling from the first to the max."""
+
+Reconnect = Callable[[float], Awaitable[RpcConnection]]
+"""Opens a new running connection to the same node within the seconds given."""
+
 
 class Client:
-    """A connection to one node, with the cluster operations on top (see module docstring)."""
+    """A connection to one node, with the cluster operations on top (see module docstring).
 
-    def __init__(self, conn: RpcConnection, *, block_size: int, timeout: float) -> None:
+    With `reconnect` (as `open_client` makes it), a connection that ended (the
+    node restarted, a network blip, an idle connection the node closed) is
+    reopened by the next call, one reconnect at a time, retried with backoff
+    until that call's deadline; a call of an `IDEMPOTENT_KINDS` kind whose
+    connection broke under it is sent again on the new one (other kinds are sent
+    again only if they were never sent). A node that stays down past the
+    deadline gives `NodeUnreachable` saying so.
+    """
+
+    def __init__(self, conn: RpcConnection, *, block_size: int, timeout: float,
+                 reconnect: Reconnect | None = None) -> None:
         self._conn = conn
         self.block_size = block_size
         self.timeout = timeout
         self._batcher = PutBatcher(self)
+        self._reconnect = reconnect
+        self._reconnecting = trio.Lock()
+        self._retry_at = 0.0  # no reconnect attempt before this (trio clock)
+        self._backoff = _BACKOFF_FIRST
+        self.reconnects = 0
+        """How many times the connection was reopened."""
 
     async def call(self, kind: str, fields: dict[str, Any], data: bytes | None = None,
                    *, timeout: float | None = None) -> tuple[dict[str, Any], bytes | None]:
-        """A raw RPC to the node (admin calls use this)."""
-        return await self._conn.call(kind, fields, data, timeout=timeout or self.timeout)
+        """A raw RPC to the node (admin calls use this); reconnects as the class says,
+        all within `timeout` (default: the client's)."""
+        limit = timeout or self.timeout
+        conn = self._conn
+        if self._reconnect is None:
+            return await conn.call(kind, fields, data, timeout=limit)
+        deadline = trio.current_time() + limit
+        sends = 0
+        left = limit
+        while True:
+            if conn.closed:  # nothing sent on it: any kind may go on a new one
+                conn = await self._reopen(conn, deadline, limit)
+                left = max(deadline - trio.current_time(), 0.001)
+            try:
+                return await conn.call(kind, fields, data, timeout=left)
+            except NodeUnreachable:
+                if not conn.closed or kind not in IDEMPOTENT_KINDS or sends == _MAX_RESENDS:
+                    raise
+                sends += 1
+                left = max(deadline - trio.current_time(), 0.001)
+
+    async def _reopen(self, old: RpcConnection, deadline: float, limit: float) -> RpcConnection:
+        """A running connection in place of `old` (which ended), by `deadline`."""
+        last: BaseException | None = None
+        with trio.move_on_at(deadline):
+            async with self._reconnecting:
+                while self._conn is old or self._conn.closed:
+                    await trio.sleep_until(self._retry_at)
+                    old = self._conn
+                    if self._reconnect is None:
+                        raise NodeUnreachable("the client is closed")
+                    try:
+                        conn = await self._reconnect(max(deadline - trio.current_time(), 0.01))
+                    except NodeUnreachable as exc:
+                        last = exc
+                        self._retry_at = trio.current_time() + self._backoff
+                        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+                        continue
+                    self._conn, self._backoff, self._retry_at = conn, _BACKOFF_FIRST, 0.0
+                    self.reconnects += 1
+                    log.info("reconnected to node %s (%s)", conn.peer_id, conn.addr)
+                return self._conn
+        reason = old.close_reason or "closed"
+        tried = f": {last}" if last is not None else ""
+        raise NodeUnreachable(
+            f"the connection to node {old.peer_id} ({old.addr}) ended ({reason}) and could not "
+            f"be reopened within {limit:g}s{tried}")
 
     async def aclose(self) -> None:
-        """Close the connection."""
+        """Close the connection (no reconnect after this)."""
+        self._reconnect = None
         await self._conn.aclose()
 
     # ---- blocks ----
@@ -345,6 +424,8 @@ class Client:
         h = parse_hash(hash_hex)
         try:
             blocks = await self._blocks_of(h)
+        except NodeUnreachable:
+            raise  # this client cannot reach its node: the deletion cannot go through either
         except BlocknodeError:
             blocks = [h]  # the data may already be gone: the deletion must still go through
         existed = False
@@ -375,18 +456,39 @@ async def open_client(cfg: NodeConfig, *, timeout: float | None = None,
     The key is `key`, else ``BLOCKNODE_KEY``, else the config's
     `client_key_file`, else the node's admin key file (see
     `blocknode.auth.load_client_key`); a client never uses the cluster secret.
-    The connection's engine runs in a nursery this context manager holds; an
+    The connection's engine runs in a nursery this context manager holds, and so
+    does the new connection's when one that ended is reopened (see `Client`); an
     error raised by the body comes out as itself.
     """
     key = key or load_client_key(cfg)
-    async with _open_connection(cfg.public_addr, key, timeout=cfg.connect_timeout,
-                                max_message_size=max_message_size(cfg.block_size)) as conn:
-        client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2)
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:  # the connections' engines run here
+
+        async def connect(limit: float) -> RpcConnection:
+            conn = await open_connection(
+                cfg.public_addr, key.secret, local_id=key.id, role=ROLE_CLIENT,
+                connect_timeout=limit, handshake_timeout=limit,
+                max_message_size=max_message_size(cfg.block_size))
+            await nursery.start(conn.run)
+            return conn
+
         try:
-            yield client
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
+            conn = await connect(cfg.connect_timeout)
+        except BaseException as exc:  # re-raised below as itself, outside the nursery
+            failure = exc
+        else:
+            client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2,
+                            reconnect=lambda limit: connect(min(limit, cfg.connect_timeout)))
+            try:
+                yield client
+            except BaseException as exc:  # re-raised below, outside the nursery
+                failure = exc
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 

@@ -34,7 +34,7 @@ from blocknode.config import (
     load_config,
     resolve_config_path,
 )
-from blocknode.errors import BlocknodeError, ConfigError, single_error
+from blocknode.errors import ClientClosed, ClientForked, ConfigError, single_error
 
 ConfigArg = str | os.PathLike[str] | NodeConfig | None
 Notify = Callable[[outcome.Outcome], None]
@@ -68,8 +68,16 @@ def resolve_key(key: str | ClientKey | None) -> ClientKey | None:
         raise ConfigError(f"client key: {exc}") from None
 
 
-class ClientClosed(BlocknodeError):
-    """The client was closed (before or while the call ran)."""
+_pid = os.getpid()
+"""This process's id, kept current across forks (cheaper than `os.getpid` per call)."""
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Call:
@@ -116,7 +124,7 @@ class ClientThread:
         self._thread = threading.Thread(target=self._run, name="blocknode-client", daemon=True)
         self._on_ready: Notify | None = None
         self._ended: BaseException | None = None  # why the Trio thread stopped, if not closed
-        self._pid = os.getpid()
+        self._pid = _pid
 
     @property
     def block_size(self) -> int:
@@ -172,9 +180,8 @@ class ClientThread:
         one wakeup of the Trio thread for the lot).
         """
         call = Call(fn, args, notify)
-        if os.getpid() != self._pid:
-            raise ClientClosed("this client was made in another process (before a fork): "
-                               "connect in the process that uses it")
+        if self._pid != _pid:
+            raise self._forked_error()
         with self._lock:
             if self._closed or self._token is None:
                 raise self._closed_error()
@@ -182,6 +189,17 @@ class ClientThread:
             if wake:
                 self._wake_locked()
         return call
+
+    @property
+    def forked(self) -> bool:
+        """True in a child forked after this client was made (its thread is not here)."""
+        return self._pid != _pid
+
+    def _forked_error(self) -> ClientForked:
+        return ClientForked(
+            f"client created in process {self._pid} used in forked process {_pid}: its "
+            "background thread exists only in the process that created it; create a new "
+            "client after fork")
 
     def _closed_error(self) -> ClientClosed:
         if self._ended is None:
@@ -193,6 +211,8 @@ class ClientThread:
 
     def wake(self) -> None:
         """Start the calls submitted with ``wake=False`` (any thread)."""
+        if self._pid != _pid:
+            raise self._forked_error()
         with self._lock:
             if self._queue:
                 self._wake_locked()
@@ -234,6 +254,8 @@ class ClientThread:
 
     def cancel(self, call: Call) -> None:
         """Cancel `call` (its cleanup still runs; its `notify` still comes)."""
+        if self._pid != _pid:
+            return
         with self._lock:
             if self._closed or self._token is None:
                 return
@@ -243,7 +265,14 @@ class ClientThread:
                 pass
 
     def close(self) -> bool:
-        """Ask the thread to stop (calls in flight are cancelled); False if it had stopped."""
+        """Ask the thread to stop (calls in flight are cancelled); False if it had stopped.
+
+        In a forked child it only marks this copy closed: the thread and the connection
+        belong to the parent (its lock may even have been held at the fork).
+        """
+        if self._pid != _pid:
+            self._closed = True
+            return False
         with self._lock:
             if self._closed:
                 return False
@@ -257,7 +286,8 @@ class ClientThread:
         return True
 
     def join(self, timeout: float | None = None) -> None:
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        """Wait for the thread to end (not in a forked child: it is not there)."""
+        if self._pid == _pid and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     # ---- in the Trio thread ----

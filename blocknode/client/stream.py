@@ -1,4 +1,5 @@
-"""Putting a readable binary file object, block by block (for the non-Trio clients).
+"""File objects block by block, for the non-Trio clients: putting a readable one
+(`put_reader`) and writing blocks to a writable one (`write_all`).
 
 The file is read one block at a time in a worker thread while earlier blocks
 are uploaded, so memory stays at a few blocks whatever its size; the hash is the
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator
-from typing import BinaryIO
+from collections.abc import AsyncIterator, Callable
+from typing import Any, BinaryIO
 
 import trio
 
@@ -28,6 +29,19 @@ def read_block(f: BinaryIO, size: int) -> bytes:
         parts.append(bytes(part))
         got += len(part)
     return b"".join(parts)
+
+
+def write_all(write: Callable[[Any], object], chunk: bytes) -> None:
+    """``write(chunk)`` until all of it is written: a raw file (``buffering=0``) may
+    write less than it is given and say how much; None counts as all of it."""
+    view = memoryview(chunk)
+    while True:
+        n = write(view)
+        if not isinstance(n, int) or n >= len(view):
+            return
+        if n <= 0:
+            raise OSError(f"write to the file object wrote nothing ({n!r}) of {len(view)} bytes")
+        view = view[n:]
 
 
 def _known_size(f: BinaryIO) -> int | None:

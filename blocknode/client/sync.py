@@ -10,7 +10,10 @@ runs the Trio client (`blocknode.client.portal`), where calls run concurrently
 (small puts from many threads share RPCs, see `PutBatcher`). Errors are
 blocknode's own types, raised in the calling thread. A call interrupted in its
 caller (Ctrl-C: KeyboardInterrupt) is cancelled in the Trio thread, its cleanup
-runs (a put releases what it stored), and the client stays usable.
+runs (a put releases what it stored), and the client stays usable. A node that
+restarts is reconnected to by the next call (`blocknode.client.Client`). A client
+works only in the process that made it: in a forked child its calls raise
+`ClientForked` (connect again there).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import outcome
 
 from blocknode.auth import ClientKey
 from blocknode.client.portal import ClientThread, ConfigArg, unwrap
-from blocknode.client.stream import put_reader
+from blocknode.client.stream import put_reader, write_all
 from blocknode.config import NodeConfig
 from blocknode.errors import BlocknodeError
 
@@ -99,7 +102,7 @@ class SyncClient:
                     chunk = self._call(chunks.__anext__)
                 except StopAsyncIteration:
                     return written
-                fileobj.write(chunk)
+                write_all(fileobj.write, chunk)
                 written += len(chunk)
         finally:
             try:

@@ -6,7 +6,7 @@ import blocknode
 def test_public_names_are_pinned():
     assert sorted(blocknode.__all__) == sorted([
         "AuthenticationError", "BlockCorrupted", "BlockNotFound", "BlocknodeError", "Client",
-        "ConfigError", "Forbidden", "HashMismatch", "InvalidHash", "LocalProtocolError", "MetadataFull",
+        "ClientClosed", "ClientForked", "ConfigError", "Forbidden", "HashMismatch", "InvalidHash", "LocalProtocolError", "MetadataFull",
         "NodeConfig", "NodeUnreachable", "ProtocolError", "QuorumError", "RemoteError",
         "RemoteProtocolError", "RpcError",
         "RpcTimeout", "StoreError", "SyncClient", "__version__", "aio", "connect", "load_config",
