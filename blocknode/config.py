@@ -64,6 +64,7 @@ class NodeConfig:
     rpc_secret: str | None = field(default=None, repr=False)  # 64 hex chars; or rpc_secret_file
     rpc_secret_file: str | None = None  # default: <root>/rpc_secret, made on first start
     client_key_file: str | None = None  # the client key (ID:SECRET) a client uses; BLOCKNODE_KEY wins
+    client_direct: bool = True  # a client sends large blocks to (and reads them from) the replicas itself
     admin_key_file: str | None = None  # default: <root>/admin_key, made on first start
     allow_world_readable_secrets: bool = False  # accept a secret file readable by group/others
     cluster_file: str | None = None  # none: a single-node cluster of this node
@@ -200,6 +201,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "allow_world_readable_secrets": (_is_bool, "true or false"),
     "cluster_file": (_is_opt_str, "a file path"),
     "client_key_file": (_is_opt_str, "a file path"),
+    "client_direct": (_is_bool, "true or false"),
     "admin_key_file": (_is_opt_str, "a file path"),
     "zone": (_is_str, "a non-empty string"),
     "replication_factor": (_is_pos_int, "an integer >= 1"),

@@ -37,6 +37,7 @@ from blocknode.admin import Admin
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
 from blocknode.context import NodeContext
+from blocknode.direct import DirectHandlers
 from blocknode.errors import ConfigError, RemoteProtocolError
 from blocknode.keys import KeyService
 from blocknode.layout_service import LayoutService
@@ -56,7 +57,7 @@ from blocknode.workers.scrub import Scrub
 
 log = logging.getLogger(__name__)
 
-BLOCK_REPLY_KINDS = frozenset({"get_block", "client_get"})
+BLOCK_REPLY_KINDS = frozenset({"get_block", "client_get", "client_get_direct"})
 """Request kinds whose reply carries a block (the rest answer with a head only)."""
 
 
@@ -175,8 +176,10 @@ class Node:
                       blocks=self.blocks, manager=self.manager, ctx=self.ctx,
                       workers=self.workers, resync=self.resync, scrub=self.scrub,
                       repair=self.repair, anti_entropy=self.anti_entropy)
+        self.direct = DirectHandlers(self.manager, self.layouts)
         self._handlers: dict[str, Handler] = {}
-        for handlers in (self.manager.handlers(), self.anti_entropy.handlers(), admin.handlers(),
+        for handlers in (self.manager.handlers(), self.direct.handlers(),
+                         self.anti_entropy.handlers(), admin.handlers(),
                          self.keys.handlers(), self.layouts.handlers(),
                          {STATUS: self.handle_status,
                           ADMIN_REBALANCE: self.rebalance.handle_admin}):

@@ -28,6 +28,7 @@ import trio
 from blocknode import block
 from blocknode.auth import ClientKey, load_client_key
 from blocknode.client.batcher import BATCH_MAX_BLOCK, PutBatcher
+from blocknode.client.direct import DIRECT_MIN_BLOCK, DirectPath
 from blocknode.client.manifest import (
     MANIFEST_MAGIC,
     block_count,
@@ -64,11 +65,15 @@ _PARALLEL_BLOCKS = 8
 class Client:
     """A connection to one node, with the cluster operations on top (see module docstring)."""
 
-    def __init__(self, conn: RpcConnection, *, block_size: int, timeout: float) -> None:
+    def __init__(self, conn: RpcConnection, *, block_size: int, timeout: float,
+                 direct: DirectPath | None = None) -> None:
         self._conn = conn
         self.block_size = block_size
         self.timeout = timeout
         self._batcher = PutBatcher(self)
+        self.direct = direct
+        """The direct path (blocks larger than `DIRECT_MIN_BLOCK` to and from their
+        replicas, `blocknode.client.direct`), or None: everything through the node."""
 
     async def call(self, kind: str, fields: dict[str, Any], data: bytes | None = None,
                    *, timeout: float | None = None) -> tuple[dict[str, Any], bytes | None]:
@@ -96,11 +101,20 @@ class Client:
         with trio.CancelScope(shield=True):
             if len(data) <= BATCH_MAX_BLOCK:
                 return await self._batcher.put(data, ref_id)
+            if self.direct is not None and len(data) > DIRECT_MIN_BLOCK:
+                h = await self.direct.put(data, ref_id)
+                if h is not None:
+                    return h
             reply, _ = await self.call(CLIENT_PUT, {"ref_id": ref_id}, data)
             return reply["hash"]
 
     async def get_block(self, h: bytes) -> bytes:
-        """Get one block's verified bytes."""
+        """Get one block's verified bytes (from a replica directly when the direct path
+        is on, else, or when no replica answers with it, through the node)."""
+        if self.direct is not None:
+            found = await self.direct.get(h)
+            if found is not None:
+                return found
         _, data = await self.call(CLIENT_GET, {"hash": h})
         try:
             return block.verify(data or b"", h, block_size=self.block_size)
@@ -369,24 +383,38 @@ async def _aiter(chunks: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterato
 
 @asynccontextmanager
 async def open_client(cfg: NodeConfig, *, timeout: float | None = None,
-                      key: ClientKey | None = None) -> AsyncIterator[Client]:
+                      key: ClientKey | None = None, direct: bool | None = None) -> AsyncIterator[Client]:
     """Connect to the node `cfg` describes (its public address) with a client key.
 
     The key is `key`, else ``BLOCKNODE_KEY``, else the config's
     `client_key_file`, else the node's admin key file (see
     `blocknode.auth.load_client_key`); a client never uses the cluster secret.
+    `direct` (default: the config's `client_direct`): large blocks go to and
+    come from their replicas directly (`blocknode.client.direct`).
     The connection's engine runs in a nursery this context manager holds; an
     error raised by the body comes out as itself.
     """
     key = key or load_client_key(cfg)
+    use_direct = cfg.client_direct if direct is None else direct
+    limit = max_message_size(cfg.block_size)
+    failure: BaseException | None = None
     async with _open_connection(cfg.public_addr, key, timeout=cfg.connect_timeout,
-                                max_message_size=max_message_size(cfg.block_size)) as conn:
-        client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2)
+                                max_message_size=limit) as conn, trio.open_nursery() as nursery:
+        path = DirectPath(conn, key, nursery, block_size=cfg.block_size, timeout=cfg.rpc_timeout,
+                          connect_timeout=cfg.connect_timeout, max_message_size=limit,
+                          hedge_delay=cfg.hedge_delay) if use_direct else None
+        client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2,
+                        direct=path)
         try:
             yield client
+        except BaseException as exc:  # re-raised below, outside the nursery
+            failure = exc
         finally:
+            nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await client.aclose()
+    if failure is not None:
+        raise failure
 
 
 
