@@ -2,6 +2,7 @@
 
     python -m bench._loadgen --config A.toml[,B.toml...] --size BYTES --concurrency C
         [--conns K] [--duration S] [--windows R] [--proc I] [--start-at UNIX_TIME]
+        [--no-get] [--no-direct]
 
 Runs a put phase then a get phase, each for `duration` seconds with
 `concurrency` tasks over `conns` client connections (connection j talks to
@@ -96,7 +97,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         clients: list[Any] = []
         for j in range(args.conns):
             cfg = cfgs[(args.proc + j) % len(cfgs)]
-            clients.append(await stack.enter_async_context(open_client(cfg, timeout=60)))
+            clients.append(await stack.enter_async_context(
+                open_client(cfg, timeout=60, direct=False if args.no_direct else None)))
         if args.start_at:
             await trio.sleep(max(0.0, args.start_at - time.time()))
         hashes: list[bytes] = []
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proc", type=int, default=0)
     p.add_argument("--start-at", type=float, default=0.0)
     p.add_argument("--no-get", action="store_true")
+    p.add_argument("--no-direct", action="store_true",
+                   help="every block through the node the client talks to (client_direct off)")
     args = p.parse_args(argv)
     result = trio.run(_main, args)
     json.dump(result, sys.stdout)

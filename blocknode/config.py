@@ -81,6 +81,7 @@ class NodeConfig:
     need_block_timeout: float = 5.0
     connect_timeout: float = 5.0
     hedge_delay: float = 0.05
+    group_commit_rounds: int = 2  # small-block batches of different clients stored at once (0: off)
     max_clock_skew: float = 5.0  # a reference version further ahead of this node's clock is refused
     block_ram_buffer_max: int = 256 * MiB
     rpc_handshake_timeout: float = 2.0
@@ -217,6 +218,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "need_block_timeout": (_is_pos_num, "a number of seconds > 0"),
     "connect_timeout": (_is_pos_num, "a number of seconds > 0"),
     "hedge_delay": (_is_nonneg_num, "a number of seconds >= 0"),
+    "group_commit_rounds": (lambda v: _is_pos_int(v) or v == 0, "an integer >= 0"),
     "max_clock_skew": (lambda v: _is_nonneg_num(v) and v >= 0.01, "a number of seconds >= 0.01"),
     "block_ram_buffer_max": (_is_pos_int,
                              f"a size > 0: a number of bytes, or a string such as {SIZE_FORMS}"),

@@ -77,6 +77,12 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
     "hedge_delay": ("Network",
                     "A read that has no answer from the first replica after this long also asks "
                     "the next one; the first valid copy wins."),
+    "group_commit_rounds": ("Network",
+                            "Group commit across clients: at most this many small-block batches "
+                            "(`client_put_many`, from any clients and connections) are being "
+                            "stored at once; those that arrive meanwhile wait and go together as "
+                            "the next one (one `put_blocks` per replica, one commit there). An "
+                            "idle node adds no wait. 0: each batch is stored on its own."),
     "block_ram_buffer_max": ("Network",
                              "Cap on block bytes held in RAM by RPCs, a quarter each for: payloads "
                              "this node sends, client requests it is handling, messages being "

@@ -39,6 +39,7 @@ from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
 from blocknode.context import NodeContext
 from blocknode.direct import DirectHandlers
 from blocknode.errors import ConfigError, RemoteProtocolError
+from blocknode.group_commit import GroupCommit
 from blocknode.keys import KeyService
 from blocknode.layout_service import LayoutService
 from blocknode.manager import BlockManager, Handler, Reply
@@ -160,6 +161,8 @@ class Node:
             zone=self.layout.node(cfg.node_id).zone if self.layout.has_node(cfg.node_id)
             else cfg.zone,
         )
+        self.group_commit = GroupCommit(self.manager.put_many, rounds=cfg.group_commit_rounds)
+        self.manager.put_batch = self.group_commit.put_many
         self.resync = Resync(self.manager, self.ctx, need_block_timeout=cfg.need_block_timeout,
                              workers=cfg.resync_workers, tranquility=cfg.resync_tranquility)
         self.scrub = Scrub(self.manager, self.ctx, tranquility=cfg.scrub_tranquility,
