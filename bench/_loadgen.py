@@ -42,6 +42,7 @@ async def _phase(op: str, clients: list[Any], concurrency: int, duration: float,
     lat: list[float] = []
     errors: list[str] = []
     perf = time.perf_counter
+    started = time.time()
     t0 = perf()
     deadline = t0 + duration
     cpu0 = _cpu()
@@ -76,7 +77,7 @@ async def _phase(op: str, clients: list[Any], concurrency: int, duration: float,
             nursery.start_soon(worker, w)
     wall = perf() - t0
     return {"done": done, "lat": lat, "errors": errors[:5], "n_errors": len(errors),
-            "wall": wall, "cpu": _cpu() - cpu0, "duration": duration}
+            "wall": wall, "cpu": _cpu() - cpu0, "duration": duration, "start": started}
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,6 +107,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         random.Random(args.proc).shuffle(hashes)
         if hashes and not args.no_get:
             out["get"] = await _phase("get", clients, args.concurrency, args.duration, make, hashes)
+        stats = [c.direct.stats for c in clients if getattr(c, "direct", None) is not None]
+        if stats:
+            out["direct"] = {k: sum(st[k] for st in stats) for k in stats[0]}
     return out
 
 

@@ -37,6 +37,7 @@ from blocknode.protocol import (
     CLIENT_LAYOUT,
     CLIENT_PUT_DIRECT,
     get_data,
+    get_flag,
     get_hash,
     get_str,
     refuse_client_ts,
@@ -64,16 +65,19 @@ class StaleLayout(BlocknodeError):
     rpc_code = "stale_layout"
 
 
-def layout_reply(layouts: LayoutService, node_id: str) -> dict[str, Any]:
+def layout_reply(layouts: LayoutService, node_id: str, level: int | None) -> dict[str, Any]:
     """What `client_layout` answers: the live versions (oldest first) as
     ``[version, [rf, write_quorum, [[id, addr, zone, capacity]...]]]``, each
-    node's synced version (a reader asks synced nodes first), this node's id."""
+    node's synced version (a reader asks synced nodes first), this node's id,
+    and its zstd `compression_level` (the client compresses a direct put once,
+    at that level, so that no replica compresses it again)."""
     state = layouts.state
     nodes = {n.id for v in state.live for n in state.versions[v].nodes}
     return {
         "versions": [[v, cluster_to_wire(state.versions[v])] for v in state.live],
         "synced": {nid: state.node_synced(nid) for nid in sorted(nodes)},
         "node": node_id,
+        "compression_level": level,
     }
 
 
@@ -105,7 +109,8 @@ class DirectHandlers:
 
     async def handle_layout(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """The live layout versions, for a client that writes to the replicas itself."""
-        return layout_reply(self.layouts, self.manager.node_id), None
+        return layout_reply(self.layouts, self.manager.node_id,
+                            self.manager.compression_level), None
 
     def _check_holder(self, h: bytes, versions: list[int] | None) -> None:
         live = self.manager.layout
@@ -123,8 +128,9 @@ class DirectHandlers:
     async def handle_put(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Store a block a client sends this replica directly, with its reference.
 
-        Checks the layout (`WrongNode`, `StaleLayout`), verifies the bytes, compresses
-        them at this node's level, stamps the reference with this node's clock and
+        Checks the layout (`WrongNode`, `StaleLayout`), verifies the bytes (``z``: a
+        zstd frame, decompressed within `block_size`), compresses plain bytes at this
+        node's level, stamps the reference with this node's clock and
         stores both durably. Replies ``stored`` (newly) and ``ts`` (the version's time).
         """
         refuse_client_ts(fields, CLIENT_PUT_DIRECT)
@@ -133,8 +139,12 @@ class DirectHandlers:
         m = self.manager
         data = get_data(data, CLIENT_PUT_DIRECT, block_size=m.block_size)
         self._check_holder(h, _client_versions(fields))
-        blk = await block.accept(data, h, block_size=m.block_size, run_sync=m.run_sync)
-        blk = await block.acompress(blk, m.compression_level, run_sync=m.run_sync)
+        compressed = get_flag(fields, "z")
+        blk = await block.accept(data, h, block_size=m.block_size, run_sync=m.run_sync,
+                                 compressed=compressed)
+        if not compressed and not get_flag(fields, "form_final"):
+            # ``form_final``: the client tried this node's level already (not worth it).
+            blk = await block.acompress(blk, m.compression_level, run_sync=m.run_sync)
         ts = await m.clock.next()
         stored = await m.blocks.write(blk, ref=RefEntry(h, ref_id, False, ts))
         self.puts += 1

@@ -5,7 +5,8 @@ The client learns the live layout versions from the node it talks to (its
 `REFRESH_INTERVAL` seconds, and at once when a replica answers ``wrong_node``
 or ``stale_layout``), and for a large block:
 
-- **put**: hashes it once here, sends it to every write node of every live
+- **put**: hashes it (and compresses it at the home node's level) once here,
+  sends it to every write node of every live
   layout version (`client_put_direct`, one connection per node with the same
   client key) and reports it stored only when the write quorum of *every* live
   version has acknowledged. Each replica checks the key, its layout and the
@@ -13,7 +14,9 @@ or ``stale_layout``), and for a large block:
   Replicas that answer after the quorum finish in the background.
 - **get**: asks the block's replicas in read order (the home node first when it
   holds the block, then by measured latency), a next one when the first fails
-  or has not answered within `hedge_delay`; the first copy that verifies here
+  or has not answered within `hedge_delay` (or twice its usual latency, when
+  that is longer: a loaded cluster is not asked twice for every block); the
+  first copy that verifies here
   wins (the one end-to-end check).
 
 When that does not work (replicas unreachable, the quorum not met, the layout
@@ -90,6 +93,8 @@ class DirectPath:
         self.refresh_interval = refresh_interval
         self._connect = connect
         self.layout: LiveLayout | None = None
+        self.level: int | None = None
+        """The home node's zstd level: a direct put is compressed here, once."""
         self.home_id: str | None = None
         self._versions: list[int] = []
         self._built: dict[int, tuple[Any, Layout]] = {}
@@ -132,6 +137,8 @@ class DirectPath:
             self._versions = [v for v, _ in layouts]
             self._addrs = {nid: lay.node(nid).addr for _, lay in layouts for nid in lay.node_ids}
             self.home_id = home
+            level = reply.get("compression_level")
+            self.level = level if isinstance(level, int) and not isinstance(level, bool) else None
             self._fetched_at = trio.current_time()
             self.stats["refreshes"] += 1
 
@@ -208,13 +215,17 @@ class DirectPath:
         must fall back to the home node. Raises the replicas' `Forbidden`/`HashMismatch`."""
         if not await self._ready():
             return None
-        if len(data) > THREAD_HASH_MIN:
-            h = (await trio.to_thread.run_sync(
-                lambda: block.hashed(data, block_size=self.block_size))).hash
-        else:
-            h = block.hashed(data, block_size=self.block_size).hash
+        level = self.level
+
+        def prepare() -> block.VerifiedBlock:
+            return block.compress(block.hashed(data, block_size=self.block_size), level)
+
+        blk = await trio.to_thread.run_sync(prepare) if len(data) > THREAD_HASH_MIN else prepare()
+        h = blk.hash
+        form, z = block.wire_form(blk)
+        extra = {"z": True} if z else {"form_final": True} if level is not None else {}
         for attempt in range(2):
-            outcome = await self._write(h, ref_id, data)
+            outcome = await self._write(h, ref_id, form, extra)
             if outcome == "ok":
                 self.stats["puts"] += 1
                 return h
@@ -230,13 +241,13 @@ class DirectPath:
         except (BlocknodeError, OSError) as exc:
             log.info("cannot fetch the layout again: %s", exc)
 
-    async def _write(self, h: bytes, ref_id: str, data: bytes) -> str:
+    async def _write(self, h: bytes, ref_id: str, data: bytes, extra: dict[str, Any]) -> str:
         """One round to the write nodes: "ok" (every version's quorum), "refresh" (a
         replica says the layout changed) or "fallback"."""
         assert self.layout is not None
         sets = [(frozenset(nodes), q) for nodes, q in self.layout.write_sets(h)]
         nodes = list(dict.fromkeys(n for nodes, _ in self.layout.write_sets(h) for n in nodes))
-        fields = {"hash": h, "ref_id": ref_id, "versions": list(self._versions)}
+        fields = {"hash": h, "ref_id": ref_id, "versions": list(self._versions), **extra}
         send, receive = trio.open_memory_channel[tuple[str, BaseException | None]](len(nodes))
         for nid in nodes:
             self._nursery.start_soon(self._put_one, nid, fields, data, send)
@@ -310,7 +321,10 @@ class DirectPath:
                 if pending == 0:
                     nursery.start_soon(ask, order[started])
                     started, pending = started + 1, pending + 1
-                hedge = self.hedge_delay if started < len(order) else math.inf
+                # Hedge after `hedge_delay`, or twice the latency this node usually has.
+                usual = self._latency.get(order[started - 1])
+                hedge = (max(self.hedge_delay, 2 * usual) if usual is not None
+                         else self.hedge_delay) if started < len(order) else math.inf
                 with trio.move_on_after(hedge):
                     nid, outcome = await receive.receive()
                     pending -= 1

@@ -89,6 +89,25 @@ async def test_a_large_put_goes_to_the_replicas_and_a_get_comes_from_one(tmp_pat
         assert direct_puts(cl) == before
 
 
+async def test_a_compressible_block_is_compressed_once_by_the_client(tmp_path: Path) -> None:
+    async with in_process_cluster(tmp_path, 3, rf=3, write_quorum=2) as cl:
+        key = await make_key(cl, "read", "write")
+        async with client(cl, key) as c:
+            d = b"compressible " * (MIB // 13)
+            h = bytes.fromhex(await c.put(d, "r"))
+            assert c.direct is not None and c.direct.stats["puts"] == 1
+            assert c.direct.level == cl.cfg("node1").compression_level is not None
+            with trio.fail_after(10):
+                while len(holders(cl, h, "r")) < 3:
+                    await trio.sleep(0.02)
+            for nid in cl.nodes:
+                data_dir = Path(cl.cfg(nid).data_dir) if isinstance(cl.cfg(nid).data_dir, str) \
+                    else Path(cl.cfg(nid).data_dir[0].path)
+                names = [p.name for p in data_dir.rglob(f"{h.hex()}*")]
+                assert names and all(n.endswith(".zst") for n in names), (nid, names)
+            assert await c.get(h.hex()) == d
+
+
 async def test_with_a_replica_down_the_quorum_is_met_directly(tmp_path: Path) -> None:
     async with in_process_cluster(tmp_path, 3, rf=3, write_quorum=2, rpc_timeout=2.0) as cl:
         key = await make_key(cl, "read", "write")
