@@ -400,7 +400,7 @@ async def open_client(cfg: NodeConfig, *, timeout: float | None = None,
     failure: BaseException | None = None
     async with _open_connection(cfg.public_addr, key, timeout=cfg.connect_timeout,
                                 max_message_size=limit) as conn, trio.open_nursery() as nursery:
-        path = DirectPath(conn, key, nursery, block_size=cfg.block_size, timeout=cfg.rpc_timeout,
+        path = DirectPath(lambda: client._conn, key, nursery, block_size=cfg.block_size, timeout=cfg.rpc_timeout,
                           connect_timeout=cfg.connect_timeout, max_message_size=limit,
                           hedge_delay=cfg.hedge_delay) if use_direct else None
         client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2,

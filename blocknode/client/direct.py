@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -73,12 +74,13 @@ def _code(exc: BaseException) -> str | None:
 class DirectPath:
     """Direct puts and gets of one client (see module docstring).
 
-    `home` is the client's connection to the node it talks to; connections to
+    `home()` is the client's connection to the node it talks to now (a client
+    that reconnects swaps it); connections to
     the other replicas are opened on first use with `key` and run in `nursery`
     (the client's), which also holds the replies that come after a quorum.
     """
 
-    def __init__(self, home: RpcConnection, key: ClientKey, nursery: trio.Nursery, *,
+    def __init__(self, home: Callable[[], RpcConnection], key: ClientKey, nursery: trio.Nursery, *,
                  block_size: int, timeout: float, connect_timeout: float, max_message_size: int,
                  hedge_delay: float = 0.05, refresh_interval: float = REFRESH_INTERVAL,
                  connect: Connector | None = None) -> None:
@@ -118,7 +120,7 @@ class DirectPath:
         async with self._refresh_lock:
             if self._fetched_at != seen:  # another task fetched it meanwhile
                 return
-            reply, _ = await self._home.call(CLIENT_LAYOUT, {}, timeout=self.timeout)
+            reply, _ = await self._home().call(CLIENT_LAYOUT, {}, timeout=self.timeout)
             try:
                 rows = [(int(v), w) for v, w in reply["versions"]]
                 synced = {str(k): int(x) for k, x in dict(reply.get("synced") or {}).items()}
@@ -160,7 +162,7 @@ class DirectPath:
 
     async def _conn(self, nid: str) -> RpcConnection:
         if nid == self.home_id:
-            return self._home
+            return self._home()
         while True:
             conn = self._conns.get(nid)
             if conn is not None and not conn.closed:
