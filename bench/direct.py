@@ -2,15 +2,15 @@
 
     python -m bench.direct [--reps 3] [--duration 3] [--parts direct,group] [--json PATH]
 
-Two 3-node clusters of real `serve` processes on 127.0.0.1 (replication 3,
-write quorum 2): "gc" with the default group commit, "nogc" with
-``group_commit_rounds = 0``.
+3-node clusters of real `serve` processes on 127.0.0.1 (replication 3,
+write quorum 2), one per `group_commit_rounds` value compared (`--rounds`,
+default 0 = off and the default).
 
-- **direct**: 1 MiB puts then gets at c=8 (one load generator process, 4
-  connections to node1..3) on the "gc" cluster, with the client's direct path
-  on and off (`--no-direct`), alternated, `reps` times.
+- **direct**: 1 MiB puts then gets at c=8 (`--conc`; one load generator
+  process, up to 4 connections to node1..3) on the default cluster, with the
+  client's direct path on and off (`--no-direct`), alternated, `reps` times.
 - **group**: 4 KiB puts at c=8 and c=64 over as many distinct connections
-  (two load generator processes), on "nogc" and "gc" alternately, `reps` times.
+  (two load generator processes), on each cluster in turn, `reps` times.
 
 Per run: MiB/s or ops/s (median of the windows, `bench.macro`), p50/p99, and
 server CPU per op: the three servers' CPU seconds over exactly that phase
@@ -32,13 +32,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from bench import macro
+from blocknode.group_commit import DEFAULT_ROUNDS
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--parts", default="direct,group")
+    p.add_argument("--conc", type=int, default=8, help="concurrency of the 1 MiB runs")
+    p.add_argument("--rounds", default="0,2",
+                   help="group_commit_rounds values compared (0: off), one cluster each")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -174,19 +178,24 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(_fmt(f"{part} {mode} c{conc} #{rep}", row, size), flush=True)
 
-    with cluster(base, "") as gc, cluster(base, "group_commit_rounds = 0\n") as nogc:
+    rounds = [int(r) for r in args.rounds.split(",")]
+    with ExitStack() as stack:
+        clusters = {r: stack.enter_context(cluster(base, f"group_commit_rounds = {r}\n"))
+                    for r in dict.fromkeys([DEFAULT_ROUNDS, *rounds])}
         time.sleep(3)  # each node's admin key reaches the others (the direct path needs it)
-        run(gc, MIB, 2, 2, 1, 0.5, [])  # warm-up
+        run(clusters[DEFAULT_ROUNDS], MIB, 2, 2, 1, 0.5, [])  # warm-up
         for rep in range(1, args.reps + 1):
             if "direct" in parts:
                 for mode, flags in (("direct", []), ("via-node", ["--no-direct"])):
-                    record("1MiB", mode, rep, MIB, 8,
-                           run(gc, MIB, 8, 4, 1, args.duration, flags))
+                    record("1MiB", mode, rep, MIB, args.conc,
+                           run(clusters[DEFAULT_ROUNDS], MIB, args.conc, min(args.conc, 4), 1,
+                               args.duration, flags))
             if "group" in parts:
                 for conc in (8, 64):
-                    for mode, cl in (("no-group", nogc), ("group", gc)):
-                        record("4KiB-put", mode, rep, 4 * KIB, conc,
-                               run(cl, 4 * KIB, conc, conc, 2, args.duration, ["--no-get"]))
+                    for r in rounds:
+                        record("4KiB-put", f"rounds={r}", rep, 4 * KIB, conc,
+                               run(clusters[r], 4 * KIB, conc, conc, 2, args.duration,
+                                   ["--no-get"]))
     print("\nmedians over reps:")
     keys = sorted({(r["part"], r["mode"], r["concurrency"]) for r in rows})
     for part, mode, conc in keys:
