@@ -81,7 +81,7 @@ class NodeConfig:
     need_block_timeout: float = 5.0
     connect_timeout: float = 5.0
     hedge_delay: float = 0.05
-    group_commit_rounds: int = 2  # small-block batches of different clients stored at once (0: off)
+    group_commit_rounds: int = 4  # small-block batches of different clients stored at once (0: off)
     max_clock_skew: float = 5.0  # a reference version further ahead of this node's clock is refused
     block_ram_buffer_max: int = 256 * MiB
     rpc_handshake_timeout: float = 2.0

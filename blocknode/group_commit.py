@@ -9,8 +9,12 @@ each costs its own `put_blocks` to every replica and its own LMDB commit there.
 `rounds` batches are being stored at once; a request that arrives while they
 are all busy waits in the queue, and when one finishes, the whole queue
 (bounded in items and bytes) goes as the next round: one `put_many`, so one
-`put_blocks` per write-node set and one commit per replica. An idle node adds
-no latency (a lone request starts a round at once); a busy one batches more.
+`put_blocks` per write-node set and one commit per replica. A round also takes
+the requests that arrived in the same scheduler pass as the one that starts
+it. An idle node adds no latency (a lone request starts a round after one
+scheduler pass); a busy one batches more. `rounds` is not 1: rounds are
+latency-bound (replica round trips, fsyncs), so a node storing one at a time
+would serialise its clients.
 
 Each request gets its own items' results. A round is shielded from the
 cancellation of the request that leads it (the others in it still wait for
@@ -33,7 +37,7 @@ __all__ = ["DEFAULT_ROUNDS", "GroupCommit", "PutMany"]
 PutMany = Callable[[list[tuple[bytes, str]]], Awaitable[list[bytes | BlocknodeError]]]
 """`BlockManager.put_many`: (data, ref_id) items → per item its hash or its error."""
 
-DEFAULT_ROUNDS = 2
+DEFAULT_ROUNDS = 4
 """Rounds being stored at once (the config's `group_commit_rounds`)."""
 ROUND_MAX_BYTES = 4 * 1024 * 1024
 """Bytes of block data in one round at most (a request larger than this is a round alone)."""
@@ -110,10 +114,16 @@ class GroupCommit:
         return batch
 
     async def _run_round(self) -> None:
-        batch = self._take()
         self._running += 1
+        batch: list[_Request] = []
         try:
             with trio.CancelScope(shield=True):
+                # One scheduler pass: requests that arrived in the same pass (read from
+                # other connections in the same wake-up) join this round.
+                await trio.sleep(0)
+                batch = self._take()
+                if not batch:  # a round started meanwhile took them all
+                    return
                 flat = [b for req in batch for b in req.blocks]
                 try:
                     results = await self._put_many(flat)
