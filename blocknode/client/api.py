@@ -86,12 +86,14 @@ class Client:
 
     # ---- blocks ----
 
-    async def put_block(self, data: bytes, ref_id: str) -> bytes:
+    async def put_block(self, data: bytes, ref_id: str, *, direct: bool = True) -> bytes:
         """Put one block (at most `block_size` bytes) with a reference; returns its hash.
 
         Small blocks put concurrently through one client travel together (see
         `PutBatcher`); each caller still gets its own result or error. The
-        reference's time is set by the cluster.
+        reference's time is set by the cluster. A block larger than `DIRECT_MIN_BLOCK`
+        goes to its replicas directly when the direct path is on and `direct` (the
+        node coordinates manifests: `direct=False`).
 
         Not cancellable once called (it ends within the client's timeout): a put sent
         is applied by the node whether or not its caller still waits, so a caller that
@@ -101,7 +103,7 @@ class Client:
         with trio.CancelScope(shield=True):
             if len(data) <= BATCH_MAX_BLOCK:
                 return await self._batcher.put(data, ref_id)
-            if self.direct is not None and len(data) > DIRECT_MIN_BLOCK:
+            if direct and self.direct is not None and len(data) > DIRECT_MIN_BLOCK:
                 h = await self.direct.put(data, ref_id)
                 if h is not None:
                     return h
@@ -220,7 +222,7 @@ class Client:
                 raise BlocknodeError(
                     f"data of {total} bytes needs {len(hashes)} blocks: too many for one manifest")
             manifest_hash = block.hashed(manifest).hash
-            await self.put_block(manifest, ref_id)
+            await self.put_block(manifest, ref_id, direct=False)
             if fresh:
                 return manifest_hash.hex()
             referenced = True

@@ -278,7 +278,9 @@ class DirectPath:
         try:
             await self._call(nid, CLIENT_PUT_DIRECT, fields, data)
             outcome: BaseException | None = None
-        except (BlocknodeError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed replica; the quorum decides
+            if not isinstance(exc, BlocknodeError | OSError):
+                log.warning("direct put to %s failed unexpectedly: %r", nid, exc)
             outcome = exc
         send.send_nowait((nid, outcome))  # room for every node: never blocks
 
@@ -312,7 +314,9 @@ class DirectPath:
                 else:
                     blk = block.verify(raw, h, block_size=self.block_size)
                 send.send_nowait((nid, blk))
-            except (BlocknodeError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - this replica failed; the next is asked
+                if not isinstance(exc, BlocknodeError | OSError):
+                    log.warning("direct get from %s failed unexpectedly: %r", nid, exc)
                 send.send_nowait((nid, exc))
 
         found: bytes | None = None
