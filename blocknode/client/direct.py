@@ -247,8 +247,9 @@ class DirectPath:
         """One round to the write nodes: "ok" (every version's quorum), "refresh" (a
         replica says the layout changed) or "fallback"."""
         assert self.layout is not None
-        sets = [(frozenset(nodes), q) for nodes, q in self.layout.write_sets(h)]
-        nodes = list(dict.fromkeys(n for nodes, _ in self.layout.write_sets(h) for n in nodes))
+        write_sets = self.layout.write_sets(h)
+        sets = [(frozenset(nodes), q) for nodes, q in write_sets]
+        nodes = list(dict.fromkeys(n for ns, _ in write_sets for n in ns))
         fields = {"hash": h, "ref_id": ref_id, "versions": list(self._versions), **extra}
         send, receive = trio.open_memory_channel[tuple[str, BaseException | None]](len(nodes))
         for nid in nodes:

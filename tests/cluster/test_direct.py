@@ -216,3 +216,21 @@ async def test_reference_times_come_from_each_replicas_clock(tmp_path: Path) -> 
             assert ahead <= ts <= node_clock.last, (nid, ts)
         assert all(ts > wall_ms() + 3_000_000 for ts in times.values())
         assert fastpath.hash_to_hex(h) == h.hex()
+
+
+async def test_the_layout_is_fetched_again_once_it_is_older_than_the_interval(
+        tmp_path: Path) -> None:
+    async with in_process_cluster(tmp_path, 3, rf=3, write_quorum=2) as cl:
+        key = await make_key(cl, "read", "write")
+        async with client(cl, key) as c:
+            assert c.direct is not None
+            c.direct.refresh_interval = 0.0
+            for _ in range(2):
+                await c.put(os.urandom(MIB))
+                await trio.sleep(0.01)
+            assert c.direct.stats["refreshes"] == 2
+            assert c.direct.home_id == "node1" and c.direct.layout is not None
+            assert set(c.direct.layout.node_ids) == {"node1", "node2", "node3"}
+            c.direct.refresh_interval = 3600.0
+            await c.put(os.urandom(MIB))
+            assert c.direct.stats["refreshes"] == 2 and c.direct.stats["puts"] == 3
