@@ -2,6 +2,7 @@
 
     python -m bench._loadgen --config A.toml[,B.toml...] --size BYTES --concurrency C
         [--conns K] [--duration S] [--windows R] [--proc I] [--start-at UNIX_TIME]
+        [--no-get] [--no-direct]
 
 Runs a put phase then a get phase, each for `duration` seconds with
 `concurrency` tasks over `conns` client connections (connection j talks to
@@ -41,6 +42,7 @@ async def _phase(op: str, clients: list[Any], concurrency: int, duration: float,
     lat: list[float] = []
     errors: list[str] = []
     perf = time.perf_counter
+    started = time.time()
     t0 = perf()
     deadline = t0 + duration
     cpu0 = _cpu()
@@ -75,7 +77,7 @@ async def _phase(op: str, clients: list[Any], concurrency: int, duration: float,
             nursery.start_soon(worker, w)
     wall = perf() - t0
     return {"done": done, "lat": lat, "errors": errors[:5], "n_errors": len(errors),
-            "wall": wall, "cpu": _cpu() - cpu0, "duration": duration}
+            "wall": wall, "cpu": _cpu() - cpu0, "duration": duration, "start": started}
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,7 +98,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         clients: list[Any] = []
         for j in range(args.conns):
             cfg = cfgs[(args.proc + j) % len(cfgs)]
-            clients.append(await stack.enter_async_context(open_client(cfg, timeout=60)))
+            clients.append(await stack.enter_async_context(
+                open_client(cfg, timeout=60, direct=False if args.no_direct else None)))
         if args.start_at:
             await trio.sleep(max(0.0, args.start_at - time.time()))
         hashes: list[bytes] = []
@@ -104,6 +107,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         random.Random(args.proc).shuffle(hashes)
         if hashes and not args.no_get:
             out["get"] = await _phase("get", clients, args.concurrency, args.duration, make, hashes)
+        stats = [c.direct.stats for c in clients if getattr(c, "direct", None) is not None]
+        if stats:
+            out["direct"] = {k: sum(st[k] for st in stats) for k in stats[0]}
     return out
 
 
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proc", type=int, default=0)
     p.add_argument("--start-at", type=float, default=0.0)
     p.add_argument("--no-get", action="store_true")
+    p.add_argument("--no-direct", action="store_true",
+                   help="every block through the node the client talks to (client_direct off)")
     args = p.parse_args(argv)
     result = trio.run(_main, args)
     json.dump(result, sys.stdout)

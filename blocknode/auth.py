@@ -7,9 +7,9 @@ key's permissions allow:
 
 | permission | kinds                                                     | CLI commands |
 |------------|-----------------------------------------------------------|--------------|
-| (any key)  | `status`                                                  | status |
-| `read`     | `client_get`                                              | get |
-| `write`    | `client_put`, `client_put_many`, `client_ref`             | put, ref, unref |
+| (any key)  | `status`, `client_layout`                                 | status |
+| `read`     | `client_get`, `client_get_direct`                         | get |
+| `write`    | `client_put`, `client_put_many`, `client_ref`, `client_put_direct` | put, ref, unref |
 | `admin`    | every `admin_*` kind (`protocol.ADMIN_KINDS`)             | scrub, repair, block, worker, key |
 
 Every other kind (`protocol.REPLICA_KINDS`: `put_block(s)`, `get_block`,
@@ -36,7 +36,10 @@ from blocknode.errors import ConfigError, Forbidden
 from blocknode.protocol import (
     ADMIN_KINDS,
     CLIENT_GET,
+    CLIENT_GET_DIRECT,
+    CLIENT_LAYOUT,
     CLIENT_PUT,
+    CLIENT_PUT_DIRECT,
     CLIENT_PUT_MANY,
     CLIENT_REF,
     STATUS,
@@ -71,8 +74,11 @@ KEY_ENV: Final = "BLOCKNODE_KEY"
 
 _KIND_PERMISSION: Final[dict[str, str]] = {
     STATUS: "",
+    CLIENT_LAYOUT: "",
     CLIENT_GET: READ,
+    CLIENT_GET_DIRECT: READ,
     CLIENT_PUT: WRITE,
+    CLIENT_PUT_DIRECT: WRITE,
     CLIENT_PUT_MANY: WRITE,
     CLIENT_REF: WRITE,
     **{kind: ADMIN for kind in ADMIN_KINDS},

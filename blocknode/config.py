@@ -64,6 +64,7 @@ class NodeConfig:
     rpc_secret: str | None = field(default=None, repr=False)  # 64 hex chars; or rpc_secret_file
     rpc_secret_file: str | None = None  # default: <root>/rpc_secret, made on first start
     client_key_file: str | None = None  # the client key (ID:SECRET) a client uses; BLOCKNODE_KEY wins
+    client_direct: bool = True  # a client sends large blocks to (and reads them from) the replicas itself
     admin_key_file: str | None = None  # default: <root>/admin_key, made on first start
     allow_world_readable_secrets: bool = False  # accept a secret file readable by group/others
     cluster_file: str | None = None  # none: a single-node cluster of this node
@@ -80,6 +81,7 @@ class NodeConfig:
     need_block_timeout: float = 5.0
     connect_timeout: float = 5.0
     hedge_delay: float = 0.05
+    group_commit_rounds: int = 4  # small-block batches of different clients stored at once (0: off)
     max_clock_skew: float = 5.0  # a reference version further ahead of this node's clock is refused
     block_ram_buffer_max: int = 256 * MiB
     rpc_handshake_timeout: float = 2.0
@@ -200,6 +202,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "allow_world_readable_secrets": (_is_bool, "true or false"),
     "cluster_file": (_is_opt_str, "a file path"),
     "client_key_file": (_is_opt_str, "a file path"),
+    "client_direct": (_is_bool, "true or false"),
     "admin_key_file": (_is_opt_str, "a file path"),
     "zone": (_is_str, "a non-empty string"),
     "replication_factor": (_is_pos_int, "an integer >= 1"),
@@ -215,6 +218,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "need_block_timeout": (_is_pos_num, "a number of seconds > 0"),
     "connect_timeout": (_is_pos_num, "a number of seconds > 0"),
     "hedge_delay": (_is_nonneg_num, "a number of seconds >= 0"),
+    "group_commit_rounds": (lambda v: _is_pos_int(v) or v == 0, "an integer >= 0"),
     "max_clock_skew": (lambda v: _is_nonneg_num(v) and v >= 0.01, "a number of seconds >= 0.01"),
     "block_ram_buffer_max": (_is_pos_int,
                              f"a size > 0: a number of bytes, or a string such as {SIZE_FORMS}"),

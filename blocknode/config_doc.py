@@ -77,6 +77,12 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
     "hedge_delay": ("Network",
                     "A read that has no answer from the first replica after this long also asks "
                     "the next one; the first valid copy wins."),
+    "group_commit_rounds": ("Network",
+                            "Group commit across clients: at most this many small-block batches "
+                            "(`client_put_many`, from any clients and connections) are being "
+                            "stored at once; those that arrive meanwhile wait and go together as "
+                            "the next one (one `put_blocks` per replica, one commit there). An "
+                            "idle node adds no wait. 0: each batch is stored on its own."),
     "block_ram_buffer_max": ("Network",
                              "Cap on block bytes held in RAM by RPCs, a quarter each for: payloads "
                              "this node sends, client requests it is handling, messages being "
@@ -102,6 +108,14 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
                         "the one line `ID:SECRET` that `key create` printed. `BLOCKNODE_KEY=ID:SECRET` "
                         "in the environment wins over it. Unset: the node's admin key file, if "
                         "this is a node's config.", "unset"),
+    "client_direct": ("Client keys",
+                      "For a client: send blocks larger than the batching size (64 KiB) straight "
+                      "to their replicas and read them straight from one (hedged), after "
+                      "learning the layout from the node it talks to; that node still "
+                      "coordinates small blocks, manifests, and any block whose replicas the "
+                      "client cannot reach. Each replica checks the key, its layout and the "
+                      "hash, and stamps the reference with its own clock. false: everything "
+                      "goes through the node the client talks to."),
     "admin_key_file": ("Client keys",
                        "This node's admin key (every permission), mode 0600: made on the node's "
                        "first start when missing and added to the cluster's keys; an existing file "

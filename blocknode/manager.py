@@ -186,6 +186,10 @@ class BlockManager:
             self.layout.node(node_id).zone if self.layout.has_node(node_id) else "default")
         self.clock = clock or node_clock(meta, max_clock_skew_ms)
         self._skew_log: dict[str, tuple[float, int]] = {}
+        self.put_batch: Callable[[list[tuple[bytes, str]]], Awaitable[list[bytes | BlocknodeError]]] = \
+            self.put_many
+        """What stores a client's small-block batch: `put_many`, or the node's group commit
+        across clients in front of it (`blocknode.group_commit`)."""
 
     def handlers(self) -> dict[str, Handler]:
         """The RPC handlers this manager serves, by message kind."""
@@ -410,7 +414,10 @@ class BlockManager:
         blks = await self.run_sync(hash_all) if total > block.HASH_IN_THREAD_MIN else hash_all()
         groups: dict[tuple[tuple[tuple[str, ...], int], ...], list[int]] = {}
         for i, blk in enumerate(blks):
-            groups.setdefault(tuple(self.layout.write_sets(blk.hash)), []).append(i)
+            # Keyed by each version's node *set*: blocks whose partitions list the same
+            # nodes in another order still travel in one message per node.
+            key = tuple((tuple(sorted(nodes)), q) for nodes, q in self.layout.write_sets(blk.hash))
+            groups.setdefault(key, []).append(i)
         results: list[bytes | BlocknodeError] = [blk.hash for blk in blks]
         ts = await self.clock.next()
 
@@ -608,7 +615,7 @@ class BlockManager:
         """A client puts a batch of blocks; the reply lists each block's hash or error."""
         refuse_client_ts(fields, CLIENT_PUT_MANY)
         items = parse_batch_items(fields, data, with_hash=False, block_size=self.block_size)
-        results = await self.put_many([(chunk, ref_id) for _, ref_id, _, chunk in items])
+        results = await self.put_batch([(chunk, ref_id) for _, ref_id, _, chunk in items])
         self.on_quorum_failures(CLIENT_PUT_MANY, sum(isinstance(r, QuorumError) for r in results))
         return {
             "hashes": [r if isinstance(r, bytes) else None for r in results],

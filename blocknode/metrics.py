@@ -71,8 +71,8 @@ __all__ = ["NodeCollector", "NodeMetrics", "health_problem", "outcome_of", "serv
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0)
-PUT_KINDS = frozenset({"client_put", "client_put_many"})
-GET_KINDS = frozenset({"client_get"})
+PUT_KINDS = frozenset({"client_put", "client_put_many", "client_put_direct"})
+GET_KINDS = frozenset({"client_get", "client_get_direct"})
 OTHER_KIND = "other"  # the label of a kind no handler knows (never the raw string: cardinality)
 
 

@@ -37,7 +37,9 @@ from blocknode.admin import Admin
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
 from blocknode.context import NodeContext
+from blocknode.direct import DirectHandlers
 from blocknode.errors import ConfigError, RemoteProtocolError
+from blocknode.group_commit import GroupCommit
 from blocknode.keys import KeyService
 from blocknode.layout_service import LayoutService
 from blocknode.manager import BlockManager, Handler, Reply
@@ -56,7 +58,7 @@ from blocknode.workers.scrub import Scrub
 
 log = logging.getLogger(__name__)
 
-BLOCK_REPLY_KINDS = frozenset({"get_block", "client_get"})
+BLOCK_REPLY_KINDS = frozenset({"get_block", "client_get", "client_get_direct"})
 """Request kinds whose reply carries a block (the rest answer with a head only)."""
 
 VIEW_KINDS = frozenset({"put_block"})
@@ -163,6 +165,8 @@ class Node:
             zone=self.layout.node(cfg.node_id).zone if self.layout.has_node(cfg.node_id)
             else cfg.zone,
         )
+        self.group_commit = GroupCommit(self.manager.put_many, rounds=cfg.group_commit_rounds)
+        self.manager.put_batch = self.group_commit.put_many
         self.resync = Resync(self.manager, self.ctx, need_block_timeout=cfg.need_block_timeout,
                              workers=cfg.resync_workers, tranquility=cfg.resync_tranquility)
         self.scrub = Scrub(self.manager, self.ctx, tranquility=cfg.scrub_tranquility,
@@ -179,8 +183,10 @@ class Node:
                       blocks=self.blocks, manager=self.manager, ctx=self.ctx,
                       workers=self.workers, resync=self.resync, scrub=self.scrub,
                       repair=self.repair, anti_entropy=self.anti_entropy)
+        self.direct = DirectHandlers(self.manager, self.layouts)
         self._handlers: dict[str, Handler] = {}
-        for handlers in (self.manager.handlers(), self.anti_entropy.handlers(), admin.handlers(),
+        for handlers in (self.manager.handlers(), self.direct.handlers(),
+                         self.anti_entropy.handlers(), admin.handlers(),
                          self.keys.handlers(), self.layouts.handlers(),
                          {STATUS: self.handle_status,
                           ADMIN_REBALANCE: self.rebalance.handle_admin}):

@@ -90,7 +90,10 @@ __all__ = [
     "AE_EXCHANGE",
     "ALL_KINDS",
     "CLIENT_GET",
+    "CLIENT_GET_DIRECT",
     "CLIENT_KINDS",
+    "CLIENT_LAYOUT",
+    "CLIENT_PUT_DIRECT",
     "CLIENT_PUT",
     "CLIENT_PUT_MANY",
     "CLIENT_REF",
@@ -148,6 +151,9 @@ CLIENT_PUT: Final = "client_put"
 CLIENT_PUT_MANY: Final = "client_put_many"
 CLIENT_GET: Final = "client_get"
 CLIENT_REF: Final = "client_ref"
+CLIENT_LAYOUT: Final = "client_layout"
+CLIENT_PUT_DIRECT: Final = "client_put_direct"
+CLIENT_GET_DIRECT: Final = "client_get_direct"
 STATUS: Final = "status"
 # Admin calls (the `python -m blocknode` worker/block/scrub/repair commands).
 ADMIN_SCRUB: Final = "admin_scrub"
@@ -177,8 +183,10 @@ REPLICA_KINDS: Final = frozenset(
      KEY_PUT, KEY_SYNC, LAYOUT_SYNC}
 )
 """Kinds one node sends another (node-internal: refused from any client key)."""
-CLIENT_KINDS: Final = frozenset({CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_GET, CLIENT_REF, STATUS})
-"""Kinds a client sends the node it talks to."""
+CLIENT_KINDS: Final = frozenset({CLIENT_PUT, CLIENT_PUT_MANY, CLIENT_GET, CLIENT_REF, STATUS,
+                                  CLIENT_LAYOUT, CLIENT_PUT_DIRECT, CLIENT_GET_DIRECT})
+"""Kinds a client sends the node it talks to (the `*_direct` ones: to a block's replica
+itself, see `blocknode.direct`)."""
 ADMIN_KINDS: Final = frozenset({
     ADMIN_SCRUB, ADMIN_REPAIR, ADMIN_BLOCK_INFO, ADMIN_BLOCK_ERRORS, ADMIN_BLOCK_RETRY_NOW,
     ADMIN_BLOCK_PURGE, ADMIN_WORKER_LIST, ADMIN_WORKER_GET, ADMIN_WORKER_SET, ADMIN_ANTI_ENTROPY,

@@ -28,6 +28,7 @@ import trio
 from blocknode import block
 from blocknode.auth import ClientKey, load_client_key
 from blocknode.client.batcher import BATCH_MAX_BLOCK, PutBatcher
+from blocknode.client.direct import DIRECT_MIN_BLOCK, DirectPath
 from blocknode.client.manifest import (
     MANIFEST_MAGIC,
     block_count,
@@ -91,7 +92,7 @@ class Client:
     """
 
     def __init__(self, conn: RpcConnection, *, block_size: int, timeout: float,
-                 reconnect: Reconnect | None = None) -> None:
+                 reconnect: Reconnect | None = None, direct: DirectPath | None = None) -> None:
         self._conn = conn
         self.block_size = block_size
         self.timeout = timeout
@@ -102,6 +103,9 @@ class Client:
         self._backoff = _BACKOFF_FIRST
         self.reconnects = 0
         """How many times the connection was reopened."""
+        self.direct = direct
+        """The direct path (blocks larger than `DIRECT_MIN_BLOCK` to and from their
+        replicas, `blocknode.client.direct`), or None: everything through the node."""
 
     async def call(self, kind: str, fields: dict[str, Any], data: bytes | None = None,
                    *, timeout: float | None = None) -> tuple[dict[str, Any], bytes | None]:
@@ -160,12 +164,14 @@ class Client:
 
     # ---- blocks ----
 
-    async def put_block(self, data: bytes, ref_id: str) -> bytes:
+    async def put_block(self, data: bytes, ref_id: str, *, direct: bool = True) -> bytes:
         """Put one block (at most `block_size` bytes) with a reference; returns its hash.
 
         Small blocks put concurrently through one client travel together (see
         `PutBatcher`); each caller still gets its own result or error. The
-        reference's time is set by the cluster.
+        reference's time is set by the cluster. A block larger than `DIRECT_MIN_BLOCK`
+        goes to its replicas directly when the direct path is on and `direct` (the
+        node coordinates manifests: `direct=False`).
 
         Not cancellable once called (it ends within the client's timeout): a put sent
         is applied by the node whether or not its caller still waits, so a caller that
@@ -175,11 +181,20 @@ class Client:
         with trio.CancelScope(shield=True):
             if len(data) <= BATCH_MAX_BLOCK:
                 return await self._batcher.put(data, ref_id)
+            if direct and self.direct is not None and len(data) > DIRECT_MIN_BLOCK:
+                h = await self.direct.put(data, ref_id)
+                if h is not None:
+                    return h
             reply, _ = await self.call(CLIENT_PUT, {"ref_id": ref_id}, data)
             return reply["hash"]
 
     async def get_block(self, h: bytes) -> bytes:
-        """Get one block's verified bytes."""
+        """Get one block's verified bytes (from a replica directly when the direct path
+        is on, else, or when no replica answers with it, through the node)."""
+        if self.direct is not None:
+            found = await self.direct.get(h)
+            if found is not None:
+                return found
         _, data = await self.call(CLIENT_GET, {"hash": h})
         try:
             return block.verify(data or b"", h, block_size=self.block_size)
@@ -285,7 +300,7 @@ class Client:
                 raise BlocknodeError(
                     f"data of {total} bytes needs {len(hashes)} blocks: too many for one manifest")
             manifest_hash = block.hashed(manifest).hash
-            await self.put_block(manifest, ref_id)
+            await self.put_block(manifest, ref_id, direct=False)
             if fresh:
                 return manifest_hash.hex()
             referenced = True
@@ -450,25 +465,29 @@ async def _aiter(chunks: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterato
 
 @asynccontextmanager
 async def open_client(cfg: NodeConfig, *, timeout: float | None = None,
-                      key: ClientKey | None = None) -> AsyncIterator[Client]:
+                      key: ClientKey | None = None, direct: bool | None = None) -> AsyncIterator[Client]:
     """Connect to the node `cfg` describes (its public address) with a client key.
 
     The key is `key`, else ``BLOCKNODE_KEY``, else the config's
     `client_key_file`, else the node's admin key file (see
     `blocknode.auth.load_client_key`); a client never uses the cluster secret.
+    `direct` (default: the config's `client_direct`): large blocks go to and
+    come from their replicas directly (`blocknode.client.direct`).
     The connection's engine runs in a nursery this context manager holds, and so
-    does the new connection's when one that ended is reopened (see `Client`); an
-    error raised by the body comes out as itself.
+    does the new connection's when one that ended is reopened (see `Client`), and
+    so do the direct path's connections to the replicas; an error raised by the
+    body comes out as itself.
     """
     key = key or load_client_key(cfg)
+    use_direct = cfg.client_direct if direct is None else direct
+    limit = max_message_size(cfg.block_size)
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:  # the connections' engines run here
 
-        async def connect(limit: float) -> RpcConnection:
+        async def connect(seconds: float) -> RpcConnection:
             conn = await open_connection(
                 cfg.public_addr, key.secret, local_id=key.id, role=ROLE_CLIENT,
-                connect_timeout=limit, handshake_timeout=limit,
-                max_message_size=max_message_size(cfg.block_size))
+                connect_timeout=seconds, handshake_timeout=seconds, max_message_size=limit)
             await nursery.start(conn.run)
             return conn
 
@@ -477,8 +496,13 @@ async def open_client(cfg: NodeConfig, *, timeout: float | None = None,
         except BaseException as exc:  # re-raised below as itself, outside the nursery
             failure = exc
         else:
+            # The home connection is looked up at each use: a reconnect swaps it.
+            path = DirectPath(lambda: client._conn, key, nursery, block_size=cfg.block_size,
+                              timeout=cfg.rpc_timeout, connect_timeout=cfg.connect_timeout,
+                              max_message_size=limit, hedge_delay=cfg.hedge_delay) if use_direct else None
             client = Client(conn, block_size=cfg.block_size, timeout=timeout or cfg.rpc_timeout * 2,
-                            reconnect=lambda limit: connect(min(limit, cfg.connect_timeout)))
+                            reconnect=lambda seconds: connect(min(seconds, cfg.connect_timeout)),
+                            direct=path)
             try:
                 yield client
             except BaseException as exc:  # re-raised below, outside the nursery

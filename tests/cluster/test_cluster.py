@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from blocknode import fastpath
-from blocknode.client import BATCH_MAX_BLOCK
+from blocknode.client import BATCH_MAX_BLOCK, open_client
 from blocknode.errors import BlocknodeError, BlockNotFound, HashMismatch, QuorumError, RpcTimeout
 from blocknode.protocol import ADMIN_BLOCK_INFO
 from tests.cluster.harness import in_process_cluster
@@ -219,7 +219,8 @@ async def test_hedged_read_and_corrupt_replica_skipped(tmp_path):
         async with in_process_cluster(tmp_path, 5, hedge_delay=hedge, rpc_timeout=30.0) as cl:
             data = _block_not_on(cl, "node1")
             h = fastpath.block_hash(data)
-            async with cl.client("node1") as c:
+            # The coordinator's hedged read (the client's own: tests/cluster/test_direct.py).
+            async with open_client(cl.cfg("node1"), timeout=10, direct=False) as c:
                 await c.put(data, "r")
                 replicas = list(cl.nodes["node1"].layout.write_nodes(h))
                 # the put returned at the write quorum: let the third copy land too

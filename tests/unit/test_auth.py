@@ -30,7 +30,8 @@ EVERY = frozenset({READ, WRITE, ADMIN})
 def test_every_kind_has_exactly_one_rule() -> None:
     assert {k: required_permission(k) for k in CLIENT_KINDS} == {
         "client_get": READ, "client_put": WRITE, "client_put_many": WRITE, "client_ref": WRITE,
-        "status": ""}
+        "status": "", "client_layout": "", "client_get_direct": READ,
+        "client_put_direct": WRITE}
     assert all(required_permission(k) == ADMIN for k in ADMIN_KINDS)
     assert all(required_permission(k) == NODE_ONLY for k in REPLICA_KINDS)
     assert required_permission("no_such_kind") == NODE_ONLY
