@@ -128,10 +128,24 @@ def snapshot(n: LiveNode) -> tuple[Any, ...]:
     return (st_["blocks"], st_["inline_blocks"], st_["rc_entries"], st_["refs"], tuple(files))
 
 
-def check_node(n: LiveNode, before: tuple[Any, ...], wrote: bool) -> None:
-    """Alive, still serving a normal client byte-exact, nothing written, no traceback."""
+def connections_released(n: LiveNode, timeout: float = 5.0) -> None:
+    """Once the fuzzing peer closed, only the checker's connection is left (nothing leaks)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conns = n.checker.status()["connections"]
+        if conns["incoming"] == 1 and conns["handshaking"] == 0:
+            return
+        assert time.monotonic() < deadline, f"connections left open after the peer closed: {conns}"
+        time.sleep(0.02)
+
+
+def check_node(n: LiveNode, before: tuple[Any, ...], wrote: bool, *, peer_closed: bool = True) -> None:
+    """Alive, still serving a normal client byte-exact, nothing written, no traceback,
+    and (once the fuzzing peer closed) its connection released."""
     proc = n.procs.procs[0]
     assert proc.poll() is None, f"node exited with {proc.returncode}: {n.log.read_text()[-3000:]}"
+    if peer_closed:
+        connections_released(n)
     if not wrote:
         assert snapshot(n) == before, "a rejected message changed what the node stores"
     n.checks += 1
@@ -320,7 +334,7 @@ def test_slow_partial_hello_does_not_hold_other_clients(node: LiveNode) -> None:
     try:
         for s in socks:
             s.sendall(frame[:len(frame) // 2])
-        check_node(node, before, wrote=False)
+        check_node(node, before, wrote=False, peer_closed=False)
     finally:
         for s in socks:
             s.close()
