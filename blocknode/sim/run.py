@@ -56,6 +56,9 @@ GC_BOUND = 2 * RPC_TIMEOUT + 30.0
 
 @dataclass
 class SimConfig:
+    """One seed's schedule. The defaults are the *full* schedule; `SimConfig.short` is the
+    short one CI runs a thousand of (see `SHORT` and the package docstring)."""
+
     seed: int
     nodes: int = 5
     ops: int = 40
@@ -63,6 +66,26 @@ class SimConfig:
     faults: bool = True
     hot_refs: int = 0  # one burst of this many refs to the popular block (thousands: a soak)
     trace: bool = False  # print the trace as it happens
+    layout_sync_interval: float = 20.0  # gossip period (the node's default, 2 s, is for live
+    key_sync_interval: float = 30.0  # layout changes: a fixed layout needs little of it)
+    ping_interval: float = 10.0  # each node pings its connected peers this often
+    fault_every: float = 6.0  # mean seconds between two nemesis faults (exponential)
+    gc_delay: float = GC_DELAY  # the nodes' gc_delay (the quiesce phase waits it out)
+    heal_rounds: int = 2  # retry-now + anti-entropy + resync rounds per heal step
+    settle: float = 5.0  # simulated seconds after restarts and after each heal round
+
+    @classmethod
+    def short(cls, seed: int, nodes: int = 5, **kw: Any) -> SimConfig:
+        """The short schedule (`SHORT`, overridable by keyword)."""
+        return cls(seed=seed, nodes=nodes, **{**SHORT, **kw})
+
+
+SHORT: dict[str, Any] = {"ops": 16, "workers": 3, "fault_every": 2.5, "gc_delay": 30.0,
+                         "heal_rounds": 1, "settle": 3.0, "layout_sync_interval": 60.0,
+                         "key_sync_interval": 60.0, "ping_interval": 20.0}
+"""The short schedule, a thousand seeds per CI run: 16 client operations from 3 clients
+(~8-30 simulated s of chaos) under a fault every 2.5 s on average (~3-12 per seed), then
+one heal round, a full scrub, one round, the GC delay (30 s) and a last round."""
 
 
 @dataclass
@@ -134,7 +157,7 @@ class Sim:
                 rpc_bind_addr=self.addrs[nid], rpc_secret=secret, cluster_file=cluster_file,
                 zone=f"z{i % 3 + 1}", block_size=BLOCK_SIZE, inline_threshold=INLINE_THRESHOLD,
                 data_fsync=False, metadata_fsync=False, lmdb_map_size=1 << 26,
-                gc_delay=GC_DELAY, rpc_timeout=RPC_TIMEOUT, need_block_timeout=2.0,
+                gc_delay=cfg.gc_delay, rpc_timeout=RPC_TIMEOUT, need_block_timeout=2.0,
                 connect_timeout=1.0, anti_entropy_interval=AE_INTERVAL, scrub_interval=1e7,
                 resync_tranquility=0.0, scrub_tranquility=0.0, source=f"<sim {nid}>",
                 admin_api_bind_addr=None,  # no HTTP listener in a simulation
@@ -160,6 +183,9 @@ class Sim:
                           urandom=self.node_rng[nid].randbytes, run_sync=_inline,
                           connect=self.net.connector(nid))
         node = Node(self.cfgs[nid], ctx=ctx, listener=self.net.listener(nid))
+        node.layouts.sync_interval = self.cfg.layout_sync_interval
+        node.keys.sync_interval = self.cfg.key_sync_interval
+        node.net.ping_interval = self.cfg.ping_interval
         scope = trio.CancelScope()
         done = trio.Event()
 
@@ -315,7 +341,7 @@ class Sim:
             if put:
                 self.protected.add(h)
                 continue
-            if reref and h in self.unprotected_at and now - self.unprotected_at[h] < GC_DELAY / 2:
+            if reref and h in self.unprotected_at and now - self.unprotected_at[h] < self.cfg.gc_delay / 2:
                 self.protected.add(h)
                 continue
             if h in self.protected and not any(
@@ -374,7 +400,7 @@ class Sim:
     async def nemesis(self, nursery: trio.Nursery) -> None:
         rng = self.rng
         while self.chaos:
-            await trio.sleep(rng.expovariate(1 / 6))
+            await trio.sleep(rng.expovariate(1 / self.cfg.fault_every))
             if not self.chaos:
                 return
             x = rng.random()
@@ -517,26 +543,26 @@ class Sim:
                 await self.start(nursery, nid)
         for nid in self.ids:
             await self.nodes[nid].net.check_peers()
-        await trio.sleep(5)
+        await trio.sleep(self.cfg.settle)
 
         async def rounds(n: int) -> None:
             for _ in range(n):
                 await self.each("retry", lambda node: node.resync.retry_now())
                 await self.each("anti-entropy", lambda node: node.anti_entropy.run_round())
                 await self.each("resync", lambda node: node.resync.run_once())
-                await trio.sleep(5)
+                await trio.sleep(self.cfg.settle)
 
-        await rounds(2)
+        await rounds(self.cfg.heal_rounds)
         async def full_scrub(node: Node) -> None:
             await node.scrub.cancel()  # a scrub running since the chaos: start one from the top
             await node.scrub.start()
             await node.scrub.run_to_completion()
 
         await self.each("scrub", full_scrub)
-        await rounds(2)
+        await rounds(self.cfg.heal_rounds)
         t_gc = trio.current_time()
-        await trio.sleep(GC_DELAY + 2 * MAX_SKEW_MS / 1000)
-        await rounds(2)
+        await trio.sleep(self.cfg.gc_delay + 2 * MAX_SKEW_MS / 1000)
+        await rounds(self.cfg.heal_rounds)
         self.event(f"heal done after {trio.current_time() - t_gc:.1f}s past the last unref "
                    f"(bound gc_delay+{GC_BOUND:.0f}s)")
 
@@ -612,12 +638,20 @@ class Sim:
         return want is None or bytes(blk) == want
 
 
+def _tmp_root() -> str | None:
+    """Where the nodes' directories go: /dev/shm (a tmpfs: no disk I/O, cheap rmtree) when
+    it is there and writable, else the default temp dir. Crash semantics do not change:
+    a simulated crash is a process crash, the page cache survives it either way."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 def run_seed(cfg: SimConfig, sim_class: type[Sim] | None = None) -> Result:
     """Run one seed (deterministic: same seed, same trace) and check the invariants."""
     from trio._core import _run as trio_run  # the scheduler's RNG: seeded for determinism
 
     result = Result(cfg.seed)
-    root = tempfile.mkdtemp(prefix=f"blocknode-sim-{cfg.seed}-")
+    root = tempfile.mkdtemp(prefix=f"blocknode-sim-{cfg.seed}-", dir=_tmp_root())
     saved = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
     trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
     trio_run._r.seed(cfg.seed)
