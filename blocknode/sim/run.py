@@ -13,6 +13,7 @@ import random
 import shutil
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from blocknode.protocol import (
     max_message_size,
 )
 from blocknode.rpc.connect import open_client
+from blocknode.sim.bounds import node_bounds
 from blocknode.sim.net import SimNet
 
 __all__ = ["Result", "Sim", "SimConfig", "run_seed"]
@@ -49,6 +51,9 @@ AE_INTERVAL = 60.0
 RPC_TIMEOUT = 5.0
 OP_TIMEOUT = 30.0
 MAX_SKEW_MS = 2000  # per-node skew stays within ±this (max_clock_skew is 5 s)
+HEAP_BUDGET = 128 << 20
+"""With `SimConfig.tracemalloc`: the Python heap peak of one seed (the whole cluster, its
+client and the checker) must stay under this (a violation otherwise)."""
 GC_BOUND = 2 * RPC_TIMEOUT + 30.0
 """Every block whose references are all deleted is gone within gc_delay + this, once healed
 (the heal phase runs its resync and anti-entropy rounds within it)."""
@@ -73,6 +78,9 @@ class SimConfig:
     gc_delay: float = GC_DELAY  # the nodes' gc_delay (the quiesce phase waits it out)
     heal_rounds: int = 2  # retry-now + anti-entropy + resync rounds per heal step
     settle: float = 5.0  # simulated seconds after restarts and after each heal round
+    max_faults: int | None = None  # the nemesis stops after this many faults (shrinking)
+    tracemalloc: bool = False  # measure the seed's Python heap peak (slow: ~2x; not in CI)
+    bounds_every: float = 0.5  # sample every node's bounded structures this often (sim s)
 
     @classmethod
     def short(cls, seed: int, nodes: int = 5, **kw: Any) -> SimConfig:
@@ -80,11 +88,11 @@ class SimConfig:
         return cls(seed=seed, nodes=nodes, **{**SHORT, **kw})
 
 
-SHORT: dict[str, Any] = {"ops": 16, "workers": 3, "fault_every": 2.5, "gc_delay": 30.0,
+SHORT: dict[str, Any] = {"ops": 16, "workers": 3, "fault_every": 1.5, "gc_delay": 30.0,
                          "heal_rounds": 1, "settle": 3.0, "layout_sync_interval": 60.0,
                          "key_sync_interval": 60.0, "ping_interval": 20.0}
 """The short schedule, a thousand seeds per CI run: 16 client operations from 3 clients
-(~8-30 simulated s of chaos) under a fault every 2.5 s on average (~3-12 per seed), then
+(~8-30 simulated s of chaos) under a fault every 1.5 s on average (~3-15 per seed), then
 one heal round, a full scrub, one round, the GC delay (30 s) and a last round."""
 
 
@@ -98,9 +106,13 @@ class Result:
     beyond_budget: list[str] = field(default_factory=list)
     sim_s: float = 0.0
     wall_s: float = 0.0
+    peaks: dict[str, int] = field(default_factory=dict)  # bounded structures' peaks, tracemalloc
+    trace_digest: str = ""  # set when the trace was dropped (a passing seed from a worker)
 
     @property
     def digest(self) -> str:
+        if self.trace_digest and not self.trace:
+            return self.trace_digest
         return hashlib.sha256("\n".join(self.trace).encode()).hexdigest()[:16]
 
     @property
@@ -186,6 +198,7 @@ class Sim:
         node.layouts.sync_interval = self.cfg.layout_sync_interval
         node.keys.sync_interval = self.cfg.key_sync_interval
         node.net.ping_interval = self.cfg.ping_interval
+        self.watch_gc(nid, node)
         scope = trio.CancelScope()
         done = trio.Event()
 
@@ -203,6 +216,43 @@ class Sim:
         self.nodes[nid], self.scopes[nid], self.done[nid] = node, scope, done
         await nursery.start(run)
         self.event(f"start {nid}")
+
+    def watch_gc(self, nid: str, node: Node) -> None:
+        """Check every deletion by GC or offload as it happens (S2, continuously): the
+        resync worker deletes through `LocalBlocks.delete_if_deletable` only, so this
+        wraps it on the node's instance (no simulation code in the node)."""
+        inner = node.blocks.delete_if_deletable
+
+        async def delete_if_deletable(h: bytes) -> bool:
+            before = self.live_refs(h)
+            deleted = await inner(h)
+            if deleted:
+                self.res.ops["gc_deleted"] += 1
+                # acked live before the deletion began and still live (no unref since)
+                live = sorted(before & self.live_refs(h))
+                if live and h in self.protected and nid in node.layout.nodes_of(h):
+                    self.violation(f"GC on {nid} deleted {h.hex()[:16]} while live acked "
+                                   f"reference(s) {live[:3]} exist (it is a replica)")
+            return deleted
+
+        node.blocks.delete_if_deletable = delete_if_deletable  # type: ignore[method-assign]
+
+    def live_refs(self, h: bytes) -> set[str]:
+        """The references of `h` the client holds as acknowledged live (none in flight)."""
+        return {r for (hh, r), st in self.pairs.items()
+                if hh == h and st == "live" and (hh, r) not in self.busy}
+
+    async def sample_bounds(self) -> None:
+        """Memory budget, continuously: every `bounds_every` simulated seconds, each running
+        node's bounded structures (`blocknode.sim.bounds`) are within their bounds."""
+        while True:
+            await trio.sleep(self.cfg.bounds_every)
+            for nid, node in list(self.nodes.items()):
+                for name, value, bound in node_bounds(node, len(self.ids)):
+                    peak = f"peak:{name}"
+                    self.res.peaks[peak] = max(self.res.peaks.get(peak, 0), value)
+                    if value > bound:
+                        self.violation(f"memory budget: {nid} {name} = {value} > {bound}")
 
     async def crash(self, nid: str) -> None:
         self.net.crash(nid)
@@ -401,7 +451,8 @@ class Sim:
         rng = self.rng
         while self.chaos:
             await trio.sleep(rng.expovariate(1 / self.cfg.fault_every))
-            if not self.chaos:
+            if not self.chaos or (self.cfg.max_faults is not None
+                                  and sum(self.res.faults.values()) >= self.cfg.max_faults):
                 return
             x = rng.random()
             up = [n for n in self.ids if n in self.nodes]
@@ -514,6 +565,7 @@ class Sim:
             for nid in self.ids:
                 await self.start(nursery, nid)
             await trio.sleep(1)
+            nursery.start_soon(self.sample_bounds)
             if self.cfg.faults:
                 nursery.start_soon(self.nemesis, nursery)
             async with trio.open_nursery() as load:
@@ -657,10 +709,20 @@ def run_seed(cfg: SimConfig, sim_class: type[Sim] | None = None) -> Result:
     trio_run._r.seed(cfg.seed)
     logging.disable(logging.CRITICAL)
     t0 = time.perf_counter()
+    if cfg.tracemalloc:
+        tracemalloc.start()
     try:
         sim = (sim_class or Sim)(cfg, root, result)
         trio.run(sim.main, clock=trio.testing.MockClock(autojump_threshold=0))
+        if cfg.tracemalloc:
+            peak = tracemalloc.get_traced_memory()[1]
+            result.peaks["tracemalloc_peak"] = peak
+            if peak > HEAP_BUDGET:
+                result.violations.append(f"memory budget: heap peak {peak >> 20} MiB > "
+                                         f"{HEAP_BUDGET >> 20} MiB")
     finally:
+        if cfg.tracemalloc:
+            tracemalloc.stop()
         result.wall_s = time.perf_counter() - t0
         trio_run._ALLOW_DETERMINISTIC_SCHEDULING = saved  # type: ignore[misc]
         logging.disable(logging.NOTSET)
