@@ -58,7 +58,7 @@ def run_many(configs: Iterable[SimConfig], jobs: int = 1,
 class Summary:
     """The sum of many seeds' results (the report table)."""
 
-    nodes: int
+    nodes: int | str  # the node count, or a description ("3-5")
     seeds: int = 0
     sim_s: float = 0.0
     ops: Counter = field(default_factory=Counter)
