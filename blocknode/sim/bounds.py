@@ -39,8 +39,7 @@ def node_bounds(node: Node, cluster_size: int) -> list[tuple[str, int, int]]:
         out.append((f"rpc.{name}.committed", b.committed, b.max_bytes))
     out.append(("rpc.incoming_connections", net.incoming_connections,
                 net.max_connections + net.max_node_connections))
-    status = net.connection_status()
-    out.append(("rpc.handshaking", status["handshaking"], net.limits.max_handshakes))
+    out.append(("rpc.handshaking", len(net._handshaking), net.limits.max_handshakes))
     out.append(("rpc.peers", len(net._peers), cluster_size))
     resync = node.resync
     out.append(("resync.in_progress", len(resync._in_progress), RESYNC_MAX_WORKERS))

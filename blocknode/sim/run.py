@@ -80,7 +80,7 @@ class SimConfig:
     settle: float = 5.0  # simulated seconds after restarts and after each heal round
     max_faults: int | None = None  # the nemesis stops after this many faults (shrinking)
     tracemalloc: bool = False  # measure the seed's Python heap peak (slow: ~2x; not in CI)
-    bounds_every: float = 0.5  # sample every node's bounded structures this often (sim s)
+    bounds_every: float = 1.0  # sample every node's bounded structures this often (sim s)
 
     @classmethod
     def short(cls, seed: int, nodes: int = 5, **kw: Any) -> SimConfig:
