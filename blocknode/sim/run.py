@@ -143,6 +143,7 @@ class Sim:
         self.done: dict[str, trio.Event] = {}
         self.victim = self.rng.choice(self.ids)  # the one node whose storage may be damaged
         self.disk_losses = 0
+        self.pending_loss: dict[str, str] = {}  # a crashed node's disk loss, done at its restart
         # the client's model
         self.data: dict[bytes, bytes] = {}
         self.pairs: dict[tuple[bytes, str], str] = {}  # (hash, ref) -> live | dead | unknown
@@ -465,6 +466,8 @@ class Sim:
                 loss = None
                 if nid == self.victim and self.disk_losses == 0 and rng.random() < 0.5:
                     loss = rng.choice(["data", "meta"])
+                if loss is not None:
+                    self.pending_loss[nid] = loss
                 nursery.start_soon(self.restart_later, nursery, nid, rng.uniform(2, 40), loss)
             elif x < 0.45:
                 self.bitflip()
@@ -497,7 +500,12 @@ class Sim:
         await trio.sleep(after)
         if nid in self.nodes:
             return
-        self.lose(nid, loss)
+        await self.restart(nursery, nid)
+
+    async def restart(self, nursery: trio.Nursery, nid: str) -> None:
+        """Start a crashed node again, first losing the disk its crash decided it would lose
+        (also when the heal phase restarts it: in a short schedule most restarts happen there)."""
+        self.lose(nid, self.pending_loss.pop(nid, None))
         await self.start(nursery, nid)
 
     def lose(self, nid: str, loss: str | None) -> None:
@@ -592,7 +600,7 @@ class Sim:
         await trio.sleep(1)
         for nid in self.ids:
             if nid not in self.nodes:
-                await self.start(nursery, nid)
+                await self.restart(nursery, nid)
         for nid in self.ids:
             await self.nodes[nid].net.check_peers()
         await trio.sleep(self.cfg.settle)
