@@ -56,6 +56,7 @@ is not 32 bytes; per-node lookups raise `ConfigError` for an unknown node id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -63,13 +64,22 @@ from collections.abc import Callable, Sequence
 from blocknode.cluster_config import ClusterConfig, ClusterNode
 from blocknode.errors import ConfigError, InvalidHash, UnknownNode
 
-__all__ = ["HASH_LEN", "PARTITION_COUNT", "Layout", "LiveLayout", "partition_of"]
+__all__ = ["HASH_LEN", "PARTITION_COUNT", "Layout", "LiveLayout", "layout_of", "partition_of"]
 
 PARTITION_COUNT = 256
 HASH_LEN = 32  # a block hash: the first 32 bytes of BLAKE2b-512 (see blocknode.fastpath)
 
 _HASH_DOMAIN = b"blocknode-layout-v1\x00"
 _LN2 = 0.6931471805599453094  # ln(2), rounded to the nearest double
+
+
+@functools.lru_cache(maxsize=32)
+def layout_of(config: ClusterConfig) -> Layout:
+    """The `Layout` of `config`, shared: a `Layout` is immutable and costs 256 races to
+    build (~50 ms), and every node start and every gossiped version builds the same few
+    (the simulation starts thousands of nodes from one cluster file). Raises like `Layout`
+    (errors are not cached)."""
+    return Layout(config)
 
 
 def partition_of(hash: bytes) -> int:

@@ -41,7 +41,7 @@ import trio
 
 from blocknode.cluster_config import ClusterConfig
 from blocknode.errors import BlocknodeError, RemoteProtocolError
-from blocknode.layout import PARTITION_COUNT, Layout, LiveLayout
+from blocknode.layout import PARTITION_COUNT, Layout, LiveLayout, layout_of
 from blocknode.layout_state import LayoutState, version_digest
 from blocknode.notify import Notify
 from blocknode.protocol import (
@@ -74,7 +74,7 @@ FIRST_SYNC_DELAY: Final = 0.5
 
 def layouts_of(state: LayoutState) -> list[tuple[int, Layout]]:
     """The `Layout` of every live version of `state`, oldest first."""
-    return [(v, Layout(state.versions[v])) for v in state.live]
+    return [(v, layout_of(state.versions[v])) for v in state.live]
 
 
 class LayoutService:

@@ -41,7 +41,7 @@ import msgpack
 
 from blocknode.cluster_config import ClusterConfig, ClusterNode
 from blocknode.errors import BlocknodeError, ConfigError, RemoteProtocolError
-from blocknode.layout import Layout
+from blocknode.layout import Layout, layout_of
 
 __all__ = ["HistoryEntry", "LayoutState", "Staged", "StaleVersion", "cluster_from_wire",
            "cluster_to_wire", "version_digest"]
@@ -119,7 +119,7 @@ class LayoutState:
     def seed(cls, cluster: ClusterConfig) -> LayoutState:
         """Version 1 of a new cluster, from its cluster file: the same on every node that
         has the same file (no clock in it); its nodes have nothing to sync."""
-        Layout(cluster)  # validates
+        layout_of(cluster)  # validates (and builds the layout every node will use)
         return cls(versions={1: cluster},
                    history={1: HistoryEntry(version_digest(1, cluster), 0)},
                    staged=Staged(base=1), synced={n.id: 1 for n in cluster.nodes}, floor=1)

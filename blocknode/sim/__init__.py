@@ -1,6 +1,8 @@
 """Deterministic simulation of a whole blocknode cluster in one process (issue 11).
 
-``python -m blocknode.sim --seeds N --nodes 5`` / ``--seed S --trace``.
+``python -m blocknode.sim --seeds N --nodes 5 --jobs 2`` / ``--seed S --trace`` /
+``--hours H`` (modules: `run` one seed, `net` the network, `bounds` the memory
+budget, `batch` many seeds in worker processes and the table).
 
 What runs: 3–7 real `blocknode.node.Node`s (rf 3, one zone per node modulo 3) —
 manager, metadata store on real LMDB, block files, resync, GC, anti-entropy,
@@ -44,16 +46,34 @@ Stream-level faults: TCP cannot silently drop, duplicate or reorder bytes, so
 those show up as resets, stalls and delays here (and duplicated requests as
 client retries); bytes are delivered in order, in random pieces.
 
+Schedules: the *short* one (`run.SHORT`, `SimConfig.short`; what CI runs 1000 of
+and the command line's default) — 16 client operations from 3 clients, a fault
+every 1.5 s on average during ~8-30 s of chaos, one round per heal step, a 30 s
+GC delay, gossip every 60 s: ~55 simulated seconds, ~0.3-0.6 CPU-s per seed. The
+*full* one (`SimConfig` defaults) — 40 operations, a fault every 6 s, two rounds
+per heal step, a 60 s GC delay: ~2 simulated minutes.
+
 Phases: chaos (workload + nemesis) → heal (partitions and clogs lifted, every
-node restarted, retry-now + anti-entropy + resync rounds, a full scrub) →
-quiesce (past the GC delay) → checks:
+node restarted, retry-now + anti-entropy + resync rounds, a full scrub, rounds) →
+quiesce (past the GC delay, rounds) → checks. Checked continuously, during every
+phase (safety properties):
+
+- a GC or offload deletion (`LocalBlocks.delete_if_deletable`, wrapped on each
+  node instance by `Sim.watch_gc`) of a block the client holds a live
+  acknowledged, protected reference to, on a node that is one of its replicas
+  (the reference live before the deletion began and still live after it);
+- a get returning bytes that do not match the hash;
+- the memory budget: every `bounds_every` simulated seconds each running node's
+  bounded structures (`bounds.node_bounds`) are within their bounds; with
+  `SimConfig.tracemalloc`, the seed's heap peak is under `run.HEAP_BUDGET`;
+- a node task stopping or dying on its own.
+
+After healing:
 
 - LOST: a block an acknowledged put stored, with a live reference, is held
   intact (read and verified) by fewer than write-quorum nodes;
 - unconverged: a live reference is missing or deleted on one of its replicas;
 - not collected: a block all of whose references were deleted (and acked) is
   still on a node, gc_delay + `run.GC_BOUND` after the last deletion;
-- a get returned bytes that do not match the hash (checked on every get);
-- rc mismatch: a node's RC differs from its count of live references;
-- a node task stopped or died on its own.
+- rc mismatch: a node's RC differs from its count of live references.
 """

@@ -13,6 +13,7 @@ import random
 import shutil
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from blocknode.protocol import (
     max_message_size,
 )
 from blocknode.rpc.connect import open_client
+from blocknode.sim.bounds import node_bounds
 from blocknode.sim.net import SimNet
 
 __all__ = ["Result", "Sim", "SimConfig", "run_seed"]
@@ -49,6 +51,9 @@ AE_INTERVAL = 60.0
 RPC_TIMEOUT = 5.0
 OP_TIMEOUT = 30.0
 MAX_SKEW_MS = 2000  # per-node skew stays within ±this (max_clock_skew is 5 s)
+HEAP_BUDGET = 128 << 20
+"""With `SimConfig.tracemalloc`: the Python heap peak of one seed (the whole cluster, its
+client and the checker) must stay under this (a violation otherwise)."""
 GC_BOUND = 2 * RPC_TIMEOUT + 30.0
 """Every block whose references are all deleted is gone within gc_delay + this, once healed
 (the heal phase runs its resync and anti-entropy rounds within it)."""
@@ -56,6 +61,9 @@ GC_BOUND = 2 * RPC_TIMEOUT + 30.0
 
 @dataclass
 class SimConfig:
+    """One seed's schedule. The defaults are the *full* schedule; `SimConfig.short` is the
+    short one CI runs a thousand of (see `SHORT` and the package docstring)."""
+
     seed: int
     nodes: int = 5
     ops: int = 40
@@ -63,6 +71,29 @@ class SimConfig:
     faults: bool = True
     hot_refs: int = 0  # one burst of this many refs to the popular block (thousands: a soak)
     trace: bool = False  # print the trace as it happens
+    layout_sync_interval: float = 20.0  # gossip period (the node's default, 2 s, is for live
+    key_sync_interval: float = 30.0  # layout changes: a fixed layout needs little of it)
+    ping_interval: float = 10.0  # each node pings its connected peers this often
+    fault_every: float = 6.0  # mean seconds between two nemesis faults (exponential)
+    gc_delay: float = GC_DELAY  # the nodes' gc_delay (the quiesce phase waits it out)
+    heal_rounds: int = 2  # retry-now + anti-entropy + resync rounds per heal step
+    settle: float = 5.0  # simulated seconds after restarts and after each heal round
+    max_faults: int | None = None  # the nemesis stops after this many faults (shrinking)
+    tracemalloc: bool = False  # measure the seed's Python heap peak (slow: ~2x; not in CI)
+    bounds_every: float = 1.0  # sample every node's bounded structures this often (sim s)
+
+    @classmethod
+    def short(cls, seed: int, nodes: int = 5, **kw: Any) -> SimConfig:
+        """The short schedule (`SHORT`, overridable by keyword)."""
+        return cls(seed=seed, nodes=nodes, **{**SHORT, **kw})
+
+
+SHORT: dict[str, Any] = {"ops": 16, "workers": 3, "fault_every": 1.5, "gc_delay": 30.0,
+                         "heal_rounds": 1, "settle": 3.0, "layout_sync_interval": 60.0,
+                         "key_sync_interval": 60.0, "ping_interval": 20.0}
+"""The short schedule, a thousand seeds per CI run: 16 client operations from 3 clients
+(~8-30 simulated s of chaos) under a fault every 1.5 s on average (~3-15 per seed), then
+one heal round, a full scrub, one round, the GC delay (30 s) and a last round."""
 
 
 @dataclass
@@ -75,9 +106,13 @@ class Result:
     beyond_budget: list[str] = field(default_factory=list)
     sim_s: float = 0.0
     wall_s: float = 0.0
+    peaks: dict[str, int] = field(default_factory=dict)  # bounded structures' peaks, tracemalloc
+    trace_digest: str = ""  # set when the trace was dropped (a passing seed from a worker)
 
     @property
     def digest(self) -> str:
+        if self.trace_digest and not self.trace:
+            return self.trace_digest
         return hashlib.sha256("\n".join(self.trace).encode()).hexdigest()[:16]
 
     @property
@@ -108,6 +143,7 @@ class Sim:
         self.done: dict[str, trio.Event] = {}
         self.victim = self.rng.choice(self.ids)  # the one node whose storage may be damaged
         self.disk_losses = 0
+        self.pending_loss: dict[str, str] = {}  # a crashed node's disk loss, done at its restart
         # the client's model
         self.data: dict[bytes, bytes] = {}
         self.pairs: dict[tuple[bytes, str], str] = {}  # (hash, ref) -> live | dead | unknown
@@ -134,7 +170,7 @@ class Sim:
                 rpc_bind_addr=self.addrs[nid], rpc_secret=secret, cluster_file=cluster_file,
                 zone=f"z{i % 3 + 1}", block_size=BLOCK_SIZE, inline_threshold=INLINE_THRESHOLD,
                 data_fsync=False, metadata_fsync=False, lmdb_map_size=1 << 26,
-                gc_delay=GC_DELAY, rpc_timeout=RPC_TIMEOUT, need_block_timeout=2.0,
+                gc_delay=cfg.gc_delay, rpc_timeout=RPC_TIMEOUT, need_block_timeout=2.0,
                 connect_timeout=1.0, anti_entropy_interval=AE_INTERVAL, scrub_interval=1e7,
                 resync_tranquility=0.0, scrub_tranquility=0.0, source=f"<sim {nid}>",
                 admin_api_bind_addr=None,  # no HTTP listener in a simulation
@@ -160,6 +196,10 @@ class Sim:
                           urandom=self.node_rng[nid].randbytes, run_sync=_inline,
                           connect=self.net.connector(nid))
         node = Node(self.cfgs[nid], ctx=ctx, listener=self.net.listener(nid))
+        node.layouts.sync_interval = self.cfg.layout_sync_interval
+        node.keys.sync_interval = self.cfg.key_sync_interval
+        node.net.ping_interval = self.cfg.ping_interval
+        self.watch_gc(nid, node)
         scope = trio.CancelScope()
         done = trio.Event()
 
@@ -177,6 +217,43 @@ class Sim:
         self.nodes[nid], self.scopes[nid], self.done[nid] = node, scope, done
         await nursery.start(run)
         self.event(f"start {nid}")
+
+    def watch_gc(self, nid: str, node: Node) -> None:
+        """Check every deletion by GC or offload as it happens (S2, continuously): the
+        resync worker deletes through `LocalBlocks.delete_if_deletable` only, so this
+        wraps it on the node's instance (no simulation code in the node)."""
+        inner = node.blocks.delete_if_deletable
+
+        async def delete_if_deletable(h: bytes) -> bool:
+            before = self.live_refs(h)
+            deleted = await inner(h)
+            if deleted:
+                self.res.ops["gc_deleted"] += 1
+                # acked live before the deletion began and still live (no unref since)
+                live = sorted(before & self.live_refs(h))
+                if live and h in self.protected and nid in node.layout.nodes_of(h):
+                    self.violation(f"GC on {nid} deleted {h.hex()[:16]} while live acked "
+                                   f"reference(s) {live[:3]} exist (it is a replica)")
+            return deleted
+
+        node.blocks.delete_if_deletable = delete_if_deletable  # type: ignore[method-assign]
+
+    def live_refs(self, h: bytes) -> set[str]:
+        """The references of `h` the client holds as acknowledged live (none in flight)."""
+        return {r for (hh, r), st in self.pairs.items()
+                if hh == h and st == "live" and (hh, r) not in self.busy}
+
+    async def sample_bounds(self) -> None:
+        """Memory budget, continuously: every `bounds_every` simulated seconds, each running
+        node's bounded structures (`blocknode.sim.bounds`) are within their bounds."""
+        while True:
+            await trio.sleep(self.cfg.bounds_every)
+            for nid, node in list(self.nodes.items()):
+                for name, value, bound in node_bounds(node, len(self.ids)):
+                    peak = f"peak:{name}"
+                    self.res.peaks[peak] = max(self.res.peaks.get(peak, 0), value)
+                    if value > bound:
+                        self.violation(f"memory budget: {nid} {name} = {value} > {bound}")
 
     async def crash(self, nid: str) -> None:
         self.net.crash(nid)
@@ -315,7 +392,7 @@ class Sim:
             if put:
                 self.protected.add(h)
                 continue
-            if reref and h in self.unprotected_at and now - self.unprotected_at[h] < GC_DELAY / 2:
+            if reref and h in self.unprotected_at and now - self.unprotected_at[h] < self.cfg.gc_delay / 2:
                 self.protected.add(h)
                 continue
             if h in self.protected and not any(
@@ -374,8 +451,9 @@ class Sim:
     async def nemesis(self, nursery: trio.Nursery) -> None:
         rng = self.rng
         while self.chaos:
-            await trio.sleep(rng.expovariate(1 / 6))
-            if not self.chaos:
+            await trio.sleep(rng.expovariate(1 / self.cfg.fault_every))
+            if not self.chaos or (self.cfg.max_faults is not None
+                                  and sum(self.res.faults.values()) >= self.cfg.max_faults):
                 return
             x = rng.random()
             up = [n for n in self.ids if n in self.nodes]
@@ -388,6 +466,8 @@ class Sim:
                 loss = None
                 if nid == self.victim and self.disk_losses == 0 and rng.random() < 0.5:
                     loss = rng.choice(["data", "meta"])
+                if loss is not None:
+                    self.pending_loss[nid] = loss
                 nursery.start_soon(self.restart_later, nursery, nid, rng.uniform(2, 40), loss)
             elif x < 0.45:
                 self.bitflip()
@@ -420,7 +500,12 @@ class Sim:
         await trio.sleep(after)
         if nid in self.nodes:
             return
-        self.lose(nid, loss)
+        await self.restart(nursery, nid)
+
+    async def restart(self, nursery: trio.Nursery, nid: str) -> None:
+        """Start a crashed node again, first losing the disk its crash decided it would lose
+        (also when the heal phase restarts it: in a short schedule most restarts happen there)."""
+        self.lose(nid, self.pending_loss.pop(nid, None))
         await self.start(nursery, nid)
 
     def lose(self, nid: str, loss: str | None) -> None:
@@ -488,6 +573,7 @@ class Sim:
             for nid in self.ids:
                 await self.start(nursery, nid)
             await trio.sleep(1)
+            nursery.start_soon(self.sample_bounds)
             if self.cfg.faults:
                 nursery.start_soon(self.nemesis, nursery)
             async with trio.open_nursery() as load:
@@ -514,29 +600,29 @@ class Sim:
         await trio.sleep(1)
         for nid in self.ids:
             if nid not in self.nodes:
-                await self.start(nursery, nid)
+                await self.restart(nursery, nid)
         for nid in self.ids:
             await self.nodes[nid].net.check_peers()
-        await trio.sleep(5)
+        await trio.sleep(self.cfg.settle)
 
         async def rounds(n: int) -> None:
             for _ in range(n):
                 await self.each("retry", lambda node: node.resync.retry_now())
                 await self.each("anti-entropy", lambda node: node.anti_entropy.run_round())
                 await self.each("resync", lambda node: node.resync.run_once())
-                await trio.sleep(5)
+                await trio.sleep(self.cfg.settle)
 
-        await rounds(2)
+        await rounds(self.cfg.heal_rounds)
         async def full_scrub(node: Node) -> None:
             await node.scrub.cancel()  # a scrub running since the chaos: start one from the top
             await node.scrub.start()
             await node.scrub.run_to_completion()
 
         await self.each("scrub", full_scrub)
-        await rounds(2)
+        await rounds(self.cfg.heal_rounds)
         t_gc = trio.current_time()
-        await trio.sleep(GC_DELAY + 2 * MAX_SKEW_MS / 1000)
-        await rounds(2)
+        await trio.sleep(self.cfg.gc_delay + 2 * MAX_SKEW_MS / 1000)
+        await rounds(self.cfg.heal_rounds)
         self.event(f"heal done after {trio.current_time() - t_gc:.1f}s past the last unref "
                    f"(bound gc_delay+{GC_BOUND:.0f}s)")
 
@@ -612,21 +698,39 @@ class Sim:
         return want is None or bytes(blk) == want
 
 
+def _tmp_root() -> str | None:
+    """Where the nodes' directories go: /dev/shm (a tmpfs: no disk I/O, cheap rmtree) when
+    it is there and writable, else the default temp dir. Crash semantics do not change:
+    a simulated crash is a process crash, the page cache survives it either way."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 def run_seed(cfg: SimConfig, sim_class: type[Sim] | None = None) -> Result:
     """Run one seed (deterministic: same seed, same trace) and check the invariants."""
     from trio._core import _run as trio_run  # the scheduler's RNG: seeded for determinism
 
     result = Result(cfg.seed)
-    root = tempfile.mkdtemp(prefix=f"blocknode-sim-{cfg.seed}-")
+    root = tempfile.mkdtemp(prefix=f"blocknode-sim-{cfg.seed}-", dir=_tmp_root())
     saved = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
     trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
     trio_run._r.seed(cfg.seed)
     logging.disable(logging.CRITICAL)
     t0 = time.perf_counter()
+    if cfg.tracemalloc:
+        tracemalloc.start()
     try:
         sim = (sim_class or Sim)(cfg, root, result)
         trio.run(sim.main, clock=trio.testing.MockClock(autojump_threshold=0))
+        if cfg.tracemalloc:
+            peak = tracemalloc.get_traced_memory()[1]
+            result.peaks["tracemalloc_peak"] = peak
+            if peak > HEAP_BUDGET:
+                result.violations.append(f"memory budget: heap peak {peak >> 20} MiB > "
+                                         f"{HEAP_BUDGET >> 20} MiB")
     finally:
+        if cfg.tracemalloc:
+            tracemalloc.stop()
         result.wall_s = time.perf_counter() - t0
         trio_run._ALLOW_DETERMINISTIC_SCHEDULING = saved  # type: ignore[misc]
         logging.disable(logging.NOTSET)

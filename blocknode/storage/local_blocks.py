@@ -61,12 +61,20 @@ class LocalBlocks:
         self.files = files
         self.meta = meta
         self.inline_threshold = inline_threshold
-        self._locks = [trio.Lock() for _ in range(_STRIPES)]
+        # Created on first use: 256 trio.Locks cost milliseconds at every start (the
+        # simulation starts thousands of nodes); a stripe's lock never goes away once made.
+        self._locks: list[trio.Lock | None] = [None] * _STRIPES
         self.inline_corrupted = 0  # corrupt inline entries dropped (metrics)
 
     def lock(self, hash: bytes) -> trio.Lock:
         """The lock that serialises mutations of `hash`."""
-        return self._locks[_stripe(hash)]
+        return self._stripe_lock(_stripe(hash))
+
+    def _stripe_lock(self, s: int) -> trio.Lock:
+        lk = self._locks[s]
+        if lk is None:
+            lk = self._locks[s] = trio.Lock()
+        return lk
 
     @asynccontextmanager
     async def _locked(self, hashes: Iterable[bytes]) -> AsyncIterator[None]:
@@ -75,7 +83,7 @@ class LocalBlocks:
         # for under them, even by a cancelled caller, or it could land after they are gone.
         async with AsyncExitStack() as stack:
             for s in sorted({_stripe(h) for h in hashes}):
-                await stack.enter_async_context(self._locks[s])
+                await stack.enter_async_context(self._stripe_lock(s))
             with trio.CancelScope(shield=True):
                 yield
 
