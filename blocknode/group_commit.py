@@ -16,10 +16,15 @@ scheduler pass); a busy one batches more. `rounds` is not 1: rounds are
 latency-bound (replica round trips, fsyncs), so a node storing one at a time
 would serialise its clients.
 
-Each request gets its own items' results. A round is shielded from the
-cancellation of the request that leads it (the others in it still wait for
-it); it is bounded by the RPC timeout of the calls it makes. A request
-cancelled before its round starts is taken out of the queue, never sent.
+Each request gets its own items' results. Rounds run as tasks of the nursery
+`run` holds (the node's lifetime), not in the task of the request that starts
+them: a request cancelled mid-round (its client went away) does not cancel the
+round the others in it wait for, and the node shutting down (or crashing, in
+the simulation) does cancel it: a round shielded in a request's task once kept
+a stopping node waiting forever on its own stopped metadata writer. A round is
+bounded by the RPC timeouts of the calls it makes. A request cancelled before
+its round starts is taken out of the queue, never sent. Without `run` (off, or
+not started) each request is its own `put_many`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from blocknode.errors import BlocknodeError
+from blocknode.errors import BlocknodeError, StoreError
 from blocknode.protocol import MAX_BATCH_ROWS
 
 __all__ = ["DEFAULT_ROUNDS", "GroupCommit", "PutMany"]
@@ -72,6 +77,7 @@ class GroupCommit:
         self._queue: deque[_Request] = deque()
         self._running = 0
         self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
         self.rounds_run = 0  # rounds stored so far (tests, metrics)
         self.requests_run = 0  # requests they held
 
@@ -79,18 +85,28 @@ class GroupCommit:
         self._changed.set()
         self._changed = trio.Event()
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery the rounds run in until cancelled (start it in the node's nursery)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
     async def put_many(self, blocks: list[tuple[bytes, str]]) -> list[bytes | BlocknodeError]:
         """Store `blocks` in the next round; per item its hash or its error."""
-        if self.rounds == 0:
+        if self.rounds == 0 or self._nursery is None:
             return await self._put_many(blocks)
         req = _Request(blocks)
         self._queue.append(req)
         try:
             while not req.done:
-                if not req.taken and self._running < self.rounds:
-                    await self._run_round()
-                else:
-                    await self._changed.wait()
+                if not req.taken and self._running < self.rounds and self._nursery is not None:
+                    self._running += 1
+                    self._nursery.start_soon(self._run_round)
+                await self._changed.wait()
         finally:
             if not req.taken:
                 self._queue.remove(req)
@@ -114,29 +130,32 @@ class GroupCommit:
         return batch
 
     async def _run_round(self) -> None:
-        self._running += 1
+        """One round (`_running` was counted for it by the request that started it)."""
         batch: list[_Request] = []
         try:
-            with trio.CancelScope(shield=True):
-                # One scheduler pass: requests that arrived in the same pass (read from
-                # other connections in the same wake-up) join this round.
-                await trio.sleep(0)
-                batch = self._take()
-                if not batch:  # a round started meanwhile took them all
-                    return
-                flat = [b for req in batch for b in req.blocks]
-                try:
-                    results = await self._put_many(flat)
-                except BaseException as exc:  # noqa: BLE001 - given to every request of the round
-                    for req in batch:
-                        req.error = exc
-                else:
-                    i = 0
-                    for req in batch:
-                        req.results = results[i:i + len(req.blocks)]
-                        i += len(req.blocks)
-                self.rounds_run += 1
-                self.requests_run += len(batch)
+            # One scheduler pass: requests that arrived in the same pass (read from
+            # other connections in the same wake-up) join this round.
+            await trio.sleep(0)
+            batch = self._take()
+            if not batch:  # a round started meanwhile took them all
+                return
+            flat = [b for req in batch for b in req.blocks]
+            try:
+                results = await self._put_many(flat)
+            except trio.Cancelled:
+                for req in batch:  # the node is stopping; its requests are being cancelled too
+                    req.error = StoreError("the node is shutting down: the put was not stored")
+                raise
+            except Exception as exc:  # noqa: BLE001 - given to every request of the round
+                for req in batch:
+                    req.error = exc
+            else:
+                i = 0
+                for req in batch:
+                    req.results = results[i:i + len(req.blocks)]
+                    i += len(req.blocks)
+            self.rounds_run += 1
+            self.requests_run += len(batch)
         finally:
             self._running -= 1
             for req in batch:

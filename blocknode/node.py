@@ -224,6 +224,7 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.meta.run_writer)
+                await nursery.start(self.group_commit.run)
                 await self.keys.ensure_admin_key(
                     self.cfg.admin_key_path,
                     allow_world_readable=self.cfg.allow_world_readable_secrets)
