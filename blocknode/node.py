@@ -86,7 +86,7 @@ class Node:
             connect = ctx.connect
         self._listener = listener
         self.files = BlockFiles(cfg.data_dirs, fsync=cfg.data_fsync, run_sync=self.ctx.run_sync,
-                                block_size=cfg.block_size)
+                                block_size=cfg.block_size, fs=self.ctx.fs)
         self.meta = MetadataStore(
             cfg.metadata_dir,
             map_size=cfg.lmdb_map_size,

@@ -70,6 +70,7 @@ from blocknode.block import VerifiedBlock
 from blocknode.config import DataDir
 from blocknode.context import RunSync, run_in_thread
 from blocknode.errors import BlockCorrupted, BlockNotFound, StoreError
+from blocknode.fs import OS_FS, FileSystem
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,6 @@ _FATAL_ERRNOS = frozenset(
 
 def _is_hex(name: str, n: int) -> bool:
     return len(name) == n and _HEX.issuperset(name)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def partition_of(hash: bytes) -> int:
@@ -168,14 +161,15 @@ class BlockFiles:
     """The block files of one node, in one or several data directories.
 
     `fsync=False` (config `data_fsync = false`) skips the fsyncs: faster, but a
-    machine crash may lose recently acknowledged blocks. At most `threads`
+    machine crash may lose recently acknowledged blocks. `fs`: the file system
+    (`blocknode.fs`; the simulation passes its disk). At most `threads`
     blocking operations run at once. `block_size` bounds how far a stored
     frame may decompress (`blocknode.block.stored_cap`).
     """
 
     def __init__(self, data_dirs: str | Sequence[DataDir | str], *, fsync: bool = True,
                  threads: int = 8, run_sync: RunSync = run_in_thread,
-                 block_size: int | None = None) -> None:
+                 block_size: int | None = None, fs: FileSystem = OS_FS) -> None:
         specs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
         if not specs:
             raise ValueError("BlockFiles needs at least one data directory")
@@ -183,6 +177,8 @@ class BlockFiles:
         self.data_dir = self.dirs[0].path
         """The first data directory (the only one in the single-directory form)."""
         self.fsync = fsync
+        self.fs = fs
+        """The file system the files live on (`blocknode.fs`: the OS, or a simulated disk)."""
         self.limiter = trio.CapacityLimiter(threads)
         self._run_sync = run_sync
         self.cap = block.stored_cap(block_size)
@@ -252,11 +248,11 @@ class BlockFiles:
         lost: list[str] = []
         for d in self.dirs:
             marker = os.path.join(d.path, MARKER_NAME)
-            if os.path.isfile(marker):
+            if self.fs.isfile(marker):
                 d.marked = True
                 record.append(d.path)
                 continue
-            exists = os.path.isdir(d.path)
+            exists = self.fs.isdir(d.path)
             if d.path in known and exists:
                 self._fail(d, f"its marker file {MARKER_NAME} is missing: the disk is probably not "
                               "mounted (if the directory was emptied on purpose, remove it or create "
@@ -274,9 +270,9 @@ class BlockFiles:
                 lost.append(d.path)
             try:
                 made = not exists
-                os.makedirs(d.path, mode=0o700, exist_ok=True)  # private: blocks are user data
+                self.fs.makedirs(d.path, mode=0o700, exist_ok=True)  # private: blocks are user data
                 if made and self.fsync:
-                    _fsync_dir(os.path.dirname(d.path))
+                    self.fs.fsync_dir(os.path.dirname(d.path))
                 self._write_marker(d.path)
                 d.marked = True
             except OSError as exc:
@@ -302,14 +298,16 @@ class BlockFiles:
     def _write_marker(self, path: str) -> None:
         marker = os.path.join(path, MARKER_NAME)
         tmp = marker + TMP_SUFFIX
-        with open(tmp, "wb") as f:
-            f.write(MARKER_TEXT)
-            f.flush()
+        fd = self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self._write_all(fd, MARKER_TEXT)
             if self.fsync:
-                os.fsync(f.fileno())
-        os.rename(tmp, marker)
+                self.fs.fsync(fd)
+        finally:
+            self.fs.close(fd)
+        self.fs.rename(tmp, marker)
         if self.fsync:
-            _fsync_dir(path)
+            self.fs.fsync_dir(path)
 
     def _fail(self, d: Dir, reason: str, *, notify: bool = True) -> None:
         if d.failed is not None:
@@ -335,7 +333,7 @@ class BlockFiles:
             d.last_error = f"{op}: {exc.strerror or exc}"
         if exc.errno in _FATAL_ERRNOS:
             self._fail(d, f"I/O error ({op}: {exc.strerror or exc})")
-        elif exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM) and not os.path.isfile(
+        elif exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM) and not self.fs.isfile(
                 os.path.join(d.path, MARKER_NAME)):
             self._fail(d, f"its marker file {MARKER_NAME} is gone ({op}: {exc.strerror or exc})")
         return _store_error(op, hash, exc)
@@ -358,8 +356,7 @@ class BlockFiles:
             free: int | None = None
             if d.in_service:
                 try:
-                    st = os.statvfs(d.path)
-                    free = st.f_bavail * st.f_frsize
+                    free = self.fs.free_bytes(d.path)
                 except OSError:
                     pass
             out.append({
@@ -378,7 +375,7 @@ class BlockFiles:
         for d in self._read_order(hash):
             for compressed in (False, True):
                 path = self._name(d, hash, compressed)
-                if os.path.exists(path):
+                if self.fs.exists(path):
                     out.append(Copy(d, path, compressed))
         return out
 
@@ -437,27 +434,31 @@ class BlockFiles:
         directory = os.path.dirname(final)
         self._ensure_dir(d, directory)
         tmp = final + TMP_SUFFIX
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(form)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            self._write_all(fd, form)
             if self.fsync:
-                os.fsync(fd)
+                self.fs.fsync(fd)
         finally:
-            os.close(fd)
-        os.rename(tmp, final)
+            self.fs.close(fd)
+        self.fs.rename(tmp, final)
         if self.fsync:
-            _fsync_dir(directory)
+            self.fs.fsync_dir(directory)
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self.fs.write(fd, view)
+            view = view[n:]
 
     def _copy_is_intact(self, c: Copy, hash: bytes, form: bytes, compressed: bool,
                         plain_len: int) -> bool | None:
         # None: the copy is gone. The same form: size first (a file of the wrong size is not
         # read), then content. Another form (plain vs compressed, another level): verified.
         try:
-            with open(c.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            with self.fs.open_read(c.path) as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(0)
                 if not c.compressed and size != plain_len:
                     return False  # a plain copy has the plaintext's size
                 raw = None
@@ -480,28 +481,28 @@ class BlockFiles:
         return True
 
     def _ensure_dir(self, d: Dir, directory: str) -> None:
-        if os.path.isdir(directory):
+        if self.fs.isdir(directory):
             return
         parent = os.path.dirname(directory)
-        new_parent = not os.path.isdir(parent)
-        if new_parent and d.marked and not os.path.isfile(os.path.join(d.path, MARKER_NAME)):
+        new_parent = not self.fs.isdir(parent)
+        if new_parent and d.marked and not self.fs.isfile(os.path.join(d.path, MARKER_NAME)):
             # Never write into a mount point whose disk went away.
             raise OSError(errno.ENODEV, f"marker file {MARKER_NAME} missing: not mounted?", d.path)
         if new_parent:
             # makedirs gives `mode` to the last directory only: make each level private.
-            os.makedirs(d.path, mode=0o700, exist_ok=True)
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+            self.fs.makedirs(d.path, mode=0o700, exist_ok=True)
+            self.fs.makedirs(parent, mode=0o700, exist_ok=True)
+        self.fs.makedirs(directory, mode=0o700, exist_ok=True)
         if self.fsync:
             # New directory entries must be durable too, or the block is unreachable.
-            _fsync_dir(parent)
+            self.fs.fsync_dir(parent)
             if new_parent:
-                _fsync_dir(d.path)
+                self.fs.fsync_dir(d.path)
 
     def _read_copy(self, c: Copy, hash: bytes) -> VerifiedBlock | None:
         # None: gone (or its directory failed). BlockCorrupted when it does not verify.
         try:
-            with open(c.path, "rb") as f:
+            with self.fs.open_read(c.path) as f:
                 raw = f.read()
         except FileNotFoundError:
             return None
@@ -549,7 +550,7 @@ class BlockFiles:
         """True when a block file is present (its content is not checked)."""
         for d in self._read_order(hash):
             path = fastpath.block_path(d.path, hash)
-            if os.path.exists(path) or os.path.exists(path + ZST_SUFFIX):
+            if self.fs.exists(path) or self.fs.exists(path + ZST_SUFFIX):
                 return True
         return False
 
@@ -562,7 +563,7 @@ class BlockFiles:
 
     def _quarantine_copy(self, c: Copy, hash: bytes) -> bool:
         done = self._remove(c, hash, "quarantine",
-                            lambda: os.replace(c.path, c.path + CORRUPTED_SUFFIX))
+                            lambda: self.fs.replace(c.path, c.path + CORRUPTED_SUFFIX))
         if done:
             with self._stats_lock:
                 c.dir.corrupted += 1
@@ -572,13 +573,13 @@ class BlockFiles:
         """Remove every file of a block; False when none was there."""
         done = False
         for c in self.copies(hash):
-            done = self._remove(c, hash, "delete", lambda c=c: os.unlink(c.path)) or done
+            done = self._remove(c, hash, "delete", lambda c=c: self.fs.unlink(c.path)) or done
         return done
 
     def _remove(self, c: Copy, hash: bytes, op: str, action: Callable[[], None]) -> bool:
         # Takes the block's name out of its directory, durably (the directory is fsync'd).
         try:
-            size = os.stat(c.path).st_size
+            size = self.fs.getsize(c.path)
             action()
         except FileNotFoundError:
             return False
@@ -586,7 +587,7 @@ class BlockFiles:
             raise self._io_error(c.dir, op, hash, exc) from exc
         self._count(c.dir, -1, -size)
         if self.fsync:
-            _fsync_dir(os.path.dirname(c.path))
+            self.fs.fsync_dir(os.path.dirname(c.path))
         return True
 
     def relocate(self, hash: bytes) -> bool:
@@ -634,7 +635,7 @@ class BlockFiles:
             return False
         for c in keep:
             try:
-                self._remove(c, hash, "delete", lambda c=c: os.unlink(c.path))
+                self._remove(c, hash, "delete", lambda c=c: self.fs.unlink(c.path))
             except StoreError as exc:
                 # e.g. a read-only file system: the copy stays, reads still find one
                 log.warning("rebalance: cannot remove the old copy %s: %s", c.path, exc)
@@ -670,7 +671,7 @@ class BlockFiles:
                     continue
                 p2 = os.path.join(p1, d2)
                 try:
-                    with os.scandir(p2) as it:
+                    with self.fs.scandir(p2) as it:
                         entries = sorted((e.name, e) for e in it)
                 except FileNotFoundError:
                     continue
@@ -697,7 +698,7 @@ class BlockFiles:
 
     def _sorted_hex_dirs(self, d: Dir, path: str) -> list[str]:
         try:
-            with os.scandir(path) as it:
+            with self.fs.scandir(path) as it:
                 return sorted(e.name for e in it if _is_hex(e.name, 2) and e.is_dir())
         except FileNotFoundError:
             return []
@@ -714,13 +715,13 @@ class BlockFiles:
                 for d2 in self._sorted_hex_dirs(d, p1):
                     p2 = os.path.join(p1, d2)
                     try:
-                        names = os.listdir(p2)
+                        names = self.fs.listdir(p2)
                     except OSError:
                         continue
                     for name in names:
                         if name.endswith(TMP_SUFFIX):
                             try:
-                                os.unlink(os.path.join(p2, name))
+                                self.fs.unlink(os.path.join(p2, name))
                                 removed += 1
                             except FileNotFoundError:
                                 pass
