@@ -6,6 +6,7 @@ invariants. `run_seed(SimConfig(seed=...))` returns a `Result`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -36,6 +37,7 @@ from blocknode.protocol import (
     max_message_size,
 )
 from blocknode.rpc.connect import open_client
+from blocknode.sim.disk import SimDisk
 from blocknode.sim.net import SimNet
 
 __all__ = ["Result", "Sim", "SimConfig", "run_seed"]
@@ -49,6 +51,8 @@ AE_INTERVAL = 60.0
 RPC_TIMEOUT = 5.0
 OP_TIMEOUT = 30.0
 MAX_SKEW_MS = 2000  # per-node skew stays within ±this (max_clock_skew is 5 s)
+DISK_FAULTS = {"enospc": errno.ENOSPC, "eio": errno.EIO, "readonly": errno.EROFS}
+"""The victim's disk faults (`blocknode.sim.disk.SimDisk.set_fault`), each for 5–30 s."""
 GC_BOUND = 2 * RPC_TIMEOUT + 30.0
 """Every block whose references are all deleted is gone within gc_delay + this, once healed
 (the heal phase runs its resync and anti-entropy rounds within it)."""
@@ -108,6 +112,10 @@ class Sim:
         self.done: dict[str, trio.Event] = {}
         self.victim = self.rng.choice(self.ids)  # the one node whose storage may be damaged
         self.disk_losses = 0
+        # Block files live on a simulated disk per node (`blocknode.sim.disk`): a crash drops
+        # what was not synced, by this RNG (its own: the other draws stay as they were).
+        self.disks = {nid: SimDisk(os.path.join(root, nid, "disk")) for nid in self.ids}
+        self.disk_rng = random.Random(f"disk-{cfg.seed}")
         # the client's model
         self.data: dict[bytes, bytes] = {}
         self.pairs: dict[tuple[bytes, str], str] = {}  # (hash, ref) -> live | dead | unknown
@@ -130,10 +138,14 @@ class Sim:
             d = os.path.join(root, nid)
             os.makedirs(d, mode=0o700)
             self.cfgs[nid] = NodeConfig(
-                node_id=nid, data_dir=os.path.join(d, "data"), metadata_dir=os.path.join(d, "meta"),
+                node_id=nid, data_dir=os.path.join(self.disks[nid].root, "data"),
+                metadata_dir=os.path.join(d, "meta"),
                 rpc_bind_addr=self.addrs[nid], rpc_secret=secret, cluster_file=cluster_file,
                 zone=f"z{i % 3 + 1}", block_size=BLOCK_SIZE, inline_threshold=INLINE_THRESHOLD,
-                data_fsync=False, metadata_fsync=False, lmdb_map_size=1 << 26,
+                # Durable as in production: block files fsync'd (through the SimDisk), every
+                # LMDB commit fsync'd (on tmpfs: cheap) so a crash keeps exactly what was
+                # committed.
+                data_fsync=True, metadata_fsync=True, lmdb_map_size=1 << 26,
                 gc_delay=GC_DELAY, rpc_timeout=RPC_TIMEOUT, need_block_timeout=2.0,
                 connect_timeout=1.0, anti_entropy_interval=AE_INTERVAL, scrub_interval=1e7,
                 resync_tranquility=0.0, scrub_tranquility=0.0, source=f"<sim {nid}>",
@@ -158,7 +170,7 @@ class Sim:
     async def start(self, nursery: trio.Nursery, nid: str) -> None:
         ctx = NodeContext(now_ms=self.now_ms(nid), random=self.node_rng[nid],
                           urandom=self.node_rng[nid].randbytes, run_sync=_inline,
-                          connect=self.net.connector(nid))
+                          connect=self.net.connector(nid), fs=self.disks[nid])
         node = Node(self.cfgs[nid], ctx=ctx, listener=self.net.listener(nid))
         scope = trio.CancelScope()
         done = trio.Event()
@@ -182,8 +194,10 @@ class Sim:
         self.net.crash(nid)
         self.scopes[nid].cancel()
         await self.done[nid].wait()
-        del self.nodes[nid]
-        self.event(f"crash {nid}")
+        self.nodes.pop(nid, None)  # (an operator restart may crash it at the same time)
+        lost = self.disks[nid].crash(self.disk_rng).lost  # a machine crash: un-synced state may go
+        self.res.faults["lost_unsynced"] += lost
+        self.event(f"crash {nid}" + (f" (lost {lost} un-synced)" if lost else ""))
 
     # ------------------------------------------------------------------ client
     def client(self, nid: str) -> Any:
@@ -390,7 +404,10 @@ class Sim:
                     loss = rng.choice(["data", "meta"])
                 nursery.start_soon(self.restart_later, nursery, nid, rng.uniform(2, 40), loss)
             elif x < 0.45:
-                self.bitflip()
+                if x < 0.38:
+                    self.bitflip()
+                else:
+                    self.disk_fault(nursery, rng)
             elif x < 0.65:
                 await self.partition(rng)
             elif x < 0.75:
@@ -411,6 +428,34 @@ class Sim:
                 self.res.faults["reset"] += 1
                 self.event(f"reset {a}<->{b} ({n} streams)")
 
+    def disk_fault(self, nursery: trio.Nursery, rng: random.Random) -> None:
+        """The victim's disk fails writes (full, I/O errors, read-only) for 5–30 s."""
+        disk = self.disks[self.victim]
+        if disk.fault is not None:
+            return
+        kind = rng.choice(sorted(DISK_FAULTS))
+        disk.set_fault(DISK_FAULTS[kind])
+        self.res.faults[kind] += 1
+        self.event(f"{kind} {self.victim}")
+        nursery.start_soon(self.disk_heal_later, nursery, self.victim, rng.uniform(5, 30))
+
+    async def disk_heal_later(self, nursery: trio.Nursery, nid: str, after: float) -> None:
+        await trio.sleep(after)
+        await self.disk_heal(nursery, nid)
+
+    async def disk_heal(self, nursery: trio.Nursery, nid: str) -> None:
+        """The disk works again. A directory taken out of service (EIO: the node's answer
+        to a failing disk) stays out until a restart: the operator's step, taken here."""
+        if self.disks[nid].fault is None:
+            return
+        self.disks[nid].set_fault(None)
+        self.event(f"disk healed {nid}")
+        node = self.nodes.get(nid)
+        if node is not None and any(not d.in_service for d in node.files.dirs):
+            await self.crash(nid)
+            await self.start(nursery, nid)
+            self.event(f"operator restart {nid} (its data dir was out of service)")
+
     async def unclog_later(self, link: tuple[str, str], after: float) -> None:
         await trio.sleep(after)
         self.net.clogged.pop(link, None)
@@ -427,30 +472,26 @@ class Sim:
         if loss is None:
             return
         cfg = self.cfgs[nid]
-        shutil.rmtree(cfg.metadata_dir if loss == "meta" else str(cfg.data_dir), ignore_errors=True)
+        if loss == "meta":
+            shutil.rmtree(cfg.metadata_dir, ignore_errors=True)
+        else:
+            self.disks[nid].remove_tree(str(cfg.data_dir))
         self.disk_losses += 1
         self.res.faults[f"{loss}_loss"] += 1
         self.event(f"{loss}_loss {nid}")
 
     def bitflip(self) -> None:
-        d = str(self.cfgs[self.victim].data_dir)
-        files = []
-        for dirpath, dirnames, filenames in os.walk(d):
-            dirnames.sort()
-            files += [os.path.join(dirpath, f) for f in sorted(filenames)
-                      if not f.endswith(".tmp") and len(f) >= 32]
+        disk = self.disks[self.victim]
+        files = [p for p in disk.files(str(self.cfgs[self.victim].data_dir))
+                 if not p.endswith(".tmp") and len(os.path.basename(p)) >= 32]
         if not files:
             return
         path = self.rng.choice(files)
-        with open(path, "r+b") as f:
-            size = f.seek(0, 2)
-            if size == 0:
-                return
-            pos = self.rng.randrange(size)
-            f.seek(pos)
-            b = f.read(1)[0] ^ (1 << self.rng.randrange(8))
-            f.seek(pos)
-            f.write(bytes([b]))
+        size = disk.getsize(path)
+        if size == 0:
+            return
+        pos = self.rng.randrange(size)
+        disk.flip_bit(path, pos, self.rng.randrange(8))
         self.res.faults["bitflip"] += 1
         self.event(f"bitflip {self.victim} {os.path.basename(path)[:12]}@{pos}")
 
@@ -511,6 +552,8 @@ class Sim:
     async def heal(self, nursery: trio.Nursery) -> None:
         self.net.set_blocked(set())
         self.net.clogged.clear()
+        for nid in self.ids:
+            await self.disk_heal(nursery, nid)
         await trio.sleep(1)
         for nid in self.ids:
             if nid not in self.nodes:
@@ -617,7 +660,9 @@ def run_seed(cfg: SimConfig, sim_class: type[Sim] | None = None) -> Result:
     from trio._core import _run as trio_run  # the scheduler's RNG: seeded for determinism
 
     result = Result(cfg.seed)
-    root = tempfile.mkdtemp(prefix=f"blocknode-sim-{cfg.seed}-")
+    # On tmpfs when there is one: every LMDB commit is fsync'd (metadata_fsync), cheaply there.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    root = tempfile.mkdtemp(prefix=f"blocknode-sim-{cfg.seed}-", dir=shm)
     saved = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
     trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
     trio_run._r.seed(cfg.seed)

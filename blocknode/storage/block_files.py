@@ -37,8 +37,10 @@ directories in use are recorded in the metadata (`init_dirs`). A recorded
 directory found without its marker at start (an unmounted disk: the mount
 point is there, empty) is taken out of service instead of being written into;
 one that no longer exists at all is made again (its blocks are lost). A
-directory that fails later (I/O errors, read-only file system, its marker
-gone) is taken out of service too; the node keeps running on the others. In
+directory that fails later (I/O errors, its marker gone) is taken out of
+service too; the node keeps running on the others. A full or read-only disk
+is not failed: its writes fail (the next directory takes them), its blocks are
+still read, and it takes writes again once it can. In
 each case the directory is added to `refetch_pending` and `on_failure` is
 called, so its blocks get fetched again from the other nodes. `dir_status`
 reports, per directory: state, blocks, bytes, free space, errors.
@@ -82,9 +84,17 @@ MARKER_TEXT = b"blocknode data directory: do not remove (its absence means: not 
 PARTITION_BYTES = 2
 _HEX = frozenset("0123456789abcdef")
 _FATAL_ERRNOS = frozenset(
-    {errno.EIO, errno.EROFS, errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.ENOTCONN,
+    {errno.EIO, errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.ENOTCONN,
      getattr(errno, "EUCLEAN", 117), getattr(errno, "EREMOTEIO", 121)})
-"""Errors that take a directory out of service: the disk or its file system failed."""
+"""Errors that take a directory out of service: the disk or its file system failed.
+
+Not EROFS (found by the simulation, issue 11): a read-only file system still reads,
+so its directory stays in service like a full one — writes fail there (and go to
+the next directory), its blocks are still served, and writes work again as soon as
+it is writable again, with no restart. Out of service, its blocks were unreadable
+until a restart although every byte was still there."""
+_WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM})
+"""Errors of a disk that refuses a write but is not failing: no marker check."""
 
 
 def _is_hex(name: str, n: int) -> bool:
@@ -333,7 +343,7 @@ class BlockFiles:
             d.last_error = f"{op}: {exc.strerror or exc}"
         if exc.errno in _FATAL_ERRNOS:
             self._fail(d, f"I/O error ({op}: {exc.strerror or exc})")
-        elif exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM) and not self.fs.isfile(
+        elif exc.errno not in _WRITE_REFUSED and not self.fs.isfile(
                 os.path.join(d.path, MARKER_NAME)):
             self._fail(d, f"its marker file {MARKER_NAME} is gone ({op}: {exc.strerror or exc})")
         return _store_error(op, hash, exc)

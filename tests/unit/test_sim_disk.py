@@ -224,10 +224,11 @@ def test_block_files_on_a_faulty_disk_raise_a_named_error_and_keep_reading(code:
         bf.write(hashed(os.urandom(5000)))
     assert {errno.ENOSPC: "the disk is full", errno.EROFS: "read-only",
             errno.EIO: "Input/output error"}[code] in str(e.value)
-    assert bf.dirs[0].in_service is (code == errno.ENOSPC)  # a full disk is not a failed one
-    if code == errno.ENOSPC:
+    # A full or read-only disk is not a failed one (it still reads); an I/O error fails it.
+    assert bf.dirs[0].in_service is (code != errno.EIO)
+    if code != errno.EIO:
         assert bf.read(old.hash) == old
         disk.set_fault(None)
         new = hashed(os.urandom(5000))
-        bf.write(new)  # the disk has room again: writes work again, no restart
+        bf.write(new)  # the disk takes writes again: they work again, no restart
         assert bf.read(new.hash) == new
