@@ -28,6 +28,12 @@ mkdir); ``EIO`` and ``EROFS`` fail every call that changes the disk (open for
 writing, write, fsync, rename, unlink, mkdir, directory fsync). Reads keep
 working under all three. `free_bytes` is 0 while the disk is full.
 
+A power cut in the middle of the node's work (`arm_power_cut`): after a seeded
+number of further changes the disk *stops* — that change and every later one
+raises EIO and changes nothing — and `on_cut` is called (the simulation cancels
+the node there and then, and `crash` follows). What the node did before the cut
+is on the disk as a crash leaves it; nothing after it reached the disk.
+
 `remove_tree` (a lost disk) and `flip_bit` (media corruption) change the synced
 state directly. Paths outside `root` raise ``ENOENT``. Not thread-safe: the
 simulation runs blocking calls inline on one thread.
@@ -39,7 +45,7 @@ import errno
 import io
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -123,6 +129,10 @@ class SimDisk:
         self._top = _Dir()
         self._fds: dict[int, list[Any]] = {}  # fd -> [file, position]
         self._next_fd = 1000
+        self._cut_in: int | None = None
+        self._on_cut: Callable[[], None] | None = None
+        self.cut = False
+        """The power was cut: every change raises EIO until `crash`."""
 
     # ---------------------------------------------------------------- faults, crash
     def set_fault(self, code: int | None) -> None:
@@ -131,7 +141,27 @@ class SimDisk:
             raise ValueError(f"SimDisk fault must be ENOSPC, EIO or EROFS, not {code!r}")
         self.fault = code
 
+    def arm_power_cut(self, after: int, on_cut: Callable[[], None]) -> None:
+        """Cut the power at the `after`-th change from now (1: the next one); `on_cut` is
+        called then, once."""
+        if after < 1:
+            raise ValueError(f"arm_power_cut: after must be >= 1, not {after}")
+        self._cut_in, self._on_cut = after, on_cut
+
+    def disarm(self) -> None:
+        """Forget an armed power cut that has not happened."""
+        self._cut_in = self._on_cut = None
+
     def _check(self, path: str, *, allocates: bool = False) -> None:
+        if self._cut_in is not None:
+            self._cut_in -= 1
+            if self._cut_in == 0:
+                on_cut, self._cut_in, self._on_cut = self._on_cut, None, None
+                self.cut = True
+                if on_cut is not None:
+                    on_cut()
+        if self.cut:
+            raise _err(errno.EIO, path)
         f = self.fault
         if f is not None and (f != errno.ENOSPC or allocates):
             raise _err(f, path)
@@ -141,6 +171,8 @@ class SimDisk:
         docstring); afterwards the whole disk is synced state. Open descriptors are gone."""
         rep = CrashReport()
         self._fds.clear()
+        self.cut = False
+        self.disarm()
         files: list[_File] = []
         stack = [self._top]
         while stack:

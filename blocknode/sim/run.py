@@ -182,7 +182,10 @@ class Sim:
                 if not scope.cancelled_caught:
                     self.violation(f"node {nid} stopped on its own")
             except Exception as exc:  # noqa: BLE001 - that is the finding
-                self.violation(f"node {nid} died: {exc!r}")
+                if self.disks[nid].cut:  # the node's reaction to a dead disk, cut short
+                    self.event(f"node {nid} ended after its power cut: {exc!r}"[:200])
+                else:
+                    self.violation(f"node {nid} died: {exc!r}")
             finally:
                 done.set()
 
@@ -397,6 +400,9 @@ class Sim:
                 if len(up) <= len(self.ids) - 2:
                     continue
                 nid = self.victim if self.victim in up and rng.random() < 0.3 else rng.choice(up)
+                if rng.random() < 0.4:
+                    await self.power_cut(nursery, nid, rng)
+                    continue
                 await self.crash(nid)
                 self.res.faults["crash"] += 1
                 loss = None
@@ -427,6 +433,28 @@ class Sim:
                 n = self.net.reset(a, b)
                 self.res.faults["reset"] += 1
                 self.event(f"reset {a}<->{b} ({n} streams)")
+
+    async def power_cut(self, nursery: trio.Nursery, nid: str, rng: random.Random) -> None:
+        """A machine crash in the middle of the node's disk work: after 1–12 more changes
+        to its disk, the disk stops and the node is cancelled right there (a plain crash
+        if it makes no change within 10 s); restarted after 2–40 s."""
+        cut = trio.Event()
+
+        def on_cut() -> None:  # inside the node's disk call: nothing more reaches the disk
+            self.net.crash(nid)
+            self.scopes[nid].cancel()
+            cut.set()
+
+        self.disks[nid].arm_power_cut(rng.randint(1, 12), on_cut)
+        with trio.move_on_after(10):
+            await cut.wait()
+        self.disks[nid].disarm()
+        if nid not in self.nodes:
+            return
+        self.event(f"power cut {nid}" if cut.is_set() else f"power cut {nid}: no disk change")
+        await self.crash(nid)
+        self.res.faults["power_cut" if cut.is_set() else "crash"] += 1
+        nursery.start_soon(self.restart_later, nursery, nid, rng.uniform(2, 40), None)
 
     def disk_fault(self, nursery: trio.Nursery, rng: random.Random) -> None:
         """The victim's disk fails writes (full, I/O errors, read-only) for 5–30 s."""
