@@ -232,3 +232,25 @@ def test_block_files_on_a_faulty_disk_raise_a_named_error_and_keep_reading(code:
         new = hashed(os.urandom(5000))
         bf.write(new)  # the disk takes writes again: they work again, no restart
         assert bf.read(new.hash) == new
+
+
+def test_a_power_cut_stops_the_disk_at_the_armed_change() -> None:
+    for after in range(1, 6):
+        d = _disk()
+        cuts: list[int] = []
+        d.arm_power_cut(after, lambda: cuts.append(1))
+        done = 0
+        for i in range(5):  # each write of a file: open (create), write, fsync = 3 changes
+            try:
+                _write(d, f"{ROOT}/a/f{i}", b"x" * 10, fsync=True)
+                done += 1
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+        assert cuts == [1] and d.cut
+        assert done == (after - 1) // 3  # the writes wholly before the cut
+        d.crash(random.Random(after))
+        assert not d.cut
+        _write(d, f"{ROOT}/a/after", b"y", fsync=True)  # the disk works after the restart
+        assert _read(d, f"{ROOT}/a/after") == b"y"
+    with pytest.raises(ValueError, match="after must be >= 1"):
+        _disk().arm_power_cut(0, lambda: None)
