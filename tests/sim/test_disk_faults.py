@@ -75,3 +75,44 @@ def test_one_full_disk_does_not_fail_a_put() -> None:
 
     run_seed(SimConfig(seed=1, nodes=3, faults=False), make)  # type: ignore[arg-type]
     assert holder[0].seen["put"] == "ok"  # the other two replicas make the quorum
+
+
+def test_the_foundations_check_looks_through_the_disk_seam(tmp_path) -> None:
+    """`Node.foundations_problem` (asked after a worker failure) used ``os.path.isdir`` on
+    `cfg.data_dir`: a simulated node's data dir is not on the OS, so its first worker
+    failure would have stopped it; a tuple `data_dir` (several disks) raised TypeError."""
+    import dataclasses
+    import shutil
+
+    from blocknode.config import DataDir, load_config
+    from blocknode.node import Node
+    from tests.cluster.harness import write_cluster
+
+    holder: list[Sim] = []
+
+    class _Check(Sim):
+        async def main(self) -> None:
+            async with trio.open_nursery() as nursery:
+                await self.start(nursery, self.ids[0])
+                holder.append(self)
+                self.problem = self.nodes[self.ids[0]].foundations_problem()
+                nursery.cancel_scope.cancel()
+
+    run_seed(SimConfig(seed=1, nodes=3, faults=False), _Check)
+    assert holder[0].problem is None  # type: ignore[attr-defined]
+
+    cfg = load_config(write_cluster(tmp_path, 1, rf=1)[0])
+    a, b = tmp_path / "d1", tmp_path / "d2"
+    cfg = dataclasses.replace(cfg, data_dir=(DataDir(str(a)), DataDir(str(b))))
+    a.mkdir()
+    b.mkdir()
+    node = Node(cfg)
+    try:
+        assert node.foundations_problem() is None
+        shutil.rmtree(a)
+        assert node.foundations_problem() is None  # one disk of two left: the node runs on
+        shutil.rmtree(b)
+        problem = node.foundations_problem()
+        assert problem is not None and str(a) in problem and "is gone" in problem
+    finally:
+        node.meta.close()

@@ -238,7 +238,7 @@ def test_a_power_cut_stops_the_disk_at_the_armed_change() -> None:
     for after in range(1, 6):
         d = _disk()
         cuts: list[int] = []
-        d.arm_power_cut(after, lambda: cuts.append(1))
+        d.arm_power_cut(after, lambda cuts=cuts: cuts.append(1))
         done = 0
         for i in range(5):  # each write of a file: open (create), write, fsync = 3 changes
             try:
