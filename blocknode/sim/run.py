@@ -449,8 +449,8 @@ class Sim:
         with trio.move_on_after(10):
             await cut.wait()
         self.disks[nid].disarm()
-        if nid not in self.nodes:
-            return
+        if nid not in self.nodes or not (cut.is_set() or self.chaos):
+            return  # crashed meanwhile, or the faults stopped before the cut
         self.event(f"power cut {nid}" if cut.is_set() else f"power cut {nid}: no disk change")
         await self.crash(nid)
         self.res.faults["power_cut" if cut.is_set() else "crash"] += 1
@@ -581,6 +581,7 @@ class Sim:
         self.net.set_blocked(set())
         self.net.clogged.clear()
         for nid in self.ids:
+            self.disks[nid].disarm()  # a power cut not yet happened does not happen
             await self.disk_heal(nursery, nid)
         await trio.sleep(1)
         for nid in self.ids:
