@@ -1,5 +1,5 @@
 """The seams a node runs on: its clock, its randomness, how it runs blocking
-calls, and how it opens connections.
+calls, how it opens connections, and the file system of its block files.
 
 Every component of a node takes these from one `NodeContext` (the node builds
 it, or a test or the simulation hands one in) instead of calling `time`,
@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from blocknode.clock import wall_ms
+from blocknode.fs import OS_FS, FileSystem
 from blocknode.rpc.transport import Connector, tcp_connect
 
 __all__ = ["NodeContext", "RunSync", "run_in_thread"]
@@ -48,7 +49,8 @@ class NodeContext:
     `now_ms`: persisted-time clock (ms since the epoch). `random`: every jitter
     and sampling choice. `urandom`: nonces, secrets, fresh ids. `run_sync`:
     blocking work (file I/O, fsync, LMDB commits, hashing large blocks).
-    `connect`: opens a stream to ``"host:port"``.
+    `connect`: opens a stream to ``"host:port"``. `fs`: the file system of the
+    block files (`blocknode.fs`; the metadata's LMDB files are always the OS's).
     """
 
     now_ms: Callable[[], int] = wall_ms
@@ -56,8 +58,9 @@ class NodeContext:
     urandom: Callable[[int], bytes] = os.urandom
     run_sync: RunSync = run_in_thread
     connect: Connector = tcp_connect
+    fs: FileSystem = OS_FS
 
     @classmethod
     def real(cls) -> NodeContext:
-        """The production context: system clock, OS randomness, threads, TCP."""
+        """The production context: system clock, OS randomness, threads, TCP, OS files."""
         return cls()

@@ -92,7 +92,7 @@ class Node:
             connect = ctx.connect
         self._listener = listener
         self.files = BlockFiles(cfg.data_dirs, fsync=cfg.data_fsync, run_sync=self.ctx.run_sync,
-                                block_size=cfg.block_size)
+                                block_size=cfg.block_size, fs=self.ctx.fs)
         self.meta = MetadataStore(
             cfg.metadata_dir,
             map_size=cfg.lmdb_map_size,
@@ -285,9 +285,13 @@ class Node:
         The data and metadata directories must still be directories, and the
         metadata store must still be readable.
         """
-        for what, path in (("data_dir", self.cfg.data_dir), ("metadata_dir", self.cfg.metadata_dir)):
-            if not os.path.isdir(path):
-                return f"{what} {path} is gone"
+        # Through the block files' file system (the simulation's disk is not the OS's), and
+        # every configured directory: the node runs on while one of several is left (a
+        # tuple `data_dir` used to reach os.path.isdir whole and raise TypeError).
+        if not any(self.files.fs.isdir(d.path) for d in self.files.dirs):
+            return f"data_dir {', '.join(d.path for d in self.files.dirs)} is gone"
+        if not os.path.isdir(self.cfg.metadata_dir):
+            return f"metadata_dir {self.cfg.metadata_dir} is gone"
         try:
             self.meta.counts()
         except Exception as exc:  # noqa: BLE001 - any failure to read it is the answer

@@ -19,14 +19,22 @@ scrub, repair, the RPC engine and handshakes — in ONE ``trio.run`` under
   event order stay deterministic);
 - network: `blocknode.sim.net` — in-memory streams through
   ``NodeContext.connect`` and a listener served with ``RpcNetwork.serve_listener``;
-- disk: a temp dir per node (real LMDB, real files).
+- disk: block files on a `blocknode.sim.disk.SimDisk` per node, through
+  ``NodeContext.fs`` (an in-memory disk that knows what was fsynced: see
+  below); the metadata on real LMDB in a temp dir (tmpfs when there is one).
+  Both durable as in production: ``data_fsync`` and ``metadata_fsync`` on.
 
 The same seed gives the same run event for event (the event trace's digest;
 checked by ``tests/sim``).
 
 Fault kinds (the nemesis, seeded): crash + restart after 2–40 s (at most two
-nodes down at once), crash with loss of the data dir or of the metadata dir
+nodes down at once), a power cut in the middle of a node's disk work (the
+disk stops after 1–12 more changes and the node is cancelled inside that
+call), crash with loss of the data dir or of the metadata dir
 (one node per seed: the *victim*), bit flips in the victim's block files,
+the victim's disk full (ENOSPC), failing (EIO) or read-only (EROFS) for
+5–30 s (after EIO, which takes its data dir out of service, the node is
+restarted once the disk is back: the operator's step),
 symmetric partitions and one-way link blocks (5–40 s), clogged links (+0.2–3 s
 latency), connection resets, clock skew changes. Budget: destructive faults
 (disk loss, bit flips) hit one node only, so rf 3 with write quorum 2 must
@@ -34,13 +42,20 @@ lose nothing; a loss with a larger budget would be counted apart ("beyond
 fault budget").
 
 Crash semantics, honestly: a crash cancels the node's Trio scope and breaks
-its streams; the process survives, so everything written to the page cache
-(un-fsynced files, LMDB commits without fsync) survives too — this is a
-*process* crash (kill -9), not a machine crash. Lost un-fsynced writes,
-renames not yet directory-synced, torn pages, ENOSPC/EIO and a read-only
-disk are not simulated (they need an in-memory disk behind the storage
-seam). The node's ``finally`` blocks do run on cancellation (the LMDB env is
-closed), which kill -9 would not do; LMDB's on-disk state does not depend on it.
+its streams, and is a *machine* crash for its block files: the SimDisk keeps
+what was fsynced (file data by the file's fsync, names by the directory's)
+and, seeded, keeps, drops or tears each file's un-synced data and keeps or
+reverts each un-synced directory entry (counted as ``lost_unsynced``). With
+``data_fsync`` on, the node syncs everything before it answers, so only a
+power cut mid-write or a failed write leaves un-synced items. The metadata:
+every LMDB commit is fsync'd, so a crash keeps exactly the state at the last
+commit (LMDB's guarantee; a commit cut in half and torn LMDB pages are not
+simulated — LMDB's copy-on-write pages and meta-page switch are what guard
+against them). After a power cut, commits already submitted may still land
+(their shielded writer runs on); each depends only on disk changes made
+before the cut, which is an order a real crash can produce too. The node's
+``finally`` blocks do run on cancellation (the LMDB env is closed), which a
+crash would not do; LMDB's on-disk state does not depend on it.
 
 Stream-level faults: TCP cannot silently drop, duplicate or reorder bytes, so
 those show up as resets, stalls and delays here (and duplicated requests as

@@ -6,6 +6,7 @@ invariants. `run_seed(SimConfig(seed=...))` returns a `Result`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -38,6 +39,7 @@ from blocknode.protocol import (
 )
 from blocknode.rpc.connect import open_client
 from blocknode.sim.bounds import node_bounds
+from blocknode.sim.disk import SimDisk
 from blocknode.sim.net import SimNet
 
 __all__ = ["Result", "Sim", "SimConfig", "run_seed"]
@@ -54,6 +56,8 @@ MAX_SKEW_MS = 2000  # per-node skew stays within ±this (max_clock_skew is 5 s)
 HEAP_BUDGET = 128 << 20
 """With `SimConfig.tracemalloc`: the Python heap peak of one seed (the whole cluster, its
 client and the checker) must stay under this (a violation otherwise)."""
+DISK_FAULTS = {"enospc": errno.ENOSPC, "eio": errno.EIO, "readonly": errno.EROFS}
+"""The victim's disk faults (`blocknode.sim.disk.SimDisk.set_fault`), each for 5–30 s."""
 GC_BOUND = 2 * RPC_TIMEOUT + 30.0
 """Every block whose references are all deleted is gone within gc_delay + this, once healed
 (the heal phase runs its resync and anti-entropy rounds within it)."""
@@ -144,6 +148,10 @@ class Sim:
         self.victim = self.rng.choice(self.ids)  # the one node whose storage may be damaged
         self.disk_losses = 0
         self.pending_loss: dict[str, str] = {}  # a crashed node's disk loss, done at its restart
+        # Block files live on a simulated disk per node (`blocknode.sim.disk`): a crash drops
+        # what was not synced, by this RNG (its own: the other draws stay as they were).
+        self.disks = {nid: SimDisk(os.path.join(root, nid, "disk")) for nid in self.ids}
+        self.disk_rng = random.Random(f"disk-{cfg.seed}")
         # the client's model
         self.data: dict[bytes, bytes] = {}
         self.pairs: dict[tuple[bytes, str], str] = {}  # (hash, ref) -> live | dead | unknown
@@ -166,10 +174,14 @@ class Sim:
             d = os.path.join(root, nid)
             os.makedirs(d, mode=0o700)
             self.cfgs[nid] = NodeConfig(
-                node_id=nid, data_dir=os.path.join(d, "data"), metadata_dir=os.path.join(d, "meta"),
+                node_id=nid, data_dir=os.path.join(self.disks[nid].root, "data"),
+                metadata_dir=os.path.join(d, "meta"),
                 rpc_bind_addr=self.addrs[nid], rpc_secret=secret, cluster_file=cluster_file,
                 zone=f"z{i % 3 + 1}", block_size=BLOCK_SIZE, inline_threshold=INLINE_THRESHOLD,
-                data_fsync=False, metadata_fsync=False, lmdb_map_size=1 << 26,
+                # Durable as in production: block files fsync'd (through the SimDisk), every
+                # LMDB commit fsync'd (on tmpfs: cheap) so a crash keeps exactly what was
+                # committed.
+                data_fsync=True, metadata_fsync=True, lmdb_map_size=1 << 26,
                 gc_delay=cfg.gc_delay, rpc_timeout=RPC_TIMEOUT, need_block_timeout=2.0,
                 connect_timeout=1.0, anti_entropy_interval=AE_INTERVAL, scrub_interval=1e7,
                 resync_tranquility=0.0, scrub_tranquility=0.0, source=f"<sim {nid}>",
@@ -194,7 +206,7 @@ class Sim:
     async def start(self, nursery: trio.Nursery, nid: str) -> None:
         ctx = NodeContext(now_ms=self.now_ms(nid), random=self.node_rng[nid],
                           urandom=self.node_rng[nid].randbytes, run_sync=_inline,
-                          connect=self.net.connector(nid))
+                          connect=self.net.connector(nid), fs=self.disks[nid])
         node = Node(self.cfgs[nid], ctx=ctx, listener=self.net.listener(nid))
         node.layouts.sync_interval = self.cfg.layout_sync_interval
         node.keys.sync_interval = self.cfg.key_sync_interval
@@ -210,7 +222,10 @@ class Sim:
                 if not scope.cancelled_caught:
                     self.violation(f"node {nid} stopped on its own")
             except Exception as exc:  # noqa: BLE001 - that is the finding
-                self.violation(f"node {nid} died: {exc!r}")
+                if self.disks[nid].cut:  # the node's reaction to a dead disk, cut short
+                    self.event(f"node {nid} ended after its power cut: {exc!r}"[:200])
+                else:
+                    self.violation(f"node {nid} died: {exc!r}")
             finally:
                 done.set()
 
@@ -259,8 +274,10 @@ class Sim:
         self.net.crash(nid)
         self.scopes[nid].cancel()
         await self.done[nid].wait()
-        del self.nodes[nid]
-        self.event(f"crash {nid}")
+        self.nodes.pop(nid, None)  # (an operator restart may crash it at the same time)
+        lost = self.disks[nid].crash(self.disk_rng).lost  # a machine crash: un-synced state may go
+        self.res.faults["lost_unsynced"] += lost
+        self.event(f"crash {nid}" + (f" (lost {lost} un-synced)" if lost else ""))
 
     # ------------------------------------------------------------------ client
     def client(self, nid: str) -> Any:
@@ -461,6 +478,9 @@ class Sim:
                 if len(up) <= len(self.ids) - 2:
                     continue
                 nid = self.victim if self.victim in up and rng.random() < 0.3 else rng.choice(up)
+                if rng.random() < 0.4:
+                    await self.power_cut(nursery, nid, rng)
+                    continue
                 await self.crash(nid)
                 self.res.faults["crash"] += 1
                 loss = None
@@ -470,7 +490,10 @@ class Sim:
                     self.pending_loss[nid] = loss
                 nursery.start_soon(self.restart_later, nursery, nid, rng.uniform(2, 40), loss)
             elif x < 0.45:
-                self.bitflip()
+                if x < 0.38:
+                    self.bitflip()
+                else:
+                    self.disk_fault(nursery, rng)
             elif x < 0.65:
                 await self.partition(rng)
             elif x < 0.75:
@@ -490,6 +513,56 @@ class Sim:
                 n = self.net.reset(a, b)
                 self.res.faults["reset"] += 1
                 self.event(f"reset {a}<->{b} ({n} streams)")
+
+    async def power_cut(self, nursery: trio.Nursery, nid: str, rng: random.Random) -> None:
+        """A machine crash in the middle of the node's disk work: after 1–12 more changes
+        to its disk, the disk stops and the node is cancelled right there (a plain crash
+        if it makes no change within 10 s); restarted after 2–40 s."""
+        cut = trio.Event()
+
+        def on_cut() -> None:  # inside the node's disk call: nothing more reaches the disk
+            self.net.crash(nid)
+            self.scopes[nid].cancel()
+            cut.set()
+
+        self.disks[nid].arm_power_cut(rng.randint(1, 12), on_cut)
+        with trio.move_on_after(10):
+            await cut.wait()
+        self.disks[nid].disarm()
+        if nid not in self.nodes or not (cut.is_set() or self.chaos):
+            return  # crashed meanwhile, or the faults stopped before the cut
+        self.event(f"power cut {nid}" if cut.is_set() else f"power cut {nid}: no disk change")
+        await self.crash(nid)
+        self.res.faults["power_cut" if cut.is_set() else "crash"] += 1
+        nursery.start_soon(self.restart_later, nursery, nid, rng.uniform(2, 40), None)
+
+    def disk_fault(self, nursery: trio.Nursery, rng: random.Random) -> None:
+        """The victim's disk fails writes (full, I/O errors, read-only) for 5–30 s."""
+        disk = self.disks[self.victim]
+        if disk.fault is not None:
+            return
+        kind = rng.choice(sorted(DISK_FAULTS))
+        disk.set_fault(DISK_FAULTS[kind])
+        self.res.faults[kind] += 1
+        self.event(f"{kind} {self.victim}")
+        nursery.start_soon(self.disk_heal_later, nursery, self.victim, rng.uniform(5, 30))
+
+    async def disk_heal_later(self, nursery: trio.Nursery, nid: str, after: float) -> None:
+        await trio.sleep(after)
+        await self.disk_heal(nursery, nid)
+
+    async def disk_heal(self, nursery: trio.Nursery, nid: str) -> None:
+        """The disk works again. A directory taken out of service (EIO: the node's answer
+        to a failing disk) stays out until a restart: the operator's step, taken here."""
+        if self.disks[nid].fault is None:
+            return
+        self.disks[nid].set_fault(None)
+        self.event(f"disk healed {nid}")
+        node = self.nodes.get(nid)
+        if node is not None and any(not d.in_service for d in node.files.dirs):
+            await self.crash(nid)
+            await self.start(nursery, nid)
+            self.event(f"operator restart {nid} (its data dir was out of service)")
 
     async def unclog_later(self, link: tuple[str, str], after: float) -> None:
         await trio.sleep(after)
@@ -512,30 +585,26 @@ class Sim:
         if loss is None:
             return
         cfg = self.cfgs[nid]
-        shutil.rmtree(cfg.metadata_dir if loss == "meta" else str(cfg.data_dir), ignore_errors=True)
+        if loss == "meta":
+            shutil.rmtree(cfg.metadata_dir, ignore_errors=True)
+        else:
+            self.disks[nid].remove_tree(str(cfg.data_dir))
         self.disk_losses += 1
         self.res.faults[f"{loss}_loss"] += 1
         self.event(f"{loss}_loss {nid}")
 
     def bitflip(self) -> None:
-        d = str(self.cfgs[self.victim].data_dir)
-        files = []
-        for dirpath, dirnames, filenames in os.walk(d):
-            dirnames.sort()
-            files += [os.path.join(dirpath, f) for f in sorted(filenames)
-                      if not f.endswith(".tmp") and len(f) >= 32]
+        disk = self.disks[self.victim]
+        files = [p for p in disk.files(str(self.cfgs[self.victim].data_dir))
+                 if not p.endswith(".tmp") and len(os.path.basename(p)) >= 32]
         if not files:
             return
         path = self.rng.choice(files)
-        with open(path, "r+b") as f:
-            size = f.seek(0, 2)
-            if size == 0:
-                return
-            pos = self.rng.randrange(size)
-            f.seek(pos)
-            b = f.read(1)[0] ^ (1 << self.rng.randrange(8))
-            f.seek(pos)
-            f.write(bytes([b]))
+        size = disk.getsize(path)
+        if size == 0:
+            return
+        pos = self.rng.randrange(size)
+        disk.flip_bit(path, pos, self.rng.randrange(8))
         self.res.faults["bitflip"] += 1
         self.event(f"bitflip {self.victim} {os.path.basename(path)[:12]}@{pos}")
 
@@ -597,6 +666,9 @@ class Sim:
     async def heal(self, nursery: trio.Nursery) -> None:
         self.net.set_blocked(set())
         self.net.clogged.clear()
+        for nid in self.ids:
+            self.disks[nid].disarm()  # a power cut not yet happened does not happen
+            await self.disk_heal(nursery, nid)
         await trio.sleep(1)
         for nid in self.ids:
             if nid not in self.nodes:
@@ -699,9 +771,10 @@ class Sim:
 
 
 def _tmp_root() -> str | None:
-    """Where the nodes' directories go: /dev/shm (a tmpfs: no disk I/O, cheap rmtree) when
-    it is there and writable, else the default temp dir. Crash semantics do not change:
-    a simulated crash is a process crash, the page cache survives it either way."""
+    """Where the nodes' directories go: /dev/shm (a tmpfs: no disk I/O, cheap rmtree and
+    fsync) when it is there and writable, else the default temp dir. Crash semantics do not
+    depend on it: block files are on a `SimDisk` (un-synced state dropped by its crash
+    rules), and LMDB commits are fsync'd, so a crash keeps exactly the last commit."""
     shm = "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
@@ -711,6 +784,7 @@ def run_seed(cfg: SimConfig, sim_class: type[Sim] | None = None) -> Result:
     from trio._core import _run as trio_run  # the scheduler's RNG: seeded for determinism
 
     result = Result(cfg.seed)
+    # On tmpfs when there is one: every LMDB commit is fsync'd (metadata_fsync), cheaply there.
     root = tempfile.mkdtemp(prefix=f"blocknode-sim-{cfg.seed}-", dir=_tmp_root())
     saved = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
     trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]

@@ -37,8 +37,10 @@ directories in use are recorded in the metadata (`init_dirs`). A recorded
 directory found without its marker at start (an unmounted disk: the mount
 point is there, empty) is taken out of service instead of being written into;
 one that no longer exists at all is made again (its blocks are lost). A
-directory that fails later (I/O errors, read-only file system, its marker
-gone) is taken out of service too; the node keeps running on the others. In
+directory that fails later (I/O errors, its marker gone) is taken out of
+service too; the node keeps running on the others. A full or read-only disk
+is not failed: its writes fail (the next directory takes them), its blocks are
+still read, and it takes writes again once it can. In
 each case the directory is added to `refetch_pending` and `on_failure` is
 called, so its blocks get fetched again from the other nodes. `dir_status`
 reports, per directory: state, blocks, bytes, free space, errors.
@@ -70,6 +72,7 @@ from blocknode.block import VerifiedBlock
 from blocknode.config import DataDir
 from blocknode.context import RunSync, run_in_thread
 from blocknode.errors import BlockCorrupted, BlockNotFound, StoreError
+from blocknode.fs import OS_FS, FileSystem
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +84,21 @@ MARKER_TEXT = b"blocknode data directory: do not remove (its absence means: not 
 PARTITION_BYTES = 2
 _HEX = frozenset("0123456789abcdef")
 _FATAL_ERRNOS = frozenset(
-    {errno.EIO, errno.EROFS, errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.ENOTCONN,
+    {errno.EIO, errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.ENOTCONN,
      getattr(errno, "EUCLEAN", 117), getattr(errno, "EREMOTEIO", 121)})
-"""Errors that take a directory out of service: the disk or its file system failed."""
+"""Errors that take a directory out of service: the disk or its file system failed.
+
+Not EROFS (found by the simulation, issue 11): a read-only file system still reads,
+so its directory stays in service like a full one — writes fail there (and go to
+the next directory), its blocks are still served, and writes work again as soon as
+it is writable again, with no restart. Out of service, its blocks were unreadable
+until a restart although every byte was still there."""
+_WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM})
+"""Errors of a disk that refuses a write but is not failing: no marker check."""
 
 
 def _is_hex(name: str, n: int) -> bool:
     return len(name) == n and _HEX.issuperset(name)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def partition_of(hash: bytes) -> int:
@@ -168,14 +171,15 @@ class BlockFiles:
     """The block files of one node, in one or several data directories.
 
     `fsync=False` (config `data_fsync = false`) skips the fsyncs: faster, but a
-    machine crash may lose recently acknowledged blocks. At most `threads`
+    machine crash may lose recently acknowledged blocks. `fs`: the file system
+    (`blocknode.fs`; the simulation passes its disk). At most `threads`
     blocking operations run at once. `block_size` bounds how far a stored
     frame may decompress (`blocknode.block.stored_cap`).
     """
 
     def __init__(self, data_dirs: str | Sequence[DataDir | str], *, fsync: bool = True,
                  threads: int = 8, run_sync: RunSync = run_in_thread,
-                 block_size: int | None = None) -> None:
+                 block_size: int | None = None, fs: FileSystem = OS_FS) -> None:
         specs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
         if not specs:
             raise ValueError("BlockFiles needs at least one data directory")
@@ -183,6 +187,8 @@ class BlockFiles:
         self.data_dir = self.dirs[0].path
         """The first data directory (the only one in the single-directory form)."""
         self.fsync = fsync
+        self.fs = fs
+        """The file system the files live on (`blocknode.fs`: the OS, or a simulated disk)."""
         self.limiter = trio.CapacityLimiter(threads)
         self._run_sync = run_sync
         self.cap = block.stored_cap(block_size)
@@ -252,11 +258,11 @@ class BlockFiles:
         lost: list[str] = []
         for d in self.dirs:
             marker = os.path.join(d.path, MARKER_NAME)
-            if os.path.isfile(marker):
+            if self.fs.isfile(marker):
                 d.marked = True
                 record.append(d.path)
                 continue
-            exists = os.path.isdir(d.path)
+            exists = self.fs.isdir(d.path)
             if d.path in known and exists:
                 self._fail(d, f"its marker file {MARKER_NAME} is missing: the disk is probably not "
                               "mounted (if the directory was emptied on purpose, remove it or create "
@@ -274,9 +280,9 @@ class BlockFiles:
                 lost.append(d.path)
             try:
                 made = not exists
-                os.makedirs(d.path, mode=0o700, exist_ok=True)  # private: blocks are user data
+                self.fs.makedirs(d.path, mode=0o700, exist_ok=True)  # private: blocks are user data
                 if made and self.fsync:
-                    _fsync_dir(os.path.dirname(d.path))
+                    self.fs.fsync_dir(os.path.dirname(d.path))
                 self._write_marker(d.path)
                 d.marked = True
             except OSError as exc:
@@ -302,14 +308,16 @@ class BlockFiles:
     def _write_marker(self, path: str) -> None:
         marker = os.path.join(path, MARKER_NAME)
         tmp = marker + TMP_SUFFIX
-        with open(tmp, "wb") as f:
-            f.write(MARKER_TEXT)
-            f.flush()
+        fd = self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self._write_all(fd, MARKER_TEXT)
             if self.fsync:
-                os.fsync(f.fileno())
-        os.rename(tmp, marker)
+                self.fs.fsync(fd)
+        finally:
+            self.fs.close(fd)
+        self.fs.rename(tmp, marker)
         if self.fsync:
-            _fsync_dir(path)
+            self.fs.fsync_dir(path)
 
     def _fail(self, d: Dir, reason: str, *, notify: bool = True) -> None:
         if d.failed is not None:
@@ -335,7 +343,7 @@ class BlockFiles:
             d.last_error = f"{op}: {exc.strerror or exc}"
         if exc.errno in _FATAL_ERRNOS:
             self._fail(d, f"I/O error ({op}: {exc.strerror or exc})")
-        elif exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM) and not os.path.isfile(
+        elif exc.errno not in _WRITE_REFUSED and not self.fs.isfile(
                 os.path.join(d.path, MARKER_NAME)):
             self._fail(d, f"its marker file {MARKER_NAME} is gone ({op}: {exc.strerror or exc})")
         return _store_error(op, hash, exc)
@@ -358,8 +366,7 @@ class BlockFiles:
             free: int | None = None
             if d.in_service:
                 try:
-                    st = os.statvfs(d.path)
-                    free = st.f_bavail * st.f_frsize
+                    free = self.fs.free_bytes(d.path)
                 except OSError:
                     pass
             out.append({
@@ -378,7 +385,7 @@ class BlockFiles:
         for d in self._read_order(hash):
             for compressed in (False, True):
                 path = self._name(d, hash, compressed)
-                if os.path.exists(path):
+                if self.fs.exists(path):
                     out.append(Copy(d, path, compressed))
         return out
 
@@ -441,27 +448,31 @@ class BlockFiles:
         directory = os.path.dirname(final)
         self._ensure_dir(d, directory)
         tmp = final + TMP_SUFFIX
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(form)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            self._write_all(fd, form)
             if self.fsync:
-                os.fsync(fd)
+                self.fs.fsync(fd)
         finally:
-            os.close(fd)
-        os.rename(tmp, final)
+            self.fs.close(fd)
+        self.fs.rename(tmp, final)
         if self.fsync:
-            _fsync_dir(directory)
+            self.fs.fsync_dir(directory)
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self.fs.write(fd, view)
+            view = view[n:]
 
     def _copy_is_intact(self, c: Copy, hash: bytes, form: bytes | memoryview, compressed: bool,
                         plain_len: int) -> bool | None:
         # None: the copy is gone. The same form: size first (a file of the wrong size is not
         # read), then content. Another form (plain vs compressed, another level): verified.
         try:
-            with open(c.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            with self.fs.open_read(c.path) as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(0)
                 if not c.compressed and size != plain_len:
                     return False  # a plain copy has the plaintext's size
                 raw = None
@@ -484,28 +495,28 @@ class BlockFiles:
         return True
 
     def _ensure_dir(self, d: Dir, directory: str) -> None:
-        if os.path.isdir(directory):
+        if self.fs.isdir(directory):
             return
         parent = os.path.dirname(directory)
-        new_parent = not os.path.isdir(parent)
-        if new_parent and d.marked and not os.path.isfile(os.path.join(d.path, MARKER_NAME)):
+        new_parent = not self.fs.isdir(parent)
+        if new_parent and d.marked and not self.fs.isfile(os.path.join(d.path, MARKER_NAME)):
             # Never write into a mount point whose disk went away.
             raise OSError(errno.ENODEV, f"marker file {MARKER_NAME} missing: not mounted?", d.path)
         if new_parent:
             # makedirs gives `mode` to the last directory only: make each level private.
-            os.makedirs(d.path, mode=0o700, exist_ok=True)
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+            self.fs.makedirs(d.path, mode=0o700, exist_ok=True)
+            self.fs.makedirs(parent, mode=0o700, exist_ok=True)
+        self.fs.makedirs(directory, mode=0o700, exist_ok=True)
         if self.fsync:
             # New directory entries must be durable too, or the block is unreachable.
-            _fsync_dir(parent)
+            self.fs.fsync_dir(parent)
             if new_parent:
-                _fsync_dir(d.path)
+                self.fs.fsync_dir(d.path)
 
     def _read_copy(self, c: Copy, hash: bytes) -> VerifiedBlock | None:
         # None: gone (or its directory failed). BlockCorrupted when it does not verify.
         try:
-            with open(c.path, "rb") as f:
+            with self.fs.open_read(c.path) as f:
                 raw = f.read()
         except FileNotFoundError:
             return None
@@ -553,7 +564,7 @@ class BlockFiles:
         """True when a block file is present (its content is not checked)."""
         for d in self._read_order(hash):
             path = fastpath.block_path(d.path, hash)
-            if os.path.exists(path) or os.path.exists(path + ZST_SUFFIX):
+            if self.fs.exists(path) or self.fs.exists(path + ZST_SUFFIX):
                 return True
         return False
 
@@ -566,7 +577,7 @@ class BlockFiles:
 
     def _quarantine_copy(self, c: Copy, hash: bytes) -> bool:
         done = self._remove(c, hash, "quarantine",
-                            lambda: os.replace(c.path, c.path + CORRUPTED_SUFFIX))
+                            lambda: self.fs.replace(c.path, c.path + CORRUPTED_SUFFIX))
         if done:
             with self._stats_lock:
                 c.dir.corrupted += 1
@@ -576,13 +587,13 @@ class BlockFiles:
         """Remove every file of a block; False when none was there."""
         done = False
         for c in self.copies(hash):
-            done = self._remove(c, hash, "delete", lambda c=c: os.unlink(c.path)) or done
+            done = self._remove(c, hash, "delete", lambda c=c: self.fs.unlink(c.path)) or done
         return done
 
     def _remove(self, c: Copy, hash: bytes, op: str, action: Callable[[], None]) -> bool:
         # Takes the block's name out of its directory, durably (the directory is fsync'd).
         try:
-            size = os.stat(c.path).st_size
+            size = self.fs.getsize(c.path)
             action()
         except FileNotFoundError:
             return False
@@ -590,7 +601,7 @@ class BlockFiles:
             raise self._io_error(c.dir, op, hash, exc) from exc
         self._count(c.dir, -1, -size)
         if self.fsync:
-            _fsync_dir(os.path.dirname(c.path))
+            self.fs.fsync_dir(os.path.dirname(c.path))
         return True
 
     def relocate(self, hash: bytes) -> bool:
@@ -638,7 +649,7 @@ class BlockFiles:
             return False
         for c in keep:
             try:
-                self._remove(c, hash, "delete", lambda c=c: os.unlink(c.path))
+                self._remove(c, hash, "delete", lambda c=c: self.fs.unlink(c.path))
             except StoreError as exc:
                 # e.g. a read-only file system: the copy stays, reads still find one
                 log.warning("rebalance: cannot remove the old copy %s: %s", c.path, exc)
@@ -674,7 +685,7 @@ class BlockFiles:
                     continue
                 p2 = os.path.join(p1, d2)
                 try:
-                    with os.scandir(p2) as it:
+                    with self.fs.scandir(p2) as it:
                         entries = sorted((e.name, e) for e in it)
                 except FileNotFoundError:
                     continue
@@ -701,7 +712,7 @@ class BlockFiles:
 
     def _sorted_hex_dirs(self, d: Dir, path: str) -> list[str]:
         try:
-            with os.scandir(path) as it:
+            with self.fs.scandir(path) as it:
                 return sorted(e.name for e in it if _is_hex(e.name, 2) and e.is_dir())
         except FileNotFoundError:
             return []
@@ -718,13 +729,13 @@ class BlockFiles:
                 for d2 in self._sorted_hex_dirs(d, p1):
                     p2 = os.path.join(p1, d2)
                     try:
-                        names = os.listdir(p2)
+                        names = self.fs.listdir(p2)
                     except OSError:
                         continue
                     for name in names:
                         if name.endswith(TMP_SUFFIX):
                             try:
-                                os.unlink(os.path.join(p2, name))
+                                self.fs.unlink(os.path.join(p2, name))
                                 removed += 1
                             except FileNotFoundError:
                                 pass

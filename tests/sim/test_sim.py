@@ -38,7 +38,7 @@ class _LosesABlock(Sim):
         for node in self.nodes.values():
             await node.meta.env.submit(lambda txn, node=node: node.meta.inline.tx_delete(txn, h))
             for c in node.files.copies(h):
-                os.unlink(c.path)
+                node.files.fs.unlink(c.path)
 
 
 class _BreaksRc(Sim):
