@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import trio
 
-from blocknode import block, fastpath
+from blocknode import block, defects, fastpath
 from blocknode.block import VerifiedBlock
 from blocknode.clock import wall_ms
 from blocknode.context import RunSync, run_in_thread
@@ -467,8 +467,10 @@ class BlockManager:
         """Send a write of block `h` to its write nodes: the write quorum of every live
         layout version (one version: its quorum; during a migration, each version's
         quorum among its own nodes, the union of their nodes called once)."""
-        return await self._call_sets(self.layout.write_sets(h), kind, fields, data,
-                                     priority=priority)
+        sets = self.layout.write_sets(h)
+        if defects.ACTIVE and kind == PUT_BLOCK and defects.on("e-put-one-replica"):
+            sets = [(nodes, 1) for nodes, _ in sets]  # re-introduced defect: one replica will do
+        return await self._call_sets(sets, kind, fields, data, priority=priority)
 
     async def _call_sets(self, sets: list[tuple[tuple[str, ...], int]], kind: str,
                          fields: dict[str, Any], data: Any, *,

@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from blocknode import fastpath
+from blocknode import defects, fastpath
 from blocknode.errors import MetadataError
 from blocknode.protocol import GC_CHECK_MARGIN_MS, MAX_REF_ID_BYTES
 from blocknode.storage.env import MetadataEnv, Txn
@@ -81,7 +81,7 @@ class RcEntry:
         if self.state == fastpath.RC_PRESENT:
             return False
         if self.state == fastpath.RC_DELETABLE:
-            return now_ms > self.value
+            return now_ms > self.value or bool(defects.ACTIVE and defects.on("e-gc-ignores-delay"))
         return True
 
     def increment(self) -> RcEntry:
