@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 
+from blocknode.defects import DEFECTS
 from blocknode.sim.run import Result, SimConfig, run_seed
 
 
@@ -25,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=3, help="concurrent client tasks")
     p.add_argument("--hot-refs", type=int, default=0,
                    help="one burst of this many references to one block")
+    p.add_argument("--hot-down", action="store_true",
+                   help="with --hot-refs: one replica of the popular block is down during the burst")
+    p.add_argument("--defect", action="append", default=[], choices=sorted(DEFECTS), metavar="NAME",
+                   help="re-introduce a fixed defect (repeatable; see blocknode/defects.py): "
+                        + ", ".join(sorted(DEFECTS)))
     p.add_argument("--no-faults", action="store_true", help="the workload alone")
     p.add_argument("--shrink", action="store_true",
                    help="on a violation, look for a smaller run of the same seed that fails too")
@@ -41,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for seed in seeds:
         r = run_seed(SimConfig(seed=seed, nodes=args.nodes, ops=args.ops, workers=args.workers, hot_refs=args.hot_refs,
-                               faults=not args.no_faults,
-                               trace=args.trace))
+                               faults=not args.no_faults, hot_down=args.hot_down,
+                               defects=tuple(args.defect), trace=args.trace))
         ops.update(r.ops)
         faults.update(r.faults)
         sim_s += r.sim_s
@@ -60,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("  trace (last 60 events):", file=sys.stderr)
                 for line in r.trace[-60:]:
                     print(f"    {line}", file=sys.stderr)
+            extra = "".join(f" --defect {d}" for d in args.defect) + (" --hot-down" if args.hot_down else "")
             print(f"  REPLAY: python -m blocknode.sim --seed {seed} --nodes {args.nodes} "
-                  f"--ops {args.ops} --workers {args.workers} --hot-refs {args.hot_refs} --trace", file=sys.stderr)
+                  f"--ops {args.ops} --workers {args.workers} --hot-refs {args.hot_refs}{extra} --trace",
+                  file=sys.stderr)
             if args.shrink:
                 shrink(seed, args)
     wall = time.perf_counter() - t0
@@ -79,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'under-replicated':<24}{ops['under_replicated']}  (live blocks on >= wq but < rf "
           f"nodes after healing)")
     print(f"{'beyond fault budget':<24}{beyond}")
+    if args.defect:
+        print(f"{'defects re-introduced':<24}{' '.join(args.defect)}")
+        fired = Counter(v.split(":")[0].split(" ")[0] for r in failed for v in r.violations)
+        print(f"{'invariants that fired':<24}{dict(fired.most_common())}")
     print(f"{'invariant violations':<24}{sum(len(r.violations) for r in failed)}"
           f"  in {len(failed)} seed(s){': ' + ' '.join(str(r.seed) for r in failed) if failed else ''}")
     return 1 if failed else 0
@@ -96,7 +108,8 @@ def shrink(seed: int, args: argparse.Namespace) -> None:
         if (ops, workers) >= best[:2]:
             continue
         r = run_seed(SimConfig(seed=seed, nodes=args.nodes, ops=ops, workers=workers,
-                               faults=faults, hot_refs=args.hot_refs))
+                               faults=faults, hot_refs=args.hot_refs, hot_down=args.hot_down,
+                               defects=tuple(args.defect)))
         if r.violations:
             best = (ops, workers, faults)
             print(f"  shrunk: --ops {ops} --workers {workers}{'' if faults else ' --no-faults'} "

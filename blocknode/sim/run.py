@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import trio
 import trio.testing
 
-from blocknode import block
+from blocknode import block, defects
 from blocknode.auth import load_client_key
 from blocknode.client.api import Client
 from blocknode.config import NodeConfig
@@ -63,6 +63,8 @@ class SimConfig:
     faults: bool = True
     hot_refs: int = 0  # one burst of this many refs to the popular block (thousands: a soak)
     trace: bool = False  # print the trace as it happens
+    defects: tuple[str, ...] = ()  # re-introduced defects (`blocknode.defects`), for the seed table
+    hot_down: bool = False  # with hot_refs: one replica of the popular block is down during the burst
 
 
 @dataclass
@@ -117,6 +119,8 @@ class Sim:
         self.unprotected_at: dict[bytes, float] = {}
         self.next_ref = 0
         self.ops_left = cfg.ops
+        self.fault_seq = 0  # bumped by every crash, restart and bit flip (the ack-time check)
+        self.faulted_at: dict[str, int] = {}  # node -> fault_seq of its last crash/restart/bit flip
         self.chaos = True
         secret = hashlib.sha256(f"secret{cfg.seed}".encode()).hexdigest()
         lines = ["replication_factor = 3"]
@@ -175,14 +179,66 @@ class Sim:
                 done.set()
 
         self.nodes[nid], self.scopes[nid], self.done[nid] = node, scope, done
+        self.watch_deletions(nid, node)
         await nursery.start(run)
+        self.mark_fault(nid)
         self.event(f"start {nid}")
+
+    def mark_fault(self, nid: str) -> None:
+        """`nid` crashed, restarted or had a bit flipped: what it held may have changed."""
+        self.fault_seq += 1
+        self.faulted_at[nid] = self.fault_seq
+
+    def watch_deletions(self, nid: str, node: Node) -> None:
+        """S3, checked as it happens: a replica never deletes a block while an acknowledged
+        live reference to it exists (no operation on that reference in flight)."""
+        blocks = node.blocks
+        delete = blocks.delete_if_deletable
+
+        async def checked(h: bytes) -> bool:
+            deleted = await delete(h)
+            if deleted and nid in node.layout.nodes_of(h):
+                live = [r for (hh, r), s in self.pairs.items()
+                        if hh == h and s == "live" and (hh, r) not in self.busy]
+                if live:
+                    self.violation(f"S3: {nid} deleted {h.hex()[:16]}, a block it is a replica "
+                                   f"of, while refs {live[:3]} are live (acknowledged)")
+            return deleted
+
+        blocks.delete_if_deletable = checked  # type: ignore[method-assign]
+
+    def check_acked_put(self, h: bytes, since: int) -> None:
+        """S1 at the moment of the acknowledgement: a put is acknowledged only once the write
+        quorum of its replicas holds an intact copy (replicas that crashed, restarted or had
+        a bit flipped since the put started are given the benefit of the doubt)."""
+        layout = next(iter(self.nodes.values())).layout
+        replicas = list(layout.nodes_of(h))
+        holders = [n for n in replicas if n in self.nodes and self._holds_intact(n, h)]
+        doubt = [n for n in replicas if n not in holders and self.faulted_at.get(n, 0) > since]
+        if len(holders) + len(doubt) < layout.write_quorum:
+            self.violation(f"S1 at ack: put of {h.hex()[:16]} acknowledged while only {holders} "
+                           f"of its replicas {replicas} hold an intact copy "
+                           f"(< write quorum {layout.write_quorum})")
+
+    def _holds_intact(self, nid: str, h: bytes) -> bool:
+        # Side-effect free (nothing quarantined, no checkpoint): the schedule is unchanged.
+        node = self.nodes[nid]
+        try:
+            found = node.meta.inline.get_form(h)
+            if found is not None:
+                block.from_inline_bytes(found[0], h, compressed=found[1], cap=node.blocks.files.cap)
+                return True
+            node.blocks.files.read(h)
+            return True
+        except Exception:  # noqa: BLE001 - absent or corrupt
+            return False
 
     async def crash(self, nid: str) -> None:
         self.net.crash(nid)
         self.scopes[nid].cancel()
         await self.done[nid].wait()
         del self.nodes[nid]
+        self.mark_fault(nid)
         self.event(f"crash {nid}")
 
     # ------------------------------------------------------------------ client
@@ -254,12 +310,15 @@ class Sim:
         self.busy.update(keys)
         self.event(f"op {kind} {ref} {' '.join(h.hex()[:8] for h in hashes)}")
         ok = False
+        since = self.fault_seq
         try:
             with trio.move_on_after(OP_TIMEOUT):
                 out = await self.with_client(lambda c: fn(c, ref))
                 if manifest:
                     keys.append((bytes.fromhex(out), ref))
                 ok = True
+                if kind == "put":
+                    self.check_acked_put(hashes[0], since)
         except Exception as exc:  # noqa: BLE001 - an op may fail under faults
             self.event(f"  {kind} {ref} failed: {type(exc).__name__}")
         finally:
@@ -305,6 +364,21 @@ class Sim:
             self.res.ops[f"ref:{'ok' if ok else 'fail'}"] += 1
         self.update_protection([h])
         self.event(f"  many_refs ok={sum(results.values())}")
+
+    async def many_refs_with_a_replica_down(self, h: bytes, n: int) -> None:
+        """The popular-block burst while one replica of the block is down (C.8's scenario:
+        its references must reach that replica by anti-entropy once it is back)."""
+        layout = next(iter(self.nodes.values())).layout
+        down = next((r for r in layout.nodes_of(h) if r in self.nodes), None)
+        if down is None:
+            await self.many_refs(h, n)
+            return
+        await self.crash(down)
+        self.res.faults["crash"] += 1
+        await self.many_refs(h, n)
+        assert self._nursery is not None
+        if down not in self.nodes:
+            await self.start(self._nursery, down)
 
     def update_protection(self, hashes: list[bytes], *, put: bool = False, reref: bool = False) -> None:
         """Which blocks must survive (S1): a block an acked put stored, as long as one of its
@@ -363,7 +437,9 @@ class Sim:
             await trio.sleep(1)
             if self.hot is None and self.data:
                 self.hot = next(iter(self.data))
-            if self.hot is not None:
+            if self.hot is not None and self.cfg.hot_down:
+                await self.many_refs_with_a_replica_down(self.hot, self.cfg.hot_refs)
+            elif self.hot is not None:
                 await self.many_refs(self.hot, self.cfg.hot_refs)
         while self.ops_left > 0:
             self.ops_left -= 1
@@ -452,6 +528,7 @@ class Sim:
             f.seek(pos)
             f.write(bytes([b]))
         self.res.faults["bitflip"] += 1
+        self.mark_fault(self.victim)
         self.event(f"bitflip {self.victim} {os.path.basename(path)[:12]}@{pos}")
 
     async def partition(self, rng: random.Random) -> None:
@@ -625,7 +702,8 @@ def run_seed(cfg: SimConfig, sim_class: type[Sim] | None = None) -> Result:
     t0 = time.perf_counter()
     try:
         sim = (sim_class or Sim)(cfg, root, result)
-        trio.run(sim.main, clock=trio.testing.MockClock(autojump_threshold=0))
+        with defects.active(cfg.defects):
+            trio.run(sim.main, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
         result.wall_s = time.perf_counter() - t0
         trio_run._ALLOW_DETERMINISTIC_SCHEDULING = saved  # type: ignore[misc]
