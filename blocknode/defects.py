@@ -33,7 +33,9 @@ DEFECTS: dict[str, str] = {
     "c13-scrub-stale-step": "C.13: a scrub step of a cancelled run goes on with its stale batch "
                             "in the new run",
     "a3-no-supervision": "A.3: an exception in a worker step reaches the node's nursery",
-    "e-put-one-replica": "E: a single-block put is acknowledged after one replica",
+    "e-put-one-replica": "E: a put is acknowledged after one replica (found on the single-block "
+                         "path; re-introduced on the batched path too, which the sim's small "
+                         "blocks take)",
     "e-gc-ignores-delay": "E: GC deletes a block as soon as its RC is zero, ignoring gc_delay",
 }
 """Every switch, with the defect it re-introduces."""

@@ -467,14 +467,14 @@ class BlockManager:
         """Send a write of block `h` to its write nodes: the write quorum of every live
         layout version (one version: its quorum; during a migration, each version's
         quorum among its own nodes, the union of their nodes called once)."""
-        sets = self.layout.write_sets(h)
-        if defects.ACTIVE and kind == PUT_BLOCK and defects.on("e-put-one-replica"):
-            sets = [(nodes, 1) for nodes, _ in sets]  # re-introduced defect: one replica will do
-        return await self._call_sets(sets, kind, fields, data, priority=priority)
+        return await self._call_sets(self.layout.write_sets(h), kind, fields, data,
+                                     priority=priority)
 
     async def _call_sets(self, sets: list[tuple[tuple[str, ...], int]], kind: str,
                          fields: dict[str, Any], data: Any, *,
                          priority: int = PRIO_NORMAL) -> list[tuple[str, Reply]]:
+        if defects.ACTIVE and kind in (PUT_BLOCK, PUT_BLOCKS) and defects.on("e-put-one-replica"):
+            sets = [(nodes, 1) for nodes, _ in sets]  # re-introduced defect: one replica will do
         if len(sets) == 1:
             ((nodes, quorum),) = sets
             return await self.net.call_many(

@@ -49,6 +49,8 @@ AE_INTERVAL = 60.0
 RPC_TIMEOUT = 5.0
 OP_TIMEOUT = 30.0
 MAX_SKEW_MS = 2000  # per-node skew stays within ±this (max_clock_skew is 5 s)
+RESYNC_LATE_MS = 2000
+"""An entry due this long ago with every resync worker of its node idle: a lost wake-up."""
 GC_BOUND = 2 * RPC_TIMEOUT + 30.0
 """Every block whose references are all deleted is gone within gc_delay + this, once healed
 (the heal phase runs its resync and anti-entropy rounds within it)."""
@@ -120,7 +122,8 @@ class Sim:
         self.next_ref = 0
         self.ops_left = cfg.ops
         self.fault_seq = 0  # bumped by every crash, restart and bit flip (the ack-time check)
-        self.faulted_at: dict[str, int] = {}  # node -> fault_seq of its last crash/restart/bit flip
+        self.faulted_at: dict[str, int] = {}
+        self.stalled: set[tuple[str, bytes]] = set()  # S6 reported once per node and block  # node -> fault_seq of its last crash/restart/bit flip
         self.chaos = True
         secret = hashlib.sha256(f"secret{cfg.seed}".encode()).hexdigest()
         lines = ["replication_factor = 3"]
@@ -220,6 +223,22 @@ class Sim:
                            f"of its replicas {replicas} hold an intact copy "
                            f"(< write quorum {layout.write_quorum})")
 
+    def check_resync_awake(self) -> None:
+        """S6, resync liveness (checked without a checkpoint, so the schedule is unchanged):
+        no node's resync workers are all idle while an entry has been due for a while
+        (a lost wake-up leaves a due entry until some unrelated notify)."""
+        for nid, node in self.nodes.items():
+            rs = node.resync
+            states = [rs.worker_states.get(i) for i in rs._running]
+            if not states or any(s != "idle" for s in states):
+                continue
+            late = node.meta.resync_due(node.meta.now_ms() - RESYNC_LATE_MS, limit=1)
+            if late and late[0][1] not in rs._in_progress and (nid, late[0][1]) not in self.stalled:
+                self.stalled.add((nid, late[0][1]))
+                self.violation(f"S6: {nid}'s resync workers all sleep while "
+                               f"{late[0][1].hex()[:16]} has been due for over "
+                               f"{RESYNC_LATE_MS / 1000:.0f} s")
+
     def _holds_intact(self, nid: str, h: bytes) -> bool:
         # Side-effect free (nothing quarantined, no checkpoint): the schedule is unchanged.
         node = self.nodes[nid]
@@ -258,6 +277,7 @@ class Sim:
         return f"r{self.next_ref}"
 
     async def one_op(self) -> None:
+        self.check_resync_awake()
         rng = self.rng
         x = rng.random()
         live = [p for p, s in self.pairs.items() if s == "live" and p not in self.busy]
