@@ -49,6 +49,7 @@ AE_INTERVAL = 60.0
 RPC_TIMEOUT = 5.0
 OP_TIMEOUT = 30.0
 MAX_SKEW_MS = 2000  # per-node skew stays within ±this (max_clock_skew is 5 s)
+SCRUB_RESTART_BATCH = 4  # the scrub batch of the heal's cancel-then-start sequence
 RESYNC_LATE_MS = 2000
 """An entry due this long ago with every resync worker of its node idle: a lost wake-up."""
 GC_BOUND = 2 * RPC_TIMEOUT + 30.0
@@ -123,7 +124,8 @@ class Sim:
         self.ops_left = cfg.ops
         self.fault_seq = 0  # bumped by every crash, restart and bit flip (the ack-time check)
         self.faulted_at: dict[str, int] = {}
-        self.stalled: set[tuple[str, bytes]] = set()  # S6 reported once per node and block  # node -> fault_seq of its last crash/restart/bit flip
+        self.stalled: set[tuple[str, bytes]] = set()
+        self.flipped: list[bytes] = []  # blocks with a bit flipped, to be put again (C.10)  # S6 reported once per node and block  # node -> fault_seq of its last crash/restart/bit flip
         self.chaos = True
         secret = hashlib.sha256(f"secret{cfg.seed}".encode()).hexdigest()
         lines = ["replication_factor = 3"]
@@ -284,7 +286,10 @@ class Sim:
         dead = [p for p, s in self.pairs.items() if s == "dead" and p not in self.busy]
         if x < 0.25 or not self.data:
             if self.data and rng.random() < 0.2:
-                data = self.data[rng.choice(list(self.data))]
+                again = rng.choice(list(self.data))
+                if self.flipped:  # re-put a block whose copy had a bit flipped (C.10's scenario)
+                    again = self.flipped.pop()
+                data = self.data[again]
             else:
                 data = rng.randbytes(rng.choice((rng.randint(1, INLINE_THRESHOLD),
                                                  rng.randint(INLINE_THRESHOLD + 1, BLOCK_SIZE))))
@@ -549,6 +554,12 @@ class Sim:
             f.write(bytes([b]))
         self.res.faults["bitflip"] += 1
         self.mark_fault(self.victim)
+        try:
+            flipped = bytes.fromhex(os.path.basename(path).split(".")[0])
+        except ValueError:
+            flipped = b""
+        if flipped in self.data:
+            self.flipped.append(flipped)
         self.event(f"bitflip {self.victim} {os.path.basename(path)[:12]}@{pos}")
 
     async def partition(self, rng: random.Random) -> None:
@@ -629,6 +640,7 @@ class Sim:
             await node.scrub.start()
             await node.scrub.run_to_completion()
 
+        await self.each("scrub restart", self.scrub_restart)
         await self.each("scrub", full_scrub)
         await rounds(2)
         t_gc = trio.current_time()
@@ -636,6 +648,52 @@ class Sim:
         await rounds(2)
         self.event(f"heal done after {trio.current_time() - t_gc:.1f}s past the last unref "
                    f"(bound gc_delay+{GC_BOUND:.0f}s)")
+
+    async def scrub_restart(self, node: Node) -> None:
+        """`scrub start`; while the first run's worker step is in the middle of a slow block
+        read (in its second batch: small batches here), `scrub cancel` and `scrub start`
+        (C.13's scenario). The second run must check every block held throughout it."""
+        scrub = node.scrub
+        parked, resume = trio.Event(), trio.Event()
+        checked: set[bytes] = set()
+        recording = False
+        calls = 0
+        check = scrub._check
+
+        async def instrumented(h: bytes) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == SCRUB_RESTART_BATCH + 2 and not parked.is_set():
+                parked.set()
+                await resume.wait()  # a slow read of the first run
+            if recording:
+                checked.add(h)
+            await check(h)
+
+        saved_batch, scrub.batch = scrub.batch, SCRUB_RESTART_BATCH
+        scrub._check = instrumented  # type: ignore[method-assign]
+        try:
+            await scrub.cancel()
+            await scrub.start()
+            with trio.move_on_after(30):
+                await parked.wait()
+            if not parked.is_set():
+                return  # too few blocks here for a second batch
+            await scrub.cancel()
+            before = set(node.blocks.walk())
+            await scrub.start()
+            recording = True
+            resume.set()
+            await scrub.run_to_completion()
+            skipped = (before & set(node.blocks.walk())) - checked
+            if skipped:
+                self.violation(f"scrub: a run started during a cancelled run's step completed "
+                               f"on {node.node_id} without checking {len(skipped)} of its "
+                               f"{len(before)} blocks")
+        finally:
+            resume.set()
+            del scrub._check
+            scrub.batch = saved_batch
 
     # ------------------------------------------------------------------ invariants
     async def check(self) -> None:
