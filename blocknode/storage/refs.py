@@ -163,6 +163,9 @@ class RefTable:
             txn.put(hash, raw, db=self.rc_db)
 
     def _queue_gc_check(self, txn: Txn, hash: bytes) -> None:
+        if defects.ACTIVE and defects.on("e-gc-ignores-delay"):
+            self.queue.tx_put(txn, hash, 0)  # re-introduced defect: check (and delete) at once
+            return
         self.queue.tx_put(txn, hash, self.gc_delay_ms + GC_CHECK_MARGIN_MS)
 
     def tx_incref(self, txn: Txn, hash: bytes, *, check_later: bool = True) -> RcEntry:
