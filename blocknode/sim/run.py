@@ -49,6 +49,10 @@ AE_INTERVAL = 60.0
 RPC_TIMEOUT = 5.0
 OP_TIMEOUT = 30.0
 MAX_SKEW_MS = 2000  # per-node skew stays within ±this (max_clock_skew is 5 s)
+GC_EARLIEST = GC_DELAY - OP_TIMEOUT - 2 * MAX_SKEW_MS / 1000
+"""No replica deletes a block sooner than this after the acknowledgement of its last
+reference's deletion (which a replica may have applied up to `OP_TIMEOUT` earlier,
+with its clock up to twice the skew apart)."""
 SCRUB_RESTART_BATCH = 4  # the scrub batch of the heal's cancel-then-start sequence
 RESYNC_LATE_MS = 2000
 """An entry due this long ago with every resync worker of its node idle: a lost wake-up."""
@@ -208,6 +212,12 @@ class Sim:
                 if live:
                     self.violation(f"S3: {nid} deleted {h.hex()[:16]}, a block it is a replica "
                                    f"of, while refs {live[:3]} are live (acknowledged)")
+                released = self.unprotected_at.get(h)
+                early = released is not None and trio.current_time() - released < GC_EARLIEST
+                if early and all(s == "dead" for (hh, _), s in self.pairs.items() if hh == h):
+                    self.violation(f"S3: {nid} deleted {h.hex()[:16]} "
+                                   f"{trio.current_time() - released:.1f} s after its last reference "
+                                   f"was deleted (gc_delay {GC_DELAY:.0f} s)")
             return deleted
 
         blocks.delete_if_deletable = checked  # type: ignore[method-assign]
@@ -308,6 +318,11 @@ class Sim:
         elif x < 0.50 and self.data:
             if dead and rng.random() < 0.3:
                 h, ref = rng.choice(dead)  # re-reference (often within the GC delay)
+                now = trio.current_time()
+                released = [p for p in dead if p[0] not in self.protected
+                            and now - self.unprotected_at.get(p[0], -GC_DELAY) < GC_DELAY / 2]
+                if released:  # preferably a block whose last reference was deleted just now
+                    h, ref = released[0]
                 await self.ref_op("reref", [h], lambda c, r: c.set_ref(h, r, deleted=False),
                                   live_after=True, ref=ref)
                 return
