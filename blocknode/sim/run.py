@@ -279,8 +279,8 @@ class Sim:
         return open_client(cfg.public_addr, key, timeout=2.0, connect=self.net.connector("client"),
                            max_message_size=max_message_size(BLOCK_SIZE))
 
-    async def with_client(self, fn: Callable[[Client], Any]) -> Any:
-        nid = self.rng.choice(self.ids)
+    async def with_client(self, fn: Callable[[Client], Any], nid: str | None = None) -> Any:
+        nid = nid or self.rng.choice(self.ids)
         async with self.client(nid) as conn:
             return await fn(Client(conn, block_size=BLOCK_SIZE, timeout=RPC_TIMEOUT * 2))
 
@@ -370,7 +370,7 @@ class Sim:
         self.res.ops[f"{kind}:{'ok' if ok else 'fail'}"] += 1
         self.event(f"  {kind} {ref} {'ok' if ok else 'FAILED'}")
 
-    async def many_refs(self, h: bytes, n: int) -> None:
+    async def many_refs(self, h: bytes, n: int, via: str | None = None) -> None:
         refs = [self.new_ref() for _ in range(n)]
         self.event(f"op many_refs {h.hex()[:8]} x{n}")
         results: dict[str, bool] = {}
@@ -395,7 +395,7 @@ class Sim:
 
         try:
             with trio.move_on_after(OP_TIMEOUT + n / 10):
-                await self.with_client(all_)
+                await self.with_client(all_, via)
         except Exception as exc:  # noqa: BLE001
             self.event(f"  many_refs failed: {type(exc).__name__}")
         for r in refs:
@@ -415,7 +415,7 @@ class Sim:
             return
         await self.crash(down)
         self.res.faults["crash"] += 1
-        await self.many_refs(h, n)
+        await self.many_refs(h, n, via=next(r for r in self.ids if r in self.nodes))
         assert self._nursery is not None
         if down not in self.nodes:
             await self.start(self._nursery, down)
@@ -475,6 +475,8 @@ class Sim:
     async def worker(self, first: bool = False) -> None:
         if first and self.cfg.hot_refs:
             await trio.sleep(1)
+            while self.cfg.hot_down and not self.data and self.ops_left > 0:  # a first put
+                await trio.sleep(1)
             if self.hot is None and self.data:
                 self.hot = next(iter(self.data))
             if self.hot is not None and self.cfg.hot_down:
