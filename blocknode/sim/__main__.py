@@ -12,7 +12,7 @@ import time
 from collections import Counter
 
 from blocknode.defects import DEFECTS
-from blocknode.sim.run import Result, SimConfig, run_seed
+from blocknode.sim.run import Result, SimConfig, invariant_of, run_seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="one burst of this many references to one block")
     p.add_argument("--hot-down", action="store_true",
                    help="with --hot-refs: one replica of the popular block is down during the burst")
+    p.add_argument("--worker-bug", action="store_true",
+                   help="each node's scrub worker raises once in its first step (supervision)")
     p.add_argument("--defect", action="append", default=[], choices=sorted(DEFECTS), metavar="NAME",
                    help="re-introduce a fixed defect (repeatable; see blocknode/defects.py): "
                         + ", ".join(sorted(DEFECTS)))
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         r = run_seed(SimConfig(seed=seed, nodes=args.nodes, ops=args.ops, workers=args.workers, hot_refs=args.hot_refs,
                                faults=not args.no_faults, hot_down=args.hot_down,
-                               defects=tuple(args.defect), trace=args.trace))
+                               worker_bug=args.worker_bug, defects=tuple(args.defect), trace=args.trace))
         ops.update(r.ops)
         faults.update(r.faults)
         sim_s += r.sim_s
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("  trace (last 60 events):", file=sys.stderr)
                 for line in r.trace[-60:]:
                     print(f"    {line}", file=sys.stderr)
-            extra = "".join(f" --defect {d}" for d in args.defect) + (" --hot-down" if args.hot_down else "")
+            extra = ("".join(f" --defect {d}" for d in args.defect) + (" --hot-down" if args.hot_down else "")
+                     + (" --worker-bug" if args.worker_bug else ""))
             print(f"  REPLAY: python -m blocknode.sim --seed {seed} --nodes {args.nodes} "
                   f"--ops {args.ops} --workers {args.workers} --hot-refs {args.hot_refs}{extra} --trace",
                   file=sys.stderr)
@@ -89,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'beyond fault budget':<24}{beyond}")
     if args.defect:
         print(f"{'defects re-introduced':<24}{' '.join(args.defect)}")
-        fired = Counter(v.split(":")[0].split(" ")[0] for r in failed for v in r.violations)
-        print(f"{'invariants that fired':<24}{dict(fired.most_common())}")
+        fired = Counter(k for r in failed for k in {invariant_of(v) for v in r.violations})
+        print(f"{'invariants that fired':<24}{dict(fired.most_common())}  (seeds)")
     print(f"{'invariant violations':<24}{sum(len(r.violations) for r in failed)}"
           f"  in {len(failed)} seed(s){': ' + ' '.join(str(r.seed) for r in failed) if failed else ''}")
     return 1 if failed else 0
@@ -109,7 +112,7 @@ def shrink(seed: int, args: argparse.Namespace) -> None:
             continue
         r = run_seed(SimConfig(seed=seed, nodes=args.nodes, ops=ops, workers=workers,
                                faults=faults, hot_refs=args.hot_refs, hot_down=args.hot_down,
-                               defects=tuple(args.defect)))
+                               worker_bug=args.worker_bug, defects=tuple(args.defect)))
         if r.violations:
             best = (ops, workers, faults)
             print(f"  shrunk: --ops {ops} --workers {workers}{'' if faults else ' --no-faults'} "

@@ -38,7 +38,7 @@ from blocknode.protocol import (
 from blocknode.rpc.connect import open_client
 from blocknode.sim.net import SimNet
 
-__all__ = ["Result", "Sim", "SimConfig", "run_seed"]
+__all__ = ["Result", "Sim", "SimConfig", "invariant_of", "run_seed"]
 
 T = TypeVar("T")
 EPOCH_MS = 1_800_000_000_000  # the simulated wall clock starts here (plus each node's skew)
@@ -72,6 +72,7 @@ class SimConfig:
     trace: bool = False  # print the trace as it happens
     defects: tuple[str, ...] = ()  # re-introduced defects (`blocknode.defects`), for the seed table
     hot_down: bool = False  # with hot_refs: one replica of the popular block is down during the burst
+    worker_bug: bool = False  # each node's scrub worker raises once, in its first step (supervision)
 
 
 @dataclass
@@ -129,6 +130,7 @@ class Sim:
         self.fault_seq = 0  # bumped by every crash, restart and bit flip (the ack-time check)
         self.faulted_at: dict[str, int] = {}
         self.stalled: set[tuple[str, bytes]] = set()
+        self.died = False
         self.flipped: list[bytes] = []  # blocks with a bit flipped, to be put again (C.10)  # S6 reported once per node and block  # node -> fault_seq of its last crash/restart/bit flip
         self.chaos = True
         secret = hashlib.sha256(f"secret{cfg.seed}".encode()).hexdigest()
@@ -184,11 +186,17 @@ class Sim:
                     self.violation(f"node {nid} stopped on its own")
             except Exception as exc:  # noqa: BLE001 - that is the finding
                 self.violation(f"node {nid} died: {exc!r}")
+                self.died = True  # a finding already: the run ends without healing
+                self.net.crash(nid)
+                if self.nodes.get(nid) is node:
+                    del self.nodes[nid]
             finally:
                 done.set()
 
         self.nodes[nid], self.scopes[nid], self.done[nid] = node, scope, done
         self.watch_deletions(nid, node)
+        if self.cfg.worker_bug:
+            self.inject_worker_bug(node)
         await nursery.start(run)
         self.mark_fault(nid)
         self.event(f"start {nid}")
@@ -197,6 +205,18 @@ class Sim:
         """`nid` crashed, restarted or had a bit flipped: what it held may have changed."""
         self.fault_seq += 1
         self.faulted_at[nid] = self.fault_seq
+
+    def inject_worker_bug(self, node: Node) -> None:
+        """A bug in a worker step: the scrub worker's first step raises (supervision must
+        log it, back off and go on; the node must not stop)."""
+        scrub = node.scrub
+
+        async def buggy(*args: Any) -> None:
+            del scrub._run_step  # once
+            self.res.faults["worker_bug"] += 1
+            raise RuntimeError("injected bug in a worker step")
+
+        scrub._run_step = buggy  # type: ignore[method-assign]
 
     def watch_deletions(self, nid: str, node: Node) -> None:
         """S3, checked as it happens: a replica never deletes a block while an acknowledged
@@ -619,6 +639,11 @@ class Sim:
                 for i in range(self.cfg.workers):
                     load.start_soon(self.worker, i == 0)
             self.chaos = False
+            if self.died:
+                self.event("a node died: no healing, no checks")
+                self.res.sim_s = trio.current_time()
+                nursery.cancel_scope.cancel()
+                return
             self.event("heal: faults stop")
             await self.heal(nursery)
             await self.check()
@@ -782,6 +807,22 @@ class Sim:
             return False
         want = self.data.get(h)  # None: a manifest (its bytes verified against the hash only)
         return want is None or bytes(blk) == want
+
+
+_INVARIANTS = (
+    ("S1 at ack", "S1 at ack"), ("LOST", "S1 lost"), ("S3:", "S3 deleted"),
+    ("unconverged", "unconverged"), ("not collected", "not collected"), ("rc mismatch", "rc"),
+    ("get ", "get bytes"), ("S6:", "S6 resync asleep"), ("scrub:", "scrub coverage"),
+    ("node ", "node died/stopped"),
+)
+
+
+def invariant_of(violation: str) -> str:
+    """The short name of the invariant a violation message reports (for the tables)."""
+    for prefix, name in _INVARIANTS:
+        if violation.startswith(prefix):
+            return name
+    return violation.split(":")[0]
 
 
 def run_seed(cfg: SimConfig, sim_class: type[Sim] | None = None) -> Result:
