@@ -56,4 +56,27 @@ quiesce (past the GC delay) → checks:
 - a get returned bytes that do not match the hash (checked on every get);
 - rc mismatch: a node's RC differs from its count of live references;
 - a node task stopped or died on its own.
+
+Checked as they happen (without a checkpoint, so the schedule is unchanged):
+
+- S1 at ack: when a put is acknowledged, a write quorum of its replicas holds an
+  intact copy (replicas that crashed, restarted or had a bit flipped meanwhile
+  are given the benefit of the doubt);
+- S3 at each deletion: a replica never deletes a block while an acknowledged
+  live reference to it exists, nor sooner than gc_delay - op timeout - 2×skew
+  after the acknowledgement of its last reference's deletion;
+- S6 before each client operation: a node's resync workers are never all idle
+  while an entry has been due for over 2 s (a lost wake-up);
+- scrub coverage: the heal runs `scrub start`, then `scrub cancel` and `scrub
+  start` while the first run's step is in a slow read; the second run must
+  check every block held throughout it.
+
+Defects (issue 11): ``--defect NAME`` / ``SimConfig.defects`` re-introduce a
+fixed defect of the hardening issue behind its test-only switch
+(`blocknode.defects`); the README's "caught by the sim" table says which seeds
+catch which. Workload options that reach some of them: ``--hot-refs N
+--hot-down`` (a popular block's references land while one of its replicas is
+down), ``--worker-bug`` (each node's scrub worker raises once: supervision).
+A re-put prefers a block whose copy had a bit flipped, and a re-reference a
+block released just now (both consume the seed's randomness as before).
 """
