@@ -315,7 +315,7 @@ class Sim:
         live = [p for p, s in self.pairs.items() if s == "live" and p not in self.busy]
         dead = [p for p, s in self.pairs.items() if s == "dead" and p not in self.busy]
         if x < 0.25 or not self.data:
-            if self.data and rng.random() < 0.2:
+            if self.data and (rng.random() < 0.2 or self.flipped):
                 again = rng.choice(list(self.data))
                 if self.flipped:  # re-put a block whose copy had a bit flipped (C.10's scenario)
                     again = self.flipped.pop()
@@ -425,6 +425,11 @@ class Sim:
         self.update_protection([h])
         self.event(f"  many_refs ok={sum(results.values())}")
 
+    async def reput(self, h: bytes) -> None:
+        """Put a block again (with a new reference), e.g. right after a bit flip in its copy."""
+        data = self.data[h]
+        await self.ref_op("put", [h], lambda c, r: c.put_block(data, r), live_after=True)
+
     async def many_refs_with_a_replica_down(self, h: bytes, n: int) -> None:
         """The popular-block burst while one replica of the block is down (C.8's scenario:
         its references must reach that replica by anti-entropy once it is back)."""
@@ -529,6 +534,8 @@ class Sim:
                 nursery.start_soon(self.restart_later, nursery, nid, rng.uniform(2, 40), loss)
             elif x < 0.45:
                 self.bitflip()
+                if self.flipped:  # put it again at once (C.10's scenario: before a read or scrub)
+                    nursery.start_soon(self.reput, self.flipped.pop())
             elif x < 0.65:
                 await self.partition(rng)
             elif x < 0.75:
