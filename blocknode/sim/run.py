@@ -7,6 +7,7 @@ invariants. `run_seed(SimConfig(seed=...))` returns a `Result`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -703,6 +704,9 @@ class Sim:
         read (in its second batch: small batches here), `scrub cancel` and `scrub start`
         (C.13's scenario). The second run must check every block held throughout it."""
         scrub = node.scrub
+        if sum(1 for _ in itertools.islice(node.blocks.walk(), SCRUB_RESTART_BATCH + 2)) \
+                < SCRUB_RESTART_BATCH + 2:
+            return  # too few blocks here for a second batch
         parked, resume = trio.Event(), trio.Event()
         checked: set[bytes] = set()
         recording = False
@@ -725,9 +729,10 @@ class Sim:
             await scrub.cancel()
             await scrub.start()
             with trio.move_on_after(30):
-                await parked.wait()
+                while not parked.is_set() and scrub.st["state"] == "running":
+                    await trio.sleep(0.05)
             if not parked.is_set():
-                return  # too few blocks here for a second batch
+                return  # the first run ended before its second batch (blocks deleted meanwhile)
             await scrub.cancel()
             before = set(node.blocks.walk())
             await scrub.start()
