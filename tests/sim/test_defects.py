@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from blocknode import defects
-from blocknode.sim.run import SimConfig, invariant_of, run_seed
+from blocknode.sim.run import Sim, SimConfig, invariant_of, run_seed
 
 # defect -> (seed, nodes, extra SimConfig fields, the invariant that fires)
 CAUGHT: dict[str, tuple[int, int, dict[str, Any], str]] = {
@@ -67,3 +67,19 @@ def test_violations_are_named_by_invariant() -> None:
     assert invariant_of("unconverged: live ref r1 of ab is missing on n1") == "unconverged"
     assert invariant_of("node n1 died: RuntimeError()") == "node died/stopped"
     assert invariant_of("something new: detail") == "something new"
+
+
+class _SleepingResync(Sim):
+    """A deliberately broken node: n1's resync workers never claim an entry, and one is due."""
+
+    async def start(self, nursery, nid):  # type: ignore[no-untyped-def]
+        await super().start(nursery, nid)
+        if nid == "n1":
+            node = self.nodes[nid]
+            node.resync._claim = lambda: None  # every worker stays idle
+            await node.meta.resync_put(bytes(32), 0)
+
+
+def test_the_checker_sees_resync_workers_asleep_with_work_due() -> None:
+    r = run_seed(SimConfig(seed=3, ops=15, faults=False), _SleepingResync)
+    assert "S6 resync asleep" in {invariant_of(v) for v in r.violations}, r.violations[:5]
