@@ -365,7 +365,8 @@ class Sim:
             await self.admin_op()
 
     async def ref_op(self, kind: str, hashes: list[bytes], fn: Callable[[Client, str], Any], *,
-                     live_after: bool, ref: str | None = None, manifest: bool = False) -> None:
+                     live_after: bool, ref: str | None = None, manifest: bool = False,
+                     via: str | None = None) -> None:
         ref = ref or self.new_ref()
         keys = [(h, ref) for h in hashes]
         self.busy.update(keys)
@@ -374,7 +375,7 @@ class Sim:
         since = self.fault_seq
         try:
             with trio.move_on_after(OP_TIMEOUT):
-                out = await self.with_client(lambda c: fn(c, ref))
+                out = await self.with_client(lambda c: fn(c, ref), via)
                 if manifest:
                     keys.append((bytes.fromhex(out), ref))
                 ok = True
@@ -427,9 +428,22 @@ class Sim:
         self.event(f"  many_refs ok={sum(results.values())}")
 
     async def reput(self, h: bytes) -> None:
-        """Put a block again (with a new reference), e.g. right after a bit flip in its copy."""
+        """Put a block again (with a new reference) right after a bit flip in the victim's
+        copy, with another of its replicas down if the fault budget allows (C.10's scenario:
+        the corrupt copy must not count toward the write quorum)."""
         data = self.data[h]
-        await self.ref_op("put", [h], lambda c, r: c.put_block(data, r), live_after=True)
+        layout = next(iter(self.nodes.values())).layout
+        others = [n for n in layout.nodes_of(h) if n != self.victim and n in self.nodes]
+        down = None
+        if len(others) == 2 and len(self.nodes) > len(self.ids) - 2:
+            down = others.pop()
+            await self.crash(down)
+            self.res.faults["crash"] += 1
+        await self.ref_op("put", [h], lambda c, r: c.put_block(data, r), live_after=True,
+                          via=others[0] if others else None)
+        if down is not None and down not in self.nodes:
+            assert self._nursery is not None
+            await self.start(self._nursery, down)
 
     async def many_refs_with_a_replica_down(self, h: bytes, n: int) -> None:
         """The popular-block burst while one replica of the block is down (C.8's scenario:
