@@ -22,6 +22,7 @@ CAUGHT: dict[str, tuple[int, int, dict[str, Any], str]] = {
     "c13-scrub-stale-step": (0, 3, {}, "scrub coverage"),
     "a3-no-supervision": (0, 3, {"worker_bug": True}, "node died/stopped"),
     "c8-ae-unpaged": (0, 3, {"hot_refs": 1500, "hot_down": True}, "unconverged"),
+    "c10-reput-unverified": (16, 3, {}, "S1 at ack"),
 }
 
 
@@ -34,7 +35,7 @@ def test_the_seed_catches_the_defect(name: str) -> None:
     assert defects.ACTIVE == frozenset()  # restored after the run
 
 
-@pytest.mark.parametrize("name", ["e-put-one-replica", "a3-no-supervision"])
+@pytest.mark.parametrize("name", ["e-put-one-replica", "a3-no-supervision", "c10-reput-unverified"])
 def test_the_same_seed_is_clean_without_the_defect(name: str) -> None:
     seed, nodes, extra, _ = CAUGHT[name]
     r = run_seed(SimConfig(seed=seed, nodes=nodes, **extra))
