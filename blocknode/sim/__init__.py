@@ -77,6 +77,8 @@ fixed defect of the hardening issue behind its test-only switch
 catch which. Workload options that reach some of them: ``--hot-refs N
 --hot-down`` (a popular block's references land while one of its replicas is
 down), ``--worker-bug`` (each node's scrub worker raises once: supervision).
-A re-put prefers a block whose copy had a bit flipped, and a re-reference a
-block released just now (both consume the seed's randomness as before).
+After a bit flip the nemesis puts the flipped block again at once, with
+another of its replicas down if the fault budget allows (C.10's scenario); a
+re-reference prefers a block released just now (consuming the seed's
+randomness as before).
 """
