@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import trio
 
-from blocknode import block, fastpath
+from blocknode import block, defects, fastpath
 from blocknode.block import VerifiedBlock
 from blocknode.clock import wall_ms
 from blocknode.context import RunSync, run_in_thread
@@ -493,6 +493,8 @@ class BlockManager:
     async def _call_sets(self, sets: list[tuple[tuple[str, ...], int]], kind: str,
                          fields: dict[str, Any], data: Any, *,
                          priority: int = PRIO_NORMAL) -> list[tuple[str, Reply]]:
+        if defects.ACTIVE and kind in (PUT_BLOCK, PUT_BLOCKS) and defects.on("e-put-one-replica"):
+            sets = [(nodes, 1) for nodes, _ in sets]  # re-introduced defect: one replica will do
         if len(sets) == 1:
             ((nodes, quorum),) = sets
             return await self.net.call_many(

@@ -74,7 +74,8 @@ quiesce (past the GC delay, rounds) → checks. Checked continuously, during eve
 phase (safety properties):
 
 - a GC or offload deletion (`LocalBlocks.delete_if_deletable`, wrapped on each
-  node instance by `Sim.watch_gc`) of a block the client holds a live
+  node instance by `Sim.watch_gc`; also: none sooner than gc_delay after the last
+  reference's deletion) of a block the client holds a live
   acknowledged, protected reference to, on a node that is one of its replicas
   (the reference live before the deletion began and still live after it);
 - a get returning bytes that do not match the hash;
@@ -90,5 +91,30 @@ After healing:
 - unconverged: a live reference is missing or deleted on one of its replicas;
 - not collected: a block all of whose references were deleted (and acked) is
   still on a node, gc_delay + `run.GC_BOUND` after the last deletion;
-- rc mismatch: a node's RC differs from its count of live references.
+- rc mismatch: a node's RC differs from its count of live references;
+
+Also checked as they happen (without a checkpoint, so the schedule is unchanged):
+
+- S1 at ack: when a put is acknowledged, a write quorum of its replicas holds an
+  intact copy (replicas that crashed, restarted or had a bit flipped meanwhile
+  are given the benefit of the doubt);
+- S3 at each deletion: a replica never deletes a block while an acknowledged
+  live reference to it exists, nor sooner than gc_delay - op timeout - 2×skew
+  after the acknowledgement of its last reference's deletion;
+- S6 before each client operation: a node's resync workers are never all idle
+  while an entry has been due for over 2 s (a lost wake-up);
+- scrub coverage: the heal runs `scrub start`, then `scrub cancel` and `scrub
+  start` while the first run's step is in a slow read; the second run must
+  check every block held throughout it.
+
+Defects (issue 11): ``--defect NAME`` / ``SimConfig.defects`` re-introduce a
+fixed defect of the hardening issue behind its test-only switch
+(`blocknode.defects`); the README's "caught by the sim" table says which seeds
+catch which. Workload options that reach some of them: ``--hot-refs N
+--hot-down`` (a popular block's references land while one of its replicas is
+down), ``--worker-bug`` (each node's scrub worker raises once: supervision).
+After a bit flip the nemesis puts the flipped block again at once, with
+another of its replicas down if the fault budget allows (C.10's scenario); a
+re-reference prefers a block released just now (consuming the seed's
+randomness as before).
 """

@@ -15,17 +15,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from blocknode.defects import DEFECTS
 from blocknode.sim.batch import Summary, run_many
-from blocknode.sim.run import Result, SimConfig, run_seed
+from blocknode.sim.run import Result, SimConfig, invariant_of, run_seed
 
 
 def _config(args: argparse.Namespace, seed: int, **over: Any) -> SimConfig:
     kw: dict[str, Any] = {"nodes": args.nodes, "hot_refs": args.hot_refs,
                           "faults": not args.no_faults, "trace": args.trace,
-                          "tracemalloc": args.tracemalloc}
+                          "tracemalloc": args.tracemalloc, "hot_down": args.hot_down,
+                          "worker_bug": args.worker_bug, "defects": tuple(args.defect)}
     for name in ("ops", "workers", "max_faults"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
@@ -39,7 +42,9 @@ def _flags(cfg: SimConfig, schedule: str) -> str:
     return (f"--schedule {schedule} --nodes {cfg.nodes} --ops {cfg.ops} --workers {cfg.workers}"
             f"{'' if cfg.faults else ' --no-faults'}"
             f"{f' --max-faults {cfg.max_faults}' if cfg.max_faults is not None else ''}"
-            f"{f' --hot-refs {cfg.hot_refs}' if cfg.hot_refs else ''}")
+            f"{f' --hot-refs {cfg.hot_refs}' if cfg.hot_refs else ''}"
+            f"{' --hot-down' if cfg.hot_down else ''}{' --worker-bug' if cfg.worker_bug else ''}"
+            + "".join(f" --defect {d}" for d in cfg.defects))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-faults", type=int, help="the nemesis stops after this many faults")
     p.add_argument("--hot-refs", type=int, default=0,
                    help="one burst of this many references to one block")
+    p.add_argument("--hot-down", action="store_true",
+                   help="with --hot-refs: one replica of the popular block is down during the burst")
+    p.add_argument("--worker-bug", action="store_true",
+                   help="each node's scrub worker raises once in its first step (supervision)")
+    p.add_argument("--defect", action="append", default=[], choices=sorted(DEFECTS), metavar="NAME",
+                   help="re-introduce a fixed defect (repeatable; see blocknode/defects.py): "
+                        + ", ".join(sorted(DEFECTS)))
     p.add_argument("--no-faults", action="store_true", help="the workload alone")
     p.add_argument("--tracemalloc", action="store_true",
                    help="measure each seed's heap peak against run.HEAP_BUDGET (slow)")
@@ -94,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                 shrink(cfg, args.schedule)
     print()
     print(summary.table(jobs))
+    if args.defect:
+        print(f"{'defects re-introduced':<24}{' '.join(args.defect)}")
+        fired = Counter(k for r in summary.failed for k in {invariant_of(v) for v in r.violations})
+        print(f"{'invariants that fired':<24}{dict(fired.most_common())}  (seeds)")
     return 1 if summary.failed else 0
 
 

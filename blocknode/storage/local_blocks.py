@@ -39,7 +39,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 
-from blocknode import block
+from blocknode import block, defects
 from blocknode.block import VerifiedBlock
 from blocknode.errors import BlockCorrupted
 from blocknode.storage.block_files import BlockFiles, Written
@@ -96,6 +96,8 @@ class LocalBlocks:
         """
         if not refs:
             return 0
+        if defects.on("c11-ref-without-lock"):  # re-introduced defect: no lock
+            return await self.meta.env.submit(lambda txn: self.meta.refs.tx_apply_many(txn, refs))
         async with self._locked(r.hash for r in refs if not r.deleted):
             return await self.meta.env.submit(lambda txn: self.meta.refs.tx_apply_many(txn, refs))
 
@@ -172,6 +174,8 @@ class LocalBlocks:
         form, compressed = block.stored_form(blk)
         existing = self.meta.inline.tx_get(txn, blk.hash)
         if existing is not None:
+            if defects.ACTIVE and defects.on("c10-reput-unverified"):
+                return False  # re-introduced defect: any copy counts, unchecked
             raw, was_compressed = existing
             if was_compressed == compressed and block.same_copy(raw, form):
                 return False

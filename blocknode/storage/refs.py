@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from blocknode import fastpath
+from blocknode import defects, fastpath
 from blocknode.errors import MetadataError
 from blocknode.protocol import GC_CHECK_MARGIN_MS, MAX_REF_ID_BYTES
 from blocknode.storage.env import MetadataEnv, Txn
@@ -81,7 +81,7 @@ class RcEntry:
         if self.state == fastpath.RC_PRESENT:
             return False
         if self.state == fastpath.RC_DELETABLE:
-            return now_ms > self.value
+            return now_ms > self.value or bool(defects.ACTIVE and defects.on("e-gc-ignores-delay"))
         return True
 
     def increment(self) -> RcEntry:
@@ -163,6 +163,9 @@ class RefTable:
             txn.put(hash, raw, db=self.rc_db)
 
     def _queue_gc_check(self, txn: Txn, hash: bytes) -> None:
+        if defects.ACTIVE and defects.on("e-gc-ignores-delay"):
+            self.queue.tx_put(txn, hash, 0)  # re-introduced defect: check (and delete) at once
+            return
         self.queue.tx_put(txn, hash, self.gc_delay_ms + GC_CHECK_MARGIN_MS)
 
     def tx_incref(self, txn: Txn, hash: bytes, *, check_later: bool = True) -> RcEntry:

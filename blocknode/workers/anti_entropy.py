@@ -46,6 +46,7 @@ from typing import Any
 
 import trio
 
+from blocknode import defects
 from blocknode.context import NodeContext
 from blocknode.errors import NodeUnreachable, RemoteProtocolError, RpcTimeout
 from blocknode.manager import BlockManager, Reply
@@ -62,6 +63,8 @@ PAGE_BYTES = HEAD_MAX // 4
 """Encoded reference rows one side puts in one `ae_exchange` message (a page)."""
 _ROW_OVERHEAD = 48
 """Bytes of one encoded row besides its ref id: the hash, the flag, the timestamp, framing."""
+
+_UNPAGED = 1 << 62  # the page size of re-introduced defect C.8 (everything at once)
 
 Key = tuple[bytes, str]
 """A reference's position in the table: (hash, ref_id)."""
@@ -165,7 +168,8 @@ async def exchange_range(manager: BlockManager, ctx: NodeContext, peer: str, pre
     after: Key | None = None
     calls = merged_here = merged_there = 0
     while True:
-        ours, more = await ctx.run_sync(refs_page, meta, prefix, after, None)
+        ours, more = await ctx.run_sync(refs_page, meta, prefix, after, None,
+                                        _UNPAGED if defects.on("c8-ae-unpaged") else None)
         until: Key | None = (ours[-1][0], ours[-1][1]) if more else None
         reply, _ = await manager.net.call(
             peer, AE_EXCHANGE,
@@ -243,7 +247,8 @@ class AntiEntropy(Worker):
         if after is not None and until is not None and _order(until) <= _order(after):
             raise RemoteProtocolError("ae_exchange: empty range")
         _check_window(theirs, prefix, after, until, "refs")
-        ours, more = await self.ctx.run_sync(refs_page, self.meta, prefix, after, until)
+        ours, more = await self.ctx.run_sync(refs_page, self.meta, prefix, after, until,
+                                             _UNPAGED if defects.on("c8-ae-unpaged") else None)
         answered = (ours[-1][0], ours[-1][1]) if more else until
         changed = await self.manager.blocks.apply_refs(
             self.manager.versions_from_peer(peer, theirs))
@@ -316,6 +321,8 @@ class AntiEntropy(Worker):
         except (NodeUnreachable, RpcTimeout):
             raise  # the peer, not the range: give up on it for this round
         except Exception as exc:  # this range only
+            if defects.on("c8-ae-unpaged"):
+                raise  # re-introduced defect: abandon every later range with this peer
             stats["ranges_failed"] += 1
             self.supervisor.record(exc, f"peer {peer}, range {prefix.hex()}")
             return

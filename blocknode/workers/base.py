@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import trio
 
+from blocknode import defects
 from blocknode.context import NodeContext
 from blocknode.errors import BlocknodeError
 
@@ -217,6 +218,8 @@ class Supervisor:
             fatal = _foundation_failure(exc)
             if fatal is not None:
                 raise fatal from exc
+            if defects.on("a3-no-supervision"):
+                raise  # re-introduced defect: the exception reaches the node's nursery
             self.in_a_row += 1
             self.record(exc, about() if callable(about) else about)
             delay = self.backoff_s()

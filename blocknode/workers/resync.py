@@ -56,7 +56,7 @@ from typing import Any
 
 import trio
 
-from blocknode import block
+from blocknode import block, defects
 from blocknode.context import NodeContext
 from blocknode.errors import BlocknodeError, RpcError
 from blocknode.manager import BlockManager
@@ -225,7 +225,7 @@ class Resync(Worker):
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
                 async def waiter(notify: Notify, since: int) -> None:
-                    await notify.wait(since)
+                    await notify.wait(None if defects.on("c12-plain-notify") else since)
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(waiter, self.meta.resync_notify, seen[0])
                 nursery.start_soon(waiter, self._wake, seen[1])
@@ -312,7 +312,7 @@ class Resync(Worker):
         rc = self.meta.rc_get(h)
         if exists and rc.is_deletable(self.meta.now_ms()):
             rc = await self.blocks.recalculate_rc(h)
-            if rc.is_absent():
+            if rc.is_absent() and not defects.on("c9-absent-rc-deletable"):
                 rc = await self.meta.start_grace(h)
                 log.info("block %s is held here with no reference record: kept until %d "
                          "(its references may still come back)", h.hex(), rc.value)
@@ -356,7 +356,7 @@ class Resync(Worker):
         if failed:
             detail = "; ".join(f"{n}: {type(e).__name__}: {e}" for n, e in sorted(failed.items()))
             raise ResyncError(f"not deleting: need_block query failed ({detail})")
-        if referenced and self.node_id in write_nodes:
+        if referenced and self.node_id in write_nodes and not defects.on("c9-absent-rc-deletable"):
             # Our RC says deletable, but a replica still holds a live reference: our
             # references are behind (e.g. a lost LMDB). Deleting would drop a copy this
             # node is meant to keep, so merge this block's references from that
@@ -367,7 +367,7 @@ class Resync(Worker):
             raise ResyncError(
                 f"not deleting: {', '.join(sorted(referenced))} still reference it"
             )
-        if not others and not self.meta.refs_of(h):
+        if not others and not self.meta.refs_of(h) and not defects.on("c9-absent-rc-deletable"):
             # The only write node, and nothing here says the block was ever referenced
             # and released: its references may have been lost with the metadata, and no
             # other node can confirm it is garbage. Keep it (the entry is done).

@@ -158,7 +158,7 @@ class _GcIgnoresRc(Sim):
 
 def test_the_checker_sees_a_gc_deleting_a_live_block_as_it_happens() -> None:
     r = run_seed(SimConfig(seed=3, ops=15, faults=False), _GcIgnoresRc)
-    assert any(v.startswith("GC on") and "while live acked" in v for v in r.violations), \
+    assert any(v.startswith("S3: GC on") and "while live acked" in v for v in r.violations), \
         r.violations
 
 
