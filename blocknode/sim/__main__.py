@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=3, help="concurrent client tasks")
     p.add_argument("--hot-refs", type=int, default=0,
                    help="one burst of this many references to one block")
+    p.add_argument("--layout-changes", action="store_true",
+                   help="layout changes during the chaos: add, remove, capacity, crash "
+                        "mid-migration (blocknode/sim/layout_nemesis.py)")
     p.add_argument("--no-faults", action="store_true", help="the workload alone")
     p.add_argument("--shrink", action="store_true",
                    help="on a violation, look for a smaller run of the same seed that fails too")
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         r = run_seed(SimConfig(seed=seed, nodes=args.nodes, ops=args.ops, workers=args.workers, hot_refs=args.hot_refs,
                                faults=not args.no_faults,
-                               trace=args.trace))
+                               trace=args.trace, layout_changes=args.layout_changes))
         ops.update(r.ops)
         faults.update(r.faults)
         sim_s += r.sim_s
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 for line in r.trace[-60:]:
                     print(f"    {line}", file=sys.stderr)
             print(f"  REPLAY: python -m blocknode.sim --seed {seed} --nodes {args.nodes} "
-                  f"--ops {args.ops} --workers {args.workers} --hot-refs {args.hot_refs} --trace", file=sys.stderr)
+                  f"--ops {args.ops} --workers {args.workers} --hot-refs {args.hot_refs} --trace"
+                  f"{' --layout-changes' if args.layout_changes else ''}", file=sys.stderr)
             if args.shrink:
                 shrink(seed, args)
     wall = time.perf_counter() - t0

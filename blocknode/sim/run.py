@@ -36,6 +36,7 @@ from blocknode.protocol import (
     max_message_size,
 )
 from blocknode.rpc.connect import open_client
+from blocknode.sim.layout_nemesis import LayoutNemesis
 from blocknode.sim.net import SimNet
 
 __all__ = ["Result", "Sim", "SimConfig", "run_seed"]
@@ -63,6 +64,7 @@ class SimConfig:
     faults: bool = True
     hot_refs: int = 0  # one burst of this many refs to the popular block (thousands: a soak)
     trace: bool = False  # print the trace as it happens
+    layout_changes: bool = False  # the layout nemesis: adds, removes, capacities (`layout_*`)
 
 
 @dataclass
@@ -92,7 +94,7 @@ async def _inline(fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimite
     return fn(*args)
 
 
-class Sim:
+class Sim(LayoutNemesis):
     def __init__(self, cfg: SimConfig, root: str, result: Result) -> None:
         self.cfg = cfg
         self.root = root
@@ -125,6 +127,8 @@ class Sim:
         cluster_file = os.path.join(root, "cluster.toml")
         with open(cluster_file, "w") as f:
             f.write("\n".join(lines) + "\n")
+        if cfg.layout_changes:
+            self.layout_init(cluster_file)
         self.cfgs = {}
         for i, nid in enumerate(self.ids):
             d = os.path.join(root, nid)
@@ -490,6 +494,8 @@ class Sim:
             await trio.sleep(1)
             if self.cfg.faults:
                 nursery.start_soon(self.nemesis, nursery)
+            if self.cfg.layout_changes:
+                nursery.start_soon(self.layout_nemesis, nursery)
             async with trio.open_nursery() as load:
                 for i in range(self.cfg.workers):
                     load.start_soon(self.worker, i == 0)
@@ -497,6 +503,8 @@ class Sim:
             self.event("heal: faults stop")
             await self.heal(nursery)
             await self.check()
+            if self.cfg.layout_changes:
+                await self.check_layout()
             self.res.sim_s = trio.current_time()
             nursery.cancel_scope.cancel()
 
@@ -527,6 +535,8 @@ class Sim:
                 await trio.sleep(5)
 
         await rounds(2)
+        if self.cfg.layout_changes:
+            await self.settle_layout()
         async def full_scrub(node: Node) -> None:
             await node.scrub.cancel()  # a scrub running since the chaos: start one from the top
             await node.scrub.start()
