@@ -94,6 +94,8 @@ class LayoutSync(Worker):
 
     def _idle(self) -> bool:
         s = self.service.state
+        if not s.versions:
+            return True  # no layout yet (joining): woken when one arrives
         mine = self.node_id in {n.id for n in s.current_cluster.nodes}
         return (not mine or s.node_synced(self.node_id) >= s.current) and not s.pending_sync() \
             and len(s.live) == 1 and not self.progress.get("to_drop")
@@ -103,6 +105,9 @@ class LayoutSync(Worker):
         self.busy = True
         try:
             s = self.service.state
+            if not s.versions:
+                self.progress = {"version": 0, "state": "no layout yet (joining)"}
+                return self.progress
             cur = s.current
             mine = self.node_id in {n.id for n in s.current_cluster.nodes}
             if mine and s.node_synced(self.node_id) < cur:
@@ -187,6 +192,8 @@ class LayoutSync(Worker):
     def describe(self) -> str:
         """One line of migration progress (the `worker list` column)."""
         s = self.service.state
+        if not s.versions:
+            return "no layout yet (joining via bootstrap_peers)"
         if len(s.live) == 1 and not s.pending_sync():
             return f"v{s.current} synced everywhere"
         p = self.progress
