@@ -2,7 +2,7 @@
 
 A mixin of `blocknode.sim.run.Sim`. With it, the cluster file lists every node but
 the last (a *spare*, running but in no layout; none with 3 nodes) and, during
-the chaos, 1–3 layout changes are made through the admin RPCs the `layout` CLI
+the chaos, 1–3 layout changes are made (the first 1–4 s in) through the admin RPCs the `layout` CLI
 uses (`admin_layout_show`, `_assign`, `_remove`, `_apply`): add a node that is
 not in the layout, remove one (never below rf nodes; it may be down: a dead node
 removed), or change a capacity; after an apply, sometimes a node of the new
@@ -69,9 +69,9 @@ class LayoutNemesis:
     async def layout_nemesis(self, nursery: trio.Nursery) -> None:
         """1–3 layout changes at random times during the chaos."""
         rng = random.Random(self.rng.getrandbits(64))
-        await trio.sleep(rng.uniform(2, 10))
-        for _ in range(rng.randint(1, 3)):
-            if not self.chaos:
+        await trio.sleep(rng.uniform(1, 4))
+        for i in range(rng.randint(1, 3)):
+            if not self.chaos and i:  # the first one even after a short chaos (before settling)
                 return
             await self.layout_change(rng, nursery)
             await trio.sleep(rng.expovariate(1 / 10))
@@ -120,7 +120,7 @@ class LayoutNemesis:
         self.res.faults[f"layout_{what}"] += 1
         self.event(f"layout v{version} via {nid}: {what} {fields}")  # type: ignore[attr-defined]
         alive = [n for n in self.ids if n in self.nodes]
-        if rng.random() < 0.4 and len(alive) > len(self.ids) - 2:
+        if self.cfg.faults and rng.random() < 0.4 and len(alive) > len(self.ids) - 2:  # type: ignore[attr-defined]
             victim = rng.choice([n for n in alive if n in current or n == fields["node"]])
             await self.crash(victim)  # type: ignore[attr-defined]
             self.res.faults["layout_crash"] += 1
