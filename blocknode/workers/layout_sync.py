@@ -38,7 +38,8 @@ import trio
 
 from blocknode.context import NodeContext
 from blocknode.errors import BlockNotFound
-from blocknode.layout import PARTITION_COUNT, Layout
+from blocknode.layout import PARTITION_COUNT
+from blocknode.layout_service import layout_of
 from blocknode.workers.base import Worker
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ class LayoutSync(Worker):
             self.busy = False
 
     async def _sync(self, version: int) -> None:
-        newest = Layout(self.service.state.versions[version])
+        newest = layout_of(self.service.state.versions[version])
         stats = await self.anti_entropy.run_round()
         failed = sorted(p for p in stats["peers_failed"] if p in newest.node_ids)
         lost = sorted(p for p in stats["peers_failed"] if p not in newest.node_ids)
