@@ -1,7 +1,8 @@
 """The layout nemesis of the simulation (`SimConfig.layout_changes`, ``--layout-changes``).
 
 A mixin of `blocknode.sim.run.Sim`. With it, the cluster file lists every node but
-the last (a *spare*, running but in no layout; none with 3 nodes) and, during
+the last (a *spare*, running but in no layout; none with 3 nodes), which starts
+with only `bootstrap_peers` (it fetches the layout and shows as known), and, during
 the chaos, 1–3 layout changes are made (the first 1–4 s in) through the admin RPCs the `layout` CLI
 uses (`admin_layout_show`, `_assign`, `_remove`, `_apply`): add a node that is
 not in the layout, remove one (never below rf nodes; it may be down: a dead node
@@ -25,11 +26,13 @@ layout's replicas as the required holders):
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any, Final
 
 import trio
 
 from blocknode.client.api import Client
+from blocknode.config import NodeConfig
 from blocknode.protocol import (
     ADMIN_LAYOUT_APPLY,
     ADMIN_LAYOUT_ASSIGN,
@@ -54,10 +57,16 @@ class LayoutNemesis:
     chaos: bool
     rng: random.Random
     spares: list[str]
+    cfgs: dict[str, NodeConfig]
 
     def layout_init(self, cluster_file: str) -> None:
-        """Rewrite the cluster file without the spare (the last node, with 4+ nodes)."""
+        """Rewrite the cluster file without the spare (the last node, with 4+ nodes); the
+        spare has no cluster file but `bootstrap_peers` (two nodes of the layout): it
+        joins as a new node of a real cluster does (`blocknode.bootstrap`)."""
         self.spares = self.ids[-1:] if len(self.ids) >= 4 else []
+        for nid in self.spares:
+            self.cfgs[nid] = replace(self.cfgs[nid], cluster_file=None, bootstrap_peers=tuple(
+                self.addrs[n] for n in self.ids[:2]))
         lines = ["replication_factor = 3"]
         for i, nid in enumerate(self.ids):
             if nid not in self.spares:

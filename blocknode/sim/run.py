@@ -127,8 +127,6 @@ class Sim(LayoutNemesis):
         cluster_file = os.path.join(root, "cluster.toml")
         with open(cluster_file, "w") as f:
             f.write("\n".join(lines) + "\n")
-        if cfg.layout_changes:
-            self.layout_init(cluster_file)
         self.cfgs = {}
         for i, nid in enumerate(self.ids):
             d = os.path.join(root, nid)
@@ -143,6 +141,8 @@ class Sim(LayoutNemesis):
                 resync_tranquility=0.0, scrub_tranquility=0.0, source=f"<sim {nid}>",
                 admin_api_bind_addr=None,  # no HTTP listener in a simulation
             )
+        if cfg.layout_changes:
+            self.layout_init(cluster_file)
 
     # ------------------------------------------------------------------ trace
     def event(self, what: str) -> None:
