@@ -44,6 +44,13 @@ Stream-level faults: TCP cannot silently drop, duplicate or reorder bytes, so
 those show up as resets, stalls and delays here (and duplicated requests as
 client retries); bytes are delivered in order, in random pieces.
 
+Layout changes (``--layout-changes``, `blocknode.sim.layout_nemesis`): a spare
+node joins with ``bootstrap_peers``; nodes are added, removed and re-weighted
+through the admin RPCs during the chaos, sometimes with a crash mid-migration;
+the heal waits for the migration to finish, and the checks add "migration
+stuck" and "misplaced" (a reference or a live block's copy on a node the final
+layout does not give it).
+
 Phases: chaos (workload + nemesis) → heal (partitions and clogs lifted, every
 node restarted, retry-now + anti-entropy + resync rounds, a full scrub) →
 quiesce (past the GC delay) → checks:
