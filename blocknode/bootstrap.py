@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from blocknode.errors import BlocknodeError, NodeUnreachable
+from blocknode.errors import BlocknodeError
 from blocknode.layout_state import LayoutState
 from blocknode.protocol import LAYOUT_SYNC
 from blocknode.rpc.connect import open_connection
@@ -87,9 +87,10 @@ class Bootstrap:
                                            timeout=self.timeout, priority=PRIO_HIGH)
             finally:
                 nursery.cancel_scope.cancel()
-        if "state" not in reply:
-            raise NodeUnreachable(f"node at {addr}: its layout_sync reply carries no layout")
-        await self.service.merge(LayoutState.from_wire(reply["state"]))
+        if "state" in reply:
+            await self.service.merge(LayoutState.from_wire(reply["state"]))
+        if not self.service.has_layout:
+            raise BlocknodeError(f"node at {addr} has no layout either (is it joining too?)")
 
     async def run(self) -> None:
         """Try every bootstrap peer, with backoff, until this node has a layout."""

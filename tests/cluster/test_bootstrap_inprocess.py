@@ -95,3 +95,23 @@ async def test_known_nodes_are_bounded_and_a_bad_address_is_ignored(tmp_path: Pa
         s._note_known("node2", {"addr": "10.0.0.1:1", "zone": "z"})  # in the layout
         assert "node2" not in s.known
         nursery.cancel_scope.cancel()
+
+
+async def test_a_bootstrap_peer_that_is_joining_too_is_named_in_the_retry_line(
+        tmp_path: Path, caplog) -> None:
+    paths = write_cluster(tmp_path, 2, rf=1)
+    addrs = [load_config(p).rpc_bind_addr for p in paths]
+    for p, other in zip(paths, reversed(addrs), strict=True):
+        own = p.read_text().replace('cluster_file = "../cluster.toml"\n', "")
+        p.write_text(own + f"bootstrap_peers = {json.dumps([other])}\n")
+    configs = [load_config(p) for p in paths]
+    async with trio.open_nursery() as nursery:
+        cl = InProcessCluster(configs, nursery)
+        for c in configs:
+            await cl.start(c.node_id)
+        with trio.fail_after(10):
+            while "has no layout either" not in caplog.text:
+                await trio.sleep(0.05)
+        assert f"{addrs[0]}: BlocknodeError: node at {addrs[0]} has no layout either" in caplog.text
+        assert not any(n.layouts.has_layout for n in cl.nodes.values())
+        nursery.cancel_scope.cancel()
