@@ -68,6 +68,9 @@ class NodeConfig:
     admin_key_file: str | None = None  # default: <root>/admin_key, made on first start
     allow_world_readable_secrets: bool = False  # accept a secret file readable by group/others
     cluster_file: str | None = None  # none: a single-node cluster of this node
+    # "host:port" of nodes of an existing cluster: a node with no layout yet (not listed in
+    # its cluster file, or without one) fetches the cluster's layout from them (`bootstrap`)
+    bootstrap_peers: tuple[str, ...] = ()
     zone: str = "default"
     replication_factor: int = DEFAULT_REPLICATION_FACTOR
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -201,6 +204,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "rpc_secret_file": (_is_opt_str, "a file path"),
     "allow_world_readable_secrets": (_is_bool, "true or false"),
     "cluster_file": (_is_opt_str, "a file path"),
+    "bootstrap_peers": (lambda v: isinstance(v, list), 'an array of addresses "host:port"'),
     "client_key_file": (_is_opt_str, "a file path"),
     "client_direct": (_is_bool, "true or false"),
     "admin_key_file": (_is_opt_str, "a file path"),
@@ -265,6 +269,18 @@ def _abs(path: str, base_dir: Path | None) -> str:
     if base_dir is None or os.path.isabs(path):
         return path
     return str((base_dir / path).resolve())
+
+
+def _bootstrap_peers(value: list[Any], *, source: str) -> tuple[str, ...]:
+    """Validate `bootstrap_peers`: each entry an address "host:port", none twice."""
+    for i, addr in enumerate(value):
+        if not _is_addr(addr):
+            raise ConfigError(f"{source}: field 'bootstrap_peers', entry {i}: expected an "
+                              f'address "host:port", got {addr!r}')
+    if len(set(value)) != len(value):
+        dup = next(a for a in value if value.count(a) > 1)
+        raise ConfigError(f"{source}: field 'bootstrap_peers': {dup!r} is listed twice")
+    return tuple(value)
 
 
 def _data_dirs(value: list[Any], *, source: str, base_dir: Path | None) -> tuple[DataDir, ...]:
@@ -344,7 +360,9 @@ def config_from_dict(raw: dict[str, Any], *, source: str, base_dir: Path | None 
                 and _is_secret(value.rpartition(":")[2].strip()):
             raise ConfigError(f"{source}: field {key!r}: expected a file path, got what looks "
                               "like a key itself (put the key in a file, or in BLOCKNODE_KEY)")
-        if key == "data_dir" and isinstance(value, list):
+        if key == "bootstrap_peers":
+            value = _bootstrap_peers(value, source=source)
+        elif key == "data_dir" and isinstance(value, list):
             value = _data_dirs(value, source=source, base_dir=base_dir)
         elif key == "compression_level" and value == "none":
             value = None

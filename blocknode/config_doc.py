@@ -39,6 +39,13 @@ FIELD_DOCS: dict[str, tuple[str, ...]] = {
     "cluster_file": ("Identity and paths",
                      "The cluster file shared by every node (see below). Unset: a cluster of this one "
                      "node, with `zone` and `replication_factor` from this file.", "unset (single node)"),
+    "bootstrap_peers": ("Identity and paths",
+                        'Addresses (`["10.0.0.1:3901", "10.0.0.2:3901"]`) of nodes of an existing '
+                        "cluster. A node with no layout yet (no cluster file, or one that does not "
+                        "list it) fetches the cluster's layout from them (retrying with backoff "
+                        "while none answers; its listener starts at once), then shows in `layout "
+                        "show` as known but unassigned, storing nothing, until `layout assign` + "
+                        "`layout apply`. Ignored once the node has a layout.", "empty"),
     "zone": ("Identity and paths",
              "This node's zone when it runs without a cluster file (a cluster file gives each "
              "node's zone itself)."),

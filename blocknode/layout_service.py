@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from blocknode.cluster_config import ClusterConfig
+from blocknode.cluster_config import ClusterConfig, ClusterNode
 from blocknode.errors import BlocknodeError, RemoteProtocolError
 from blocknode.layout import PARTITION_COUNT, Layout, LiveLayout, layout_of
 from blocknode.layout_state import LayoutState, version_digest
@@ -63,13 +63,21 @@ if TYPE_CHECKING:
     from blocknode.rpc.network import RpcNetwork
     from blocknode.storage import MetadataStore
 
-__all__ = ["LayoutService", "layouts_of"]
+__all__ = ["MAX_KNOWN", "LayoutService", "NotJoined", "layout_of", "layouts_of"]
 
 log = logging.getLogger(__name__)
 
 SYNC_INTERVAL: Final = 2.0
 """Seconds between two gossip rounds (±25 % jitter)."""
 FIRST_SYNC_DELAY: Final = 0.5
+MAX_KNOWN: Final = 256
+"""Known-but-unassigned nodes remembered (the least recently heard from is forgotten)."""
+
+
+class NotJoined(BlocknodeError):
+    """A data request to a node that has no layout yet (it is joining via `bootstrap_peers`)."""
+
+    rpc_code = "not_joined"
 
 
 def layouts_of(state: LayoutState) -> list[tuple[int, Layout]]:
@@ -80,26 +88,43 @@ def layouts_of(state: LayoutState) -> list[tuple[int, Layout]]:
 class LayoutService:
     """This node's copy of the layout state and its replication (see module docstring)."""
 
-    def __init__(self, node_id: str, meta: MetadataStore, seed: ClusterConfig, *,
+    def __init__(self, node_id: str, meta: MetadataStore, seed: ClusterConfig | None, *,
                  now_ms: Callable[[], int], rpc_timeout: float,
-                 sync_interval: float = SYNC_INTERVAL, rng: random.Random | None = None) -> None:
+                 sync_interval: float = SYNC_INTERVAL, rng: random.Random | None = None,
+                 addr: str = "", zone: str = "") -> None:
+        """`seed`: the cluster file's cluster, or None for a node joining with
+        `bootstrap_peers` (no layout until a peer gives one; `blocknode.bootstrap`).
+        `addr`, `zone`: this node's, sent with its gossip (a node not in the layout
+        shows as known, with them, in `layout show` everywhere)."""
         self.node_id = node_id
+        self.addr = addr
+        self.zone = zone
         self.meta = meta
         self.now_ms = now_ms
         self.rpc_timeout = rpc_timeout
         self.sync_interval = sync_interval
         self._rng = rng or random.Random()
         raw = meta.layout_raw()
-        if raw is None:
+        if raw is None and seed is None:
+            self.state = LayoutState()  # stored once a bootstrap peer gives the real one
+        elif raw is None:
+            assert seed is not None
             self.state = LayoutState.seed(seed)
             meta.layout.put_now(self.state.encode())
         else:
             self.state = LayoutState.decode(raw)
-            if self.state.digest(1) and self.state.digest(1) != version_digest(1, seed):
+            if seed is not None and self.state.digest(1) and \
+                    self.state.digest(1) != version_digest(1, seed):
                 log.info("the cluster file differs from the layout this node stores (version "
                          "%d): the stored layout is used; the file only seeds a new cluster",
                          self.state.current)
-        self.live = LiveLayout(layouts_of(self.state), synced=self._synced)
+        # No layout yet: a placeholder of this node alone keeps the manager and workers
+        # working on nothing (`Node.dispatch` refuses data requests until it is replaced).
+        self.live = LiveLayout(layouts_of(self.state) or [(0, Layout(ClusterConfig(
+            (ClusterNode(node_id, addr or "-", zone or "default"),))))], synced=self._synced)
+        self.known: dict[str, dict[str, Any]] = {}
+        """Nodes heard from (their gossip) that no live version nor staged change lists:
+        id → addr, zone, seen (ms). At most `MAX_KNOWN`."""
         self.net: RpcNetwork | None = None
         self.on_peers: Callable[[dict[str, str]], None] | None = None
         self.changed = Notify()
@@ -111,11 +136,19 @@ class LayoutService:
         self.conflicts: dict[int, list[str]] = {}
         """Versions seen with two different digests (nodes started with different cluster
         files, or two versions applied at once): version → both digests."""
-        if not self.live.has_node(node_id):
+        if not self.has_layout:
+            log.info("node %s has no layout yet: it fetches one from its bootstrap_peers",
+                     node_id)
+        elif not self.live.has_node(node_id):
             log.warning("node %s is not in the cluster layout (version %d): it holds no data "
                         "until `layout assign %s --zone Z --capacity C --addr HOST:PORT` and "
                         "`layout apply` on a node of the cluster", node_id, self.state.current,
                         node_id)
+
+    @property
+    def has_layout(self) -> bool:
+        """False on a node joining with `bootstrap_peers` until a peer gave it the layout."""
+        return bool(self.state.versions)
 
     def _synced(self, node_id: str) -> int:
         return self.state.node_synced(node_id)
@@ -198,8 +231,25 @@ class LayoutService:
 
     # ------------------------------------------------------------ gossip
 
-    def _sync_fields(self) -> dict[str, Any]:
-        return {"state": self.state.to_wire(), "digest": self.state.state_digest()}
+    def sync_fields(self) -> dict[str, Any]:
+        """A `layout_sync` request: our state, its digest, our address and zone."""
+        return {"state": self.state.to_wire(), "digest": self.state.state_digest(),
+                "addr": self.addr, "zone": self.zone}
+
+    def _note_known(self, peer: str, fields: dict[str, Any]) -> None:
+        """Remember a node outside the layout that gossips with us (`layout show`)."""
+        addr, zone = fields.get("addr"), fields.get("zone")
+        if peer in self.peers() or not isinstance(addr, str) or not isinstance(zone, str):
+            self.known.pop(peer, None)
+            return
+        try:
+            split_addr(addr)
+        except ValueError:
+            return
+        self.known.pop(peer, None)
+        self.known[peer] = {"addr": addr, "zone": zone or "default", "seen": self.now_ms()}
+        while len(self.known) > MAX_KNOWN:
+            self.known.pop(next(iter(self.known)))
 
     async def handle_sync(self, peer: str, fields: dict[str, Any], data: bytes | None) -> Reply:
         """Merge the sender's state; answer with ours when they differed."""
@@ -208,6 +258,7 @@ class LayoutService:
             raise RemoteProtocolError("layout_sync: expected digest (bytes)")
         theirs = LayoutState.from_wire(fields.get("state"))
         changed = await self.merge(theirs)
+        self._note_known(peer, fields)
         reply: dict[str, Any] = {"changed": changed, "version": self.state.current,
                                  "digest": self.state.digest()}
         if self.state.state_digest() != digest:
@@ -217,7 +268,7 @@ class LayoutService:
     async def sync_with(self, nid: str) -> None:
         assert self.net is not None
         try:
-            reply, _ = await self.net.call(nid, LAYOUT_SYNC, self._sync_fields(),
+            reply, _ = await self.net.call(nid, LAYOUT_SYNC, self.sync_fields(),
                                            timeout=self.rpc_timeout, priority=PRIO_HIGH)
             if "state" in reply:
                 await self.merge(LayoutState.from_wire(reply["state"]))
@@ -273,7 +324,8 @@ class LayoutService:
             "version": s.current,
             "digest": s.digest(),
             "live_versions": s.live,
-            "in_layout": self.live.has_node(self.node_id),
+            "in_layout": self.has_layout and self.live.has_node(self.node_id),
+            "joining": not self.has_layout,
             "sync": {n: {"synced": s.node_synced(n), "done": s.node_synced(n) >= s.current}
                      for n in nodes},
             "pending_sync": s.pending_sync(),
@@ -289,7 +341,10 @@ class LayoutService:
     def show(self) -> dict[str, Any]:
         """The `layout show` reply (JSON keys are a contract: version, nodes, staged)."""
         s = self.state
-        cur = Layout(s.current_cluster)
+        if not s.versions:
+            return {"version": 0, "digest": "", "nodes": [], "staged": [], "known": [],
+                    "live_versions": [], "pending_sync": [], "joining": True}
+        cur = layout_of(s.current_cluster)
         per_node = cur.summary()["partitions_per_node"]
         staged = s.staged_changes()
         out: dict[str, Any] = {
@@ -306,10 +361,14 @@ class LayoutService:
                        {"id": nid, "zone": n.zone, "capacity": n.capacity, "addr": n.addr}
                        for nid, n in sorted(staged.items())],
             "pending_sync": s.pending_sync(),
+            "known": [{"id": nid, "addr": k["addr"], "zone": k["zone"], "up": self._is_up(nid),
+                       "seen_ago_s": max(0, self.now_ms() - k["seen"]) // 1000}
+                      for nid, k in sorted(self.known.items()) if nid not in staged
+                      and nid not in {n.id for n in s.current_cluster.nodes}],
         }
         if staged:
             try:
-                new = Layout(s.staged_cluster())
+                new = layout_of(s.staged_cluster())
             except BlocknodeError as exc:
                 out["staged_error"] = str(exc)
             else:
@@ -335,6 +394,8 @@ class LayoutService:
         zone = get_str(fields, "zone", max_bytes=255)
         capacity = get_int(fields, "capacity")
         addr = fields.get("addr")
+        if addr is None and node in self.known:
+            addr = self.known[node]["addr"]  # it joined with bootstrap_peers: its address is known
         if addr is not None:
             try:
                 if not isinstance(addr, str):

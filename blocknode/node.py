@@ -34,6 +34,7 @@ import trio
 
 from blocknode import __version__, auth, fastpath
 from blocknode.admin import Admin
+from blocknode.bootstrap import Bootstrap
 from blocknode.clock import wall_ms
 from blocknode.config import NodeConfig, cluster_of, load_or_create_secret
 from blocknode.context import NodeContext
@@ -41,7 +42,7 @@ from blocknode.direct import DirectHandlers
 from blocknode.errors import ConfigError, RemoteProtocolError
 from blocknode.group_commit import GroupCommit
 from blocknode.keys import KeyService
-from blocknode.layout_service import LayoutService
+from blocknode.layout_service import LayoutService, NotJoined
 from blocknode.manager import BlockManager, Handler, Reply
 from blocknode.metrics import NodeMetrics, serve_admin_http
 from blocknode.protocol import ADMIN_REBALANCE, STATUS, max_message_size
@@ -104,8 +105,14 @@ class Node:
         )
         self.blocks = LocalBlocks(self.files, self.meta, cfg.inline_threshold)
         # The layout: stored in the metadata, seeded from the cluster file (version 1).
-        self.layouts = LayoutService(cfg.node_id, self.meta, self.cluster, now_ms=self.ctx.now_ms,
-                                     rpc_timeout=cfg.rpc_timeout, rng=self.ctx.random)
+        # A node with bootstrap_peers that its cluster file does not list (or that has none)
+        # seeds nothing: its own version 1 would clash with the cluster's. It fetches the
+        # cluster's layout instead (`blocknode.bootstrap`).
+        listed = bool(cfg.cluster_file) and any(n.id == cfg.node_id for n in self.cluster.nodes)
+        joining = bool(cfg.bootstrap_peers) and not listed
+        self.layouts = LayoutService(cfg.node_id, self.meta, None if joining else self.cluster,
+                                     now_ms=self.ctx.now_ms, rpc_timeout=cfg.rpc_timeout,
+                                     rng=self.ctx.random, addr=cfg.public_addr, zone=cfg.zone)
         self.layout = self.layouts.live
         all_nodes = self.layouts.peers()
         peers = {nid: addr for nid, addr in all_nodes.items() if nid != cfg.node_id}
@@ -118,6 +125,9 @@ class Node:
             peers,
             self.dispatch,
             members=members,
+            # Any node proving the cluster secret may connect, as in Garage: a new node joins
+            # with only bootstrap_peers (it shows as known; it holds nothing until assigned).
+            open_membership=True,
             lookup_key=self.keys.verifier,
             connect=connect,
             rng=self.ctx.urandom,
@@ -150,6 +160,12 @@ class Node:
         )
         self.keys.attach(self.net)
         self.layouts.attach(self.net, self._peers_changed)
+        self.bootstrap = Bootstrap(
+            self.layouts, cfg.bootstrap_peers, self.secret, connect=connect,
+            timeout=cfg.rpc_timeout, connect_timeout=cfg.connect_timeout,
+            handshake_timeout=cfg.rpc_handshake_timeout,
+            max_message_size=max_message_size(cfg.block_size), rng=self.ctx.random,
+            urandom=self.ctx.urandom)
         self.manager = BlockManager(
             node_id=cfg.node_id,
             layout=self.layout,
@@ -185,6 +201,9 @@ class Node:
                       repair=self.repair, anti_entropy=self.anti_entropy)
         self.direct = DirectHandlers(self.manager, self.layouts)
         self._handlers: dict[str, Handler] = {}
+        # Refused while the node has no layout (joining): it must store nothing.
+        self._data_kinds = frozenset({*self.manager.handlers(), *self.direct.handlers(),
+                                      *self.anti_entropy.handlers()})
         for handlers in (self.manager.handlers(), self.direct.handlers(),
                          self.anti_entropy.handlers(), admin.handlers(),
                          self.keys.handlers(), self.layouts.handlers(),
@@ -210,6 +229,9 @@ class Node:
             auth.authorize(peer, kind, self.keys.permissions)
             if handler is None:
                 raise RemoteProtocolError(f"unknown request kind {kind!r}")
+            if kind in self._data_kinds and not self.layouts.has_layout:
+                raise NotJoined(f"node {self.node_id} has no layout yet: it is joining the "
+                                "cluster via its bootstrap_peers (see its log)")
             reply = await handler(peer.id, fields, data)
             replied(reply[1])
             return reply
@@ -243,6 +265,8 @@ class Node:
                 await self._start_admin_api(nursery)
                 nursery.start_soon(self.keys.run)
                 nursery.start_soon(self.layouts.run)
+                if not self.layouts.has_layout:
+                    nursery.start_soon(self.bootstrap.run)
                 nursery.start_soon(self.workers.run)
                 task_status.started(self.addr)
         finally:
@@ -322,7 +346,8 @@ class Node:
             "errors": counts["errors"],
             "connections": self.net.connection_status(),
             "data_dirs": self.files.dir_status(),
-            "capacity": self.layout.node(self.node_id).capacity,
+            "capacity": self.layout.node(self.node_id).capacity
+            if self.layouts.has_layout and self.layout.has_node(self.node_id) else None,
             "uptime": time.monotonic() - self.started_monotonic,
             "admin_addr": self.admin_addr,
         }

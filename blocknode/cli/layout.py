@@ -3,7 +3,10 @@
 Contract:
 
     layout show [--json]        JSON keys: version (int), digest, nodes, staged, moves
-                                (when changes are staged), live_versions, pending_sync
+                                (when changes are staged), live_versions, pending_sync,
+                                known (nodes not in the layout that gossip with it: id,
+                                addr, zone, up, seen_ago_s); version 0 and joining: true on
+                                a node still fetching the layout from its bootstrap_peers
     layout assign NODE --zone Z --capacity C [--addr HOST:PORT]   stage a node (new or changed)
     layout remove NODE          stage a removal
     layout apply --version N    make the staged changes version N (refused unless N is
@@ -44,6 +47,10 @@ def _capacity(text: str) -> int:
 
 def print_layout(st: dict[str, Any]) -> None:
     """The human form of a `layout show` reply."""
+    if st.get("joining"):
+        print("no layout yet: this node is joining a cluster via its bootstrap_peers (see its "
+              "log); ask a node of the cluster")
+        return
     live = st.get("live_versions") or [st["version"]]
     print(f"layout version {st['version']} ({st['digest']}), replication "
           f"{st['replication_factor']}, write quorum {st['write_quorum']}")
@@ -53,6 +60,9 @@ def print_layout(st: dict[str, Any]) -> None:
     print(f"{'NODE':<16} {'ZONE':<12} {'CAPACITY':>8} {'PARTITIONS':>10}  ADDR")
     for n in st["nodes"]:
         print(f"{n['id']:<16} {n['zone']:<12} {n['capacity']:>8} {n['partitions']:>10}  {n['addr']}")
+    for k in st.get("known", []):
+        print(f"{k['id']:<16} {k['zone']:<12} {'-':>8} {'-':>10}  {k['addr']}  known, not "
+              f"assigned (`layout assign {k['id']} --zone Z --capacity C`)")
     if not st["staged"]:
         print("no staged changes")
         return
@@ -126,7 +136,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     a.add_argument("--capacity", required=True, type=_capacity,
                    help="relative weight: how many partitions the node takes (e.g. TB)")
     a.add_argument("--addr", default=None, metavar="HOST:PORT",
-                   help="its RPC address (required for a node new to the layout)")
+                   help="its RPC address (required for a node new to the layout, unless it "
+                        "joined with bootstrap_peers: `layout show` lists it as known)")
     a.add_argument("--json", action="store_true", help="print JSON")
     a = ls.add_parser("remove", parents=[common], help="stage the removal of a node")
     a.add_argument("node", metavar="NODE", help="the id of the node to take out of the layout")

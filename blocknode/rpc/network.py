@@ -244,7 +244,8 @@ class RpcNetwork:
     ignored). `handler` serves incoming requests from nodes *and* clients; its
     first argument is the `Peer` the handshake proved. `members`: the node ids
     that may connect as nodes (default: `node_id` and `peers`), each proving
-    `secret`; `lookup_key(key_id)`: the verifier of a live client key, or None
+    `secret` (`open_membership`: any node id that proves it, a node joining the
+    cluster); `lookup_key(key_id)`: the verifier of a live client key, or None
     (without it, no client can connect).
 
     Timeouts: `connect_timeout` (transport connect), `handshake_timeout` (each
@@ -273,6 +274,7 @@ class RpcNetwork:
         handler: Handler,
         *,
         members: Iterable[str] | None = None,
+        open_membership: bool = False,
         lookup_key: Callable[[str], bytes | None] | None = None,
         connect: Connector | None = None,
         ram_buffer_max: int = 256 * 1024 * 1024,
@@ -308,6 +310,7 @@ class RpcNetwork:
             client_receive_buffer_max or receive_buffer_max or ram_buffer_max)
         """Messages being received from clients."""
         self._members = frozenset(members) if members is not None else frozenset({node_id, *peers})
+        self._open_membership = open_membership
         self._lookup_key = lookup_key
         self.reply_budget = ByteBudget(reply_buffer_max or ram_buffer_max)
         self.reply_share = max(max_message_size, self.reply_budget.max_bytes // 4)
@@ -505,7 +508,8 @@ class RpcNetwork:
             await trio.aclose_forcefully(stream)
 
     async def _serve_accepted(self, stream: trio.abc.Stream, slot: _Slot) -> None:
-        hs = ServerHandshake(self.node_id, self._secret, members=self._members,
+        hs = ServerHandshake(self.node_id, self._secret,
+                             members=None if self._open_membership else self._members,
                              lookup_key=self._lookup_key,
                              admit=lambda role, _peer_id: self._claim(slot, role), rng=self._rng)
         try:

@@ -68,6 +68,13 @@ GC delay, gossip every 60 s: ~55 simulated seconds, ~0.3-0.6 CPU-s per seed. The
 *full* one (`SimConfig` defaults) — 40 operations, a fault every 6 s, two rounds
 per heal step, a 60 s GC delay: ~2 simulated minutes.
 
+Layout changes (``--layout-changes``, `blocknode.sim.layout_nemesis`): a spare
+node joins with ``bootstrap_peers``; nodes are added, removed and re-weighted
+through the admin RPCs during the chaos, sometimes with a crash mid-migration;
+the heal waits for the migration to finish, and the checks add "migration
+stuck" and "misplaced" (a reference or a live block's copy on a node the final
+layout does not give it).
+
 Phases: chaos (workload + nemesis) → heal (partitions and clogs lifted, every
 node restarted, retry-now + anti-entropy + resync rounds, a full scrub, rounds) →
 quiesce (past the GC delay, rounds) → checks. Checked continuously, during every

@@ -28,7 +28,8 @@ def _config(args: argparse.Namespace, seed: int, **over: Any) -> SimConfig:
     kw: dict[str, Any] = {"nodes": args.nodes, "hot_refs": args.hot_refs,
                           "faults": not args.no_faults, "trace": args.trace,
                           "tracemalloc": args.tracemalloc, "hot_down": args.hot_down,
-                          "worker_bug": args.worker_bug, "defects": tuple(args.defect)}
+                          "worker_bug": args.worker_bug, "defects": tuple(args.defect),
+                          "layout_changes": args.layout_changes}
     for name in ("ops", "workers", "max_faults"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
@@ -44,7 +45,8 @@ def _flags(cfg: SimConfig, schedule: str) -> str:
             f"{f' --max-faults {cfg.max_faults}' if cfg.max_faults is not None else ''}"
             f"{f' --hot-refs {cfg.hot_refs}' if cfg.hot_refs else ''}"
             f"{' --hot-down' if cfg.hot_down else ''}{' --worker-bug' if cfg.worker_bug else ''}"
-            + "".join(f" --defect {d}" for d in cfg.defects))
+            + "".join(f" --defect {d}" for d in cfg.defects)
+            + (" --layout-changes" if cfg.layout_changes else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--defect", action="append", default=[], choices=sorted(DEFECTS), metavar="NAME",
                    help="re-introduce a fixed defect (repeatable; see blocknode/defects.py): "
                         + ", ".join(sorted(DEFECTS)))
+    p.add_argument("--layout-changes", action="store_true",
+                   help="layout changes during the chaos: add, remove, capacity, crash "
+                        "mid-migration (blocknode/sim/layout_nemesis.py)")
     p.add_argument("--no-faults", action="store_true", help="the workload alone")
     p.add_argument("--tracemalloc", action="store_true",
                    help="measure each seed's heap peak against run.HEAP_BUDGET (slow)")

@@ -41,6 +41,7 @@ from blocknode.protocol import (
 from blocknode.rpc.connect import open_client
 from blocknode.sim.bounds import node_bounds
 from blocknode.sim.disk import SimDisk
+from blocknode.sim.layout_nemesis import LayoutNemesis
 from blocknode.sim.net import SimNet
 
 __all__ = ["Result", "Sim", "SimConfig", "invariant_of", "run_seed"]
@@ -92,10 +93,14 @@ class SimConfig:
     defects: tuple[str, ...] = ()  # re-introduced defects (`blocknode.defects`), for the seed table
     hot_down: bool = False  # with hot_refs: one replica of the popular block is down during the burst
     worker_bug: bool = False  # each node's scrub worker raises once, in its first step (supervision)
+    layout_changes: bool = False  # the layout nemesis: adds, removes, capacities (`layout_*`)
 
     @classmethod
     def short(cls, seed: int, nodes: int = 5, **kw: Any) -> SimConfig:
-        """The short schedule (`SHORT`, overridable by keyword)."""
+        """The short schedule (`SHORT`, overridable by keyword). With `layout_changes`, the
+        layout gossips at the node's own period (2 s): a migration needs it."""
+        if kw.get("layout_changes"):
+            kw = {"layout_sync_interval": 2.0, **kw}
         return cls(seed=seed, nodes=nodes, **{**SHORT, **kw})
 
 
@@ -138,7 +143,7 @@ async def _inline(fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimite
     return fn(*args)
 
 
-class Sim:
+class Sim(LayoutNemesis):
     def __init__(self, cfg: SimConfig, root: str, result: Result) -> None:
         self.cfg = cfg
         self.root = root
@@ -199,6 +204,8 @@ class Sim:
                 resync_tranquility=0.0, scrub_tranquility=0.0, source=f"<sim {nid}>",
                 admin_api_bind_addr=None,  # no HTTP listener in a simulation
             )
+        if cfg.layout_changes:
+            self.layout_init(cluster_file)
 
     # ------------------------------------------------------------------ trace
     def event(self, what: str) -> None:
@@ -794,6 +801,8 @@ class Sim:
             nursery.start_soon(self.sample_bounds)
             if self.cfg.faults:
                 nursery.start_soon(self.nemesis, nursery)
+            if self.cfg.layout_changes:
+                nursery.start_soon(self.layout_nemesis, nursery)
             async with trio.open_nursery() as load:
                 for i in range(self.cfg.workers):
                     load.start_soon(self.worker, i == 0)
@@ -806,6 +815,8 @@ class Sim:
             self.event("heal: faults stop")
             await self.heal(nursery)
             await self.check()
+            if self.cfg.layout_changes:
+                await self.check_layout()
             self.res.sim_s = trio.current_time()
             nursery.cancel_scope.cancel()
 
@@ -839,6 +850,8 @@ class Sim:
                 await trio.sleep(self.cfg.settle)
 
         await rounds(self.cfg.heal_rounds)
+        if self.cfg.layout_changes:
+            await self.settle_layout()
         async def full_scrub(node: Node) -> None:
             await node.scrub.cancel()  # a scrub running since the chaos: start one from the top
             await node.scrub.start()

@@ -37,12 +37,14 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from blocknode.context import NodeContext
-from blocknode.layout import PARTITION_COUNT, Layout
+from blocknode.errors import BlockNotFound
+from blocknode.layout import PARTITION_COUNT, layout_of
 from blocknode.workers.base import Worker
 
 if TYPE_CHECKING:
     from blocknode.layout_service import LayoutService
     from blocknode.manager import BlockManager
+    from blocknode.storage.resync_queue import ErrorEntry
     from blocknode.workers.anti_entropy import AntiEntropy
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,12 @@ APPLY_MARGIN_MS: Final = 10_000
 """References made up to this long after a version was applied count as older than it
 (a coordinator may not have heard of the version yet, and wrote to the old nodes only);
 later ones were written to a quorum of every live version, the new one included."""
+
+
+def _held_nowhere(err: ErrorEntry | None) -> bool:
+    """The block's last resync found no copy on any node it asked (`BlockManager.get`
+    raises `BlockNotFound` only when every node of every live version said so)."""
+    return err is not None and err.message.startswith(f"{BlockNotFound.__name__}:")
 
 
 class LayoutSync(Worker):
@@ -86,6 +94,8 @@ class LayoutSync(Worker):
 
     def _idle(self) -> bool:
         s = self.service.state
+        if not s.versions:
+            return True  # no layout yet (joining): woken when one arrives
         mine = self.node_id in {n.id for n in s.current_cluster.nodes}
         return (not mine or s.node_synced(self.node_id) >= s.current) and not s.pending_sync() \
             and len(s.live) == 1 and not self.progress.get("to_drop")
@@ -95,6 +105,9 @@ class LayoutSync(Worker):
         self.busy = True
         try:
             s = self.service.state
+            if not s.versions:
+                self.progress = {"version": 0, "state": "no layout yet (joining)"}
+                return self.progress
             cur = s.current
             mine = self.node_id in {n.id for n in s.current_cluster.nodes}
             if mine and s.node_synced(self.node_id) < cur:
@@ -109,7 +122,7 @@ class LayoutSync(Worker):
             self.busy = False
 
     async def _sync(self, version: int) -> None:
-        newest = Layout(self.service.state.versions[version])
+        newest = layout_of(self.service.state.versions[version])
         stats = await self.anti_entropy.run_round()
         failed = sorted(p for p in stats["peers_failed"] if p in newest.node_ids)
         lost = sorted(p for p in stats["peers_failed"] if p not in newest.node_ids)
@@ -118,6 +131,7 @@ class LayoutSync(Worker):
         cutoff = applied + APPLY_MARGIN_MS if applied else 2**63
         missing = 0
         checked = 0
+        nowhere = 0
         for p in parts:
             hashes: list[bytes] = []
             last: bytes | None = None
@@ -128,10 +142,19 @@ class LayoutSync(Worker):
             for h in hashes:
                 checked += 1
                 if self.meta.rc_get(h).is_nonzero() and not await self.blocks.aexists(h):
+                    if _held_nowhere(self.meta.error_get(h)):
+                        # Referenced, but every node of every live version said it has
+                        # no copy (e.g. a reference to a block whose put failed): there
+                        # is nothing to move, and waiting for it would hold the
+                        # migration forever (simulation, `--layout-changes` seed 0). The
+                        # resync worker keeps retrying it as before.
+                        nowhere += 1
+                        continue
                     missing += 1
                     await self.meta.resync_put(h, 0)
         self.progress = {"version": version, "state": "syncing", "partitions": len(parts),
                          "blocks_checked": checked, "blocks_missing": missing,
+                         "blocks_held_nowhere": nowhere,
                          "peers_failed": failed, "peers_lost": lost}
         if lost:
             log.warning("layout sync to version %d: %s unreachable (they leave the layout); "
@@ -169,6 +192,8 @@ class LayoutSync(Worker):
     def describe(self) -> str:
         """One line of migration progress (the `worker list` column)."""
         s = self.service.state
+        if not s.versions:
+            return "no layout yet (joining via bootstrap_peers)"
         if len(s.live) == 1 and not s.pending_sync():
             return f"v{s.current} synced everywhere"
         p = self.progress

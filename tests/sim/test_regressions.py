@@ -66,3 +66,52 @@ async def test_startup_with_lost_metadata_queues_every_block_file(tmp_path):
     b2 = LocalBlocks(BlockFiles(str(tmp_path / "data"), fsync=False), fresh, 1024)
     assert b2.startup() == 1
     assert [h for _, h in fresh.resync_due(now_ms=2**62)] == [blk.hash]
+
+
+def test_layout_seed_0_a_block_held_nowhere_does_not_hold_the_migration() -> None:
+    """`--layout-changes` seed 0: a reference to a block whose put had failed (held by no
+    node) kept every node of the new version "syncing" forever: the migration never ended."""
+    r = run_seed(SimConfig(seed=0, layout_changes=True))
+    assert not r.violations, r.violations
+    assert r.faults["layout_capacity"] + r.faults["layout_add"] + r.faults["layout_remove"] > 0
+
+
+async def test_layout_sync_completes_with_a_referenced_block_held_nowhere(tmp_path) -> None:
+    import re
+
+    import trio
+
+    from blocknode.config import load_config
+    from blocknode.protocol import ADMIN_LAYOUT_APPLY, ADMIN_LAYOUT_ASSIGN
+    from tests.cluster.harness import InProcessCluster, write_cluster
+
+    paths = write_cluster(tmp_path, 4, rf=3)
+    text = (tmp_path / "cluster.toml").read_text()
+    (tmp_path / "cluster.toml").write_text(
+        re.sub(r'\[\[nodes\]\]\nid = "node4"\n[^\[]*', "", text))
+    configs = [load_config(p) for p in paths]
+    ghost = hashed(os.urandom(5000)).hash  # referenced, never stored anywhere
+    async with trio.open_nursery() as nursery:
+        cl = InProcessCluster(configs, nursery)
+        for nid in ("node1", "node2", "node3", "node4"):
+            await cl.start(nid)
+        async with cl.client("node1") as c:
+            await c.set_ref(ghost, "r", deleted=False)
+            await c.put_block(os.urandom(3000), "real")
+            await c.call(ADMIN_LAYOUT_ASSIGN, {"node": "node4", "zone": "z4", "capacity": 3,
+                                               "addr": cl.cfg("node4").rpc_bind_addr})
+            await c.call(ADMIN_LAYOUT_APPLY, {"version": 2})
+        with trio.fail_after(20):
+            while cl.nodes["node4"].layouts.state.current != 2:
+                await trio.sleep(0.05)
+        holders_v2 = [nid for nid, n in cl.nodes.items()
+                      if nid in n.layout.current.nodes_of(ghost)]
+        for _ in range(3):
+            for nid in holders_v2:
+                n = cl.nodes[nid]
+                await n.layout_sync.run_once()
+                await n.resync.run_once()  # tries the fetch: no copy on any node
+        for nid in holders_v2:
+            p = await cl.nodes[nid].layout_sync.run_once()
+            assert cl.nodes[nid].layouts.state.node_synced(nid) == 2, (nid, p)
+        nursery.cancel_scope.cancel()

@@ -205,3 +205,27 @@ def test_storage_creates_private_files_whatever_the_umask(tmp_path):
             assert stat.S_IMODE(os.stat(root).st_mode) == 0o700, root
         for n in names:
             assert stat.S_IMODE(os.stat(os.path.join(root, n)).st_mode) == 0o600, n
+
+
+def test_bootstrap_peers_accepted_as_addresses(tmp_path):
+    p = tmp_path / "n.toml"
+    p.write_text('node_id = "n4"\nbootstrap_peers = ["10.0.0.1:3901", "[::1]:3902"]\n')
+    cfg = load_config(p)
+    assert cfg.bootstrap_peers == ("10.0.0.1:3901", "[::1]:3902")
+    assert load_config(None).bootstrap_peers == ()
+
+
+@pytest.mark.parametrize("value, message", [
+    ('"10.0.0.1:3901"', "field 'bootstrap_peers': expected an array of addresses"),
+    ('["10.0.0.1:3901", "nohost"]', "field 'bootstrap_peers', entry 1: expected an address "
+                                    "\"host:port\", got 'nohost'"),
+    ('["10.0.0.1:99999"]', "entry 0: expected an address"),
+    ("[3901]", "entry 0: expected an address \"host:port\", got 3901"),
+    ('["a:1", "a:1"]', "field 'bootstrap_peers': 'a:1' is listed twice"),
+])
+def test_bad_bootstrap_peers_name_the_field_and_entry(tmp_path, value, message):
+    p = tmp_path / "n.toml"
+    p.write_text(f'node_id = "n4"\nbootstrap_peers = {value}\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and message in str(e.value)
