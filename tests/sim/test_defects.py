@@ -22,7 +22,8 @@ CAUGHT: dict[str, tuple[int, int, dict[str, Any], str]] = {
     "c13-scrub-stale-step": (0, 3, {}, "scrub coverage"),
     "a3-no-supervision": (0, 3, {"worker_bug": True}, "node died/stopped"),
     "c8-ae-unpaged": (0, 3, {"hot_refs": 1500, "hot_down": True}, "unconverged"),
-    "c10-reput-unverified": (16, 3, {}, "S1 at ack"),
+    "c10-reput-unverified": (7, 3, {}, "S1 at ack"),
+    "c9-absent-rc-deletable": (14, 3, {}, "S3 deleted"),
 }
 
 
