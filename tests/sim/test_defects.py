@@ -36,7 +36,8 @@ def test_the_seed_catches_the_defect(name: str) -> None:
     assert defects.ACTIVE == frozenset()  # restored after the run
 
 
-@pytest.mark.parametrize("name", ["e-put-one-replica", "a3-no-supervision", "c10-reput-unverified"])
+@pytest.mark.parametrize("name", ["e-put-one-replica", "a3-no-supervision", "c10-reput-unverified",
+                                  "c9-absent-rc-deletable"])
 def test_the_same_seed_is_clean_without_the_defect(name: str) -> None:
     seed, nodes, extra, _ = CAUGHT[name]
     r = run_seed(SimConfig(seed=seed, nodes=nodes, **extra))
