@@ -177,6 +177,7 @@ class Sim(LayoutNemesis):
         self.faulted_at: dict[str, int] = {}
         self.stalled: set[tuple[str, bytes]] = set()
         self.died = False
+        self.disk_stopped: set[str] = set()  # nodes stopped by their failing disk (restart on heal)
         self.flipped: list[bytes] = []  # blocks with a bit flipped, to be put again (C.10)  # S6 reported once per node and block  # node -> fault_seq of its last crash/restart/bit flip
         self.chaos = True
         secret = hashlib.sha256(f"secret{cfg.seed}".encode()).hexdigest()
@@ -243,6 +244,16 @@ class Sim(LayoutNemesis):
             except Exception as exc:  # noqa: BLE001 - that is the finding
                 if self.disks[nid].cut:  # the node's reaction to a dead disk, cut short
                     self.event(f"node {nid} ended after its power cut: {exc!r}"[:200])
+                elif self.disks[nid].fault is not None:
+                    # A node whose disk fails under its foundations (e.g. its data dir cannot
+                    # be made again after a loss while the disk returns EIO) stops with a
+                    # clear error, as designed; the operator restarts it once the disk works.
+                    self.event(f"node {nid} stopped, its disk failing: {exc!r}"[:200])
+                    self.res.faults["disk_stop"] += 1
+                    self.disk_stopped.add(nid)
+                    self.net.crash(nid)
+                    if self.nodes.get(nid) is node:
+                        del self.nodes[nid]
                 else:
                     self.violation(f"node {nid} died: {exc!r}")
                     self.died = True  # a finding already: the run ends without healing
@@ -707,6 +718,12 @@ class Sim(LayoutNemesis):
             return
         self.disks[nid].set_fault(None)
         self.event(f"disk healed {nid}")
+        if nid in self.disk_stopped:
+            self.disk_stopped.discard(nid)
+            if nid not in self.nodes:
+                await self.restart(nursery, nid)
+                self.event(f"operator restart {nid} (it stopped on its failing disk)")
+            return
         node = self.nodes.get(nid)
         if node is not None and any(not d.in_service for d in node.files.dirs):
             await self.crash(nid)

@@ -76,6 +76,25 @@ def test_layout_seed_0_a_block_held_nowhere_does_not_hold_the_migration() -> Non
     assert r.faults["layout_capacity"] + r.faults["layout_add"] + r.faults["layout_remove"] > 0
 
 
+def test_short_layout_seed_3412_a_node_on_a_failing_disk_stops_and_is_restarted() -> None:
+    """Short schedule, `--layout-changes`, seed 3412: the victim lost its data dir at a restart
+    while its disk returned EIO, so it could not make the dir again and stopped (its
+    foundations failed, as designed). The sim counted that as a node dying on its own; a
+    node stopped by its failing disk is now restarted when the disk heals, like an operator
+    would, and everything converges."""
+    r = run_seed(SimConfig.short(seed=3412, layout_changes=True))
+    assert not r.violations, r.violations
+    assert r.faults["disk_stop"] >= 1 and r.faults["eio"] >= 1
+
+
+def test_short_layout_seed_3010_no_crash_after_the_faults_stop() -> None:
+    """Short schedule, `--layout-changes`, seed 3010: a layout change begun in the chaos ended
+    in the heal and then crashed a node the heal had just restarted (a fault after the faults
+    stopped; the heal then found a node missing)."""
+    r = run_seed(SimConfig.short(seed=3010, layout_changes=True))
+    assert not r.violations, r.violations
+
+
 async def test_layout_sync_completes_with_a_referenced_block_held_nowhere(tmp_path) -> None:
     import re
 
