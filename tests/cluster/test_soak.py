@@ -19,7 +19,10 @@ def test_soak_runs_with_a_restart_and_reports_zero_errors(tmp_path: Path,
     s = json.loads(out.read_text())
     assert status == 0, printed
     assert s["errors"] == 0 and s["ok"], printed
-    assert len(s["restarts"]) == 1 and s["restarts"][0]["signal"] == "SIGTERM"
+    # One restart at 4 s; a second at 8 s when the first was quick (a quiet machine): the
+    # soak restarts only while one more interval still fits, which depends on the timing.
+    assert 1 <= len(s["restarts"]) <= 2, s["restarts"]
+    assert [r["signal"] for r in s["restarts"]] == ["SIGTERM", "SIGKILL"][:len(s["restarts"])]
     for kind in ("put", "get", "ref", "unref", "final_get"):
         assert s["kinds"][kind]["ops"] > 0, (kind, printed)
     assert all(0 < m <= s["rss_budget_mib"] for m in s["peak_rss_anon_mib"])
