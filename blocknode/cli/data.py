@@ -22,6 +22,7 @@ from blocknode.cli.base import (
 )
 from blocknode.cli.output import OutputFile, duration, print_json, print_table, progress, size
 from blocknode.client import Client, new_ref_id, open_client
+from blocknode.client.stream import read_block
 from blocknode.config import NodeConfig
 from blocknode.errors import BlocknodeError
 
@@ -63,19 +64,6 @@ def _open_source(path: str) -> BinaryIO:
         raise fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE) from None
 
 
-def _read_block(f: BinaryIO, size: int) -> bytes:
-    """`size` bytes, fewer only at the end of the input (a pipe may return less per read)."""
-    parts: list[bytes] = []
-    got = 0
-    while got < size:
-        part = f.read(size - got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
-
-
 async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str,
                      fresh_ref: bool = False) -> str:
     """Store everything `f` yields, reading one block at a time in a worker thread.
@@ -96,7 +84,7 @@ async def put_stream(client: Client, f: BinaryIO, ref: str, *, name: str,
 
     async def read() -> bytes:
         try:
-            return await trio.to_thread.run_sync(_read_block, f, size, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(read_block, f, size, abandon_on_cancel=True)
         except OSError as exc:
             raise fail(f"cannot read {name}: {exc.strerror or exc}") from None
 
