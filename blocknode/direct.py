@@ -140,10 +140,21 @@ class DirectHandlers:
         data = get_data(data, CLIENT_PUT_DIRECT, block_size=m.block_size)
         self._check_holder(h, _client_versions(fields))
         compressed = get_flag(fields, "z")
+        # ``form_final``: the client tried this node's level already (not worth it).
+        final = compressed or get_flag(fields, "form_final") or m.compression_level is None
+        if (not compressed and final and len(data) > block.HASH_IN_THREAD_MIN
+                and not m.blocks.is_inline_size(len(data))):
+            # Plain bytes of a file block (a view of the receive buffer, `Node.VIEW_KINDS`):
+            # verified and written where they are, in one worker-thread hop.
+            ts = await m.clock.next()
+            stored = await m.blocks.write_from_wire(data, h, ref=RefEntry(h, ref_id, False, ts))
+            self.puts += 1
+            return {"stored": stored, "ts": ts}, None
+        if not isinstance(data, bytes):
+            data = bytes(data)
         blk = await block.accept(data, h, block_size=m.block_size, run_sync=m.run_sync,
                                  compressed=compressed)
-        if not compressed and not get_flag(fields, "form_final"):
-            # ``form_final``: the client tried this node's level already (not worth it).
+        if not final:
             blk = await block.acompress(blk, m.compression_level, run_sync=m.run_sync)
         ts = await m.clock.next()
         stored = await m.blocks.write(blk, ref=RefEntry(h, ref_id, False, ts))

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 BLOCK_REPLY_KINDS = frozenset({"get_block", "client_get", "client_get_direct"})
 """Request kinds whose reply carries a block (the rest answer with a head only)."""
 
-VIEW_KINDS = frozenset({"put_block"})
+VIEW_KINDS = frozenset({"put_block", "client_put_direct"})
 """Request kinds whose handler takes its data as a `memoryview` of the receive buffer
 (the rest get `bytes`): a 1 MiB block is hashed and written from where it was decrypted."""
 

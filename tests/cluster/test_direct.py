@@ -182,8 +182,11 @@ async def test_a_replica_refuses_a_key_without_write_a_bad_hash_a_wrong_node_and
         async with client(cl, reader) as c:
             with pytest.raises(Forbidden):
                 await c.put_block(d, "r")
+        bad = d[:-1] + bytes([d[-1] ^ 1])
         with pytest.raises(HashMismatch):
-            await call(holder, writer, fields, d[:-1] + bytes([d[-1] ^ 1]))
+            await call(holder, writer, fields, bad)
+        with pytest.raises(HashMismatch):  # verified and written from the receive buffer
+            await call(holder, writer, {**fields, "form_final": True}, bad)
         with pytest.raises(RemoteError) as info:
             await call(other, writer, fields, d)
         assert info.value.code == "wrong_node"
