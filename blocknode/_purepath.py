@@ -159,3 +159,12 @@ def queue_key_decode(key: Buffer) -> tuple[int, bytes]:
     if len(b) != 8 + HASH_LEN:
         raise CorruptEntry(f"invalid resync-queue key of {len(b)} bytes (want 40)")
     return (_U64.unpack_from(b)[0], b[8:])
+
+
+def new_buffer(size: int) -> bytearray:
+    """A bytearray of `size` bytes whose contents are unspecified (here: zeros; the
+    compiled twin does not fill it). The caller writes every byte before reading any."""
+    n = _index(size)
+    if n < 0:
+        raise ValueError("buffer size must not be negative")
+    return bytearray(n)

@@ -30,6 +30,7 @@ __all__ = [
     "rc_decode",
     "queue_key_encode",
     "queue_key_decode",
+    "new_buffer",
 ]
 
 
@@ -73,3 +74,4 @@ rc_encode = _impl.rc_encode
 rc_decode = _impl.rc_decode
 queue_key_encode = _impl.queue_key_encode
 queue_key_decode = _impl.queue_key_decode
+new_buffer = _impl.new_buffer

@@ -245,6 +245,18 @@ def test_same_public_surface(compiled: ModuleType) -> None:
     assert (pure.IMPLEMENTATION, compiled.IMPLEMENTATION) == ("pure", "compiled")
 
 
+def test_new_buffer_is_a_writable_bytearray_of_the_size(impl: ModuleType) -> None:
+    for n in (0, 1, 4096, 1 << 20):
+        buf = impl.new_buffer(n)
+        assert type(buf) is bytearray and len(buf) == n
+        buf[:] = b"\x5a" * n
+        assert buf == b"\x5a" * n
+    with pytest.raises(ValueError):
+        impl.new_buffer(-1)
+    with pytest.raises(TypeError):
+        impl.new_buffer(1.5)
+
+
 # ---------------------------------------------------------------- parity (hypothesis)
 
 
