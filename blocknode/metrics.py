@@ -73,6 +73,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    30.0)
 PUT_KINDS = frozenset({"client_put", "client_put_many", "client_put_direct"})
 GET_KINDS = frozenset({"client_get", "client_get_direct"})
+_MAX_CHILDREN = 4096
 OTHER_KIND = "other"  # the label of a kind no handler knows (never the raw string: cardinality)
 
 
@@ -118,37 +119,26 @@ class NodeMetrics:
             "blocknode_quorum_failures", "Requests that failed because too few nodes answered, "
             "by kind", ["kind"], registry=r)
         r.register(NodeCollector(node))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    @contextlib.contextmanager
     def request(self, *, from_node: bool, kind: str, known: bool,
-                data: bytes | None) -> Iterator[Callable[[bytes | None], None]]:
+                data: bytes | None) -> _RequestTimer:
         """Measure one request: ``with m.request(...) as replied: ...; replied(reply_data)``."""
         source = "node" if from_node else "client"
-        label = kind if known else OTHER_KIND
         if data:
-            self.received_bytes.labels(source).inc(len(data))
-        start = time.perf_counter()
+            self._child(self.received_bytes, source).inc(len(data))
+        return _RequestTimer(self, source, kind if known else OTHER_KIND, kind)
 
-        def replied(out: bytes | None) -> None:
-            if out:
-                self.sent_bytes.labels(source).inc(len(out))
-
-        try:
-            yield replied
-        except BaseException as exc:
-            outcome = outcome_of(exc)
-            if outcome == "quorum_failed":
-                self.quorum_failures.labels(label).inc()
-            self.requests.labels(source, label, outcome).inc()
-            raise
-        else:
-            self.requests.labels(source, label, "ok").inc()
-            elapsed = time.perf_counter() - start
-            self.request_seconds.labels(source, label).observe(elapsed)
-            if kind in PUT_KINDS:
-                self.put_seconds.observe(elapsed)
-            elif kind in GET_KINDS:
-                self.get_seconds.observe(elapsed)
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: prometheus_client's `labels()` costs ≈ 10 µs
+        (validation, a lock), and every request would call it three or four times."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= _MAX_CHILDREN:  # labels come from fixed sets; belt and braces
+                return metric.labels(*labels)
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def count_quorum_failures(self, kind: str, n: int) -> None:
         """Items of a batch request (`kind`) that failed for want of a quorum."""
@@ -158,6 +148,42 @@ class NodeMetrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of everything."""
         return generate_latest(self.registry)
+
+
+class _RequestTimer:
+    """The context of `NodeMetrics.request`: counts the outcome and the duration on exit;
+    calling it with the reply's data counts the bytes sent."""
+
+    __slots__ = ("m", "source", "label", "kind", "start")
+
+    def __init__(self, m: NodeMetrics, source: str, label: str, kind: str) -> None:
+        self.m, self.source, self.label, self.kind = m, source, label, kind
+        self.start = 0.0
+
+    def __enter__(self) -> Callable[[bytes | None], None]:
+        self.start = time.perf_counter()
+        return self
+
+    def __call__(self, out: bytes | None) -> None:
+        if out:
+            self.m._child(self.m.sent_bytes, self.source).inc(len(out))
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> None:
+        m, source, label = self.m, self.source, self.label
+        if exc is not None:
+            outcome = outcome_of(exc)
+            if outcome == "quorum_failed":
+                m._child(m.quorum_failures, label).inc()
+            m._child(m.requests, source, label, outcome).inc()
+            return
+        m._child(m.requests, source, label, "ok").inc()
+        elapsed = time.perf_counter() - self.start
+        m._child(m.request_seconds, source, label).observe(elapsed)
+        if self.kind in PUT_KINDS:
+            m.put_seconds.observe(elapsed)
+        elif self.kind in GET_KINDS:
+            m.get_seconds.observe(elapsed)
 
 
 def _g(name: str, doc: str, value: float | None = None, labels: list[str] | None = None
