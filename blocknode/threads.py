@@ -122,6 +122,28 @@ class ThreadPool:
                 raise
         self._jobs.put(job)
 
+    async def run_sync(self, fn: Callable[..., T], *args: Any,
+                       limiter: trio.CapacityLimiter | None = None) -> T:
+        """``fn(*args)`` on a pool thread, like ``await trio.to_thread.run_sync(fn, *args)``.
+
+        See the module docstring for the semantics (not abandoned on cancellation;
+        `limiter` bounds concurrency, Trio's default limiter when None).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if limiter is None:
+            limiter = trio.to_thread.current_default_thread_limiter()
+        borrower = object()
+        try:
+            limiter.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            await limiter.acquire_on_behalf_of(borrower)
+        try:
+            self.submit((contextvars.copy_context(), fn, args,
+                         trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()))
+            return await trio.lowlevel.wait_task_rescheduled(_abort_failed)  # type: ignore[no-any-return]
+        finally:
+            limiter.release_on_behalf_of(borrower)
+
     def _work(self) -> None:
         get = self._jobs.get
         timeout = self.idle_timeout
@@ -167,6 +189,10 @@ def _call(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
     return ret
 
 
+def _abort_failed(_raise_cancel: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
 _default_pool = ThreadPool()
 os.register_at_fork(after_in_child=_default_pool._reset_after_fork)
 
@@ -176,28 +202,5 @@ def default_pool() -> ThreadPool:
     return _default_pool
 
 
-def _abort_failed(_raise_cancel: Any) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.FAILED
-
-
-async def run_sync(fn: Callable[..., T], *args: Any,
-                   limiter: trio.CapacityLimiter | None = None) -> T:
-    """``fn(*args)`` on a pool thread, like ``await trio.to_thread.run_sync(fn, *args)``.
-
-    See the module docstring for the semantics (not abandoned on cancellation;
-    `limiter` bounds concurrency, Trio's default limiter when None).
-    """
-    await trio.lowlevel.checkpoint_if_cancelled()
-    if limiter is None:
-        limiter = trio.to_thread.current_default_thread_limiter()
-    borrower = object()
-    try:
-        limiter.acquire_on_behalf_of_nowait(borrower)
-    except trio.WouldBlock:
-        await limiter.acquire_on_behalf_of(borrower)
-    try:
-        _default_pool.submit((contextvars.copy_context(), fn, args,
-                              trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()))
-        return await trio.lowlevel.wait_task_rescheduled(_abort_failed)  # type: ignore[no-any-return]
-    finally:
-        limiter.release_on_behalf_of(borrower)
+run_sync = _default_pool.run_sync
+"""``await run_sync(fn, *args, limiter=None)``: `ThreadPool.run_sync` on the process-wide pool."""
