@@ -84,7 +84,7 @@ class _Store:
         return one
 
 
-async def _run(quick: bool, pairs: int, base: str) -> list[dict[str, Any]]:
+async def _run(quick: bool, pairs: int, base: str, only: str | None = None) -> list[dict[str, Any]]:
     n_noop = 5_000 if quick else 20_000
     n_hash = 300 if quick else 2_000
     n_put = 60 if quick else 300
@@ -106,6 +106,8 @@ async def _run(quick: bool, pairs: int, base: str) -> list[dict[str, Any]]:
         for st in stores.values():
             await nursery.start(st.meta.run_writer)
         for label, n, conc, make in cases:
+            if only and only not in label:
+                continue
             samples: dict[str, list[tuple[float, float]]] = {s: [] for s in SIDES}
             await _timed(min(n, 200), conc, make("lean pool"))  # warm up threads and caches
             await _timed(min(n, 200), conc, make("trio.to_thread"))
@@ -119,6 +121,7 @@ async def _run(quick: bool, pairs: int, base: str) -> list[dict[str, Any]]:
                     "wall_us": statistics.median(w for w, _ in got) / n * 1e6,
                     "cpu_us": statistics.median(c for _, c in got) / n * 1e6,
                     "cpu_us_all": [round(c / n * 1e6, 1) for _, c in got],
+                    "wall_us_all": [round(w / n * 1e6, 1) for w, _ in got],
                 })
         nursery.cancel_scope.cancel()
     return rows
@@ -130,7 +133,7 @@ def render(rows: list[dict[str, Any]], load: tuple[float, float, float]) -> str:
            "| case | ops × pairs | wall µs/op old / new | CPU µs/op old / new | wall new/old | CPU new/old |",
            "|---|--:|--:|--:|--:|--:|"]
     by = {(r["case"], r["side"]): r for r in rows}
-    for case in dict.fromkeys(r["case"] for r in rows):
+    for case in dict.fromkeys(r["case"] for r in rows):  # in run order
         a, b = by[(case, "trio.to_thread")], by[(case, "lean pool")]
         out.append(f"| {case} | {a['ops']} × {len(a['cpu_us_all'])} | {a['wall_us']:,.0f} / "
                    f"{b['wall_us']:,.0f} | {a['cpu_us']:,.0f} / {b['cpu_us']:,.0f} | "
@@ -144,13 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer ops per sample")
     ap.add_argument("--pairs", type=int, default=3, help="old/new pairs, alternating (default 3)")
     ap.add_argument("--dir", help="where the stores of the put cases go (default: a temp dir)")
+    ap.add_argument("--cases", help="only the cases whose name contains this (e.g. blake2b)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     if args.pairs < 1:
         ap.error(f"--pairs must be at least 1, not {args.pairs}")
     base = tempfile.mkdtemp(prefix="bn-threadhop-", dir=args.dir)
     try:
-        rows = trio.run(_run, args.quick, args.pairs, base)
+        rows = trio.run(_run, args.quick, args.pairs, base, args.cases)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     load = os.getloadavg()
