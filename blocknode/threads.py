@@ -1,6 +1,7 @@
 """A lean thread hop: `run_sync` runs a blocking call on a long-lived worker thread.
 
-`trio.to_thread.run_sync` costs ≈ 110 µs of CPU per call here: it looks for a
+`trio.to_thread.run_sync` costs ≈ 75–120 µs of CPU per call here (this pool:
+≈ 30–70 µs; `python -m bench.threadhop`): it looks for a
 cached thread (`ThreadCache.start_thread_soon`), renames the OS thread for every
 job, builds several closures, takes its limiter token in two checkpoints and
 reports back through nested outcomes. A node makes one to three such hops per
