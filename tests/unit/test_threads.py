@@ -242,3 +242,30 @@ def test_the_pool_does_not_keep_a_process_alive():
     done = subprocess.run([sys.executable, "-c", code], timeout=30, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()
     assert time.monotonic() - t0 < threads.IDLE_TIMEOUT_S  # did not wait for them to retire
+
+
+async def test_no_job_is_stranded_while_threads_start_retire_and_queue():
+    # Threads retire after 1 ms idle, so starting, retiring, promising and queueing race
+    # all the time; every job must still be taken and the pool stay within its bound.
+    pool = ThreadPool(3, idle_timeout=0.001, name="t-race")
+    limiter = trio.CapacityLimiter(16)
+    done, peak = [], [0]
+
+    def job(i):
+        peak[0] = max(peak[0], pool.threads)
+        if i % 7 == 0:
+            time.sleep(0.002)
+        return i
+
+    async def caller(k):
+        for i in range(k, 1600, 16):
+            done.append(await pool.run_sync(job, i, limiter=limiter))
+            if i % 5 == 0:
+                await trio.sleep(0.002)  # let threads go idle and retire meanwhile
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for k in range(16):
+                nursery.start_soon(caller, k)
+    assert sorted(done) == list(range(1600)) and 1 <= peak[0] <= 3
+    assert pool._backlog == 0 and pool._idle <= pool.threads <= 3
