@@ -152,7 +152,7 @@ class Rebalance(Worker):
             await self._save()
             return 0
         pos = self.st["position"]
-        hashes = await trio.to_thread.run_sync(
+        hashes = await self.ctx.run_sync(
             lambda: list(itertools.islice(self.files.walk_dir(current, pos), n)))
         group_start: float | None = None
         for h in hashes:
@@ -210,12 +210,12 @@ class Rebalance(Worker):
         queued = 0
         after: bytes | None = None
         while True:
-            hashes = await trio.to_thread.run_sync(
+            hashes = await self.ctx.run_sync(
                 lambda a=after: self.meta.referenced_hashes(a, REFETCH_BATCH, only_nonzero=True))
             if not hashes:
                 break
             after = hashes[-1]
-            missing = await trio.to_thread.run_sync(
+            missing = await self.ctx.run_sync(
                 lambda hs=hashes: [h for h in hs if not self.blocks.exists(h)])
             if missing:
                 await self.meta.resync_put_many(missing, 0)
