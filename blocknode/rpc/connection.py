@@ -177,7 +177,6 @@ class RpcConnection:
         self.close_reason: BaseException | None = None
         self.fault: Exception | None = None
         """What closed the connection if the peer broke the protocol or our code failed."""
-        self._rbuf = bytearray(_RECV_SIZE)
 
     @property
     def closed(self) -> bool:
@@ -292,13 +291,14 @@ class RpcConnection:
         if self._recv_scope is not None:
             self._recv_scope.deadline = self._read_deadline()
 
-    async def _receive_in_time(self) -> bytes | memoryview:
+    async def _receive_in_time(self) -> None:
         self._read_since = trio.current_time()  # time spent paused by budgets is not a stall
         while True:
             with trio.CancelScope(deadline=self._read_deadline()) as scope:
                 self._recv_scope = scope
                 try:
-                    return await self._receive()
+                    await self._receive()
+                    return
                 finally:
                     self._recv_scope = None
             if trio.current_time() >= self._read_deadline():
@@ -306,13 +306,20 @@ class RpcConnection:
                     raise _Expired(f"no data for a message in progress for {self._stall_timeout}s")
                 raise _Expired(f"idle for {self._idle_timeout}s")
 
-    async def _receive(self) -> bytes | memoryview:
+    async def _receive(self) -> None:
+        """Receive once into the session (the reader drained it first)."""
         stream = self.stream
+        session = self.session
         if isinstance(stream, trio.SocketStream):
-            # Fastest path measured here: recv_into one preallocated buffer.
-            n = await stream.socket.recv_into(self._rbuf)
-            return memoryview(self._rbuf)[:n]
-        return await stream.receive_some(_RECV_SIZE)
+            # Straight into the decoder's buffer: a large frame's own buffer, or the
+            # shared one for prefixes and small frames (no copy in user space).
+            n = await stream.socket.recv_into(session.get_buffer())
+            if n:
+                session.buffer_updated(n)
+            else:
+                session.eof_received()
+            return
+        session.receive_data(await stream.receive_some(_RECV_SIZE))
 
     async def _reader(self) -> None:
         session = self.session
@@ -336,12 +343,11 @@ class RpcConnection:
                 )
                 return
             try:
-                data = await self._receive_in_time()
+                await self._receive_in_time()
             except _Expired as exc:
                 self.close_reason = NodeUnreachable(f"closed the connection with {self._who}: {exc}")
                 log.info("%s", self.close_reason)
                 return
-            session.receive_data(data)
             self._touch()
 
     async def _writer(self) -> None:

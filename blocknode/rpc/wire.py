@@ -140,69 +140,196 @@ def pack_frame_prefix(length: int) -> bytes:
     return _U32.pack(length)
 
 
-class FrameDecoder:
-    """Splits a byte stream into length-prefixed frames.
+SHARED_BUFFER: Final = 64 * 1024
+"""Bytes of a `FrameDecoder`'s reusable buffer for prefixes and small frames."""
+SMALL_FRAME: Final = 16 * 1024
+"""Frames of at most this many body bytes are read in the shared buffer; a larger
+frame that is not complete when its prefix is parsed gets the frame buffer."""
+_AFTER_LARGE_READ: Final = SMALL_FRAME + 4
+"""After a large frame, the next read into the shared buffer takes at most this
+much: the next frame is likely large too, and what of it lands in the shared
+buffer is copied once into the frame buffer."""
 
-    `max_frame_size` is checked against the prefix before any of the body is
-    buffered, so a hostile ``0xFFFFFFFF`` prefix costs nothing. It may be changed
-    between frames (the handshake uses a small cap, the session a larger one).
+
+class FrameDecoder:
+    """Splits a byte stream into length-prefixed frames, receiving in place.
+
+    Two ways in: `receive_data(bytes)` copies bytes in (any stream, tests), or,
+    like asyncio's ``BufferedProtocol``, `get_buffer()` gives the writable view
+    the next bytes belong in (``sock.recv_into(view)``) and `buffer_updated(n)`
+    says how many arrived. Call `next_frame()` until `NEED_DATA` before each
+    `get_buffer()`: then a large frame (body above `SMALL_FRAME`) is read
+    straight into a frame buffer of its exact size, and prefixes and small
+    frames land in one reusable buffer of `SHARED_BUFFER` bytes read with an
+    offset (no per-frame allocation or memmove; the incomplete tail, at most one
+    small frame, moves to the front when the end is near).
+
+    `next_frame()` returns a **view valid until the next `get_buffer`,
+    `receive_data` or `next_frame` call** (its bytes may be overwritten after
+    that): decrypt or copy it at once.
+
+    `max_frame_size` is checked against the prefix before anything of that
+    size is allocated, so a hostile ``0xFFFFFFFF`` prefix costs nothing. It may
+    be changed between frames (the handshake uses a small cap, the session a
+    larger one). Memory: the shared buffer plus one frame buffer of at most
+    `max_frame_size` bytes (allocated at the first large frame, reused for the
+    following ones, grown only for a larger frame). Only bytes given to
+    `receive_data` while complete frames are left unread can grow the shared
+    buffer beyond `SHARED_BUFFER` (the caller holds those bytes either way).
     """
 
     def __init__(self, max_frame_size: int) -> None:
         self.max_frame_size = max_frame_size
-        self._buf = bytearray()
-        self._need: int | None = None  # body length of the frame being read
+        self._sbuf = bytearray(SHARED_BUFFER)
+        self._rpos = 0  # first byte in the shared buffer not yet returned in a frame
+        self._wpos = 0  # end of the received bytes in the shared buffer
+        self._need: int | None = None  # body length of the frame at _rpos (prefix consumed)
+        self._fbuf: bytearray | None = None  # the frame buffer (large frames)
+        self._ffill = -1  # bytes of the current large frame received; -1: none in progress
+        self._after_large = False
         self._eof = False
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet returned as frames."""
-        return len(self._buf)
+        """Bytes received but not yet returned as frames (prefixes not yet parsed included)."""
+        return (self._wpos - self._rpos) + max(self._ffill, 0)
+
+    # -- bytes in ------------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """The writable view the next received bytes go into (never empty).
+
+        During a large frame: the rest of that frame's own buffer, exactly (so
+        the following prefix lands in the shared buffer). Otherwise free room
+        in the shared buffer.
+        """
+        if self._eof:
+            raise LocalProtocolError("data received after end of stream")
+        if self._ffill >= 0 and self._need is not None and self._ffill < self._need:
+            assert self._fbuf is not None
+            return memoryview(self._fbuf)[self._ffill : self._need]
+        buf = self._sbuf
+        r, w = self._rpos, self._wpos
+        if r == w:
+            self._rpos = self._wpos = r = w = 0
+        elif len(buf) - w < _AFTER_LARGE_READ:
+            # The tail (normally at most one incomplete small frame) moves to the front.
+            tail = w - r
+            if tail <= r:
+                buf[:tail] = memoryview(buf)[r:w]  # no overlap
+            else:
+                buf[:tail] = buf[r:w]  # overlapping: through a copy
+            self._rpos, self._wpos, r, w = 0, tail, 0, tail
+            if len(buf) - w < _AFTER_LARGE_READ:  # complete frames left unread: grow
+                grown = bytearray(max(2 * len(buf), tail + SHARED_BUFFER))
+                grown[:tail] = memoryview(buf)[:tail]
+                self._sbuf = buf = grown
+        end = len(buf)
+        if self._after_large and self._need is None and r == w:
+            end = min(end, w + _AFTER_LARGE_READ)
+        return memoryview(buf)[w:end]
+
+    def buffer_updated(self, n: int) -> None:
+        """`n` bytes were written at the start of the last `get_buffer()` view."""
+        if n <= 0:
+            raise LocalProtocolError(f"buffer_updated({n}): use eof_received() for end of stream")
+        if self._ffill >= 0 and self._need is not None and self._ffill < self._need:
+            if self._ffill + n > self._need:
+                raise LocalProtocolError("buffer_updated beyond the view given")
+            self._ffill += n
+            return
+        if self._wpos + n > len(self._sbuf):
+            raise LocalProtocolError("buffer_updated beyond the view given")
+        self._wpos += n
+
+    def eof_received(self) -> None:
+        """The peer closed its side."""
+        self._eof = True
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes from the peer; ``b""`` means end of stream."""
+        """Add bytes from the peer (copied in); ``b""`` means end of stream."""
         if not data:
             self._eof = True
             return
         if self._eof:
             raise LocalProtocolError("data received after end of stream")
-        self._buf += data
+        src = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        pos, size = 0, len(src)
+        while pos < size:
+            target = self.get_buffer()
+            k = min(len(target), size - pos)
+            target[:k] = src[pos : pos + k]
+            self.buffer_updated(k)
+            pos += k
+            self._prepare(strict=False)
 
-    def next_frame(self) -> bytes | _NeedData:
-        """The next complete frame body, or `NEED_DATA`.
+    # -- frames out ----------------------------------------------------------------
+
+    def _prepare(self, *, strict: bool) -> bool:
+        """Parse the next prefix if it is due; move a large incomplete frame to the frame buffer.
+
+        True when a frame is complete. With ``strict=False`` an oversized prefix
+        is left for `next_frame` to refuse.
+        """
+        if self._ffill >= 0:
+            assert self._need is not None
+            return self._ffill >= self._need
+        r, w = self._rpos, self._wpos
+        if self._need is None:
+            if w - r < 4:
+                return False
+            (n,) = _U32.unpack_from(self._sbuf, r)
+            if n > self.max_frame_size:
+                if strict:
+                    raise RemoteProtocolError(
+                        f"frame of {n} bytes exceeds the limit of {self.max_frame_size} bytes"
+                    )
+                return False
+            r = self._rpos = r + 4
+            self._need = n
+        n = self._need
+        have = w - r
+        if have >= n:
+            return True
+        if n > SMALL_FRAME:  # its own buffer: the rest is received straight into it
+            fbuf = self._fbuf
+            if fbuf is None or len(fbuf) < n:
+                self._fbuf = fbuf = bytearray(n)
+            fbuf[:have] = memoryview(self._sbuf)[r:w]
+            self._ffill = have
+            self._rpos = self._wpos = 0
+        return False
+
+    def next_frame(self) -> memoryview | _NeedData:
+        """The next complete frame body (a view, see the class docstring), or `NEED_DATA`.
 
         Raises `RemoteProtocolError` for an oversized length prefix, and
         `StreamTruncated` for a stream that ended in the middle of a frame.
         """
-        buf = self._buf
-        if self._need is None:
-            if len(buf) < 4:
-                return self._need_more()
-            (n,) = _U32.unpack_from(buf)
-            if n > self.max_frame_size:
-                raise RemoteProtocolError(
-                    f"frame of {n} bytes exceeds the limit of {self.max_frame_size} bytes"
-                )
-            del buf[:4]
-            self._need = n
-        n = self._need
-        if len(buf) < n:
+        if not self._prepare(strict=True):
             return self._need_more()
-        with memoryview(buf) as view:  # one copy (a bytearray slice would copy twice)
-            frame = view[:n].tobytes()
-        del buf[:n]
+        n = self._need
+        assert n is not None
         self._need = None
-        return frame
+        if self._ffill >= 0:
+            assert self._fbuf is not None
+            self._ffill = -1
+            self._after_large = True
+            return memoryview(self._fbuf)[:n]
+        r = self._rpos
+        self._rpos = r + n
+        self._after_large = n > SMALL_FRAME
+        return memoryview(self._sbuf)[r : r + n]
 
     def _need_more(self) -> _NeedData:
-        if self._eof and (self._buf or self._need is not None):
+        if self._eof and not self.at_eof:
             raise StreamTruncated("stream ended in the middle of a frame")
         return NEED_DATA
 
     @property
     def at_eof(self) -> bool:
         """True once the stream has ended and every complete frame was returned."""
-        return self._eof and not self._buf and self._need is None
+        return self._eof and self._rpos == self._wpos and self._need is None and self._ffill < 0
 
 
 @dataclass(slots=True)

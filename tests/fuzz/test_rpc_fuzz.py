@@ -59,7 +59,7 @@ def drain_frames(data_pieces: list[bytes], cap: int) -> tuple[list[bytes], str |
         for piece in data_pieces:
             dec.receive_data(piece)
             while (f := dec.next_frame()) is not NEED_DATA:
-                frames.append(f)  # type: ignore[arg-type]
+                frames.append(bytes(f))  # type: ignore[arg-type]  # a view: copy at once
     except RemoteProtocolError as exc:
         return frames, str(exc)
     return frames, None

@@ -33,7 +33,7 @@ from blocknode.rpc.wire import (
 def frames_of(decoder: FrameDecoder) -> list[bytes]:
     out = []
     while (f := decoder.next_frame()) is not NEED_DATA:
-        out.append(f)
+        out.append(bytes(f))  # a view, valid until the next receive: copy at once
     return out
 
 
