@@ -73,6 +73,127 @@ def test_oversized_prefix_refused_before_body() -> None:
     assert dec.buffered == 4
 
 
+def recv_into_decoder(dec: FrameDecoder, stream: bytes, sizes: list[int]) -> list[bytes]:
+    """Feed `stream` like ``sock.recv_into(dec.get_buffer())`` returning `sizes` bytes at most."""
+    got: list[bytes] = []
+    pos, i = 0, 0
+    while pos < len(stream):
+        target = dec.get_buffer()
+        assert len(target) > 0 and not target.readonly
+        k = min(len(target), sizes[i % len(sizes)], len(stream) - pos)
+        target[:k] = stream[pos : pos + k]
+        dec.buffer_updated(k)
+        pos += k
+        i += 1
+        got += frames_of(dec)
+    return got
+
+
+def test_received_in_place_the_frames_are_those_of_receive_data() -> None:
+    from blocknode.rpc.wire import SMALL_FRAME
+
+    rng = random.Random(3)
+    sizes = [0, 1, 3, 4, 5, SMALL_FRAME - 1, SMALL_FRAME, SMALL_FRAME + 1, 70_000, 300_000]
+    bodies = [os.urandom(rng.choice(sizes)) for _ in range(60)]
+    stream = b"".join(pack_frame_prefix(len(b)) + b for b in bodies)
+    whole = FrameDecoder(400_000)
+    whole.receive_data(stream)
+    assert frames_of(whole) == bodies
+    for reads in ([1], [7, 4096, 3], [65536], [262144], [1 << 20]):
+        dec = FrameDecoder(400_000)
+        assert recv_into_decoder(dec, stream, reads) == bodies
+        assert dec.buffered == 0 and dec.next_frame() is NEED_DATA
+        dec.eof_received()
+        assert dec.at_eof
+
+
+def test_a_large_frame_is_received_straight_into_its_own_buffer() -> None:
+    from blocknode.rpc.wire import SHARED_BUFFER, SMALL_FRAME
+
+    dec = FrameDecoder(1 << 20)
+    body = os.urandom(300_000)
+    stream = pack_frame_prefix(len(body)) + body + pack_frame_prefix(3) + b"abc"
+    first = dec.get_buffer()
+    assert len(first) <= SHARED_BUFFER
+    first[:1000] = stream[:1000]
+    dec.buffer_updated(1000)
+    assert dec.next_frame() is NEED_DATA  # the prefix is parsed: the frame has its buffer
+    rest = dec.get_buffer()
+    assert len(rest) == len(body) - 996  # exactly the rest of the frame, never beyond it
+    frame_buffer = rest.obj
+    assert isinstance(frame_buffer, bytearray) and len(frame_buffer) == len(body)
+    rest[:] = stream[1000 : 4 + len(body)]
+    dec.buffer_updated(len(rest))
+    frame = dec.next_frame()
+    assert isinstance(frame, memoryview) and frame.obj is frame_buffer and frame == body
+    del frame
+    # the next prefix lands in the shared buffer; after a large frame, that read is short
+    after = dec.get_buffer()
+    assert after.obj is not frame_buffer and len(after) <= SMALL_FRAME + 4
+    after[:7] = stream[4 + len(body) :]
+    dec.buffer_updated(7)
+    small = dec.next_frame()
+    assert isinstance(small, memoryview) and small == b"abc" and small.obj is after.obj
+    # the frame buffer is reused by the next large frame of at most its size
+    dec.receive_data(pack_frame_prefix(len(body) - 5) + body[:100])
+    assert dec.next_frame() is NEED_DATA
+    assert dec.get_buffer().obj is frame_buffer
+
+
+def test_small_frames_share_one_buffer_that_does_not_grow() -> None:
+    from blocknode.rpc.wire import SHARED_BUFFER
+
+    dec = FrameDecoder(1 << 20)
+    bodies = [os.urandom(random.Random(i).randint(0, 5000)) for i in range(500)]
+    stream = b"".join(pack_frame_prefix(len(b)) + b for b in bodies)
+    owners = set()
+    got = []
+    pos = 0
+    while pos < len(stream):
+        target = dec.get_buffer()
+        k = min(len(target), 9000, len(stream) - pos)
+        target[:k] = stream[pos : pos + k]
+        dec.buffer_updated(k)
+        pos += k
+        while (f := dec.next_frame()) is not NEED_DATA:
+            assert isinstance(f, memoryview)
+            owners.add(id(f.obj))
+            got.append(bytes(f))
+    assert got == bodies
+    assert len(owners) == 1 and len(dec._sbuf) == SHARED_BUFFER and dec._fbuf is None
+
+
+def test_oversized_prefix_received_in_place_allocates_nothing() -> None:
+    import tracemalloc
+
+    dec = FrameDecoder(1 << 20)
+    target = dec.get_buffer()
+    target[:4] = pack_frame_prefix((1 << 20) + 1)
+    dec.buffer_updated(4)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="exceeds the limit"):
+            dec.next_frame()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024 and dec._fbuf is None and dec.buffered == 4
+
+
+def test_eof_in_the_middle_of_a_large_frame_is_truncation() -> None:
+    dec = FrameDecoder(1 << 20)
+    dec.receive_data(pack_frame_prefix(100_000) + bytes(50_000))
+    assert dec.next_frame() is NEED_DATA
+    dec.eof_received()
+    assert not dec.at_eof
+    with pytest.raises(ProtocolError, match="middle of a frame"):
+        dec.next_frame()
+    with pytest.raises(ProtocolError, match="after end of stream"):
+        dec.get_buffer()
+    with pytest.raises(ProtocolError, match="eof_received"):
+        FrameDecoder(10).buffer_updated(0)
+
+
 def test_eof_mid_frame_is_protocol_error() -> None:
     dec = FrameDecoder(1024)
     dec.receive_data(pack_frame_prefix(10) + b"abc")
