@@ -578,14 +578,13 @@ PARTIAL_ENTRY_COST: Final = 256
 class _Partial:
     """One incoming message of several chunks, being reassembled."""
 
-    __slots__ = ("key", "total", "buf", "parts", "held", "refused", "received", "admitted",
+    __slots__ = ("key", "total", "buf", "held", "refused", "received", "admitted",
                  "last_progress", "owner")
 
     def __init__(self, key: tuple[bool, int], total: int, owner: MessageAssembler) -> None:
         self.key = key
         self.total = total
-        self.buf: bytearray | None = None  # the whole message, once half of it arrived
-        self.parts: list[bytearray] = []  # before that, each chunk's bytes
+        self.buf: bytearray | None = None  # the whole message (None: refused or dropped)
         self.held = 0  # bytes allocated for it
         self.refused = False  # its chunks are read and discarded; answer busy
         self.received = 0
@@ -599,8 +598,9 @@ class ReceiveBudget:
 
     A message of several chunks is admitted at its first chunk when its
     declared size (plus `PARTIAL_ENTRY_COST`) fits in what the admitted
-    messages still in progress leave of `max_bytes`; its buffer then grows as
-    its chunks arrive (nothing is allocated ahead of the data). When it does
+    messages still in progress leave of `max_bytes`; only then is its buffer
+    (of the declared size) allocated, so the bytes allocated for incomplete
+    messages are at most what this budget admitted. When it does
     not fit, messages that made no progress for `stale_after` seconds (a
     sender that stopped half-way) are dropped to make room, oldest first. A
     message that still does not fit is refused: its chunks are read and
@@ -664,15 +664,23 @@ class ReceiveBudget:
             self.dropped += 1
 
 
-
-
 class MessageAssembler:
-    """Reassembles chunks into messages; a buffer grows as its chunks arrive.
+    """Reassembles chunks into messages, each decrypted straight into its one buffer.
 
-    Until half of a message has arrived each chunk has its own buffer; then the
-    message gets its one buffer (and the chunks so far are copied in): never
-    more than twice the bytes received is allocated, never the declared total
-    up front, so a sender pays for what it makes the node hold.
+    A message of several chunks gets its whole buffer (its declared total) at
+    its first chunk, and every chunk is decrypted in place: no chunk is
+    copied. That allocation is bounded before it is made: the declared total
+    is at most `max_message_size`; it counts against this connection's
+    `max_partial_bytes` at once (over it: `RemoteProtocolError`); and with a
+    `budget` only an admitted message gets a buffer (a refused one is read
+    into a scratch chunk and dropped), so the bytes allocated for incomplete
+    messages never exceed what the node-wide `ReceiveBudget` admitted. A
+    sender that stops half-way holds its buffer until it is dropped as stale
+    by the budget or the connection closes at its stall timeout. (Earlier the
+    buffer grew as chunks arrived, so a stalled sender held at most twice
+    what it sent; but the budget already reserved the declared total, so that
+    saved no admission, only memory the budget had reserved anyway, for one
+    extra copy of the first half of every message.)
 
     Use: ``target = asm.begin_chunk(header, body_len)`` gives the writable view
     where the chunk's plaintext belongs (the caller decrypts into it, or copies
@@ -682,7 +690,7 @@ class MessageAssembler:
     `ReceiveBudget`): it must be answered ``busy``.
 
     Limits: a message's declared total above `max_message_size`, a chunk
-    overrunning its message, more than `max_partial_bytes` received in this
+    overrunning its message, more than `max_partial_bytes` declared by this
     connection's incomplete messages, inconsistent flags — all `RemoteProtocolError`.
     """
 
@@ -743,9 +751,16 @@ class MessageAssembler:
                 p.buf = bytearray(total)
                 self._pending = (p, total, True)
                 return memoryview(p.buf)
+            cost = total + PARTIAL_ENTRY_COST * (len(self._partial) + 1)
+            if self._partial_bytes + cost > self.max_partial_bytes:
+                raise RemoteProtocolError("too many bytes buffered in incomplete messages")
             p = _Partial(key, total, self)
             if self.budget is not None and not self.budget.admit(p):
                 p.refused = True
+            else:  # checked above, admitted: the one buffer, every chunk decrypted into it
+                p.buf = bytearray(total)
+                p.held = total
+                self._partial_bytes += total
             self._partial[key] = p
         else:
             found = self._partial.get(key)
@@ -763,27 +778,8 @@ class MessageAssembler:
             if self._scratch is None:
                 self._scratch = bytearray(self.chunk_size)
             return memoryview(self._scratch)[:body_len]
-        if p.buf is not None:
-            return memoryview(p.buf)[start:end]
-        # Until half of the message has arrived, each chunk has its own buffer; then
-        # the whole message gets one: never more than twice what arrived is allocated.
-        grow = p.total - p.held if 2 * end >= p.total else body_len
-        if self._partial_bytes + grow + PARTIAL_ENTRY_COST * len(self._partial) > self.max_partial_bytes:
-            raise RemoteProtocolError("too many bytes buffered in incomplete messages")
-        self._partial_bytes += grow
-        p.held += grow
-        if 2 * end < p.total:
-            part = bytearray(body_len)
-            p.parts.append(part)
-            return memoryview(part)
-        p.buf = bytearray(p.total)
-        view = memoryview(p.buf)
-        pos = 0
-        for part in p.parts:
-            view[pos:pos + len(part)] = part
-            pos += len(part)
-        p.parts = []
-        return view[start:end]
+        assert p.buf is not None
+        return memoryview(p.buf)[start:end]
 
     def end_chunk(self) -> tuple[bool, int, bytearray | None] | None:
         """Commit the chunk begun last; a complete message's body, else None.
@@ -816,7 +812,6 @@ class MessageAssembler:
         self._release(p)
         p.refused = True
         p.buf = None
-        p.parts = []
 
     def _release(self, p: _Partial) -> None:
         self._partial_bytes -= p.held

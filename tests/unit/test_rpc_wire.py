@@ -337,25 +337,52 @@ def test_the_largest_batch_reply_always_fits_in_a_head() -> None:
     assert fit_texts(["short", None]) == ["short", None]
 
 
-def test_partial_messages_allocate_as_data_arrives() -> None:
-    # Issue 9 B.5: the first chunk of a message declaring 8 MiB allocated 8 MiB at once.
+def test_a_message_gets_its_one_buffer_at_its_first_chunk_within_every_bound() -> None:
+    # Issue 15: every chunk is decrypted straight into the message's one buffer (no copy
+    # of the first chunks); the allocation is checked against the connection's
+    # max_partial_bytes and the node's ReceiveBudget before it is made.
     import tracemalloc
 
-    from blocknode.rpc.wire import FLAG_FIRST
+    from blocknode.rpc.wire import FLAG_FIRST, FLAG_LAST, PARTIAL_ENTRY_COST, ReceiveBudget
 
-    asm = MessageAssembler(max_message_size=8 * 1024 * 1024)
+    mib = 1024 * 1024
+    asm = MessageAssembler(max_message_size=mib, chunk_size=mib, max_partial_bytes=2 * mib + 2 * PARTIAL_ENTRY_COST)
+    owners = set()
+    for i, (flags, n) in enumerate([(FLAG_FIRST, 1000), (0, mib // 2), (FLAG_LAST, mib // 2 - 1000)]):
+        target = asm.begin_chunk(flags, 1, mib, n)
+        owners.add(id(target.obj))
+        target[:] = bytes([i]) * n
+        done = asm.end_chunk()
+        if i == 0:
+            assert asm.partial_bytes == mib  # the whole buffer, at the first chunk
+    assert done is not None and len(owners) == 1 and id(done[2]) in owners
+    assert done[2] == b"\x00" * 1000 + b"\x01" * (mib // 2) + b"\x02" * (mib // 2 - 1000)
+    assert asm.partial_bytes == 0
+
     tracemalloc.start()
     try:
-        for sid in range(1, 5):
-            target = asm.begin_chunk(FLAG_FIRST, sid, 8 * 1024 * 1024, 100)
-            target[:] = b"x" * 100
-            del target
-            assert asm.end_chunk() is None
+        for sid in (2, 3):
+            asm.begin_chunk(FLAG_FIRST, sid, mib, 100)[:] = bytes(100)
+            asm.end_chunk()
+        with pytest.raises(ProtocolError, match="incomplete messages"):
+            asm.begin_chunk(FLAG_FIRST, 4, 1000, 100)  # over max_partial_bytes: refused first
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert asm.partial_bytes == 400 and asm.partial_count == 4
-    assert peak < 256 * 1024
+    assert asm.partial_bytes == 2 * mib and peak < 2 * mib + 256 * 1024
+
+    budget = ReceiveBudget(mib + PARTIAL_ENTRY_COST)
+    b = MessageAssembler(max_message_size=8 * mib, budget=budget)
+    tracemalloc.start()
+    try:
+        target = b.begin_chunk(FLAG_FIRST, 1, 8 * mib, 100)  # refused by the budget
+        target[:] = bytes(100)
+        del target
+        assert b.end_chunk() is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert budget.refused == 1 and b.partial_bytes == 0 and peak < 512 * 1024
 
 
 def test_receive_budget_refuses_then_drops_stalled_messages() -> None:
