@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import trio
 
@@ -511,6 +511,7 @@ class RpcConnection:
             if sid not in self._waiters:
                 return sid
 
+    @overload
     async def call(
         self,
         kind: str,
@@ -519,8 +520,37 @@ class RpcConnection:
         *,
         priority: int = PRIO_NORMAL,
         timeout: float | None = None,
-    ) -> tuple[dict[str, Any], bytes | None]:
+        view: Literal[False] = False,
+    ) -> tuple[dict[str, Any], bytes | None]: ...
+
+    @overload
+    async def call(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        data: bytes | bytearray | memoryview | None = None,
+        *,
+        priority: int = PRIO_NORMAL,
+        timeout: float | None = None,
+        view: Literal[True],
+    ) -> tuple[dict[str, Any], memoryview | None]: ...
+
+    async def call(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        data: bytes | bytearray | memoryview | None = None,
+        *,
+        priority: int = PRIO_NORMAL,
+        timeout: float | None = None,
+        view: bool = False,
+    ) -> tuple[dict[str, Any], bytes | memoryview | None]:
         """Send a request and wait for its answer.
+
+        The reply's data comes back as `bytes` (a copy); with ``view=True`` as
+        a writable `memoryview` of the buffer the reply was reassembled in
+        (decrypted straight into it, no copy): that buffer belongs to the
+        caller alone from then on.
 
         With `timeout`, raises `RpcTimeout` after that many seconds; without,
         there is no deadline (wrap it). Raises `NodeUnreachable` if the
@@ -529,9 +559,9 @@ class RpcConnection:
         msgpack-able.
         """
         if timeout is None:
-            return await self._call(kind, fields, data, priority)
+            return await self._call(kind, fields, data, priority, view)
         with trio.move_on_after(timeout):
-            return await self._call(kind, fields, data, priority)
+            return await self._call(kind, fields, data, priority, view)
         where = f" at {self.addr}" if self.addr else ""
         raise RpcTimeout(f"node {self.peer_id}{where} did not answer {kind!r} within {timeout}s")
 
@@ -541,7 +571,8 @@ class RpcConnection:
         fields: dict[str, Any],
         data: bytes | bytearray | memoryview | None,
         priority: int,
-    ) -> tuple[dict[str, Any], bytes | None]:
+        view: bool = False,
+    ) -> tuple[dict[str, Any], bytes | memoryview | None]:
         if self._closed:
             raise NodeUnreachable(f"connection to {self.peer_id} is closed: {self.close_reason}")
         head = encode_head(MSG_REQUEST, kind, fields, data is not None, priority)
@@ -565,7 +596,12 @@ class RpcConnection:
             )
         if reply.type == MSG_ERROR:
             raise remote_error(self.peer_id, reply.fields)
-        return reply.fields, bytes(reply.data) if reply.data is not None else None
+        out = reply.data
+        if out is None:
+            return reply.fields, None
+        if view:  # the reassembly buffer's view: nothing else refers to it
+            return reply.fields, out if isinstance(out, memoryview) else memoryview(out)
+        return reply.fields, bytes(out)
 
     async def ping(self) -> float:
         """Round-trip time of a high-priority ping, in seconds (no deadline: wrap it)."""
