@@ -85,7 +85,7 @@ def _sansio(n: int) -> dict[str, float]:
                 target[:k] = src[pos : pos + k]  # the kernel's copy, into the decoder's buffer
                 receiver.buffer_updated(k)
             pos += k
-            while (m := receiver.next_message()) is not NEED_DATA:
+            while receiver.next_message() is not NEED_DATA:
                 got += 1
         cpu = time.process_time() - t
         assert got == n
