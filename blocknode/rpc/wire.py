@@ -449,12 +449,17 @@ class OutgoingMessage:
         start = self.offset
         end = min(self.total, start + chunk_size)
         hl = len(self.head)
+        if start < hl < end and self.total > chunk_size:
+            # A message of several chunks: its head goes alone, so that every data chunk
+            # is a view of the data (no concatenated copy; the chunk count is the same
+            # or one more). A one-chunk message keeps head and data together.
+            end = hl
         if end <= hl:
             body: bytes | memoryview = self.head[start:end]
         elif start >= hl:
             assert self.data is not None
             body = self.data[start - hl : end - hl]
-        else:  # spans head and data: only the first chunk, at most chunk_size bytes
+        else:  # spans head and data: only a one-chunk message
             assert self.data is not None
             body = self.head[start:] + self.data[: end - hl]
         self.offset = end

@@ -433,3 +433,19 @@ def test_scheduler_keeps_few_big_messages_in_progress_per_class() -> None:
         assert len(in_progress) <= 2
     assert order.index(9) <= 2  # the small one went out within the first round
     assert set(order) == {1, 2, 3, 9} and len(sched) == 0
+
+
+def test_a_big_message_sends_its_head_alone_and_its_data_as_views() -> None:
+    data = bytearray(os.urandom(CHUNK_SIZE * 4))
+    head = encode_head(MSG_REQUEST, "put", {"h": b"x" * 32}, True)
+    msg = OutgoingMessage(1, False, head, memoryview(data))
+    bodies = []
+    while not msg.finished:
+        _, body = msg.next_chunk()
+        bodies.append(body)
+    assert bytes(bodies[0]) == head and len(bodies) == 5  # as many chunks as head + data cut at CHUNK_SIZE
+    assert all(isinstance(b, memoryview) and b.obj is data and len(b) == CHUNK_SIZE for b in bodies[1:])
+    assert b"".join(bytes(b) for b in bodies) == head + data
+    small = OutgoingMessage(2, False, head, memoryview(b"abc"))  # one chunk: head and data together
+    _, body = small.next_chunk()
+    assert bytes(body) == head + b"abc" and small.finished
