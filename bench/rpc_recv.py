@@ -11,7 +11,7 @@ machine costs wall time, not these figures):
    `receive_data` (the old path, which the decoder then copies again), *in
    place* receives into `get_buffer()` (the decoder's own buffers).
 2. **loopback calls**: CPU per round trip of a 1 MiB get (small request, 1 MiB
-   reply) and a 1 MiB put (1 MiB request, small reply) between two
+   reply), a 1 MiB put (1 MiB request, small reply) and a 4 KiB get between two
    `RpcConnection`s over a socket pair (both ends in this process, so both
    ends' CPU is counted). The get takes the reply as a view where the code
    offers ``call(..., view=True)``.
@@ -102,9 +102,12 @@ async def _loopback(n: int) -> dict[str, float]:
     from blocknode.rpc.session import Session
 
     data = os.urandom(MiB)
+    small = os.urandom(4096)
 
     async def handler(peer: Any, kind: str, fields: dict, payload: Any) -> tuple[dict, Any]:
-        return ({}, data) if kind == "get" else ({}, None)
+        if kind == "put" and len(payload) != MiB and payload != b"warm-up":
+            raise AssertionError("the put's payload did not arrive whole")
+        return {}, {"get": data, "get4k": small}.get(kind)
 
     handler.takes_views = True  # type: ignore[attr-defined]  # the put's payload is not copied
     ka, kb = _keys()
@@ -118,14 +121,16 @@ async def _loopback(n: int) -> dict[str, float]:
         nursery.start_soon(a.run)
         nursery.start_soon(b.run)
         await a.call("put", {}, b"warm-up")
-        for kind, payload, kw in (("get", None, get_kw), ("put", data, {})):
+        for kind, payload, kw in (("get", None, get_kw), ("put", data, {}), ("get4k", None, get_kw)):
+            calls = n if kind != "get4k" else 10 * n
             t = time.process_time()
-            for _ in range(n):
+            for _ in range(calls):
                 _, reply = await a.call(kind, {}, payload, **kw)
-                if kind == "get":
-                    assert len(reply) == MiB
+                if kind != "put":
+                    assert len(reply) == len(data if kind == "get" else small)
             cpu = time.process_time() - t
-            out[f"loopback 1 MiB {kind}, both ends (ms CPU per call)"] = 1000 * cpu / n
+            what = f"1 MiB {kind}" if kind != "get4k" else "4 KiB get"
+            out[f"loopback {what}, both ends (ms CPU per call)"] = 1000 * cpu / calls
         nursery.cancel_scope.cancel()
     return out
 
