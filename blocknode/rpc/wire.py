@@ -40,6 +40,7 @@ from typing import Any, Final
 import msgpack
 
 from blocknode.errors import LocalProtocolError, RemoteProtocolError, StreamTruncated
+from blocknode.fastpath import new_buffer
 from blocknode.protocol import DEFAULT_BLOCK_SIZE, HEAD_MAX, MAX_BATCH_ROWS, max_message_size
 
 __all__ = [
@@ -180,7 +181,7 @@ class FrameDecoder:
 
     def __init__(self, max_frame_size: int) -> None:
         self.max_frame_size = max_frame_size
-        self._sbuf = bytearray(SHARED_BUFFER)
+        self._sbuf = new_buffer(SHARED_BUFFER)  # not zero-filled: read only where received
         self._rpos = 0  # first byte in the shared buffer not yet returned in a frame
         self._wpos = 0  # end of the received bytes in the shared buffer
         self._need: int | None = None  # body length of the frame at _rpos (prefix consumed)
@@ -221,7 +222,7 @@ class FrameDecoder:
                 buf[:tail] = buf[r:w]  # overlapping: through a copy
             self._rpos, self._wpos, r, w = 0, tail, 0, tail
             if len(buf) - w < _AFTER_LARGE_READ:  # complete frames left unread: grow
-                grown = bytearray(max(2 * len(buf), tail + SHARED_BUFFER))
+                grown = new_buffer(max(2 * len(buf), tail + SHARED_BUFFER))
                 grown[:tail] = memoryview(buf)[:tail]
                 self._sbuf = buf = grown
         end = len(buf)
@@ -294,7 +295,7 @@ class FrameDecoder:
         if n > SMALL_FRAME:  # its own buffer: the rest is received straight into it
             fbuf = self._fbuf
             if fbuf is None or len(fbuf) < n:
-                self._fbuf = fbuf = bytearray(n)
+                self._fbuf = fbuf = new_buffer(n)
             fbuf[:have] = memoryview(self._sbuf)[r:w]
             self._ffill = have
             self._rpos = self._wpos = 0
@@ -753,7 +754,7 @@ class MessageAssembler:
                 if body_len != total:
                     raise RemoteProtocolError(f"chunk overruns or truncates stream {sid}")
                 p = _Partial(key, total, self)
-                p.buf = bytearray(total)
+                p.buf = new_buffer(total)  # not zero-filled: the chunk fills every byte
                 self._pending = (p, total, True)
                 return memoryview(p.buf)
             cost = total + PARTIAL_ENTRY_COST * (len(self._partial) + 1)
@@ -763,7 +764,9 @@ class MessageAssembler:
             if self.budget is not None and not self.budget.admit(p):
                 p.refused = True
             else:  # checked above, admitted: the one buffer, every chunk decrypted into it
-                p.buf = bytearray(total)
+                # Not zero-filled: a message is complete, and only then returned, once its
+                # chunks, contiguous from 0, have covered every byte.
+                p.buf = new_buffer(total)
                 p.held = total
                 self._partial_bytes += total
             self._partial[key] = p
