@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import trio
 
@@ -177,7 +177,6 @@ class RpcConnection:
         self.close_reason: BaseException | None = None
         self.fault: Exception | None = None
         """What closed the connection if the peer broke the protocol or our code failed."""
-        self._rbuf = bytearray(_RECV_SIZE)
 
     @property
     def closed(self) -> bool:
@@ -292,13 +291,14 @@ class RpcConnection:
         if self._recv_scope is not None:
             self._recv_scope.deadline = self._read_deadline()
 
-    async def _receive_in_time(self) -> bytes | memoryview:
+    async def _receive_in_time(self) -> None:
         self._read_since = trio.current_time()  # time spent paused by budgets is not a stall
         while True:
             with trio.CancelScope(deadline=self._read_deadline()) as scope:
                 self._recv_scope = scope
                 try:
-                    return await self._receive()
+                    await self._receive()
+                    return
                 finally:
                     self._recv_scope = None
             if trio.current_time() >= self._read_deadline():
@@ -306,13 +306,20 @@ class RpcConnection:
                     raise _Expired(f"no data for a message in progress for {self._stall_timeout}s")
                 raise _Expired(f"idle for {self._idle_timeout}s")
 
-    async def _receive(self) -> bytes | memoryview:
+    async def _receive(self) -> None:
+        """Receive once into the session (the reader drained it first)."""
         stream = self.stream
+        session = self.session
         if isinstance(stream, trio.SocketStream):
-            # Fastest path measured here: recv_into one preallocated buffer.
-            n = await stream.socket.recv_into(self._rbuf)
-            return memoryview(self._rbuf)[:n]
-        return await stream.receive_some(_RECV_SIZE)
+            # Straight into the decoder's buffer: a large frame's own buffer, or the
+            # shared one for prefixes and small frames (no copy in user space).
+            n = await stream.socket.recv_into(session.get_buffer())
+            if n:
+                session.buffer_updated(n)
+            else:
+                session.eof_received()
+            return
+        session.receive_data(await stream.receive_some(_RECV_SIZE))
 
     async def _reader(self) -> None:
         session = self.session
@@ -336,12 +343,11 @@ class RpcConnection:
                 )
                 return
             try:
-                data = await self._receive_in_time()
+                await self._receive_in_time()
             except _Expired as exc:
                 self.close_reason = NodeUnreachable(f"closed the connection with {self._who}: {exc}")
                 log.info("%s", self.close_reason)
                 return
-            session.receive_data(data)
             self._touch()
 
     async def _writer(self) -> None:
@@ -505,6 +511,7 @@ class RpcConnection:
             if sid not in self._waiters:
                 return sid
 
+    @overload
     async def call(
         self,
         kind: str,
@@ -513,8 +520,37 @@ class RpcConnection:
         *,
         priority: int = PRIO_NORMAL,
         timeout: float | None = None,
-    ) -> tuple[dict[str, Any], bytes | None]:
+        view: Literal[False] = False,
+    ) -> tuple[dict[str, Any], bytes | None]: ...
+
+    @overload
+    async def call(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        data: bytes | bytearray | memoryview | None = None,
+        *,
+        priority: int = PRIO_NORMAL,
+        timeout: float | None = None,
+        view: Literal[True],
+    ) -> tuple[dict[str, Any], memoryview | None]: ...
+
+    async def call(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        data: bytes | bytearray | memoryview | None = None,
+        *,
+        priority: int = PRIO_NORMAL,
+        timeout: float | None = None,
+        view: bool = False,
+    ) -> tuple[dict[str, Any], bytes | memoryview | None]:
         """Send a request and wait for its answer.
+
+        The reply's data comes back as `bytes` (a copy); with ``view=True`` as
+        a writable `memoryview` of the buffer the reply was reassembled in
+        (decrypted straight into it, no copy): that buffer belongs to the
+        caller alone from then on.
 
         With `timeout`, raises `RpcTimeout` after that many seconds; without,
         there is no deadline (wrap it). Raises `NodeUnreachable` if the
@@ -523,9 +559,9 @@ class RpcConnection:
         msgpack-able.
         """
         if timeout is None:
-            return await self._call(kind, fields, data, priority)
+            return await self._call(kind, fields, data, priority, view)
         with trio.move_on_after(timeout):
-            return await self._call(kind, fields, data, priority)
+            return await self._call(kind, fields, data, priority, view)
         where = f" at {self.addr}" if self.addr else ""
         raise RpcTimeout(f"node {self.peer_id}{where} did not answer {kind!r} within {timeout}s")
 
@@ -535,7 +571,8 @@ class RpcConnection:
         fields: dict[str, Any],
         data: bytes | bytearray | memoryview | None,
         priority: int,
-    ) -> tuple[dict[str, Any], bytes | None]:
+        view: bool = False,
+    ) -> tuple[dict[str, Any], bytes | memoryview | None]:
         if self._closed:
             raise NodeUnreachable(f"connection to {self.peer_id} is closed: {self.close_reason}")
         head = encode_head(MSG_REQUEST, kind, fields, data is not None, priority)
@@ -559,7 +596,12 @@ class RpcConnection:
             )
         if reply.type == MSG_ERROR:
             raise remote_error(self.peer_id, reply.fields)
-        return reply.fields, bytes(reply.data) if reply.data is not None else None
+        out = reply.data
+        if out is None:
+            return reply.fields, None
+        if view:  # the reassembly buffer's view: nothing else refers to it
+            return reply.fields, out if isinstance(out, memoryview) else memoryview(out)
+        return reply.fields, bytes(out)
 
     async def ping(self) -> float:
         """Round-trip time of a high-priority ping, in seconds (no deadline: wrap it)."""

@@ -1,6 +1,7 @@
 """Sans-io state of an established (post-handshake) RPC connection.
 
-`Session` glues the pure pieces together: `FrameDecoder` -> chunk header ->
+`Session` glues the pure pieces together: `FrameDecoder` (bytes received in
+place: `get_buffer`/`buffer_updated`) -> chunk header ->
 `SessionCipher.open_into` (decrypting straight into the message's preallocated
 buffer) -> `MessageAssembler` -> `decode_message`; and on the way out
 `SendScheduler` -> `SessionCipher.seal_into` (encrypting straight into one
@@ -43,8 +44,10 @@ _HDR = CHUNK_HEADER.size
 class Session:
     """Frames, encryption, chunking and reassembly of one connection, no I/O.
 
-    Receiving: `receive_data(bytes)` then `next_message()` until `NEED_DATA`;
-    it returns ``(is_response, stream_id, Message)``. Any violation by the peer
+    Receiving: `receive_data(bytes)` (or `get_buffer()` + ``recv_into`` +
+    `buffer_updated(n)`, no copy) then `next_message()` until `NEED_DATA`;
+    it returns ``(is_response, stream_id, Message)``. A message's data is a
+    view of its reassembly buffer, which nothing else holds. Any violation by the peer
     raises `RemoteProtocolError`; any authentication failure (including, on an
     encrypted session, a stream cut in the middle of a frame)
     `AuthenticationError`. After either, the session is unusable and the
@@ -76,8 +79,24 @@ class Session:
     # -- receiving -----------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Bytes from the peer; ``b""`` = the peer closed its side."""
+        """Bytes from the peer (copied in); ``b""`` = the peer closed its side."""
         self.decoder.receive_data(data)
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes from the peer go (``recv_into`` it; see `FrameDecoder`).
+
+        Drain `next_message` until `NEED_DATA` first, so that a large frame is
+        received straight into its own buffer.
+        """
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, n: int) -> None:
+        """`n` bytes (> 0) were received into the view `get_buffer` gave."""
+        self.decoder.buffer_updated(n)
+
+    def eof_received(self) -> None:
+        """The peer closed its side."""
+        self.decoder.eof_received()
 
     def next_message(self) -> tuple[bool, int, Message | None] | _NeedData:
         """The next complete message, or `NEED_DATA`.
@@ -94,16 +113,15 @@ class Session:
                 raise
             if frame is NEED_DATA:
                 return NEED_DATA
-            assert isinstance(frame, bytes)
-            done = self._on_frame(frame)
+            assert isinstance(frame, memoryview)
+            done = self._on_frame(frame)  # decrypted at once: the view is the decoder's
             if done is not None:
                 is_resp, sid, body = done
                 return is_resp, sid, decode_message(body) if body is not None else None
 
-    def _on_frame(self, frame: bytes) -> tuple[bool, int, bytearray | None] | None:
-        view = memoryview(frame)
-        header = view[:_HDR]
-        payload = view[_HDR:]
+    def _on_frame(self, frame: memoryview) -> tuple[bool, int, bytearray | None] | None:
+        header = frame[:_HDR]
+        payload = frame[_HDR:]
         body_len = len(payload) - self._tag
         try:
             flags, sid, total = self.assembler.parse_header(frame)

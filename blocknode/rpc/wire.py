@@ -40,6 +40,7 @@ from typing import Any, Final
 import msgpack
 
 from blocknode.errors import LocalProtocolError, RemoteProtocolError, StreamTruncated
+from blocknode.fastpath import new_buffer
 from blocknode.protocol import DEFAULT_BLOCK_SIZE, HEAD_MAX, MAX_BATCH_ROWS, max_message_size
 
 __all__ = [
@@ -140,69 +141,196 @@ def pack_frame_prefix(length: int) -> bytes:
     return _U32.pack(length)
 
 
-class FrameDecoder:
-    """Splits a byte stream into length-prefixed frames.
+SHARED_BUFFER: Final = 64 * 1024
+"""Bytes of a `FrameDecoder`'s reusable buffer for prefixes and small frames."""
+SMALL_FRAME: Final = 16 * 1024
+"""Frames of at most this many body bytes are read in the shared buffer; a larger
+frame that is not complete when its prefix is parsed gets the frame buffer."""
+_AFTER_LARGE_READ: Final = SMALL_FRAME + 4
+"""After a large frame, the next read into the shared buffer takes at most this
+much: the next frame is likely large too, and what of it lands in the shared
+buffer is copied once into the frame buffer."""
 
-    `max_frame_size` is checked against the prefix before any of the body is
-    buffered, so a hostile ``0xFFFFFFFF`` prefix costs nothing. It may be changed
-    between frames (the handshake uses a small cap, the session a larger one).
+
+class FrameDecoder:
+    """Splits a byte stream into length-prefixed frames, receiving in place.
+
+    Two ways in: `receive_data(bytes)` copies bytes in (any stream, tests), or,
+    like asyncio's ``BufferedProtocol``, `get_buffer()` gives the writable view
+    the next bytes belong in (``sock.recv_into(view)``) and `buffer_updated(n)`
+    says how many arrived. Call `next_frame()` until `NEED_DATA` before each
+    `get_buffer()`: then a large frame (body above `SMALL_FRAME`) is read
+    straight into a frame buffer of its exact size, and prefixes and small
+    frames land in one reusable buffer of `SHARED_BUFFER` bytes read with an
+    offset (no per-frame allocation or memmove; the incomplete tail, at most one
+    small frame, moves to the front when the end is near).
+
+    `next_frame()` returns a **view valid until the next `get_buffer`,
+    `receive_data` or `next_frame` call** (its bytes may be overwritten after
+    that): decrypt or copy it at once.
+
+    `max_frame_size` is checked against the prefix before anything of that
+    size is allocated, so a hostile ``0xFFFFFFFF`` prefix costs nothing. It may
+    be changed between frames (the handshake uses a small cap, the session a
+    larger one). Memory: the shared buffer plus one frame buffer of at most
+    `max_frame_size` bytes (allocated at the first large frame, reused for the
+    following ones, grown only for a larger frame). Only bytes given to
+    `receive_data` while complete frames are left unread can grow the shared
+    buffer beyond `SHARED_BUFFER` (the caller holds those bytes either way).
     """
 
     def __init__(self, max_frame_size: int) -> None:
         self.max_frame_size = max_frame_size
-        self._buf = bytearray()
-        self._need: int | None = None  # body length of the frame being read
+        self._sbuf = new_buffer(SHARED_BUFFER)  # not zero-filled: read only where received
+        self._rpos = 0  # first byte in the shared buffer not yet returned in a frame
+        self._wpos = 0  # end of the received bytes in the shared buffer
+        self._need: int | None = None  # body length of the frame at _rpos (prefix consumed)
+        self._fbuf: bytearray | None = None  # the frame buffer (large frames)
+        self._ffill = -1  # bytes of the current large frame received; -1: none in progress
+        self._after_large = False
         self._eof = False
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet returned as frames."""
-        return len(self._buf)
+        """Bytes received but not yet returned as frames (prefixes not yet parsed included)."""
+        return (self._wpos - self._rpos) + max(self._ffill, 0)
+
+    # -- bytes in ------------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """The writable view the next received bytes go into (never empty).
+
+        During a large frame: the rest of that frame's own buffer, exactly (so
+        the following prefix lands in the shared buffer). Otherwise free room
+        in the shared buffer.
+        """
+        if self._eof:
+            raise LocalProtocolError("data received after end of stream")
+        if self._ffill >= 0 and self._need is not None and self._ffill < self._need:
+            assert self._fbuf is not None
+            return memoryview(self._fbuf)[self._ffill : self._need]
+        buf = self._sbuf
+        r, w = self._rpos, self._wpos
+        if r == w:
+            self._rpos = self._wpos = r = w = 0
+        elif len(buf) - w < _AFTER_LARGE_READ:
+            # The tail (normally at most one incomplete small frame) moves to the front.
+            tail = w - r
+            if tail <= r:
+                buf[:tail] = memoryview(buf)[r:w]  # no overlap
+            else:
+                buf[:tail] = buf[r:w]  # overlapping: through a copy
+            self._rpos, self._wpos, r, w = 0, tail, 0, tail
+            if len(buf) - w < _AFTER_LARGE_READ:  # complete frames left unread: grow
+                grown = new_buffer(max(2 * len(buf), tail + SHARED_BUFFER))
+                grown[:tail] = memoryview(buf)[:tail]
+                self._sbuf = buf = grown
+        end = len(buf)
+        if self._after_large and self._need is None and r == w:
+            end = min(end, w + _AFTER_LARGE_READ)
+        return memoryview(buf)[w:end]
+
+    def buffer_updated(self, n: int) -> None:
+        """`n` bytes were written at the start of the last `get_buffer()` view."""
+        if n <= 0:
+            raise LocalProtocolError(f"buffer_updated({n}): use eof_received() for end of stream")
+        if self._ffill >= 0 and self._need is not None and self._ffill < self._need:
+            if self._ffill + n > self._need:
+                raise LocalProtocolError("buffer_updated beyond the view given")
+            self._ffill += n
+            return
+        if self._wpos + n > len(self._sbuf):
+            raise LocalProtocolError("buffer_updated beyond the view given")
+        self._wpos += n
+
+    def eof_received(self) -> None:
+        """The peer closed its side."""
+        self._eof = True
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes from the peer; ``b""`` means end of stream."""
+        """Add bytes from the peer (copied in); ``b""`` means end of stream."""
         if not data:
             self._eof = True
             return
         if self._eof:
             raise LocalProtocolError("data received after end of stream")
-        self._buf += data
+        src = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        pos, size = 0, len(src)
+        while pos < size:
+            target = self.get_buffer()
+            k = min(len(target), size - pos)
+            target[:k] = src[pos : pos + k]
+            self.buffer_updated(k)
+            pos += k
+            self._prepare(strict=False)
 
-    def next_frame(self) -> bytes | _NeedData:
-        """The next complete frame body, or `NEED_DATA`.
+    # -- frames out ----------------------------------------------------------------
+
+    def _prepare(self, *, strict: bool) -> bool:
+        """Parse the next prefix if it is due; move a large incomplete frame to the frame buffer.
+
+        True when a frame is complete. With ``strict=False`` an oversized prefix
+        is left for `next_frame` to refuse.
+        """
+        if self._ffill >= 0:
+            assert self._need is not None
+            return self._ffill >= self._need
+        r, w = self._rpos, self._wpos
+        if self._need is None:
+            if w - r < 4:
+                return False
+            (n,) = _U32.unpack_from(self._sbuf, r)
+            if n > self.max_frame_size:
+                if strict:
+                    raise RemoteProtocolError(
+                        f"frame of {n} bytes exceeds the limit of {self.max_frame_size} bytes"
+                    )
+                return False
+            r = self._rpos = r + 4
+            self._need = n
+        n = self._need
+        have = w - r
+        if have >= n:
+            return True
+        if n > SMALL_FRAME:  # its own buffer: the rest is received straight into it
+            fbuf = self._fbuf
+            if fbuf is None or len(fbuf) < n:
+                self._fbuf = fbuf = new_buffer(n)
+            fbuf[:have] = memoryview(self._sbuf)[r:w]
+            self._ffill = have
+            self._rpos = self._wpos = 0
+        return False
+
+    def next_frame(self) -> memoryview | _NeedData:
+        """The next complete frame body (a view, see the class docstring), or `NEED_DATA`.
 
         Raises `RemoteProtocolError` for an oversized length prefix, and
         `StreamTruncated` for a stream that ended in the middle of a frame.
         """
-        buf = self._buf
-        if self._need is None:
-            if len(buf) < 4:
-                return self._need_more()
-            (n,) = _U32.unpack_from(buf)
-            if n > self.max_frame_size:
-                raise RemoteProtocolError(
-                    f"frame of {n} bytes exceeds the limit of {self.max_frame_size} bytes"
-                )
-            del buf[:4]
-            self._need = n
-        n = self._need
-        if len(buf) < n:
+        if not self._prepare(strict=True):
             return self._need_more()
-        with memoryview(buf) as view:  # one copy (a bytearray slice would copy twice)
-            frame = view[:n].tobytes()
-        del buf[:n]
+        n = self._need
+        assert n is not None
         self._need = None
-        return frame
+        if self._ffill >= 0:
+            assert self._fbuf is not None
+            self._ffill = -1
+            self._after_large = True
+            return memoryview(self._fbuf)[:n]
+        r = self._rpos
+        self._rpos = r + n
+        self._after_large = n > SMALL_FRAME
+        return memoryview(self._sbuf)[r : r + n]
 
     def _need_more(self) -> _NeedData:
-        if self._eof and (self._buf or self._need is not None):
+        if self._eof and not self.at_eof:
             raise StreamTruncated("stream ended in the middle of a frame")
         return NEED_DATA
 
     @property
     def at_eof(self) -> bool:
         """True once the stream has ended and every complete frame was returned."""
-        return self._eof and not self._buf and self._need is None
+        return self._eof and self._rpos == self._wpos and self._need is None and self._ffill < 0
 
 
 @dataclass(slots=True)
@@ -322,12 +450,17 @@ class OutgoingMessage:
         start = self.offset
         end = min(self.total, start + chunk_size)
         hl = len(self.head)
+        if start < hl < end and self.total > chunk_size:
+            # A message of several chunks: its head goes alone, so that every data chunk
+            # is a view of the data (no concatenated copy; the chunk count is the same
+            # or one more). A one-chunk message keeps head and data together.
+            end = hl
         if end <= hl:
             body: bytes | memoryview = self.head[start:end]
         elif start >= hl:
             assert self.data is not None
             body = self.data[start - hl : end - hl]
-        else:  # spans head and data: only the first chunk, at most chunk_size bytes
+        else:  # spans head and data: only a one-chunk message
             assert self.data is not None
             body = self.head[start:] + self.data[: end - hl]
         self.offset = end
@@ -451,14 +584,13 @@ PARTIAL_ENTRY_COST: Final = 256
 class _Partial:
     """One incoming message of several chunks, being reassembled."""
 
-    __slots__ = ("key", "total", "buf", "parts", "held", "refused", "received", "admitted",
+    __slots__ = ("key", "total", "buf", "held", "refused", "received", "admitted",
                  "last_progress", "owner")
 
     def __init__(self, key: tuple[bool, int], total: int, owner: MessageAssembler) -> None:
         self.key = key
         self.total = total
-        self.buf: bytearray | None = None  # the whole message, once half of it arrived
-        self.parts: list[bytearray] = []  # before that, each chunk's bytes
+        self.buf: bytearray | None = None  # the whole message (None: refused or dropped)
         self.held = 0  # bytes allocated for it
         self.refused = False  # its chunks are read and discarded; answer busy
         self.received = 0
@@ -472,8 +604,9 @@ class ReceiveBudget:
 
     A message of several chunks is admitted at its first chunk when its
     declared size (plus `PARTIAL_ENTRY_COST`) fits in what the admitted
-    messages still in progress leave of `max_bytes`; its buffer then grows as
-    its chunks arrive (nothing is allocated ahead of the data). When it does
+    messages still in progress leave of `max_bytes`; only then is its buffer
+    (of the declared size) allocated, so the bytes allocated for incomplete
+    messages are at most what this budget admitted. When it does
     not fit, messages that made no progress for `stale_after` seconds (a
     sender that stopped half-way) are dropped to make room, oldest first. A
     message that still does not fit is refused: its chunks are read and
@@ -537,15 +670,23 @@ class ReceiveBudget:
             self.dropped += 1
 
 
-
-
 class MessageAssembler:
-    """Reassembles chunks into messages; a buffer grows as its chunks arrive.
+    """Reassembles chunks into messages, each decrypted straight into its one buffer.
 
-    Until half of a message has arrived each chunk has its own buffer; then the
-    message gets its one buffer (and the chunks so far are copied in): never
-    more than twice the bytes received is allocated, never the declared total
-    up front, so a sender pays for what it makes the node hold.
+    A message of several chunks gets its whole buffer (its declared total) at
+    its first chunk, and every chunk is decrypted in place: no chunk is
+    copied. That allocation is bounded before it is made: the declared total
+    is at most `max_message_size`; it counts against this connection's
+    `max_partial_bytes` at once (over it: `RemoteProtocolError`); and with a
+    `budget` only an admitted message gets a buffer (a refused one is read
+    into a scratch chunk and dropped), so the bytes allocated for incomplete
+    messages never exceed what the node-wide `ReceiveBudget` admitted. A
+    sender that stops half-way holds its buffer until it is dropped as stale
+    by the budget or the connection closes at its stall timeout. (Earlier the
+    buffer grew as chunks arrived, so a stalled sender held at most twice
+    what it sent; but the budget already reserved the declared total, so that
+    saved no admission, only memory the budget had reserved anyway, for one
+    extra copy of the first half of every message.)
 
     Use: ``target = asm.begin_chunk(header, body_len)`` gives the writable view
     where the chunk's plaintext belongs (the caller decrypts into it, or copies
@@ -555,7 +696,7 @@ class MessageAssembler:
     `ReceiveBudget`): it must be answered ``busy``.
 
     Limits: a message's declared total above `max_message_size`, a chunk
-    overrunning its message, more than `max_partial_bytes` received in this
+    overrunning its message, more than `max_partial_bytes` declared by this
     connection's incomplete messages, inconsistent flags — all `RemoteProtocolError`.
     """
 
@@ -613,12 +754,21 @@ class MessageAssembler:
                 if body_len != total:
                     raise RemoteProtocolError(f"chunk overruns or truncates stream {sid}")
                 p = _Partial(key, total, self)
-                p.buf = bytearray(total)
+                p.buf = new_buffer(total)  # not zero-filled: the chunk fills every byte
                 self._pending = (p, total, True)
                 return memoryview(p.buf)
+            cost = total + PARTIAL_ENTRY_COST * (len(self._partial) + 1)
+            if self._partial_bytes + cost > self.max_partial_bytes:
+                raise RemoteProtocolError("too many bytes buffered in incomplete messages")
             p = _Partial(key, total, self)
             if self.budget is not None and not self.budget.admit(p):
                 p.refused = True
+            else:  # checked above, admitted: the one buffer, every chunk decrypted into it
+                # Not zero-filled: a message is complete, and only then returned, once its
+                # chunks, contiguous from 0, have covered every byte.
+                p.buf = new_buffer(total)
+                p.held = total
+                self._partial_bytes += total
             self._partial[key] = p
         else:
             found = self._partial.get(key)
@@ -636,27 +786,8 @@ class MessageAssembler:
             if self._scratch is None:
                 self._scratch = bytearray(self.chunk_size)
             return memoryview(self._scratch)[:body_len]
-        if p.buf is not None:
-            return memoryview(p.buf)[start:end]
-        # Until half of the message has arrived, each chunk has its own buffer; then
-        # the whole message gets one: never more than twice what arrived is allocated.
-        grow = p.total - p.held if 2 * end >= p.total else body_len
-        if self._partial_bytes + grow + PARTIAL_ENTRY_COST * len(self._partial) > self.max_partial_bytes:
-            raise RemoteProtocolError("too many bytes buffered in incomplete messages")
-        self._partial_bytes += grow
-        p.held += grow
-        if 2 * end < p.total:
-            part = bytearray(body_len)
-            p.parts.append(part)
-            return memoryview(part)
-        p.buf = bytearray(p.total)
-        view = memoryview(p.buf)
-        pos = 0
-        for part in p.parts:
-            view[pos:pos + len(part)] = part
-            pos += len(part)
-        p.parts = []
-        return view[start:end]
+        assert p.buf is not None
+        return memoryview(p.buf)[start:end]
 
     def end_chunk(self) -> tuple[bool, int, bytearray | None] | None:
         """Commit the chunk begun last; a complete message's body, else None.
@@ -689,7 +820,6 @@ class MessageAssembler:
         self._release(p)
         p.refused = True
         p.buf = None
-        p.parts = []
 
     def _release(self, p: _Partial) -> None:
         self._partial_bytes -= p.held

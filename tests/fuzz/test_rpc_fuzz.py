@@ -59,7 +59,7 @@ def drain_frames(data_pieces: list[bytes], cap: int) -> tuple[list[bytes], str |
         for piece in data_pieces:
             dec.receive_data(piece)
             while (f := dec.next_frame()) is not NEED_DATA:
-                frames.append(f)  # type: ignore[arg-type]
+                frames.append(bytes(f))  # type: ignore[arg-type]  # a view: copy at once
     except RemoteProtocolError as exc:
         return frames, str(exc)
     return frames, None
@@ -71,6 +71,37 @@ def test_frame_decoder_is_total_and_split_invariant(data: bytes, cuts: list[int]
     pieces = drain_frames(split(data, cuts), 300)
     bytewise = drain_frames([data[i : i + 1] for i in range(len(data))], 300)
     assert whole == pieces == bytewise
+
+
+def drain_in_place(data: bytes, reads: list[int], cap: int) -> tuple[list[bytes], str | None]:
+    """Like `drain_frames`, but through `get_buffer` / `buffer_updated` (as ``recv_into``)."""
+    dec = FrameDecoder(cap)
+    frames: list[bytes] = []
+    pos, i = 0, 0
+    try:
+        while True:
+            while (f := dec.next_frame()) is not NEED_DATA:
+                frames.append(bytes(f))  # type: ignore[arg-type]
+            if pos == len(data):
+                return frames, None
+            target = dec.get_buffer()
+            k = min(len(target), reads[i % len(reads)], len(data) - pos)
+            target[:k] = data[pos : pos + k]
+            dec.buffer_updated(k)
+            pos, i = pos + k, i + 1
+    except RemoteProtocolError as exc:
+        return frames, str(exc)
+
+
+@given(
+    st.lists(st.sampled_from([0, 1, 4, 100, 16 * 1024, 16 * 1024 + 1, 70_000]), max_size=8),
+    st.binary(max_size=8),
+    st.lists(st.integers(1, 100_000), min_size=1, max_size=6),
+)
+def test_receiving_in_place_is_split_invariant(sizes: list[int], tail: bytes, reads: list[int]) -> None:
+    rng = random.Random(len(sizes))
+    data = b"".join(pack_frame_prefix(n) + rng.randbytes(n) for n in sizes) + tail
+    assert drain_in_place(data, reads, 50_000) == drain_frames([data], 50_000)
 
 
 @given(st.integers(301, 2**32 - 1), st.binary(max_size=50))

@@ -332,3 +332,58 @@ async def test_reserved_replies_that_come_back_small_let_reading_go_on() -> None
             await trio.testing.wait_all_tasks_blocked()
             assert node.reply_budget.used == 0
             nursery.cancel_scope.cancel()
+
+
+async def socket_pair_connections(
+    handler: Any,
+) -> tuple[Any, Any]:
+    """Two `RpcConnection`s over a real socket pair (the `recv_into` receive path)."""
+    from blocknode.rpc.connection import RpcConnection
+    from blocknode.rpc.handshake import ServerHandshake
+
+    c, s = ClientHandshake("a", SECRET), ServerHandshake("b", SECRET, members={"a", "b"})
+    s.receive_data(c.data_to_send())
+    s.process()
+    c.receive_data(s.data_to_send())
+    c.process()
+    s.receive_data(c.data_to_send())
+    s.process()
+    sa, sb = trio.socket.socketpair()
+    a = RpcConnection(trio.SocketStream(sa), Session(c.keys), "b")
+    b = RpcConnection(trio.SocketStream(sb), Session(s.keys), "a", handler)
+    return a, b
+
+
+async def test_call_with_view_returns_the_reassembly_buffer_without_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import blocknode.rpc.session as session_mod
+
+    bodies: list[bytearray] = []
+    decode = session_mod.decode_message
+
+    def spying(body: Any) -> Any:
+        bodies.append(body)
+        return decode(body)
+
+    monkeypatch.setattr(session_mod, "decode_message", spying)
+    payloads = {"big": os.urandom(MiB), "small": os.urandom(3000)}
+
+    async def serve(peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        return {"n": len(payloads[kind])}, payloads[kind]
+
+    a, b = await socket_pair_connections(serve)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.run)
+            nursery.start_soon(b.run)
+            for kind in ("big", "small"):
+                bodies.clear()
+                fields, got = await a.call(kind, {}, view=True)
+                assert fields == {"n": len(payloads[kind])}
+                assert isinstance(got, memoryview) and not got.readonly and got == payloads[kind]
+                reply_body = bodies[-1]  # the last message a decoded is b's reply
+                assert got.obj is reply_body and isinstance(reply_body, bytearray)
+                fields, copied = await a.call(kind, {})
+                assert type(copied) is bytes and copied == payloads[kind]
+            _, got = await a.call("small", {}, view=True, timeout=5)  # with a deadline too
+            assert isinstance(got, memoryview) and got == payloads["small"]
+            nursery.cancel_scope.cancel()

@@ -33,7 +33,7 @@ from blocknode.rpc.wire import (
 def frames_of(decoder: FrameDecoder) -> list[bytes]:
     out = []
     while (f := decoder.next_frame()) is not NEED_DATA:
-        out.append(f)
+        out.append(bytes(f))  # a view, valid until the next receive: copy at once
     return out
 
 
@@ -71,6 +71,127 @@ def test_oversized_prefix_refused_before_body() -> None:
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         dec.next_frame()
     assert dec.buffered == 4
+
+
+def recv_into_decoder(dec: FrameDecoder, stream: bytes, sizes: list[int]) -> list[bytes]:
+    """Feed `stream` like ``sock.recv_into(dec.get_buffer())`` returning `sizes` bytes at most."""
+    got: list[bytes] = []
+    pos, i = 0, 0
+    while pos < len(stream):
+        target = dec.get_buffer()
+        assert len(target) > 0 and not target.readonly
+        k = min(len(target), sizes[i % len(sizes)], len(stream) - pos)
+        target[:k] = stream[pos : pos + k]
+        dec.buffer_updated(k)
+        pos += k
+        i += 1
+        got += frames_of(dec)
+    return got
+
+
+def test_received_in_place_the_frames_are_those_of_receive_data() -> None:
+    from blocknode.rpc.wire import SMALL_FRAME
+
+    rng = random.Random(3)
+    sizes = [0, 1, 3, 4, 5, SMALL_FRAME - 1, SMALL_FRAME, SMALL_FRAME + 1, 70_000, 300_000]
+    bodies = [os.urandom(rng.choice(sizes)) for _ in range(60)]
+    stream = b"".join(pack_frame_prefix(len(b)) + b for b in bodies)
+    whole = FrameDecoder(400_000)
+    whole.receive_data(stream)
+    assert frames_of(whole) == bodies
+    for reads in ([1], [7, 4096, 3], [65536], [262144], [1 << 20]):
+        dec = FrameDecoder(400_000)
+        assert recv_into_decoder(dec, stream, reads) == bodies
+        assert dec.buffered == 0 and dec.next_frame() is NEED_DATA
+        dec.eof_received()
+        assert dec.at_eof
+
+
+def test_a_large_frame_is_received_straight_into_its_own_buffer() -> None:
+    from blocknode.rpc.wire import SHARED_BUFFER, SMALL_FRAME
+
+    dec = FrameDecoder(1 << 20)
+    body = os.urandom(300_000)
+    stream = pack_frame_prefix(len(body)) + body + pack_frame_prefix(3) + b"abc"
+    first = dec.get_buffer()
+    assert len(first) <= SHARED_BUFFER
+    first[:1000] = stream[:1000]
+    dec.buffer_updated(1000)
+    assert dec.next_frame() is NEED_DATA  # the prefix is parsed: the frame has its buffer
+    rest = dec.get_buffer()
+    assert len(rest) == len(body) - 996  # exactly the rest of the frame, never beyond it
+    frame_buffer = rest.obj
+    assert isinstance(frame_buffer, bytearray) and len(frame_buffer) == len(body)
+    rest[:] = stream[1000 : 4 + len(body)]
+    dec.buffer_updated(len(rest))
+    frame = dec.next_frame()
+    assert isinstance(frame, memoryview) and frame.obj is frame_buffer and frame == body
+    del frame
+    # the next prefix lands in the shared buffer; after a large frame, that read is short
+    after = dec.get_buffer()
+    assert after.obj is not frame_buffer and len(after) <= SMALL_FRAME + 4
+    after[:7] = stream[4 + len(body) :]
+    dec.buffer_updated(7)
+    small = dec.next_frame()
+    assert isinstance(small, memoryview) and small == b"abc" and small.obj is after.obj
+    # the frame buffer is reused by the next large frame of at most its size
+    dec.receive_data(pack_frame_prefix(len(body) - 5) + body[:100])
+    assert dec.next_frame() is NEED_DATA
+    assert dec.get_buffer().obj is frame_buffer
+
+
+def test_small_frames_share_one_buffer_that_does_not_grow() -> None:
+    from blocknode.rpc.wire import SHARED_BUFFER
+
+    dec = FrameDecoder(1 << 20)
+    bodies = [os.urandom(random.Random(i).randint(0, 5000)) for i in range(500)]
+    stream = b"".join(pack_frame_prefix(len(b)) + b for b in bodies)
+    owners = set()
+    got = []
+    pos = 0
+    while pos < len(stream):
+        target = dec.get_buffer()
+        k = min(len(target), 9000, len(stream) - pos)
+        target[:k] = stream[pos : pos + k]
+        dec.buffer_updated(k)
+        pos += k
+        while (f := dec.next_frame()) is not NEED_DATA:
+            assert isinstance(f, memoryview)
+            owners.add(id(f.obj))
+            got.append(bytes(f))
+    assert got == bodies
+    assert len(owners) == 1 and len(dec._sbuf) == SHARED_BUFFER and dec._fbuf is None
+
+
+def test_oversized_prefix_received_in_place_allocates_nothing() -> None:
+    import tracemalloc
+
+    dec = FrameDecoder(1 << 20)
+    target = dec.get_buffer()
+    target[:4] = pack_frame_prefix((1 << 20) + 1)
+    dec.buffer_updated(4)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="exceeds the limit"):
+            dec.next_frame()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024 and dec._fbuf is None and dec.buffered == 4
+
+
+def test_eof_in_the_middle_of_a_large_frame_is_truncation() -> None:
+    dec = FrameDecoder(1 << 20)
+    dec.receive_data(pack_frame_prefix(100_000) + bytes(50_000))
+    assert dec.next_frame() is NEED_DATA
+    dec.eof_received()
+    assert not dec.at_eof
+    with pytest.raises(ProtocolError, match="middle of a frame"):
+        dec.next_frame()
+    with pytest.raises(ProtocolError, match="after end of stream"):
+        dec.get_buffer()
+    with pytest.raises(ProtocolError, match="eof_received"):
+        FrameDecoder(10).buffer_updated(0)
 
 
 def test_eof_mid_frame_is_protocol_error() -> None:
@@ -216,25 +337,52 @@ def test_the_largest_batch_reply_always_fits_in_a_head() -> None:
     assert fit_texts(["short", None]) == ["short", None]
 
 
-def test_partial_messages_allocate_as_data_arrives() -> None:
-    # Issue 9 B.5: the first chunk of a message declaring 8 MiB allocated 8 MiB at once.
+def test_a_message_gets_its_one_buffer_at_its_first_chunk_within_every_bound() -> None:
+    # Issue 15: every chunk is decrypted straight into the message's one buffer (no copy
+    # of the first chunks); the allocation is checked against the connection's
+    # max_partial_bytes and the node's ReceiveBudget before it is made.
     import tracemalloc
 
-    from blocknode.rpc.wire import FLAG_FIRST
+    from blocknode.rpc.wire import FLAG_FIRST, FLAG_LAST, PARTIAL_ENTRY_COST, ReceiveBudget
 
-    asm = MessageAssembler(max_message_size=8 * 1024 * 1024)
+    mib = 1024 * 1024
+    asm = MessageAssembler(max_message_size=mib, chunk_size=mib, max_partial_bytes=2 * mib + 2 * PARTIAL_ENTRY_COST)
+    owners = set()
+    for i, (flags, n) in enumerate([(FLAG_FIRST, 1000), (0, mib // 2), (FLAG_LAST, mib // 2 - 1000)]):
+        target = asm.begin_chunk(flags, 1, mib, n)
+        owners.add(id(target.obj))
+        target[:] = bytes([i]) * n
+        done = asm.end_chunk()
+        if i == 0:
+            assert asm.partial_bytes == mib  # the whole buffer, at the first chunk
+    assert done is not None and len(owners) == 1 and id(done[2]) in owners
+    assert done[2] == b"\x00" * 1000 + b"\x01" * (mib // 2) + b"\x02" * (mib // 2 - 1000)
+    assert asm.partial_bytes == 0
+
     tracemalloc.start()
     try:
-        for sid in range(1, 5):
-            target = asm.begin_chunk(FLAG_FIRST, sid, 8 * 1024 * 1024, 100)
-            target[:] = b"x" * 100
-            del target
-            assert asm.end_chunk() is None
+        for sid in (2, 3):
+            asm.begin_chunk(FLAG_FIRST, sid, mib, 100)[:] = bytes(100)
+            asm.end_chunk()
+        with pytest.raises(ProtocolError, match="incomplete messages"):
+            asm.begin_chunk(FLAG_FIRST, 4, 1000, 100)  # over max_partial_bytes: refused first
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert asm.partial_bytes == 400 and asm.partial_count == 4
-    assert peak < 256 * 1024
+    assert asm.partial_bytes == 2 * mib and peak < 2 * mib + 256 * 1024
+
+    budget = ReceiveBudget(mib + PARTIAL_ENTRY_COST)
+    b = MessageAssembler(max_message_size=8 * mib, budget=budget)
+    tracemalloc.start()
+    try:
+        target = b.begin_chunk(FLAG_FIRST, 1, 8 * mib, 100)  # refused by the budget
+        target[:] = bytes(100)
+        del target
+        assert b.end_chunk() is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert budget.refused == 1 and b.partial_bytes == 0 and peak < 512 * 1024
 
 
 def test_receive_budget_refuses_then_drops_stalled_messages() -> None:
@@ -285,3 +433,19 @@ def test_scheduler_keeps_few_big_messages_in_progress_per_class() -> None:
         assert len(in_progress) <= 2
     assert order.index(9) <= 2  # the small one went out within the first round
     assert set(order) == {1, 2, 3, 9} and len(sched) == 0
+
+
+def test_a_big_message_sends_its_head_alone_and_its_data_as_views() -> None:
+    data = bytearray(os.urandom(CHUNK_SIZE * 4))
+    head = encode_head(MSG_REQUEST, "put", {"h": b"x" * 32}, True)
+    msg = OutgoingMessage(1, False, head, memoryview(data))
+    bodies = []
+    while not msg.finished:
+        _, body = msg.next_chunk()
+        bodies.append(body)
+    assert bytes(bodies[0]) == head and len(bodies) == 5  # as many chunks as head + data cut at CHUNK_SIZE
+    assert all(isinstance(b, memoryview) and b.obj is data and len(b) == CHUNK_SIZE for b in bodies[1:])
+    assert b"".join(bytes(b) for b in bodies) == head + data
+    small = OutgoingMessage(2, False, head, memoryview(b"abc"))  # one chunk: head and data together
+    _, body = small.next_chunk()
+    assert bytes(body) == head + b"abc" and small.finished
