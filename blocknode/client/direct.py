@@ -17,7 +17,11 @@ or ``stale_layout``), and for a large block:
   or has not answered within `hedge_delay` (or twice its usual latency, when
   that is longer: a loaded cluster is not asked twice for every block); the
   first copy that verifies here
-  wins (the one end-to-end check).
+  wins (the one end-to-end check, no copy: the caller gets the bytes received).
+  The first replica is asked in the calling task (no nursery, channel or task
+  for the common get); one that is slow is asked again last, after the others.
+- **put**, likewise: the hash and the form to send are computed from the
+  caller's bytes (no `VerifiedBlock` copy of them).
 
 When that does not work (replicas unreachable, the quorum not met, the layout
 still refused after one refresh, a block found nowhere), the caller falls back
