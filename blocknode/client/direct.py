@@ -299,7 +299,8 @@ class DirectPath:
         delay (no nursery, channel or task: the common case, a replica that answers in
         time, costs one RPC and one hash). Only when it fails or is slow does the get
         go to the hedged machinery (`_hedged`) for the others, a slow first replica
-        asked again last.
+        asked again last. A first replica with no connection open yet is asked by the
+        hedged machinery from the start (its handshake is not cut at the deadline).
         """
         if not await self._ready():
             return None
@@ -308,6 +309,10 @@ class DirectPath:
                                        latency=self._latency.get)
         if not order:
             found = None
+        elif not self._connected(order[0]):
+            # A connection to open first: not under the hedge deadline (a handshake cut
+            # short at every get would never finish); the hedged path opens it in a task.
+            found = await self._hedged(h, order)
         else:
             first = order[0]
             with trio.move_on_after(self._hedge_after(first)):
@@ -329,6 +334,14 @@ class DirectPath:
             return None
         self.stats["gets"] += 1
         return found
+
+    def _connected(self, nid: str) -> bool:
+        """Whether a call to `nid` goes on a connection already open (the home one, or
+        one opened before)."""
+        if nid == self.home_id:
+            return True
+        conn = self._conns.get(nid)
+        return conn is not None and not conn.closed
 
     def _hedge_after(self, nid: str) -> float:
         """Seconds to wait for `nid` before asking the next replica as well: `hedge_delay`,

@@ -399,3 +399,45 @@ async def test_a_node_reads_its_own_copy_first_and_the_others_only_when_it_fails
         with pytest.raises(BlockNotFound) as info:
             await m.get(missing, nodes=["node1", "node2", "node3"])
         assert "node1, node2, node3" in str(info.value)
+
+
+async def test_a_direct_read_opens_the_first_replicas_connection_past_the_hedge_delay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hedge delay far shorter than a handshake: the first get from a fresh client opens
+    each replica's connection once (the first one's handshake is not cut at the hedge
+    deadline and tried again), and the next get uses it."""
+    from blocknode.client import direct as direct_mod
+    opened: list[str] = []
+    real_open = direct_mod.open_connection
+
+    async def counting_open(addr, secret, **kw):  # noqa: ANN001, ANN003, ANN202
+        opened.append(kw["expected_peer_id"])
+        return await real_open(addr, secret, **kw)
+
+    async with in_process_cluster(tmp_path, 5, rf=3, write_quorum=2, hedge_delay=0.0005,
+                                  rpc_timeout=30.0) as cl:
+        key = await make_key(cl, "read", "write")
+        async with client(cl, key) as c:
+            d, h, replicas = await _spread_block(cl, c)
+        monkeypatch.setattr(direct_mod, "open_connection", counting_open)
+        async with client(cl, key) as c:  # a fresh client: no connection to a replica yet
+            assert c.direct is not None and await c.direct._ready()
+            first = c.direct.layout.read_nodes(h, c.direct.home_id)[0]
+            assert first in replicas and not c.direct._connected(first)
+
+            def slow(inner):  # noqa: ANN001, ANN202 - the others answer late: the first wins
+                async def get(peer, fields, data):  # noqa: ANN001, ANN202
+                    await trio.sleep(3)
+                    return await inner(peer, fields, data)
+                return get
+
+            for nid in replicas:
+                if nid != first:
+                    node = cl.nodes[nid]
+                    node._handlers["client_get_direct"] = slow(node._handlers["client_get_direct"])
+            with trio.fail_after(10):
+                assert await c.get_block(h) == d
+            assert opened.count(first) == 1 and c.direct._connected(first)
+            assert await c.get_block(h) == d
+            assert opened.count(first) == 1
+            assert c.direct.stats["gets"] == 2 and c.direct.stats["get_fallbacks"] == 0
