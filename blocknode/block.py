@@ -67,12 +67,14 @@ __all__ = [
     "acompress",
     "ahashed",
     "averify",
+    "check_block",
     "check_size",
     "compress",
     "file_bytes",
     "from_file_bytes",
     "from_inline_bytes",
     "from_stored",
+    "hash_of",
     "hashed",
     "inline_bytes",
     "is_compressed",
@@ -83,6 +85,7 @@ __all__ = [
     "verify",
     "verify_compressed",
     "wire_form",
+    "zstd_form",
 ]
 
 HASH_IN_THREAD_MIN = THREAD_HASH_MIN
@@ -166,6 +169,27 @@ def check_hash(data: bytes | bytearray | memoryview, hash: bytes) -> None:
     """`HashMismatch` unless `data` (any buffer) hashes to `hash`; nothing is copied."""
     if not fastpath.verify(data, hash):
         raise _mismatch(bytes(data), hash)
+
+
+def check_block(data: bytes | bytearray | memoryview, hash: bytes, *,
+                block_size: int | None = None) -> None:
+    """`verify` without making a `VerifiedBlock`: the size against `block_size` (when
+    given), then the hash; nothing is copied. For a client, which checks a block once,
+    end to end, and hands the very bytes it received to its caller.
+
+    `LocalProtocolError` when too large, `HashMismatch` when the bytes do not hash to `hash`.
+    """
+    if block_size is not None:
+        check_size(len(data), block_size)
+    check_hash(data, hash)
+
+
+def hash_of(data: bytes | bytearray | memoryview, *, block_size: int | None = None) -> bytes:
+    """The hash of bytes this process names (`hashed` without the `VerifiedBlock` copy):
+    the size check, then the hash."""
+    if block_size is not None:
+        check_size(len(data), block_size)
+    return fastpath.block_hash(data)
 
 
 def hashed(data: bytes, *, block_size: int | None = None) -> VerifiedBlock:
@@ -265,31 +289,39 @@ COMPRESS_PROBE_PART = 32 * 1024
 """The probe compresses this many bytes from the start and as many from the middle."""
 
 
-def _worth_compressing(blk: VerifiedBlock, level: int) -> bool:
+def _worth_compressing(data: bytes, level: int) -> bool:
     # Incompressible data (media, archives, encrypted) is the common large block: zstd
     # over a whole 1 MiB of it costs about half a BLAKE2b pass for nothing. A probe of
     # two 32 KiB pieces costs ~3 % of that; a block whose pieces save less than half of
     # COMPRESS_MIN_SAVING is stored plain without compressing the rest.
-    n, k = len(blk), COMPRESS_PROBE_PART
-    with memoryview(blk) as view:
+    n, k = len(data), COMPRESS_PROBE_PART
+    with memoryview(data) as view:
         sample = bytes(view[:k]) + bytes(view[n // 2:n // 2 + k])
     z = _compressor(level).compress(sample)
     return len(z) < len(sample) * (1 - COMPRESS_MIN_SAVING / 2)
 
 
+def zstd_form(data: bytes, level: int | None) -> bytes | None:
+    """The zstd frame of a block's bytes at `level` when it is worth storing (saves
+    more than `COMPRESS_MIN_SAVING`; a block of `COMPRESS_PROBE_MIN` bytes or more is
+    compressed only if a probe of two pieces of it saves at least half that share),
+    else None (None too when `level` is None or the block is empty)."""
+    if level is None or not data:
+        return None
+    if len(data) >= COMPRESS_PROBE_MIN and not _worth_compressing(data, level):
+        return None
+    z = _compressor(level).compress(data)
+    return z if len(z) < len(data) * (1 - COMPRESS_MIN_SAVING) else None
+
+
 def compress(blk: VerifiedBlock, level: int | None) -> VerifiedBlock:
-    """Decide `blk`'s form at zstd `level` (None: plain): sets `blk.zst` when the
-    frame saves more than `COMPRESS_MIN_SAVING`. A block of `COMPRESS_PROBE_MIN`
-    bytes or more is compressed only if a probe of two pieces of it saves at least
-    half that share. A block already compressed (its frame came from a peer) is
-    left as it is. Returns `blk`."""
-    if level is None or blk.zst is not None or not blk:
-        return blk
-    if len(blk) >= COMPRESS_PROBE_MIN and not _worth_compressing(blk, level):
-        return blk
-    z = _compressor(level).compress(blk)
-    if len(z) < len(blk) * (1 - COMPRESS_MIN_SAVING):
-        blk.zst = z
+    """Decide `blk`'s form at zstd `level` (None: plain): sets `blk.zst` to its
+    `zstd_form`. A block already compressed (its frame came from a peer) is left as
+    it is. Returns `blk`."""
+    if blk.zst is None:
+        z = zstd_form(blk, level)
+        if z is not None:
+            blk.zst = z
     return blk
 
 

@@ -539,15 +539,28 @@ class BlockManager:
                   nodes: list[str] | None = None) -> VerifiedBlock:
         """Read a block from the first node with a valid copy (hedged; verified end to end).
 
-        Nodes are asked in `read_order`. When a node fails, the next is asked at
-        once; when it is merely slow (no answer within `hedge_delay`), the next is
-        asked too and the first valid copy wins; the others are cancelled.
+        Nodes are asked in `read_order`. When this node comes first, it reads its own
+        copy in the calling task and asks the others only when that fails. When a
+        node fails, the next is asked at once; when it is merely slow (no answer
+        within `hedge_delay`), the next is asked too and the first valid copy wins;
+        the others are cancelled.
         Raises `BlockNotFound` when every node says it has no copy, `QuorumError`
         (listing each node's failure) when nodes failed otherwise.
         """
         order = nodes if nodes is not None else self.read_order(h)
         failures: dict[str, str] = {}
         not_found = 0
+        asked = order
+        if order and order[0] == self.node_id:
+            # This node comes first: read here, in the calling task (no nursery, channel
+            # or task); the hedged path asks the others only when that fails.
+            try:
+                return await self.read_local(h)
+            except (BlocknodeError, OSError) as exc:
+                if isinstance(exc, BlockNotFound):
+                    not_found += 1
+                failures[self.node_id] = f"{type(exc).__name__}: {exc}"
+                order = order[1:]
         outcomes_send, outcomes = trio.open_memory_channel[
             tuple[str, VerifiedBlock | BaseException]](len(order))
 
@@ -600,8 +613,8 @@ class BlockManager:
         if data is not None:
             return data
         hex_h = fastpath.hash_to_hex(h)
-        if not_found == len(order):
-            raise BlockNotFound(hex_h, f"no copy on {', '.join(order)}")
+        if not_found == len(asked):
+            raise BlockNotFound(hex_h, f"no copy on {', '.join(asked)}")
         raise QuorumError(f"get {hex_h}", 1, 0, failures)
 
     # ------------------------------------------------- client-facing handlers

@@ -17,7 +17,11 @@ or ``stale_layout``), and for a large block:
   or has not answered within `hedge_delay` (or twice its usual latency, when
   that is longer: a loaded cluster is not asked twice for every block); the
   first copy that verifies here
-  wins (the one end-to-end check).
+  wins (the one end-to-end check, no copy: the caller gets the bytes received).
+  The first replica is asked in the calling task (no nursery, channel or task
+  for the common get); one that is slow is asked again last, after the others.
+- **put**, likewise: the hash and the form to send are computed from the
+  caller's bytes (no `VerifiedBlock` copy of them).
 
 When that does not work (replicas unreachable, the quorum not met, the layout
 still refused after one refresh, a block found nowhere), the caller falls back
@@ -219,13 +223,13 @@ class DirectPath:
             return None
         level = self.level
 
-        def prepare() -> block.VerifiedBlock:
-            return block.compress(block.hashed(data, block_size=self.block_size), level)
+        def prepare() -> tuple[bytes, bytes | None]:
+            # The hash and the form to send; no copy of the block (the bytes go as they are).
+            return block.hash_of(data, block_size=self.block_size), block.zstd_form(data, level)
 
-        blk = await trio.to_thread.run_sync(prepare) if len(data) > THREAD_HASH_MIN else prepare()
-        h = blk.hash
-        form, z = block.wire_form(blk)
-        extra = {"z": True} if z else {"form_final": True} if level is not None else {}
+        h, z = await trio.to_thread.run_sync(prepare) if len(data) > THREAD_HASH_MIN else prepare()
+        form = z if z is not None else data
+        extra = {"z": True} if z is not None else {"form_final": True} if level is not None else {}
         for attempt in range(2):
             outcome = await self._write(h, ref_id, form, extra)
             if outcome == "ok":
@@ -289,36 +293,93 @@ class DirectPath:
 
     async def get(self, h: bytes) -> bytes | None:
         """A block's bytes from a replica, verified here; None when the caller must fall
-        back to the home node (no replica answered with a valid copy)."""
+        back to the home node (no replica answered with a valid copy).
+
+        The first replica is asked in the calling task, under a deadline of the hedge
+        delay (no nursery, channel or task: the common case, a replica that answers in
+        time, costs one RPC and one hash). Only when it fails or is slow does the get
+        go to the hedged machinery (`_hedged`) for the others, a slow first replica
+        asked again last. A first replica with no connection open yet is asked by the
+        hedged machinery from the start (its handshake is not cut at the deadline).
+        """
         if not await self._ready():
             return None
         assert self.layout is not None
         order = self.layout.read_nodes(h, self.home_id, is_up=self._is_up,
                                        latency=self._latency.get)
-        found = await self._hedged(h, order)
+        if not order:
+            found = None
+        elif not self._connected(order[0]):
+            # A connection to open first: not under the hedge deadline (a handshake cut
+            # short at every get would never finish); the hedged path opens it in a task.
+            found = await self._hedged(h, order)
+        else:
+            first = order[0]
+            with trio.move_on_after(self._hedge_after(first)):
+                try:
+                    found = await self._ask(h, first)
+                except Forbidden:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this replica failed; the next is asked
+                    self._failed_ask(h, first, exc)
+                    found, order = None, order[1:]
+                if found is not None:
+                    self.stats["gets"] += 1
+                    return found
+            if order and order[0] == first:  # slow: the others first, then it again
+                order = [*order[1:], first]
+            found = await self._hedged(h, order) if order else None
         if found is None:
             self.stats["get_fallbacks"] += 1
             return None
         self.stats["gets"] += 1
         return found
 
+    def _connected(self, nid: str) -> bool:
+        """Whether a call to `nid` goes on a connection already open (the home one, or
+        one opened before)."""
+        if nid == self.home_id:
+            return True
+        conn = self._conns.get(nid)
+        return conn is not None and not conn.closed
+
+    def _hedge_after(self, nid: str) -> float:
+        """Seconds to wait for `nid` before asking the next replica as well: `hedge_delay`,
+        or twice the latency this node usually has (a loaded cluster is not asked twice)."""
+        usual = self._latency.get(nid)
+        return max(self.hedge_delay, 2 * usual) if usual is not None else self.hedge_delay
+
+    async def _ask(self, h: bytes, nid: str) -> bytes:
+        """Block `h` from replica `nid`, checked here against its hash: the very bytes the
+        RPC gave (no `VerifiedBlock` copy). Raises what the replica or the check raised."""
+        _, data = await self._call(nid, CLIENT_GET_DIRECT, {"hash": h})
+        raw = data or b""
+        if len(raw) > THREAD_HASH_MIN:
+            await trio.to_thread.run_sync(
+                lambda: block.check_block(raw, h, block_size=self.block_size))
+        else:
+            block.check_block(raw, h, block_size=self.block_size)
+        return raw
+
+    @staticmethod
+    def _failed_ask(h: bytes, nid: str, exc: BaseException) -> None:
+        if not isinstance(exc, BlocknodeError | OSError):
+            log.warning("direct get from %s failed unexpectedly: %r", nid, exc)
+        elif not isinstance(exc, BlockNotFound):
+            log.debug("direct get of %s from %s: %s", h.hex(), nid, exc)
+
     async def _hedged(self, h: bytes, order: list[str]) -> bytes | None:
+        """Ask the replicas of `order` hedged: the next one as soon as one fails or after
+        `_hedge_after` it; the first copy that verifies here wins, the others are
+        cancelled. None when none did; `Forbidden` raised."""
         send, receive = trio.open_memory_channel[tuple[str, bytes | BaseException]](len(order))
 
         async def ask(nid: str) -> None:
             try:
-                _, data = await self._call(nid, CLIENT_GET_DIRECT, {"hash": h})
-                raw = data or b""
-                if len(raw) > THREAD_HASH_MIN:
-                    blk = await trio.to_thread.run_sync(
-                        lambda: block.verify(raw, h, block_size=self.block_size))
-                else:
-                    blk = block.verify(raw, h, block_size=self.block_size)
-                send.send_nowait((nid, blk))
+                outcome: bytes | BaseException = await self._ask(h, nid)
             except Exception as exc:  # noqa: BLE001 - this replica failed; the next is asked
-                if not isinstance(exc, BlocknodeError | OSError):
-                    log.warning("direct get from %s failed unexpectedly: %r", nid, exc)
-                send.send_nowait((nid, exc))
+                outcome = exc
+            send.send_nowait((nid, outcome))
 
         found: bytes | None = None
         refused: Forbidden | None = None
@@ -328,10 +389,7 @@ class DirectPath:
                 if pending == 0:
                     nursery.start_soon(ask, order[started])
                     started, pending = started + 1, pending + 1
-                # Hedge after `hedge_delay`, or twice the latency this node usually has.
-                usual = self._latency.get(order[started - 1])
-                hedge = (max(self.hedge_delay, 2 * usual) if usual is not None
-                         else self.hedge_delay) if started < len(order) else math.inf
+                hedge = self._hedge_after(order[started - 1]) if started < len(order) else math.inf
                 with trio.move_on_after(hedge):
                     nid, outcome = await receive.receive()
                     pending -= 1
@@ -341,8 +399,7 @@ class DirectPath:
                     if not isinstance(outcome, BaseException):
                         found = outcome
                         break
-                    if not isinstance(outcome, BlockNotFound):
-                        log.debug("direct get of %s from %s: %s", h.hex(), nid, outcome)
+                    self._failed_ask(h, nid, outcome)
                     continue
                 nursery.start_soon(ask, order[started])  # slow: ask the next one as well
                 started, pending = started + 1, pending + 1

@@ -15,7 +15,7 @@ import trio
 from blocknode import fastpath
 from blocknode.client import Client, open_client
 from blocknode.clock import wall_ms
-from blocknode.errors import Forbidden, HashMismatch, RemoteError
+from blocknode.errors import BlockCorrupted, BlockNotFound, Forbidden, HashMismatch, RemoteError
 from blocknode.fastpath import block_hash
 from blocknode.protocol import (
     ADMIN_KEY_CREATE,
@@ -279,3 +279,165 @@ async def test_a_direct_read_hedges_past_a_stuck_replica_and_a_lying_one(tmp_pat
                 assert await c.get_block(h) == d
             assert sorted(asked) == sorted(replicas)
             assert c.direct.stats["gets"] == 1 and c.direct.stats["get_fallbacks"] == 0
+
+
+async def _spread_block(cl: InProcessCluster, c: Client) -> tuple[bytes, bytes, list[str]]:
+    """A 1 MiB block none of whose replicas is node1 (the client's home), on all of them."""
+    while True:
+        d = os.urandom(MIB)
+        h = block_hash(d)
+        replicas = list(cl.nodes["node1"].layout.write_nodes(h))
+        if "node1" not in replicas:
+            break
+    assert bytes.fromhex(await c.put(d, "r")) == h
+    with trio.fail_after(10):
+        while not all(cl.nodes[n].blocks.exists(h) for n in replicas):
+            await trio.sleep(0.01)
+    return d, h, replicas
+
+
+async def test_a_direct_read_asks_a_slow_first_replica_again_last(tmp_path: Path) -> None:
+    """The first replica asked does not answer within the hedge delay, the other two have
+    no copy: the client asks the others, then the first one again, which answers."""
+    async with in_process_cluster(tmp_path, 5, rf=3, write_quorum=2, hedge_delay=0.1,
+                                  rpc_timeout=30.0) as cl:
+        key = await make_key(cl, "read", "write")
+        async with client(cl, key) as c:
+            d, h, replicas = await _spread_block(cl, c)
+            asked: list[str] = []
+
+            def misbehave(nid: str, inner):  # noqa: ANN001, ANN202
+                async def get(peer, fields, data):  # noqa: ANN001, ANN202
+                    if fields.get("hash") != h:
+                        return await inner(peer, fields, data)
+                    asked.append(nid)
+                    if len(asked) == 1:
+                        await trio.sleep(5)  # slow, past the hedge delay
+                    if nid != asked[0]:
+                        raise BlockNotFound(h.hex())
+                    return await inner(peer, fields, data)
+                return get
+
+            for nid in replicas:
+                node = cl.nodes[nid]
+                node._handlers["client_get_direct"] = misbehave(
+                    nid, node._handlers["client_get_direct"])
+            assert c.direct is not None
+            with trio.fail_after(4):  # well before the slow first answer
+                got = await c.get_block(h)
+            assert got == d and type(got) is bytes  # the bytes received, no VerifiedBlock
+            assert len(asked) == 4 and asked[0] == asked[3]
+            assert sorted(asked[:3]) == sorted(replicas)
+            assert c.direct.stats["gets"] == 1 and c.direct.stats["get_fallbacks"] == 0
+
+
+async def test_a_direct_read_does_not_ask_a_failed_first_replica_again(tmp_path: Path) -> None:
+    """The first replica asked has no copy: the next is asked at once, the first never again."""
+    async with in_process_cluster(tmp_path, 5, rf=3, write_quorum=2, hedge_delay=5.0,
+                                  rpc_timeout=30.0) as cl:
+        key = await make_key(cl, "read", "write")
+        async with client(cl, key) as c:
+            d, h, replicas = await _spread_block(cl, c)
+            asked: list[str] = []
+
+            def misbehave(nid: str, inner):  # noqa: ANN001, ANN202
+                async def get(peer, fields, data):  # noqa: ANN001, ANN202
+                    if fields.get("hash") != h:
+                        return await inner(peer, fields, data)
+                    asked.append(nid)
+                    if len(asked) == 1:
+                        raise BlockNotFound(h.hex())
+                    return await inner(peer, fields, data)
+                return get
+
+            for nid in replicas:
+                node = cl.nodes[nid]
+                node._handlers["client_get_direct"] = misbehave(
+                    nid, node._handlers["client_get_direct"])
+            with trio.fail_after(4):  # far less than the hedge delay: no waiting on a failure
+                assert await c.get_block(h) == d
+            assert len(asked) == 2 and asked[0] != asked[1]
+
+
+async def test_a_node_reads_its_own_copy_first_and_the_others_only_when_it_fails(
+        tmp_path: Path) -> None:
+    """`BlockManager.get` on a replica that comes first in the read order: its own copy,
+    without a network call; when that copy is corrupt, another replica's; when no node
+    has it, `BlockNotFound` naming every node asked."""
+    async with in_process_cluster(tmp_path, 3, rf=3, write_quorum=2, hedge_delay=5.0) as cl:
+        key = await make_key(cl, "read", "write")
+        d = os.urandom(MIB)
+        async with client(cl, key) as c:
+            h = bytes.fromhex(await c.put(d, "r"))
+        with trio.fail_after(10):
+            while not all(n.blocks.exists(h) for n in cl.nodes.values()):
+                await trio.sleep(0.01)
+        m = cl.nodes["node1"].manager
+        assert m.read_order(h)[0] == "node1"
+        calls: list[str] = []
+        net_call = m.net.call
+
+        async def counting_call(node, kind, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            calls.append(node)
+            return await net_call(node, kind, *args, **kwargs)
+
+        m.net.call = counting_call  # type: ignore[method-assign]
+        assert await m.get(h) == d and calls == []
+        read_local = m.read_local
+
+        async def corrupt(hh: bytes):  # noqa: ANN202
+            if hh == h:
+                raise BlockCorrupted(h.hex())
+            return await read_local(hh)
+
+        m.read_local = corrupt  # type: ignore[method-assign]
+        with trio.fail_after(4):  # no hedge wait: the failure sends it on at once
+            assert await m.get(h) == d
+        assert len(calls) == 1 and calls[0] != "node1"
+        m.read_local = read_local  # type: ignore[method-assign]
+        missing = fastpath.block_hash(b"never stored")
+        with pytest.raises(BlockNotFound) as info:
+            await m.get(missing, nodes=["node1", "node2", "node3"])
+        assert "node1, node2, node3" in str(info.value)
+
+
+async def test_a_direct_read_opens_the_first_replicas_connection_past_the_hedge_delay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hedge delay far shorter than a handshake: the first get from a fresh client opens
+    each replica's connection once (the first one's handshake is not cut at the hedge
+    deadline and tried again), and the next get uses it."""
+    from blocknode.client import direct as direct_mod
+    opened: list[str] = []
+    real_open = direct_mod.open_connection
+
+    async def counting_open(addr, secret, **kw):  # noqa: ANN001, ANN003, ANN202
+        opened.append(kw["expected_peer_id"])
+        return await real_open(addr, secret, **kw)
+
+    async with in_process_cluster(tmp_path, 5, rf=3, write_quorum=2, hedge_delay=0.0005,
+                                  rpc_timeout=30.0) as cl:
+        key = await make_key(cl, "read", "write")
+        async with client(cl, key) as c:
+            d, h, replicas = await _spread_block(cl, c)
+        monkeypatch.setattr(direct_mod, "open_connection", counting_open)
+        async with client(cl, key) as c:  # a fresh client: no connection to a replica yet
+            assert c.direct is not None and await c.direct._ready()
+            first = c.direct.layout.read_nodes(h, c.direct.home_id)[0]
+            assert first in replicas and not c.direct._connected(first)
+
+            def slow(inner):  # noqa: ANN001, ANN202 - the others answer late: the first wins
+                async def get(peer, fields, data):  # noqa: ANN001, ANN202
+                    await trio.sleep(3)
+                    return await inner(peer, fields, data)
+                return get
+
+            for nid in replicas:
+                if nid != first:
+                    node = cl.nodes[nid]
+                    node._handlers["client_get_direct"] = slow(node._handlers["client_get_direct"])
+            with trio.fail_after(10):
+                assert await c.get_block(h) == d
+            assert opened.count(first) == 1 and c.direct._connected(first)
+            assert await c.get_block(h) == d
+            assert opened.count(first) == 1
+            assert c.direct.stats["gets"] == 2 and c.direct.stats["get_fallbacks"] == 0

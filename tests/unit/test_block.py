@@ -99,3 +99,30 @@ def test_the_block_module_and_the_client_import_no_lmdb():
             "bad = [m for m in ('lmdb', 'blocknode.storage', 'blocknode.manager') if m in sys.modules]; "
             "sys.exit(str(bad) if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_check_block_and_hash_of_check_without_copying():
+    data = os.urandom(5000)
+    h = fastpath.block_hash(data)
+    assert block.hash_of(data) == h
+    assert block.hash_of(memoryview(data), block_size=5000) == h
+    with pytest.raises(ProtocolError, match="exceeds block_size 4999"):
+        block.hash_of(data, block_size=4999)
+    block.check_block(data, h, block_size=5000)  # no error: the bytes are the block
+    block.check_block(bytearray(data), h)
+    with pytest.raises(ProtocolError, match="exceeds block_size 4999"):
+        block.check_block(data, b"\0" * 32, block_size=4999)  # too large: never hashed
+    with pytest.raises(HashMismatch):
+        block.check_block(data[:-1] + b"x", h, block_size=5000)
+
+
+def test_zstd_form_is_the_frame_compress_sets_or_none():
+    text = b"the same words again and again " * 400
+    z = block.zstd_form(text, 3)
+    assert z is not None and len(z) < len(text) // 2
+    assert block.from_stored(z, fastpath.block_hash(text), compressed=True) == text
+    assert block.compress(block.hashed(text), 3).zst == z
+    assert block.zstd_form(text, None) is None and block.zstd_form(b"", 3) is None
+    noise = os.urandom(300 * 1024)  # probed (>= COMPRESS_PROBE_MIN) and found incompressible
+    assert block.zstd_form(noise, 3) is None
+    assert block.compress(block.hashed(noise), 3).zst is None
