@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from blocknode import block
+from blocknode import block, threads
 from blocknode.auth import ClientKey, load_client_key
 from blocknode.client.batcher import BATCH_MAX_BLOCK, PutBatcher
 from blocknode.client.direct import DIRECT_MIN_BLOCK, DirectPath
@@ -201,7 +201,7 @@ class Client:
         try:
             # Checked once, here, end to end; the caller gets the very bytes received.
             if len(raw) > THREAD_HASH_MIN:
-                await trio.to_thread.run_sync(
+                await threads.run_sync(
                     lambda: block.check_block(raw, h, block_size=self.block_size))
             else:
                 block.check_block(raw, h, block_size=self.block_size)

@@ -39,7 +39,7 @@ from typing import Any
 
 import trio
 
-from blocknode import block
+from blocknode import block, threads
 from blocknode.auth import ClientKey
 from blocknode.errors import (
     BlocknodeError,
@@ -227,7 +227,7 @@ class DirectPath:
             # The hash and the form to send; no copy of the block (the bytes go as they are).
             return block.hash_of(data, block_size=self.block_size), block.zstd_form(data, level)
 
-        h, z = await trio.to_thread.run_sync(prepare) if len(data) > THREAD_HASH_MIN else prepare()
+        h, z = await threads.run_sync(prepare) if len(data) > THREAD_HASH_MIN else prepare()
         form = z if z is not None else data
         extra = {"z": True} if z is not None else {"form_final": True} if level is not None else {}
         for attempt in range(2):
@@ -355,7 +355,7 @@ class DirectPath:
         _, data = await self._call(nid, CLIENT_GET_DIRECT, {"hash": h})
         raw = data or b""
         if len(raw) > THREAD_HASH_MIN:
-            await trio.to_thread.run_sync(
+            await threads.run_sync(
                 lambda: block.check_block(raw, h, block_size=self.block_size))
         else:
             block.check_block(raw, h, block_size=self.block_size)
