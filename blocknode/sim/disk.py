@@ -36,9 +36,12 @@ is on the disk as a crash leaves it; nothing after it reached the disk.
 
 Extended attributes (`setxattr`, `getxattr`: the block files' checksums) live
 with the file: a file's ``fsync`` makes them durable with its data, and a crash
-keeps or drops the ones set since (each file chosen on its own). A disk made
+drops the ones set since (always: the worst case for a reader of them, and no
+draw from the crash's RNG, so every seed keeps the schedule it had before
+attributes existed). A disk made
 with ``xattrs=False`` answers ENOTSUP, like a file system without user
-attributes.
+attributes. Setting one fails under a fault or after a power cut like any change,
+but is not counted toward an armed cut (see `setxattr`).
 
 `remove_tree` (a lost disk) and `flip_bit` (media corruption, the attributes
 left as they are) change the synced state directly. Paths outside `root` raise ``ENOENT``. Not thread-safe: the
@@ -110,7 +113,6 @@ class CrashReport:
     data_kept: int = 0
     data_dropped: int = 0
     data_torn: int = 0
-    xattrs_kept: int = 0
     xattrs_dropped: int = 0
     """Files whose attributes set since their last fsync were reverted (not counted in
     `lost`: an attribute is advisory, the data is what counts)."""
@@ -213,13 +215,9 @@ class SimDisk:
             if id(f) in seen:
                 continue
             seen.add(id(f))
-            if f.xattrs != f.synced_xattrs:
-                if rng.random() < 0.5:
-                    rep.xattrs_kept += 1
-                else:
-                    rep.xattrs_dropped += 1
-                    f.xattrs = dict(f.synced_xattrs)
-                f.synced_xattrs = dict(f.xattrs)
+            if f.xattrs != f.synced_xattrs:  # always lost: no draw from `rng` (see docstring)
+                rep.xattrs_dropped += 1
+                f.xattrs = dict(f.synced_xattrs)
             if f.data == f.synced:
                 continue
             x = rng.random()
@@ -465,7 +463,14 @@ class SimDisk:
         f = self._fd(target)[0] if isinstance(target, int) else self._file(target)
         if not self.xattrs:
             raise _err(errno.ENOTSUP, where)
-        self._check(where, allocates=True)
+        # Fails like any change once the power is cut or under a fault, but does not count
+        # toward an armed cut: the cut falls on the same data-path change with or without
+        # attributes, so every seed keeps its schedule (and the seeds pinned for a defect
+        # keep catching it).
+        if self.cut:
+            raise _err(errno.EIO, where)
+        if self.fault is not None:
+            raise _err(self.fault, where)
         f.xattrs[name] = bytes(value)
 
     def getxattr(self, path: str, name: str) -> bytes:

@@ -271,27 +271,52 @@ async def test_sim_disk_without_xattrs_answers_enotsup(hashes):
     assert files.read(blk.hash) == blk and hashes == [len(blk)]
 
 
-def test_sim_disk_crash_may_drop_an_unsynced_attribute():
+def test_sim_disk_crash_drops_an_unsynced_attribute_only():
     import random
 
-    kept = dropped = 0
-    for seed in range(20):
-        disk = SimDisk("/sim/n3")
-        disk.makedirs("/sim/n3/d", exist_ok=True)
-        fd = disk.open("/sim/n3/d/f", os.O_WRONLY | os.O_CREAT, 0o600)
+    disk = SimDisk("/sim/n3")
+    disk.makedirs("/sim/n3/d", exist_ok=True)
+    fds = []
+    for name in ("f", "g"):
+        fd = disk.open(f"/sim/n3/d/{name}", os.O_WRONLY | os.O_CREAT, 0o600)
         disk.write(fd, b"data")
-        disk.fsync(fd)
-        disk.fsync_dir("/sim/n3/d")
-        disk.fsync_dir("/sim/n3")
-        disk.setxattr(fd, NAME, b"v" * 16)  # after the fsync: not durable
-        assert disk.unsynced() == 1
-        rep = disk.crash(random.Random(seed))
-        try:
-            assert disk.getxattr("/sim/n3/d/f", NAME) == b"v" * 16
-            kept += 1
-            assert rep.xattrs_kept == 1
-        except OSError as exc:
-            assert exc.errno == errno.ENODATA and rep.xattrs_dropped == 1
-            dropped += 1
-        assert disk.unsynced() == 0 and rep.lost == 0
-    assert kept and dropped
+        fds.append(fd)
+    disk.setxattr(fds[0], NAME, b"s" * 16)
+    for fd in fds:
+        disk.fsync(fd)  # f's attribute is durable with its data
+    disk.fsync_dir("/sim/n3/d")
+    disk.fsync_dir("/sim/n3")
+    disk.setxattr("/sim/n3/d/g", NAME, b"v" * 16)  # after the fsync: not durable
+    assert disk.unsynced() == 1
+    rep = disk.crash(random.Random(7))
+    assert rep.xattrs_dropped == 1 and rep.lost == 0 and disk.unsynced() == 0
+    assert disk.getxattr("/sim/n3/d/f", NAME) == b"s" * 16
+    with pytest.raises(OSError) as e:
+        disk.getxattr("/sim/n3/d/g", NAME)
+    assert e.value.errno == errno.ENODATA
+    with disk.open_read("/sim/n3/d/g") as f:
+        assert f.read() == b"data"  # the data was synced: kept
+
+
+def test_sim_disk_attribute_writes_fail_under_faults_but_do_not_trigger_a_cut():
+    disk = SimDisk("/sim/n4")
+    disk.makedirs("/sim/n4/d", exist_ok=True)
+    fd = disk.open("/sim/n4/d/f", os.O_WRONLY | os.O_CREAT, 0o600)
+    cuts: list[int] = []
+    disk.arm_power_cut(1, lambda: cuts.append(1))
+    disk.setxattr(fd, NAME, b"a" * 16)  # not counted: the armed cut waits for a data change
+    assert not disk.cut and cuts == []
+    with pytest.raises(OSError):
+        disk.write(fd, b"x")  # this change is the cut
+    assert disk.cut and cuts == [1]
+    with pytest.raises(OSError) as e:
+        disk.setxattr(fd, NAME, b"b" * 16)
+    assert e.value.errno == errno.EIO
+    disk2 = SimDisk("/sim/n5")
+    disk2.makedirs("/sim/n5/d", exist_ok=True)
+    fd2 = disk2.open("/sim/n5/d/f", os.O_WRONLY | os.O_CREAT, 0o600)
+    disk2.set_fault(errno.EROFS)
+    with pytest.raises(OSError) as e:
+        disk2.setxattr(fd2, NAME, b"c" * 16)
+    assert e.value.errno == errno.EROFS
+
