@@ -31,7 +31,10 @@ to it (a ``.zst`` file name, a separate LMDB table), never inside the bytes, so
 plain values written before compression existed read as they always did.
 Reading a stored form verifies it (`from_stored`; a stored copy that fails is
 `BlockCorrupted`); its size is not checked against the block size limit, which
-may have changed since it was written.
+may have changed since it was written. A block file whose bytes match the checksum
+recorded when they were written (`blocknode.storage.checksum`) is taken without a
+second BLAKE2b (`from_checked`); a file without one, or that does not match it, is
+verified by `from_stored`.
 
 Work on large blocks (hashing, compressing, decompressing more than
 `HASH_IN_THREAD_MIN` bytes) runs through `run_sync`, off the event loop; small
@@ -71,6 +74,7 @@ __all__ = [
     "check_size",
     "compress",
     "file_bytes",
+    "from_checked",
     "from_file_bytes",
     "from_inline_bytes",
     "from_stored",
@@ -466,6 +470,24 @@ def from_stored(raw: bytes, hash: bytes, *, compressed: bool = False,
         return _trusted(plain, hash, raw)
     if not fastpath.verify(raw, hash):
         raise BlockCorrupted(fastpath.hash_to_hex(hash))
+    return _trusted(raw, hash)
+
+
+def from_checked(raw: bytes, hash: bytes, *, compressed: bool = False,
+                 cap: int = STORED_CAP_MIN) -> VerifiedBlock:
+    """The block a stored form holds, *not hashed*: for bytes the storage layer has
+    just matched against a checksum recorded when they were written, after they
+    were verified against `hash` (`blocknode.storage.checksum`). A compressed form
+    is still decompressed within `cap`; `BlockCorrupted` when that fails.
+
+    Only for a node's own disk: bytes from anywhere else go through `verify`,
+    `accept` or `from_stored`."""
+    if compressed:
+        try:
+            plain = _decompress(raw, cap)
+        except _BadFrame:
+            raise BlockCorrupted(fastpath.hash_to_hex(hash)) from None
+        return _trusted(plain, hash, raw)
     return _trusted(raw, hash)
 
 

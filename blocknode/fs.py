@@ -12,6 +12,11 @@ The calls follow `os` (same arguments, same errors: `OSError` with its errno),
 except `open_read` (a binary file object, like ``open(path, "rb")``), `fsync_dir`
 (open the directory, fsync it, close it) and `free_bytes` (``statvfs``: bytes
 free for an unprivileged user).
+
+Extended attributes (`setxattr` on an open descriptor or a path, `getxattr` by path: the
+block files' checksums, `blocknode.storage.checksum`): a file system without them
+raises ``OSError(ENOTSUP)``, a valid answer (the caller stops asking); a file
+without the attribute raises ``OSError(ENODATA)``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class FileSystem(Protocol):
     def listdir(self, path: str) -> list[str]: ...
     def scandir(self, path: str) -> AbstractContextManager[Iterator[Any]]: ...
     def free_bytes(self, path: str) -> int: ...
+    def setxattr(self, target: int | str, name: str, value: bytes) -> None: ...
+    def getxattr(self, path: str, name: str) -> bytes: ...
 
 
 class OsFileSystem:
@@ -108,6 +115,12 @@ class OsFileSystem:
     def free_bytes(self, path: str) -> int:
         st = os.statvfs(path)
         return st.f_bavail * st.f_frsize
+
+    def setxattr(self, target: int | str, name: str, value: bytes) -> None:
+        os.setxattr(target, name, value)
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        return os.getxattr(path, name)
 
 
 OS_FS: FileSystem = OsFileSystem()

@@ -34,8 +34,17 @@ raises EIO and changes nothing — and `on_cut` is called (the simulation cancel
 the node there and then, and `crash` follows). What the node did before the cut
 is on the disk as a crash leaves it; nothing after it reached the disk.
 
-`remove_tree` (a lost disk) and `flip_bit` (media corruption) change the synced
-state directly. Paths outside `root` raise ``ENOENT``. Not thread-safe: the
+Extended attributes (`setxattr`, `getxattr`: the block files' checksums) live
+with the file: a file's ``fsync`` makes them durable with its data, and a crash
+drops the ones set since (always: the worst case for a reader of them, and no
+draw from the crash's RNG, so every seed keeps the schedule it had before
+attributes existed). A disk made
+with ``xattrs=False`` answers ENOTSUP, like a file system without user
+attributes. Setting one fails under a fault or after a power cut like any change,
+but is not counted toward an armed cut (see `setxattr`).
+
+`remove_tree` (a lost disk) and `flip_bit` (media corruption, the attributes
+left as they are) change the synced state directly. Paths outside `root` raise ``ENOENT``. Not thread-safe: the
 simulation runs blocking calls inline on one thread.
 """
 
@@ -56,11 +65,13 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 
 
 class _File:
-    __slots__ = ("data", "synced")
+    __slots__ = ("data", "synced", "synced_xattrs", "xattrs")
 
     def __init__(self) -> None:
         self.data = bytearray()
         self.synced = b""
+        self.xattrs: dict[str, bytes] = {}
+        self.synced_xattrs: dict[str, bytes] = {}
 
 
 class _Dir:
@@ -102,6 +113,9 @@ class CrashReport:
     data_kept: int = 0
     data_dropped: int = 0
     data_torn: int = 0
+    xattrs_dropped: int = 0
+    """Files whose attributes set since their last fsync were reverted (not counted in
+    `lost`: an attribute is advisory, the data is what counts)."""
 
     @property
     def lost(self) -> int:
@@ -116,14 +130,17 @@ def _err(code: int, path: str) -> OSError:
 class SimDisk:
     """An in-memory file system mounted at `root` (an absolute path; see module docstring).
 
-    `capacity`: the bytes `free_bytes` reports as the total.
+    `capacity`: the bytes `free_bytes` reports as the total. `xattrs=False`: a file
+    system without extended attributes (`setxattr`/`getxattr` raise ENOTSUP).
     """
 
-    def __init__(self, root: str, *, capacity: int = 1 << 30) -> None:
+    def __init__(self, root: str, *, capacity: int = 1 << 30, xattrs: bool = True) -> None:
         if not os.path.isabs(root):
             raise ValueError(f"SimDisk root must be an absolute path, not {root!r}")
         self.root = os.path.normpath(root)
         self.capacity = capacity
+        self.xattrs = xattrs
+        """Whether the file system supports extended attributes."""
         self.fault: int | None = None
         """The errno the faulty calls raise (ENOSPC, EIO, EROFS), or None: a healthy disk."""
         self._top = _Dir()
@@ -195,9 +212,14 @@ class SimDisk:
                 (stack if isinstance(child, _Dir) else files).append(child)  # type: ignore[arg-type]
         seen: set[int] = set()
         for f in files:
-            if id(f) in seen or f.data == f.synced:
+            if id(f) in seen:
                 continue
             seen.add(id(f))
+            if f.xattrs != f.synced_xattrs:  # always lost: no draw from `rng` (see docstring)
+                rep.xattrs_dropped += 1
+                f.xattrs = dict(f.synced_xattrs)
+            if f.data == f.synced:
+                continue
             x = rng.random()
             if x < 1 / 3:
                 rep.data_kept += 1
@@ -220,7 +242,7 @@ class SimDisk:
             for child in d.entries.values():
                 if isinstance(child, _Dir):
                     stack.append(child)
-                elif child.data != child.synced:
+                elif child.data != child.synced or child.xattrs != child.synced_xattrs:
                     n += 1
         return n
 
@@ -353,6 +375,7 @@ class SimDisk:
         f = self._fd(fd)[0]
         self._check(f"<fd {fd}>")
         f.synced = bytes(f.data)
+        f.synced_xattrs = dict(f.xattrs)
 
     def close(self, fd: int) -> None:
         self._fd(fd)
@@ -434,6 +457,30 @@ class SimDisk:
         if self.fault == errno.ENOSPC:
             return 0
         return max(0, self.capacity - self.used_bytes())
+
+    def setxattr(self, target: int | str, name: str, value: bytes) -> None:
+        where = f"<fd {target}>" if isinstance(target, int) else target
+        f = self._fd(target)[0] if isinstance(target, int) else self._file(target)
+        if not self.xattrs:
+            raise _err(errno.ENOTSUP, where)
+        # Fails like any change once the power is cut or under a fault, but does not count
+        # toward an armed cut: the cut falls on the same data-path change with or without
+        # attributes, so every seed keeps its schedule (and the seeds pinned for a defect
+        # keep catching it).
+        if self.cut:
+            raise _err(errno.EIO, where)
+        if self.fault is not None:
+            raise _err(self.fault, where)
+        f.xattrs[name] = bytes(value)
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        f = self._file(path)
+        if not self.xattrs:
+            raise _err(errno.ENOTSUP, path)
+        value = f.xattrs.get(name)
+        if value is None:
+            raise _err(errno.ENODATA, path)
+        return value
 
     def used_bytes(self) -> int:
         """Bytes held by the files (current state)."""

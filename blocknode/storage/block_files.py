@@ -8,8 +8,16 @@ fsync the block survives a crash of the process or the machine.
 
 A file holds a block's stored form (`blocknode.block.stored_form`): the plain
 bytes, or — name ending in ``.zst`` — the block's zstd frame. Every read
-verifies it (`blocknode.block.from_stored`: decompress within a bound, then
-hash the plaintext); corrupt bytes are never returned. A corrupt file is
+checks it; corrupt bytes are never returned. A file is written with the xxh3-128
+checksum of its bytes in an extended attribute (`blocknode.storage.checksum`;
+set before the file's fsync), and a read whose bytes match it takes them without
+hashing them again (`blocknode.block.from_checked`: only the decompression of a
+``.zst``). No attribute (an older file, a file system without them: ENOTSUP once
+turns them off for the directory) or a mismatch: the full verify
+(`blocknode.block.from_stored`: decompress within a bound, then BLAKE2b of the
+plaintext) decides, and a good file gets its attribute (re)written (a damaged
+attribute never quarantines a good block). A `thorough` read (the scrubber's,
+`checksum.thorough_reads`) always hashes and never writes an attribute. A corrupt file is
 renamed ``<name>.corrupted`` (quarantine by rename, never delete: an operator
 can still look at it) by `read_or_quarantine`, or by a `write` of the same
 block, which then stores the good bytes: a copy already on disk counts as
@@ -73,6 +81,7 @@ from blocknode.config import DataDir
 from blocknode.context import RunSync, run_in_thread
 from blocknode.errors import BlockCorrupted, BlockNotFound, StoreError
 from blocknode.fs import OS_FS, FileSystem
+from blocknode.storage import checksum
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +144,8 @@ class Dir:
         self.errors = 0
         self.last_error: str | None = None
         self.corrupted = 0
+        self.xattrs = True
+        """Its file system takes the checksum attributes (False once it answered ENOTSUP)."""
         self.blocks = 0
         self.bytes = 0
 
@@ -199,6 +210,10 @@ class BlockFiles:
         the rebalance worker, `blocknode.workers.rebalance`)."""
         self.on_failure: Callable[[str], None] | None = None
         """Called (from the thread that saw it) when a directory is taken out of service."""
+        self.checksum_stats = {"fast": 0, "hashed": 0, "repaired": 0}
+        """Block file reads taken on their checksum (``fast``), verified with BLAKE2b
+        (``hashed``: no attribute, a mismatch, a thorough read), and attributes
+        (re)written after a good BLAKE2b (``repaired``)."""
 
     # ---- directories, placement ----
 
@@ -453,6 +468,7 @@ class BlockFiles:
         fd = self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             self._write_all(fd, form)
+            self._set_checksum(d, fd, form)  # before the fsync, which makes it durable too
             if self.fsync:
                 self.fs.fsync(fd)
         finally:
@@ -515,7 +531,61 @@ class BlockFiles:
             if new_parent:
                 self.fs.fsync_dir(d.path)
 
-    def _read_copy(self, c: Copy, hash: bytes) -> VerifiedBlock | None:
+    # ---- checksums (blocknode.storage.checksum) ----
+
+    def _xattrs_unsupported(self, d: Dir, exc: OSError) -> None:
+        if d.xattrs:
+            d.xattrs = False
+            log.info("data directory %s: no extended attributes (%s); its block files are "
+                     "read with a full BLAKE2b verify", d.path, exc.strerror or exc)
+
+    def _set_checksum(self, d: Dir, target: int | str, form: Any) -> bool:
+        # Best effort: a file without its attribute is still read correctly (BLAKE2b).
+        if not d.xattrs:
+            return False
+        try:
+            self.fs.setxattr(target, checksum.XATTR_NAME, checksum.digest(form))
+        except OSError as exc:
+            if exc.errno in checksum.UNSUPPORTED_ERRNOS:
+                self._xattrs_unsupported(d, exc)
+            else:
+                log.debug("cannot set the checksum of %s: %s", target, exc)
+            return False
+        return True
+
+    def _recorded_checksum(self, d: Dir, path: str) -> bytes | None:
+        if not d.xattrs:
+            return None
+        try:
+            return self.fs.getxattr(path, checksum.XATTR_NAME)
+        except OSError as exc:  # ENODATA: none recorded (an older file); gone; ...
+            if exc.errno in checksum.UNSUPPORTED_ERRNOS:
+                self._xattrs_unsupported(d, exc)
+            return None
+
+    def _check_copy(self, c: Copy, hash: bytes, raw: bytes, thorough: bool) -> VerifiedBlock:
+        # The bytes of a copy as a block: on their checksum, else by the full verify.
+        d = c.dir
+        recorded = None if thorough else self._recorded_checksum(d, c.path)
+        if recorded is not None and checksum.matches(raw, recorded):
+            with self._stats_lock:
+                self.checksum_stats["fast"] += 1
+            return block.from_checked(raw, hash, compressed=c.compressed, cap=self.cap)
+        with self._stats_lock:
+            self.checksum_stats["hashed"] += 1
+        blk = block.from_stored(raw, hash, compressed=c.compressed, cap=self.cap)
+        if not thorough and d.xattrs and not d.read_only:
+            # A good file without its checksum (older) or with a damaged one: (re)write it.
+            # Not fsync'd: a lost attribute costs one BLAKE2b more, nothing else.
+            if self._set_checksum(d, c.path, raw):
+                with self._stats_lock:
+                    self.checksum_stats["repaired"] += 1
+                if recorded is not None:
+                    log.warning("block %s: the checksum attribute of %s did not match its "
+                                "intact bytes; rewritten", fastpath.hash_to_hex(hash), c.path)
+        return blk
+
+    def _read_copy(self, c: Copy, hash: bytes, thorough: bool = False) -> VerifiedBlock | None:
         # None: gone (or its directory failed). BlockCorrupted when it does not verify.
         try:
             with self.fs.open_read(c.path) as f:
@@ -527,9 +597,9 @@ class BlockFiles:
             if c.dir.in_service:
                 raise err from exc
             return None
-        return block.from_stored(raw, hash, compressed=c.compressed, cap=self.cap)
+        return self._check_copy(c, hash, raw, thorough)
 
-    def _find_and_read(self, hash: bytes, *, quarantine: bool) -> VerifiedBlock:
+    def _find_and_read(self, hash: bytes, *, quarantine: bool, thorough: bool) -> VerifiedBlock:
         order = self._read_order(hash)
         if len(order) > 1 and self.primary(hash) is not None:
             # Not found anywhere: a relocation may have moved it to its primary while this
@@ -540,7 +610,7 @@ class BlockFiles:
             for compressed in (False, True):
                 c = Copy(d, self._name(d, hash, compressed), compressed)
                 try:
-                    blk = self._read_copy(c, hash)
+                    blk = self._read_copy(c, hash, thorough)
                 except BlockCorrupted:
                     corrupt = True
                     if quarantine:
@@ -552,15 +622,23 @@ class BlockFiles:
             raise BlockCorrupted(fastpath.hash_to_hex(hash))
         raise BlockNotFound(fastpath.hash_to_hex(hash))
 
-    def read(self, hash: bytes) -> VerifiedBlock:
-        """Read and verify a block; `BlockNotFound` or `BlockCorrupted` (no intact copy;
-        the corrupt one is left as it is)."""
-        return self._find_and_read(hash, quarantine=False)
+    def read(self, hash: bytes, *, thorough: bool | None = None) -> VerifiedBlock:
+        """Read and check a block; `BlockNotFound` or `BlockCorrupted` (no intact copy;
+        the corrupt one is left as it is).
 
-    def read_or_quarantine(self, hash: bytes) -> VerifiedBlock:
+        `thorough`: verify with BLAKE2b whatever the checksum attribute says, and
+        write no attribute (None: inside `checksum.thorough_reads`, as the
+        scrubber reads)."""
+        return self._find_and_read(hash, quarantine=False, thorough=self._thorough(thorough))
+
+    def read_or_quarantine(self, hash: bytes, *, thorough: bool | None = None) -> VerifiedBlock:
         """`read`; every corrupt copy met is quarantined, and `BlockCorrupted` raised when
         no intact copy is left (call under the block's lock)."""
-        return self._find_and_read(hash, quarantine=True)
+        return self._find_and_read(hash, quarantine=True, thorough=self._thorough(thorough))
+
+    @staticmethod
+    def _thorough(thorough: bool | None) -> bool:
+        return checksum.is_thorough() if thorough is None else thorough
 
     def exists(self, hash: bytes) -> bool:
         """True when a block file is present (its content is not checked)."""
@@ -773,9 +851,11 @@ class BlockFiles:
 
         return await self._run_sync(work, limiter=self.limiter)
 
-    async def aread(self, hash: bytes) -> VerifiedBlock:
-        """`read` off the event loop."""
-        return await self._run_sync(self.read, hash, limiter=self.limiter)
+    async def aread(self, hash: bytes, *, thorough: bool | None = None) -> VerifiedBlock:
+        """`read` off the event loop (`thorough` None: decided here, by
+        `checksum.thorough_reads` around the caller)."""
+        t = self._thorough(thorough)
+        return await self._run_sync(lambda: self.read(hash, thorough=t), limiter=self.limiter)
 
     async def aexists(self, hash: bytes) -> bool:
         """`exists` off the event loop (a stat may touch the disk)."""
@@ -785,9 +865,12 @@ class BlockFiles:
         """`delete` off the event loop."""
         return await self._run_sync(self.delete, hash, limiter=self.limiter)
 
-    async def aread_or_quarantine(self, hash: bytes) -> VerifiedBlock:
-        """`read_or_quarantine` off the event loop."""
-        return await self._run_sync(self.read_or_quarantine, hash, limiter=self.limiter)
+    async def aread_or_quarantine(self, hash: bytes, *,
+                                  thorough: bool | None = None) -> VerifiedBlock:
+        """`read_or_quarantine` off the event loop (`thorough`: as in `aread`)."""
+        t = self._thorough(thorough)
+        return await self._run_sync(lambda: self.read_or_quarantine(hash, thorough=t),
+                                    limiter=self.limiter)
 
     async def arelocate(self, hash: bytes) -> bool:
         """`relocate` off the event loop."""

@@ -3,7 +3,9 @@
 The seed's `scrub_data_store`, made resumable. Blocks are visited in hash order
 (`LocalBlocks.walk(start_after=position)`, listed in a worker thread in
 batches); each is read and hashed (`BlockManager.read_local`: file reads and
-hashing run in worker threads). A corrupt block is quarantined (renamed
+hashing run in worker threads), with BLAKE2b whatever the block file's checksum
+attribute says (`blocknode.storage.checksum.thorough_reads`: the scrub is the
+slow, thorough check; a normal read trusts a matching xxh3 checksum). A corrupt block is quarantined (renamed
 `.corrupted`, or dropped when inline) and its resync queued at once, so a
 valid copy comes back from a peer.
 
@@ -51,6 +53,7 @@ from blocknode.context import NodeContext
 from blocknode.errors import BlockCorrupted, BlockNotFound
 from blocknode.manager import BlockManager
 from blocknode.notify import Notify
+from blocknode.storage import checksum
 from blocknode.tranquilizer import Tranquilizer
 from blocknode.workers.base import Setting, Worker
 
@@ -246,7 +249,8 @@ class Scrub(Worker):
 
     async def _check(self, h: bytes) -> None:
         try:
-            self.bytes_checked += len(await self.manager.read_local(h))
+            with checksum.thorough_reads():
+                self.bytes_checked += len(await self.manager.read_local(h))
         except BlockCorrupted:
             # read_local quarantined it and queued its resync (delay 0).
             self.st["corruptions"] += 1
