@@ -251,6 +251,11 @@ class Scrub(Worker):
         try:
             with checksum.thorough_reads():
                 self.bytes_checked += len(await self.manager.read_local(h))
+            if not self.meta.rc_get(h).is_nonzero():
+                # A file nothing references here (e.g. a put that failed on this node but
+                # whose file survived a power cut, then the reference's deletion): nothing
+                # else would ever queue it. Resync decides (grace period, offload, delete).
+                await self.meta.resync_put(h, 0)
         except BlockCorrupted:
             # read_local quarantined it and queued its resync (delay 0).
             self.st["corruptions"] += 1

@@ -62,6 +62,27 @@ async def test_flipped_byte_found_quarantined_and_restored_from_peer(cluster):
             assert f.read() == good  # byte-identical copy from a peer
 
 
+async def test_a_block_file_nothing_references_is_queued_for_resync(cluster):
+    """An orphan file (no reference record: a put that failed here but whose file
+    survived a crash) is found by scrub and handed to resync, which keeps it for the
+    grace period and then collects it."""
+    with trio.fail_after(10):
+        n1 = cluster["n1"]
+        kept = await fill(cluster, "n1", 2)
+        orphan, _ = block(2500)
+        await n1.blocks.write(_)
+        assert n1.meta.rc_get(orphan).is_absent()
+        s = Scrub(n1.manager, n1.ctx, tranquility=0)
+        await s.start()
+        await s.run_to_completion()
+        assert s.status()["blocks_checked"] == 3 and s.status()["corruptions"] == 0
+        due = [h for _, h in n1.meta.resync_due()]
+        assert orphan in due and not any(h in due for h, _ in kept)
+        await Resync(n1.manager, n1.ctx).run_once()
+        assert n1.blocks.exists(orphan)  # in its grace period: references may still come
+        assert not n1.meta.rc_get(orphan).is_nonzero()
+
+
 async def test_pause_resume_cancel(cluster):
     with trio.fail_after(10):
         await fill(cluster, "n1", 20)
