@@ -66,7 +66,10 @@ async def test_a_large_put_goes_to_the_replicas_and_a_get_comes_from_one(tmp_pat
     async with in_process_cluster(tmp_path, 4, rf=2, write_quorum=2) as cl:
         key = await make_key(cl, "read", "write")
         async with client(cl, key) as c:
+            layout = cl.nodes["node1"].layout
             datas = [os.urandom(MIB - i) for i in range(6)]
+            while all("node1" in layout.write_nodes(block_hash(d)) for d in datas):
+                datas[-1] = os.urandom(MIB - 5)  # at least one block node1 holds no copy of
             hashes = [bytes.fromhex(await c.put(d, f"r{i}")) for i, d in enumerate(datas)]
             assert c.direct is not None and c.direct.stats["puts"] == 6
             assert c.direct.stats["put_fallbacks"] == 0
