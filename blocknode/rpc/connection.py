@@ -89,6 +89,11 @@ _NO_REQUEST = Message(MSG_REQUEST, "", {})
 """Stands for a request that was dropped before it could be read."""
 
 _RECV_SIZE = 256 * 1024
+_FAST_READS = 8
+"""While a message of several chunks is arriving, up to this many reads in a row are
+tried straight on the socket (no cancel scope, no wait, no checkpoint: ≈ 20 reads per
+MiB on loopback, each otherwise paying for all three); then one read goes the normal
+way, which checkpoints (other tasks run, cancellation is seen)."""
 TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 """What a broken transport raises (each becomes `NodeUnreachable`)."""
 
@@ -176,6 +181,11 @@ class RpcConnection:
         self._done = trio.Event()
         self.close_reason: BaseException | None = None
         self.fault: Exception | None = None
+        # The socket under a `trio.SocketStream` (non-blocking), for the reads tried
+        # without waiting while a message is arriving (`_receive_in_time`).
+        self._raw_sock = (getattr(stream.socket, "_sock", None)
+                          if isinstance(stream, trio.SocketStream) else None)
+        self._fast_reads = 0
         """What closed the connection if the peer broke the protocol or our code failed."""
 
     @property
@@ -292,6 +302,20 @@ class RpcConnection:
             self._recv_scope.deadline = self._read_deadline()
 
     async def _receive_in_time(self) -> None:
+        if (self._raw_sock is not None and self._fast_reads < _FAST_READS
+                and self.session.assembler.partial_count):
+            try:
+                n = self._raw_sock.recv_into(self.session.get_buffer())
+            except (BlockingIOError, InterruptedError):
+                pass  # nothing there yet: wait for it below
+            else:
+                self._fast_reads += 1
+                if n:
+                    self.session.buffer_updated(n)
+                else:
+                    self.session.eof_received()
+                return
+        self._fast_reads = 0
         self._read_since = trio.current_time()  # time spent paused by budgets is not a stall
         while True:
             with trio.CancelScope(deadline=self._read_deadline()) as scope:

@@ -387,3 +387,50 @@ async def test_call_with_view_returns_the_reassembly_buffer_without_a_copy(monke
             _, got = await a.call("small", {}, view=True, timeout=5)  # with a deadline too
             assert isinstance(got, memoryview) and got == payloads["small"]
             nursery.cancel_scope.cancel()
+
+
+async def test_reads_without_waiting_while_a_message_arrives_stay_correct_and_yield() -> None:
+    """While a message of several chunks is arriving, reads are tried straight on the
+    socket (`_FAST_READS` in a row at most, then one normal, checkpointing read): the
+    bytes still arrive intact, both ways, and other tasks keep running meanwhile."""
+    payload = os.urandom(MiB - 4096)
+
+    async def echo(peer: Peer, kind: str, fields: dict[str, Any], data: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        return {"n": len(data or b"")}, data
+
+    a, b = await socket_pair_connections(echo)
+
+    class CountingSocket:
+        """The raw socket, counting the reads tried without waiting."""
+
+        def __init__(self, sock: Any) -> None:
+            self.sock, self.reads, self.got = sock, 0, 0
+
+        def recv_into(self, view: memoryview) -> int:
+            self.reads += 1
+            n = self.sock.recv_into(view)  # BlockingIOError passes through
+            self.got += n
+            return n
+
+    spies = [CountingSocket(c._raw_sock) for c in (a, b)]
+    a._raw_sock, b._raw_sock = spies
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.run)
+            nursery.start_soon(b.run)
+            nursery.start_soon(ticker)
+            for _ in range(8):
+                fields, got = await a.call("echo", {}, payload)
+                assert fields == {"n": len(payload)} and got == payload
+            nursery.cancel_scope.cancel()
+    assert all(s.got > 0 for s in spies), [(s.reads, s.got) for s in spies]  # both directions
+    assert ticks > 10  # the other task ran while megabytes went by
+    assert all(s.reads > 0 for s in spies)
